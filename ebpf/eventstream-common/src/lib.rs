@@ -1,0 +1,79 @@
+//! Types and constants shared by the XDP program (`eventstream-ebpf`) and the daemon.
+//!
+//! Everything here is `#[repr(C)]` and plain data, because the same bytes are read by BPF code
+//! in the kernel and by userspace through BPF maps. The `user` feature adds `aya::Pod` impls for
+//! the host side; the eBPF build never enables it.
+#![no_std]
+
+/// Name of the `XskMap` that maps `rx_queue_index` to an AF_XDP socket.
+pub const XSKS_MAP: &str = "XSKS";
+/// Name of the one-entry array holding [`XdpConfig`].
+pub const CONFIG_MAP: &str = "CONFIG";
+/// Name of the per-CPU array of verdict counters, indexed by [`Verdict`].
+pub const STATS_MAP: &str = "STATS";
+/// Name of the XDP program in the object file.
+pub const PROGRAM_NAME: &str = "eventstream_xdp";
+
+/// Maximum number of RX queues the `XskMap` can address.
+pub const MAX_QUEUES: u32 = 64;
+
+/// Default UDP port the XDP program steers into AF_XDP sockets (PROTOCOL.md).
+pub const DEFAULT_UDP_PORT: u16 = 8082;
+/// Default TCP port of the kernel listener (PROTOCOL.md).
+pub const DEFAULT_TCP_PORT: u16 = 8081;
+
+/// Runtime configuration of the XDP program, written by userspace into [`CONFIG_MAP`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct XdpConfig {
+    /// UDP destination port steered to AF_XDP, host byte order. 0 steers nothing.
+    pub udp_port: u16,
+    /// Non-zero: also steer frames carrying one 802.1Q / 802.1ad VLAN tag.
+    pub allow_vlan: u8,
+    /// Reserved, zero.
+    pub _pad: u8,
+}
+
+impl Default for XdpConfig {
+    fn default() -> Self {
+        Self { udp_port: DEFAULT_UDP_PORT, allow_vlan: 1, _pad: 0 }
+    }
+}
+
+/// What the XDP program did with a packet: the index into the [`STATS_MAP`] counters.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Verdict {
+    /// Not event traffic (or no socket on this queue): handed to the kernel stack.
+    Pass = 0,
+    /// Event traffic redirected into the queue's AF_XDP socket.
+    Redirect = 1,
+    /// Malformed or truncated headers: handed to the kernel, which owns the error path.
+    PassMalformed = 2,
+    /// Event traffic on a queue with no AF_XDP socket bound: handed to the kernel.
+    PassNoSocket = 3,
+}
+
+/// Number of [`Verdict`] counters.
+pub const VERDICT_COUNT: u32 = 4;
+
+impl Verdict {
+    /// All verdicts, in counter-index order.
+    pub const ALL: [Verdict; VERDICT_COUNT as usize] =
+        [Verdict::Pass, Verdict::Redirect, Verdict::PassMalformed, Verdict::PassNoSocket];
+
+    /// Stable label for metrics and `xtask status`.
+    pub const fn label(self) -> &'static str {
+        match self {
+            Verdict::Pass => "pass",
+            Verdict::Redirect => "redirect",
+            Verdict::PassMalformed => "pass_malformed",
+            Verdict::PassNoSocket => "pass_no_socket",
+        }
+    }
+}
+
+#[cfg(feature = "user")]
+// SAFETY: `XdpConfig` is `#[repr(C)]`, `Copy`, has no padding (u16 + u8 + u8) and every bit
+// pattern is a valid value.
+unsafe impl aya::Pod for XdpConfig {}

@@ -1,0 +1,225 @@
+//! The pipeline's event: metadata plus views into the frame it was parsed from.
+//!
+//! An [`Event`] owns a [`FrameLease`] on its receive frame (a `recvmmsg` buffer now, a UMEM frame
+//! with AF_XDP) and the [`FrameSpan`] of its topic and payload inside it, so topic and payload
+//! are never copied. Events are minted only by [`FrameEvents`], which parses the frame's own
+//! bytes: that is what makes the span valid for the frame and the topic valid UTF-8.
+
+use core::fmt;
+
+use crate::frames::{FrameLease, SharedFrame};
+use crate::protocol::{DatagramSpans, FrameError, FrameSpan, Limits};
+
+/// Where an event came in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[repr(u8)]
+pub enum Source {
+    /// An AF_XDP socket.
+    Xsk,
+    /// The kernel UDP socket (`recvmmsg`).
+    Udp,
+    /// The kernel TCP listener.
+    Tcp,
+}
+
+impl Source {
+    /// All sources, for declaring one counter each.
+    pub const ALL: [Source; 3] = [Source::Xsk, Source::Udp, Source::Tcp];
+
+    /// The metric label (`eventstream_received_events_total{source}`).
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Source::Xsk => "xsk",
+            Source::Udp => "udp",
+            Source::Tcp => "tcp",
+        }
+    }
+}
+
+/// Per-batch ingest stamp shared by the events of one receive batch.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Stamp {
+    /// Where the batch came in.
+    pub source: Source,
+    /// Receive time, nanoseconds on `CLOCK_MONOTONIC`.
+    pub ingest_ns: u64,
+}
+
+/// One event, pointing into its receive frame.
+pub struct Event<'a> {
+    frame: FrameLease<'a>,
+    /// Offsets relative to the frame's first byte; produced by parsing that frame.
+    span: FrameSpan,
+    /// Receive time, nanoseconds on `CLOCK_MONOTONIC`.
+    pub ingest_ns: u64,
+    /// Per-ingest-thread sequence number, gap-free for accepted events.
+    pub seq: u64,
+    /// Where it came in.
+    pub source: Source,
+}
+
+impl<'a> Event<'a> {
+    /// Priority, 0 lowest, 255 highest.
+    #[inline]
+    pub const fn priority(&self) -> u8 {
+        self.span.priority
+    }
+
+    /// The topic.
+    #[inline]
+    pub fn topic(&self) -> &str {
+        let bytes = &self.frame.frame()[self.span.topic_off as usize..self.span.payload_off as usize];
+        // SAFETY: events are only built by `FrameEvents`, from spans that `parse_frame` produced
+        // over this very frame's bytes after checking the topic is UTF-8; the frame is immutable
+        // while this event's lease lives.
+        unsafe { core::str::from_utf8_unchecked(bytes) }
+    }
+
+    /// The payload.
+    #[inline]
+    pub fn payload(&self) -> &[u8] {
+        &self.frame.frame()[self.span.payload_off as usize..self.span.end()]
+    }
+
+    /// The span of topic and payload within the frame.
+    pub const fn span(&self) -> FrameSpan {
+        self.span
+    }
+
+    /// The frame lease (its index, for tracing).
+    pub const fn lease(&self) -> &FrameLease<'a> {
+        &self.frame
+    }
+}
+
+impl fmt::Debug for Event<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Event")
+            .field("source", &self.source)
+            .field("seq", &self.seq)
+            .field("priority", &self.priority())
+            .field("topic", &self.topic())
+            .field("payload_len", &self.span.payload_len)
+            .finish()
+    }
+}
+
+impl<'a> SharedFrame<'a> {
+    /// Parses the frame's data as one datagram and mints an event per accepted frame. Sequence
+    /// numbers are taken from `seq`, which is advanced once per event.
+    pub fn events<'s>(
+        &'s mut self,
+        limits: Limits,
+        stamp: Stamp,
+        seq: &'s mut u64,
+    ) -> FrameEvents<'s, 'a> {
+        let offset = self.data_offset();
+        let data = &self.frame_bytes()[offset as usize..][..self.data().len()];
+        FrameEvents { spans: DatagramSpans::new(data, limits), offset, frame: self, stamp, seq }
+    }
+}
+
+/// Iterator from [`SharedFrame::events`]: events in datagram order, and each rejected frame as
+/// its [`FrameError`] (count it by [`FrameError::reason`]).
+pub struct FrameEvents<'s, 'a> {
+    spans: DatagramSpans<'a>,
+    offset: u32,
+    frame: &'s mut SharedFrame<'a>,
+    stamp: Stamp,
+    seq: &'s mut u64,
+}
+
+impl<'a> Iterator for FrameEvents<'_, 'a> {
+    type Item = Result<Event<'a>, FrameError>;
+
+    #[inline]
+    fn next(&mut self) -> Option<Self::Item> {
+        Some(match self.spans.next()? {
+            Ok(span) => {
+                let seq = *self.seq;
+                *self.seq += 1;
+                Ok(Event {
+                    frame: self.frame.lease(),
+                    span: span.offset_by(self.offset),
+                    ingest_ns: self.stamp.ingest_ns,
+                    seq,
+                    source: self.stamp.source,
+                })
+            }
+            Err(e) => Err(e),
+        })
+    }
+}
+
+impl fmt::Debug for FrameEvents<'_, '_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("FrameEvents").field("frame", &self.frame).finish()
+    }
+}
+
+/// `CLOCK_MONOTONIC` now, in nanoseconds: the clock of [`Event::ingest_ns`].
+pub fn monotonic_ns() -> u64 {
+    #[cfg(all(target_os = "linux", not(miri)))]
+    {
+        let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+        // SAFETY: `ts` is a valid out-pointer; CLOCK_MONOTONIC always exists on Linux (vDSO, no
+        // syscall).
+        unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+        ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+    }
+    #[cfg(not(all(target_os = "linux", not(miri))))]
+    {
+        use std::sync::OnceLock;
+        use std::time::Instant;
+        static START: OnceLock<Instant> = OnceLock::new();
+        START.get_or_init(Instant::now).elapsed().as_nanos() as u64
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::frames::FrameArena;
+    use crate::mem::RegionOptions;
+    use crate::pool::EventPool;
+    use crate::protocol::{RejectReason, encode};
+
+    #[test]
+    fn events_view_the_frame_without_copying() {
+        let arena = FrameArena::new(2048, 4, RegionOptions::default()).unwrap();
+        let pool = EventPool::new(16);
+        let mut owner = arena.owner().unwrap();
+        let mut f = owner.take().unwrap();
+        let mut dgram = Vec::new();
+        encode(7, "orders.eu", b"hello", &mut dgram).unwrap();
+        encode(1, "x", b"", &mut dgram).unwrap();
+        dgram.extend([0, 0, 0, 1]); // malformed tail
+        // Land the datagram at offset 42, as a UMEM frame's UDP payload would.
+        f.bytes_mut()[42..42 + dgram.len()].copy_from_slice(&dgram);
+        let mut shared = f.share(42..42 + dgram.len());
+        let stamp = Stamp { source: Source::Udp, ingest_ns: monotonic_ns() };
+        let mut seq = 100;
+        let mut events = Vec::new();
+        let mut rejected = Vec::new();
+        for r in shared.events(Default::default(), stamp, &mut seq) {
+            match r {
+                Ok(ev) => events.push(pool.acquire(ev).unwrap()),
+                Err(e) => rejected.push(e.reason()),
+            }
+        }
+        let base = shared.data().as_ptr();
+        drop(shared);
+        assert_eq!(rejected, [RejectReason::Malformed]);
+        assert_eq!(seq, 102);
+        assert_eq!(events.len(), 2);
+        let e0 = &events[0];
+        assert_eq!((e0.priority(), e0.topic(), e0.payload()), (7, "orders.eu", &b"hello"[..]));
+        assert_eq!((e0.seq, e0.source), (100, Source::Udp));
+        // SAFETY: `base` points at the frame data, which is at least 7 + 9 bytes long.
+        assert_eq!(e0.payload().as_ptr(), unsafe { base.add(7 + 9) }, "payload is a view");
+        assert_eq!((events[1].topic(), events[1].payload(), events[1].seq), ("x", &b""[..], 101));
+        drop(events);
+        owner.reclaim();
+        assert_eq!(owner.free_len(), 4, "frame returned after its events");
+    }
+}

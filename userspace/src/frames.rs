@@ -1,0 +1,439 @@
+//! `FrameArena`: fixed-size receive frames in one page-aligned region, each carrying a count of
+//! the live events that point into it.
+//!
+//! This is the memory model of an AF_XDP UMEM, used now for kernel receive buffers and later for
+//! UMEM itself. A frame is in exactly one of three places:
+//! - **free**: on the owner's free list or in the return queue;
+//! - **owned**: an [`OwnedFrame`] held by the ingest thread, being filled (by `recvmmsg`, or by
+//!   the kernel while it sits on the FILL ring);
+//! - **shared**: a [`SharedFrame`] plus the [`FrameLease`]s of the events parsed from it; the
+//!   bytes are immutable. When the last lease and the `SharedFrame` are gone, the frame goes to the
+//!   return queue, a Vyukov MPSC drained only by the [`FrameOwner`] (the thread that also owns the
+//!   FILL ring), so only that thread ever hands frames back to the kernel.
+//!
+//! The live count is *biased*: sharing stores `BIAS`, minting leases touches no atomic, and
+//! dropping the `SharedFrame` subtracts `BIAS - minted`. Each lease subtracts one. The count
+//! reaches zero exactly once, after everything is released, and the thread that takes it to zero
+//! recycles the frame. The per-event cost is one `fetch_sub` on release.
+
+use core::fmt;
+use core::ops::Range;
+use std::io;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+
+use crate::mem::{Region, RegionOptions};
+use crate::ring::mpsc::MpscQueue;
+
+/// Bias stored in a frame's live count while it is being shared; more than any frame can hold.
+const BIAS: u32 = 1 << 31;
+
+/// Errors creating an arena.
+#[derive(Debug, thiserror::Error)]
+pub enum ArenaError {
+    /// Frame size or count out of range.
+    #[error("invalid arena geometry: {0}")]
+    Geometry(&'static str),
+    /// The memory could not be mapped.
+    #[error("mapping {bytes} bytes for frames: {source}")]
+    Map {
+        /// Bytes asked for.
+        bytes: usize,
+        /// The kernel's reason.
+        source: io::Error,
+    },
+}
+
+/// A region cut into `count` frames of `frame_size` bytes.
+pub struct FrameArena {
+    region: Region,
+    frame_size: u32,
+    count: u32,
+    /// Per frame: 0 while free or owned; `BIAS + minted - released` while shared.
+    live: Box<[AtomicU32]>,
+    /// Frames whose last reference was dropped, on their way back to the owner.
+    returns: MpscQueue<u32>,
+    /// Whether a [`FrameOwner`] exists (there is at most one).
+    owner_taken: AtomicBool,
+}
+
+impl FrameArena {
+    /// Maps `count` frames of `frame_size` bytes, all free.
+    ///
+    /// # Errors
+    /// [`ArenaError::Geometry`] for a zero or oversized geometry, [`ArenaError::Map`] when the
+    /// kernel refuses the memory.
+    pub fn new(frame_size: u32, count: u32, opts: RegionOptions) -> Result<Self, ArenaError> {
+        if frame_size == 0 || count == 0 {
+            return Err(ArenaError::Geometry("frame size and count must be positive"));
+        }
+        if count >= BIAS {
+            return Err(ArenaError::Geometry("too many frames"));
+        }
+        let bytes = (frame_size as usize)
+            .checked_mul(count as usize)
+            .ok_or(ArenaError::Geometry("arena size overflows"))?;
+        let region = Region::new(bytes, opts).map_err(|source| ArenaError::Map { bytes, source })?;
+        let returns = MpscQueue::new(count as usize);
+        for i in 0..count {
+            // Cannot fail: the queue holds at least `count` items.
+            let _ = returns.push(i);
+        }
+        Ok(Self {
+            region,
+            frame_size,
+            count,
+            live: (0..count).map(|_| AtomicU32::new(0)).collect(),
+            returns,
+            owner_taken: AtomicBool::new(false),
+        })
+    }
+
+    /// Bytes per frame.
+    pub const fn frame_size(&self) -> u32 {
+        self.frame_size
+    }
+
+    /// Number of frames.
+    pub const fn count(&self) -> u32 {
+        self.count
+    }
+
+    /// The memory behind the frames.
+    pub const fn region(&self) -> &Region {
+        &self.region
+    }
+
+    /// The one owner handle: `None` while another exists.
+    pub fn owner(&self) -> Option<FrameOwner<'_>> {
+        if self.owner_taken.swap(true, Ordering::Acquire) {
+            return None;
+        }
+        Some(FrameOwner { arena: self, free: Vec::with_capacity(self.count as usize) })
+    }
+
+    #[inline]
+    fn frame_ptr(&self, index: u32) -> *mut u8 {
+        debug_assert!(index < self.count);
+        // SAFETY: `index < count`, so the offset stays inside the region.
+        unsafe { self.region.as_ptr().add(index as usize * self.frame_size as usize) }
+    }
+
+    /// Sends a frame whose count reached zero back to the owner.
+    #[inline]
+    fn recycle(&self, index: u32) {
+        let pushed = self.returns.push(index);
+        // Each index is in exactly one place, and the queue holds every index at once.
+        debug_assert!(pushed.is_ok(), "frame {index} recycled twice");
+    }
+
+    #[inline]
+    fn drop_refs(&self, index: u32, n: u32) {
+        // AcqRel: our reads of the frame happen before the count drops (Release), and the thread
+        // that takes it to zero sees every other reader's release (Acquire) before recycling.
+        if self.live[index as usize].fetch_sub(n, Ordering::AcqRel) == n {
+            self.recycle(index);
+        }
+    }
+}
+
+impl fmt::Debug for FrameArena {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("FrameArena")
+            .field("frame_size", &self.frame_size)
+            .field("count", &self.count)
+            .field("region", &self.region)
+            .finish()
+    }
+}
+
+/// The ingest thread's handle: takes free frames, collects returned ones. One per arena.
+pub struct FrameOwner<'a> {
+    arena: &'a FrameArena,
+    /// Frames known free, LIFO so the warmest frame is reused first. Never grows past `count`.
+    free: Vec<u32>,
+}
+
+impl<'a> FrameOwner<'a> {
+    /// Moves returned frames onto the free list; returns how many. One pass per batch.
+    pub fn reclaim(&mut self) -> usize {
+        let free = &mut self.free;
+        // SAFETY: only the unique `FrameOwner` (guarded by `owner_taken`) consumes `returns`,
+        // and `&mut self` keeps that to one call at a time.
+        unsafe { self.arena.returns.pop_batch(usize::MAX, |i| free.push(i)) }
+    }
+
+    /// A free frame, reclaiming returned ones first if the free list is empty.
+    pub fn take(&mut self) -> Option<OwnedFrame<'a>> {
+        if self.free.is_empty() {
+            self.reclaim();
+        }
+        self.free.pop().map(|index| OwnedFrame { arena: self.arena, index })
+    }
+
+    /// Frames on the free list (returned frames not yet reclaimed are not counted).
+    pub fn free_len(&self) -> usize {
+        self.free.len()
+    }
+
+    /// The arena.
+    pub const fn arena(&self) -> &'a FrameArena {
+        self.arena
+    }
+}
+
+impl Drop for FrameOwner<'_> {
+    fn drop(&mut self) {
+        for i in self.free.drain(..) {
+            self.arena.recycle(i);
+        }
+        self.arena.owner_taken.store(false, Ordering::Release);
+    }
+}
+
+impl fmt::Debug for FrameOwner<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("FrameOwner").field("free", &self.free.len()).finish()
+    }
+}
+
+/// A frame held by its filler. Dropping it unshared returns it.
+pub struct OwnedFrame<'a> {
+    arena: &'a FrameArena,
+    index: u32,
+}
+
+impl<'a> OwnedFrame<'a> {
+    /// The whole frame, to receive into.
+    pub fn bytes_mut(&mut self) -> &mut [u8] {
+        // SAFETY: an owned frame is on no free list and has no leases (count 0), so this handle
+        // is the only way to reach its bytes; `&mut self` makes the borrow unique.
+        unsafe {
+            core::slice::from_raw_parts_mut(
+                self.arena.frame_ptr(self.index),
+                self.arena.frame_size as usize,
+            )
+        }
+    }
+
+    /// Frame index in the arena (its UMEM address is `index * frame_size`).
+    pub const fn index(&self) -> u32 {
+        self.index
+    }
+
+    /// Freezes the frame, with `data` the received bytes, so events can be minted from it.
+    ///
+    /// # Panics
+    /// If `data` is not inside the frame.
+    pub fn share(self, data: Range<usize>) -> SharedFrame<'a> {
+        assert!(
+            data.start <= data.end && data.end <= self.arena.frame_size as usize,
+            "data {data:?} outside a {}-byte frame",
+            self.arena.frame_size
+        );
+        let this = core::mem::ManuallyDrop::new(self);
+        // Relaxed: leases reach other threads only through queues that publish with Release.
+        this.arena.live[this.index as usize].store(BIAS, Ordering::Relaxed);
+        SharedFrame {
+            arena: this.arena,
+            index: this.index,
+            start: data.start as u32,
+            end: data.end as u32,
+            minted: 0,
+        }
+    }
+}
+
+impl Drop for OwnedFrame<'_> {
+    fn drop(&mut self) {
+        self.arena.recycle(self.index);
+    }
+}
+
+impl fmt::Debug for OwnedFrame<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("OwnedFrame").field("index", &self.index).finish()
+    }
+}
+
+/// A frozen frame from which leases are minted. Dropping it settles the bias.
+pub struct SharedFrame<'a> {
+    arena: &'a FrameArena,
+    index: u32,
+    start: u32,
+    end: u32,
+    minted: u32,
+}
+
+impl<'a> SharedFrame<'a> {
+    /// The received bytes.
+    pub fn data(&self) -> &[u8] {
+        &self.frame_bytes()[self.start as usize..self.end as usize]
+    }
+
+    /// Where the received bytes start within the frame.
+    pub const fn data_offset(&self) -> u32 {
+        self.start
+    }
+
+    /// The whole frame, with the lifetime of the arena: sound because a shared frame is
+    /// immutable until every lease and this handle are gone, and callers only hand these bytes
+    /// to leases.
+    pub(crate) fn frame_bytes(&self) -> &'a [u8] {
+        // SAFETY: a shared frame's bytes are not written until its count reaches zero, which
+        // needs this handle dropped; the slice is within the region.
+        unsafe {
+            core::slice::from_raw_parts(self.arena.frame_ptr(self.index), self.arena.frame_size as usize)
+        }
+    }
+
+    /// A new reference to this frame.
+    #[inline]
+    pub fn lease(&mut self) -> FrameLease<'a> {
+        self.minted += 1;
+        debug_assert!(self.minted < BIAS);
+        FrameLease { arena: self.arena, index: self.index }
+    }
+
+    /// Leases minted so far.
+    pub const fn minted(&self) -> u32 {
+        self.minted
+    }
+}
+
+impl Drop for SharedFrame<'_> {
+    fn drop(&mut self) {
+        self.arena.drop_refs(self.index, BIAS - self.minted);
+    }
+}
+
+impl fmt::Debug for SharedFrame<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SharedFrame")
+            .field("index", &self.index)
+            .field("data", &(self.start..self.end))
+            .field("minted", &self.minted)
+            .finish()
+    }
+}
+
+/// One reference to a shared frame; the frame is recycled when the last one drops.
+pub struct FrameLease<'a> {
+    arena: &'a FrameArena,
+    index: u32,
+}
+
+impl FrameLease<'_> {
+    /// The whole frame. Immutable while any lease exists.
+    #[inline]
+    pub fn frame(&self) -> &[u8] {
+        // SAFETY: the lease keeps the count above zero, so nobody writes the frame; in range.
+        unsafe {
+            core::slice::from_raw_parts(self.arena.frame_ptr(self.index), self.arena.frame_size as usize)
+        }
+    }
+
+    /// Frame index in the arena.
+    pub const fn index(&self) -> u32 {
+        self.index
+    }
+}
+
+impl Drop for FrameLease<'_> {
+    #[inline]
+    fn drop(&mut self) {
+        self.arena.drop_refs(self.index, 1);
+    }
+}
+
+impl fmt::Debug for FrameLease<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("FrameLease").field("index", &self.index).finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn arena(count: u32) -> FrameArena {
+        FrameArena::new(256, count, RegionOptions::default()).unwrap()
+    }
+
+    #[test]
+    fn one_owner_at_a_time() {
+        let a = arena(2);
+        let o = a.owner().unwrap();
+        assert!(a.owner().is_none());
+        drop(o);
+        assert!(a.owner().is_some());
+    }
+
+    #[test]
+    fn frame_returns_after_last_lease_and_share_handle() {
+        let a = arena(1);
+        let mut o = a.owner().unwrap();
+        let mut f = o.take().unwrap();
+        assert!(o.take().is_none(), "only one frame");
+        f.bytes_mut()[..3].copy_from_slice(b"abc");
+        let mut s = f.share(0..3);
+        assert_eq!(s.data(), b"abc");
+        let (l1, l2) = (s.lease(), s.lease());
+        drop(s);
+        assert!(o.take().is_none(), "two leases still live");
+        assert_eq!(&l2.frame()[..3], b"abc");
+        drop(l1);
+        assert!(o.take().is_none());
+        drop(l2);
+        assert!(o.take().is_some(), "last lease returned the frame");
+    }
+
+    #[test]
+    fn unleased_and_unshared_frames_return_at_once() {
+        let a = arena(1);
+        let mut o = a.owner().unwrap();
+        drop(o.take().unwrap().share(0..0));
+        let f = o.take().expect("a share with no leases recycles on drop");
+        drop(f);
+        assert!(o.take().is_some(), "an owned frame dropped unshared recycles");
+    }
+
+    #[test]
+    fn leases_released_on_other_threads() {
+        let a = arena(4);
+        let mut o = a.owner().unwrap();
+        let rounds = if cfg!(miri) { 20 } else { 20_000 };
+        let (mut tx, mut rx) = crate::ring::spsc::channel::<FrameLease<'_>>(64);
+        std::thread::scope(|s| {
+            s.spawn(move || {
+                let mut n = 0;
+                while n < rounds * 3 {
+                    n += rx.pop_batch(64).count();
+                    std::thread::yield_now();
+                }
+            });
+            let mut sent = 0;
+            while sent < rounds {
+                let Some(mut f) = o.take() else {
+                    std::thread::yield_now();
+                    continue;
+                };
+                f.bytes_mut()[0] = sent as u8;
+                let mut s = f.share(0..1);
+                let mut leases = [s.lease(), s.lease(), s.lease()].into_iter();
+                drop(s);
+                while leases.len() > 0 {
+                    tx.push_batch(&mut leases);
+                }
+                sent += 1;
+            }
+        });
+        o.reclaim();
+        assert_eq!(o.free_len(), 4, "every frame came home");
+    }
+
+    #[test]
+    fn bad_geometry_is_an_error() {
+        assert!(matches!(FrameArena::new(0, 1, RegionOptions::default()), Err(ArenaError::Geometry(_))));
+        assert!(matches!(FrameArena::new(64, 0, RegionOptions::default()), Err(ArenaError::Geometry(_))));
+    }
+}

@@ -1,0 +1,24 @@
+//! EventStreamCore: a Linux kernel-bypass event-ingest appliance.
+//!
+//! Frames arrive on AF_XDP sockets (or, where XDP cannot attach, a kernel UDP socket and a TCP
+//! listener), are parsed zero-copy into pooled [`event::Event`]s that point into their receive
+//! frame, and travel over lock-free rings to the dispatcher and workers. See
+//! `shared/design/ARCHITECTURE.md` for the whole picture.
+//!
+//! Modules, from the wire inwards:
+//! - [`protocol`]: wire protocol v1, parser (datagram and stream) and encoder.
+//! - [`mem`], [`numa`]: page-aligned, hugepage-backed, NUMA-placed memory.
+//! - [`frames`]: receive frames with a live-event count, returned to their owner when released.
+//! - [`event`]: the event, a view into its frame.
+//! - [`pool`]: the fixed-capacity `EventPool`.
+//! - [`ring`]: SPSC ring and Vyukov MPSC queue.
+#![deny(unsafe_op_in_unsafe_fn)]
+#![warn(missing_docs)]
+
+pub mod event;
+pub mod frames;
+pub mod mem;
+pub mod numa;
+pub mod pool;
+pub mod protocol;
+pub mod ring;

@@ -1,0 +1,2 @@
+//! The `eventstream` daemon.
+fn main() {}
