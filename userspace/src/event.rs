@@ -68,7 +68,8 @@ impl<'a> Event<'a> {
     /// The topic.
     #[inline]
     pub fn topic(&self) -> &str {
-        let bytes = &self.frame.frame()[self.span.topic_off as usize..self.span.payload_off as usize];
+        let bytes =
+            &self.frame.frame()[self.span.topic_off as usize..self.span.payload_off as usize];
         // SAFETY: events are only built by `FrameEvents`, from spans that `parse_frame` produced
         // over this very frame's bytes after checking the topic is UTF-8; the frame is immutable
         // while this event's lease lives.
@@ -115,7 +116,13 @@ impl<'a> SharedFrame<'a> {
     ) -> FrameEvents<'s, 'a> {
         let offset = self.data_offset();
         let data = &self.frame_bytes()[offset as usize..][..self.data().len()];
-        FrameEvents { spans: DatagramSpans::new(data, limits), offset, frame: self, stamp, seq }
+        FrameEvents {
+            spans: DatagramSpans::new(data, limits),
+            offset,
+            frame: self,
+            stamp,
+            seq,
+        }
     }
 }
 
@@ -153,7 +160,9 @@ impl<'a> Iterator for FrameEvents<'_, 'a> {
 
 impl fmt::Debug for FrameEvents<'_, '_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("FrameEvents").field("frame", &self.frame).finish()
+        f.debug_struct("FrameEvents")
+            .field("frame", &self.frame)
+            .finish()
     }
 }
 
@@ -161,7 +170,10 @@ impl fmt::Debug for FrameEvents<'_, '_> {
 pub fn monotonic_ns() -> u64 {
     #[cfg(all(target_os = "linux", not(miri)))]
     {
-        let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+        let mut ts = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
         // SAFETY: `ts` is a valid out-pointer; CLOCK_MONOTONIC always exists on Linux (vDSO, no
         // syscall).
         unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
@@ -197,7 +209,10 @@ mod tests {
         // Land the datagram at offset 42, as a UMEM frame's UDP payload would.
         f.bytes_mut()[42..42 + dgram.len()].copy_from_slice(&dgram);
         let mut shared = f.share(42..42 + dgram.len());
-        let stamp = Stamp { source: Source::Udp, ingest_ns: monotonic_ns() };
+        let stamp = Stamp {
+            source: Source::Udp,
+            ingest_ns: monotonic_ns(),
+        };
         let mut seq = 100;
         let mut events = Vec::new();
         let mut rejected = Vec::new();
@@ -213,11 +228,21 @@ mod tests {
         assert_eq!(seq, 102);
         assert_eq!(events.len(), 2);
         let e0 = &events[0];
-        assert_eq!((e0.priority(), e0.topic(), e0.payload()), (7, "orders.eu", &b"hello"[..]));
+        assert_eq!(
+            (e0.priority(), e0.topic(), e0.payload()),
+            (7, "orders.eu", &b"hello"[..])
+        );
         assert_eq!((e0.seq, e0.source), (100, Source::Udp));
         // SAFETY: `base` points at the frame data, which is at least 7 + 9 bytes long.
-        assert_eq!(e0.payload().as_ptr(), unsafe { base.add(7 + 9) }, "payload is a view");
-        assert_eq!((events[1].topic(), events[1].payload(), events[1].seq), ("x", &b""[..], 101));
+        assert_eq!(
+            e0.payload().as_ptr(),
+            unsafe { base.add(7 + 9) },
+            "payload is a view"
+        );
+        assert_eq!(
+            (events[1].topic(), events[1].payload(), events[1].seq),
+            ("x", &b""[..], 101)
+        );
         drop(events);
         owner.reclaim();
         assert_eq!(owner.free_len(), 4, "frame returned after its events");

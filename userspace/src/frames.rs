@@ -64,7 +64,9 @@ impl FrameArena {
     /// kernel refuses the memory.
     pub fn new(frame_size: u32, count: u32, opts: RegionOptions) -> Result<Self, ArenaError> {
         if frame_size == 0 || count == 0 {
-            return Err(ArenaError::Geometry("frame size and count must be positive"));
+            return Err(ArenaError::Geometry(
+                "frame size and count must be positive",
+            ));
         }
         if count >= BIAS {
             return Err(ArenaError::Geometry("too many frames"));
@@ -72,7 +74,8 @@ impl FrameArena {
         let bytes = (frame_size as usize)
             .checked_mul(count as usize)
             .ok_or(ArenaError::Geometry("arena size overflows"))?;
-        let region = Region::new(bytes, opts).map_err(|source| ArenaError::Map { bytes, source })?;
+        let region =
+            Region::new(bytes, opts).map_err(|source| ArenaError::Map { bytes, source })?;
         let returns = MpscQueue::new(count as usize);
         for i in 0..count {
             // Cannot fail: the queue holds at least `count` items.
@@ -108,14 +111,21 @@ impl FrameArena {
         if self.owner_taken.swap(true, Ordering::Acquire) {
             return None;
         }
-        Some(FrameOwner { arena: self, free: Vec::with_capacity(self.count as usize) })
+        Some(FrameOwner {
+            arena: self,
+            free: Vec::with_capacity(self.count as usize),
+        })
     }
 
     #[inline]
     fn frame_ptr(&self, index: u32) -> *mut u8 {
         debug_assert!(index < self.count);
         // SAFETY: `index < count`, so the offset stays inside the region.
-        unsafe { self.region.as_ptr().add(index as usize * self.frame_size as usize) }
+        unsafe {
+            self.region
+                .as_ptr()
+                .add(index as usize * self.frame_size as usize)
+        }
     }
 
     /// Sends a frame whose count reached zero back to the owner.
@@ -167,7 +177,10 @@ impl<'a> FrameOwner<'a> {
         if self.free.is_empty() {
             self.reclaim();
         }
-        self.free.pop().map(|index| OwnedFrame { arena: self.arena, index })
+        self.free.pop().map(|index| OwnedFrame {
+            arena: self.arena,
+            index,
+        })
     }
 
     /// Frames on the free list (returned frames not yet reclaimed are not counted).
@@ -192,7 +205,9 @@ impl Drop for FrameOwner<'_> {
 
 impl fmt::Debug for FrameOwner<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("FrameOwner").field("free", &self.free.len()).finish()
+        f.debug_struct("FrameOwner")
+            .field("free", &self.free.len())
+            .finish()
     }
 }
 
@@ -251,7 +266,9 @@ impl Drop for OwnedFrame<'_> {
 
 impl fmt::Debug for OwnedFrame<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("OwnedFrame").field("index", &self.index).finish()
+        f.debug_struct("OwnedFrame")
+            .field("index", &self.index)
+            .finish()
     }
 }
 
@@ -282,7 +299,10 @@ impl<'a> SharedFrame<'a> {
         // SAFETY: a shared frame's bytes are not written until its count reaches zero, which
         // needs this handle dropped; the slice is within the region.
         unsafe {
-            core::slice::from_raw_parts(self.arena.frame_ptr(self.index), self.arena.frame_size as usize)
+            core::slice::from_raw_parts(
+                self.arena.frame_ptr(self.index),
+                self.arena.frame_size as usize,
+            )
         }
     }
 
@@ -291,7 +311,10 @@ impl<'a> SharedFrame<'a> {
     pub fn lease(&mut self) -> FrameLease<'a> {
         self.minted += 1;
         debug_assert!(self.minted < BIAS);
-        FrameLease { arena: self.arena, index: self.index }
+        FrameLease {
+            arena: self.arena,
+            index: self.index,
+        }
     }
 
     /// Leases minted so far.
@@ -328,7 +351,10 @@ impl FrameLease<'_> {
     pub fn frame(&self) -> &[u8] {
         // SAFETY: the lease keeps the count above zero, so nobody writes the frame; in range.
         unsafe {
-            core::slice::from_raw_parts(self.arena.frame_ptr(self.index), self.arena.frame_size as usize)
+            core::slice::from_raw_parts(
+                self.arena.frame_ptr(self.index),
+                self.arena.frame_size as usize,
+            )
         }
     }
 
@@ -347,7 +373,9 @@ impl Drop for FrameLease<'_> {
 
 impl fmt::Debug for FrameLease<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("FrameLease").field("index", &self.index).finish()
+        f.debug_struct("FrameLease")
+            .field("index", &self.index)
+            .finish()
     }
 }
 
@@ -394,7 +422,10 @@ mod tests {
         drop(o.take().unwrap().share(0..0));
         let f = o.take().expect("a share with no leases recycles on drop");
         drop(f);
-        assert!(o.take().is_some(), "an owned frame dropped unshared recycles");
+        assert!(
+            o.take().is_some(),
+            "an owned frame dropped unshared recycles"
+        );
     }
 
     #[test]
@@ -433,7 +464,13 @@ mod tests {
 
     #[test]
     fn bad_geometry_is_an_error() {
-        assert!(matches!(FrameArena::new(0, 1, RegionOptions::default()), Err(ArenaError::Geometry(_))));
-        assert!(matches!(FrameArena::new(64, 0, RegionOptions::default()), Err(ArenaError::Geometry(_))));
+        assert!(matches!(
+            FrameArena::new(0, 1, RegionOptions::default()),
+            Err(ArenaError::Geometry(_))
+        ));
+        assert!(matches!(
+            FrameArena::new(64, 0, RegionOptions::default()),
+            Err(ArenaError::Geometry(_))
+        ));
     }
 }

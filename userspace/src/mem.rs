@@ -59,7 +59,12 @@ impl Region {
         }
         let (ptr, len, pages) = map(len, opts.hugepages)?;
         let numa = numa::bind(ptr.as_ptr(), len, opts.placement);
-        Ok(Self { ptr, len, pages, numa })
+        Ok(Self {
+            ptr,
+            len,
+            pages,
+            numa,
+        })
     }
 
     /// Start of the region.
@@ -113,7 +118,9 @@ fn map(len: usize, hugepages: bool) -> io::Result<(NonNull<u8>, usize, PageKind)
                 0,
             )
         };
-        (p != libc::MAP_FAILED).then(|| NonNull::new(p.cast::<u8>())).flatten()
+        (p != libc::MAP_FAILED)
+            .then(|| NonNull::new(p.cast::<u8>()))
+            .flatten()
     };
     if hugepages {
         let huge_len = len.div_ceil(HUGE_PAGE) * HUGE_PAGE;
@@ -140,12 +147,15 @@ fn map(len: usize, _hugepages: bool) -> io::Result<(NonNull<u8>, usize, PageKind
         .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
     // SAFETY: `layout` has a non-zero size (checked by `Region::new`).
     let p = unsafe { std::alloc::alloc_zeroed(layout) };
-    NonNull::new(p).map(|p| (p, len, PageKind::Heap)).ok_or_else(|| io::ErrorKind::OutOfMemory.into())
+    NonNull::new(p)
+        .map(|p| (p, len, PageKind::Heap))
+        .ok_or_else(|| io::ErrorKind::OutOfMemory.into())
 }
 
 #[cfg(not(all(target_os = "linux", not(miri))))]
 fn unmap(ptr: NonNull<u8>, len: usize, _pages: PageKind) {
-    let layout = std::alloc::Layout::from_size_align(len, BASE_PAGE).expect("layout was valid at map");
+    let layout =
+        std::alloc::Layout::from_size_align(len, BASE_PAGE).expect("layout was valid at map");
     // SAFETY: allocated by `map` with this very layout, freed once from `Drop`.
     unsafe { std::alloc::dealloc(ptr.as_ptr(), layout) };
 }
@@ -164,7 +174,7 @@ mod tests {
     fn maps_page_aligned_zeroed_memory() {
         let r = Region::new(10_000, RegionOptions::default()).unwrap();
         assert_eq!(r.as_ptr() as usize % BASE_PAGE, 0);
-        assert!(r.len() >= 10_000 && r.len() % BASE_PAGE == 0);
+        assert!(r.len() >= 10_000 && r.len().is_multiple_of(BASE_PAGE));
         // SAFETY: the region is `len` readable bytes, and nothing else refers to it.
         let bytes = unsafe { core::slice::from_raw_parts(r.as_ptr(), r.len()) };
         assert!(bytes.iter().all(|&b| b == 0));
@@ -174,7 +184,14 @@ mod tests {
     #[test]
     #[cfg_attr(miri, ignore = "mmap")]
     fn hugepages_fall_back_to_base_pages() {
-        let r = Region::new(3 << 20, RegionOptions { hugepages: true, ..Default::default() }).unwrap();
+        let r = Region::new(
+            3 << 20,
+            RegionOptions {
+                hugepages: true,
+                ..Default::default()
+            },
+        )
+        .unwrap();
         match r.pages() {
             PageKind::Huge2M => assert_eq!(r.len(), 4 << 20),
             PageKind::Base4K => assert_eq!(r.len(), 3 << 20),

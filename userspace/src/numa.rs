@@ -61,7 +61,10 @@ pub fn online_nodes() -> Vec<u32> {
 pub fn iface_node(iface: &str) -> io::Result<Option<u32>> {
     let base = format!("/sys/class/net/{iface}");
     if fs::metadata(&base).is_err() {
-        return Err(io::Error::new(io::ErrorKind::NotFound, format!("no interface {iface:?}")));
+        return Err(io::Error::new(
+            io::ErrorKind::NotFound,
+            format!("no interface {iface:?}"),
+        ));
     }
     Ok(fs::read_to_string(format!("{base}/device/numa_node"))
         .ok()
@@ -92,7 +95,9 @@ pub fn parse_cpu_list(s: &str) -> Option<Vec<u32>> {
 
 /// Binds `len` bytes at `addr` to `placement`'s node.
 pub fn bind(addr: *const u8, len: usize, placement: Placement) -> Outcome {
-    let Placement::Node(node) = placement else { return Outcome::NotRequested };
+    let Placement::Node(node) = placement else {
+        return Outcome::NotRequested;
+    };
     if cfg!(miri) || !cfg!(target_os = "linux") {
         return Outcome::Unsupported;
     }
@@ -101,7 +106,10 @@ pub fn bind(addr: *const u8, len: usize, placement: Placement) -> Outcome {
     }
     match mbind(addr, len, node) {
         Ok(()) => Outcome::Bound { node },
-        Err(e) => Outcome::Failed { node, error: e.to_string() },
+        Err(e) => Outcome::Failed {
+            node,
+            error: e.to_string(),
+        },
     }
 }
 
@@ -111,7 +119,10 @@ fn mbind(addr: *const u8, len: usize, node: u32) -> io::Result<()> {
     const MPOL_MF_MOVE: libc::c_ulong = 1 << 1;
     const MASK_BITS: usize = 1024;
     if node as usize >= MASK_BITS {
-        return Err(io::Error::new(io::ErrorKind::InvalidInput, format!("node {node} >= {MASK_BITS}")));
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("node {node} >= {MASK_BITS}"),
+        ));
     }
     // SAFETY: sysconf has no memory-safety preconditions.
     let page = usize::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) }).unwrap_or(4096);
@@ -132,7 +143,11 @@ fn mbind(addr: *const u8, len: usize, node: u32) -> io::Result<()> {
             MPOL_MF_MOVE,
         )
     };
-    if rc == 0 { Ok(()) } else { Err(io::Error::last_os_error()) }
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
 }
 
 #[cfg(not(all(target_os = "linux", not(miri))))]
@@ -147,7 +162,10 @@ mod tests {
     #[test]
     fn parses_kernel_lists() {
         assert_eq!(parse_cpu_list("0"), Some(vec![0]));
-        assert_eq!(parse_cpu_list("0-3,8,10-11"), Some(vec![0, 1, 2, 3, 8, 10, 11]));
+        assert_eq!(
+            parse_cpu_list("0-3,8,10-11"),
+            Some(vec![0, 1, 2, 3, 8, 10, 11])
+        );
         assert_eq!(parse_cpu_list(""), Some(vec![]));
         assert_eq!(parse_cpu_list("3-1"), None);
         assert_eq!(parse_cpu_list("x"), None);
@@ -156,7 +174,10 @@ mod tests {
     #[test]
     fn any_placement_binds_nothing() {
         let v = [0u8; 64];
-        assert_eq!(bind(v.as_ptr(), v.len(), Placement::Any), Outcome::NotRequested);
+        assert_eq!(
+            bind(v.as_ptr(), v.len(), Placement::Any),
+            Outcome::NotRequested
+        );
     }
 
     #[test]
@@ -164,7 +185,10 @@ mod tests {
     fn binding_to_node_zero_never_fails_on_a_running_node() {
         let v = vec![0u8; 1 << 16];
         let out = bind(v.as_ptr(), v.len(), Placement::Node(0));
-        assert!(matches!(out, Outcome::SingleNode | Outcome::Bound { node: 0 }), "{out:?}");
+        assert!(
+            matches!(out, Outcome::SingleNode | Outcome::Bound { node: 0 }),
+            "{out:?}"
+        );
         assert!(online_nodes().contains(&0));
     }
 
@@ -173,6 +197,9 @@ mod tests {
     fn missing_interface_is_an_error() {
         let e = iface_node("no-such-if0").unwrap_err();
         assert_eq!(e.kind(), io::ErrorKind::NotFound);
-        assert!(iface_node("lo").unwrap().is_none(), "loopback has no device node");
+        assert!(
+            iface_node("lo").unwrap().is_none(),
+            "loopback has no device node"
+        );
     }
 }

@@ -78,7 +78,10 @@ impl<T> EventPool<T> {
     /// # Panics
     /// If `capacity` is zero or not below `u32::MAX`.
     pub fn with_placement(capacity: usize, placement: Placement) -> Self {
-        assert!(capacity > 0 && capacity < NIL as usize, "pool capacity out of range");
+        assert!(
+            capacity > 0 && capacity < NIL as usize,
+            "pool capacity out of range"
+        );
         let slots: Box<[Slot<T>]> = (0..capacity)
             .map(|i| Slot {
                 next: AtomicU32::new(if i + 1 == capacity { NIL } else { i as u32 + 1 }),
@@ -87,7 +90,11 @@ impl<T> EventPool<T> {
             .collect();
         let bytes = core::mem::size_of_val::<[Slot<T>]>(&slots);
         let placement = numa::bind(slots.as_ptr().cast(), bytes, placement);
-        Self { head: CachePadded::new(AtomicU64::new(pack(0, 0))), slots, placement }
+        Self {
+            head: CachePadded::new(AtomicU64::new(pack(0, 0))),
+            slots,
+            placement,
+        }
     }
 
     /// Slots in the pool.
@@ -130,7 +137,11 @@ impl<T> EventPool<T> {
         // slot exclusively; its previous value was dropped before it was pushed (Release), and
         // our Acquire CAS orders that before this write.
         unsafe { (*slot.value.get()).write(value) };
-        Ok(Pooled { pool: self, slot: NonNull::from(slot), index })
+        Ok(Pooled {
+            pool: self,
+            slot: NonNull::from(slot),
+            index,
+        })
     }
 
     /// Pushes slot `index` (already emptied) back on the free stack.
@@ -238,7 +249,10 @@ impl<T> Drop for Pooled<'_, T> {
 
 impl<T: fmt::Debug> fmt::Debug for Pooled<'_, T> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Pooled").field("slot", &self.index).field("value", &**self).finish()
+        f.debug_struct("Pooled")
+            .field("slot", &self.index)
+            .field("value", &**self)
+            .finish()
     }
 }
 
@@ -257,7 +271,11 @@ mod tests {
         let a = pool.acquire(1u64).unwrap();
         let b = pool.acquire(2).unwrap();
         let c = pool.acquire(3).unwrap();
-        assert_eq!(pool.acquire(4).unwrap_err(), 4, "a full pool hands the value back");
+        assert_eq!(
+            pool.acquire(4).unwrap_err(),
+            4,
+            "a full pool hands the value back"
+        );
         assert_eq!(pool.free_slots(), 0);
         let idx = b.slot_index();
         drop(b);

@@ -40,7 +40,10 @@ pub struct Limits {
 
 impl Default for Limits {
     fn default() -> Self {
-        Self { max_frame_len: DEFAULT_MAX_FRAME_LEN, max_topic_len: DEFAULT_MAX_TOPIC_LEN }
+        Self {
+            max_frame_len: DEFAULT_MAX_FRAME_LEN,
+            max_topic_len: DEFAULT_MAX_TOPIC_LEN,
+        }
     }
 }
 
@@ -59,8 +62,12 @@ pub enum RejectReason {
 
 impl RejectReason {
     /// All reasons, for declaring one counter each.
-    pub const ALL: [RejectReason; 4] =
-        [Self::Malformed, Self::TooLarge, Self::BadTopic, Self::Truncated];
+    pub const ALL: [RejectReason; 4] = [
+        Self::Malformed,
+        Self::TooLarge,
+        Self::BadTopic,
+        Self::Truncated,
+    ];
 
     /// The metric label.
     pub const fn as_str(self) -> &'static str {
@@ -189,7 +196,11 @@ impl FrameSpan {
     pub fn resolve<'a>(&self, buf: &'a [u8]) -> Frame<'a> {
         let topic = &buf[self.topic_off as usize..self.payload_off as usize];
         let topic = core::str::from_utf8(topic).expect("span resolved against a foreign buffer");
-        Frame { priority: self.priority, topic, payload: &buf[self.payload_off as usize..self.end()] }
+        Frame {
+            priority: self.priority,
+            topic,
+            payload: &buf[self.payload_off as usize..self.end()],
+        }
     }
 }
 
@@ -228,17 +239,26 @@ fn read_u32_be(b: &[u8], at: usize) -> u32 {
 pub fn parse_frame(buf: &[u8], limits: &Limits) -> Result<FrameSpan, FrameError> {
     let have = buf.len();
     if have < LEN_PREFIX {
-        return Err(FrameError::Truncated { need: HEADER_LEN, have });
+        return Err(FrameError::Truncated {
+            need: HEADER_LEN,
+            have,
+        });
     }
     let length = read_u32_be(buf, 0);
     if length < MIN_LENGTH {
         return Err(FrameError::LengthTooSmall { length });
     }
     if length > limits.max_frame_len {
-        return Err(FrameError::TooLarge { length, max: limits.max_frame_len });
+        return Err(FrameError::TooLarge {
+            length,
+            max: limits.max_frame_len,
+        });
     }
     if have < HEADER_LEN {
-        return Err(FrameError::Truncated { need: HEADER_LEN, have });
+        return Err(FrameError::Truncated {
+            need: HEADER_LEN,
+            have,
+        });
     }
     let priority = buf[4];
     let topic_len = u16::from_be_bytes([buf[5], buf[6]]);
@@ -252,11 +272,18 @@ pub fn parse_frame(buf: &[u8], limits: &Limits) -> Result<FrameSpan, FrameError>
         return Err(FrameError::Truncated { need, have });
     }
     if topic_len > limits.max_topic_len {
-        return Err(FrameError::TopicTooLong { topic_len, max: limits.max_topic_len, length });
+        return Err(FrameError::TopicTooLong {
+            topic_len,
+            max: limits.max_topic_len,
+            length,
+        });
     }
     let topic_end = HEADER_LEN + usize::from(topic_len);
     if let Err(e) = core::str::from_utf8(&buf[HEADER_LEN..topic_end]) {
-        return Err(FrameError::TopicNotUtf8 { valid_up_to: e.valid_up_to(), length });
+        return Err(FrameError::TopicNotUtf8 {
+            valid_up_to: e.valid_up_to(),
+            length,
+        });
     }
     Ok(FrameSpan {
         priority,
@@ -288,7 +315,12 @@ impl<'a> DatagramSpans<'a> {
     /// If `buf` is 4 GiB or longer (offsets are `u32`); no datagram or UMEM frame is.
     pub fn new(buf: &'a [u8], limits: Limits) -> Self {
         assert!(u32::try_from(buf.len()).is_ok(), "datagram over 4 GiB");
-        Self { buf, pos: 0, limits, done: false }
+        Self {
+            buf,
+            pos: 0,
+            limits,
+            done: false,
+        }
     }
 
     /// The datagram being walked.
@@ -309,12 +341,17 @@ impl Iterator for DatagramSpans<'_> {
         if rest.is_empty() {
             self.done = true;
             // An empty datagram is one "shorter than 7 bytes"; the end of a non-empty one is not.
-            return (self.pos == 0)
-                .then_some(Err(FrameError::Truncated { need: HEADER_LEN, have: 0 }));
+            return (self.pos == 0).then_some(Err(FrameError::Truncated {
+                need: HEADER_LEN,
+                have: 0,
+            }));
         }
         if self.pos == 0 && rest.len() < HEADER_LEN {
             self.done = true;
-            return Some(Err(FrameError::Truncated { need: HEADER_LEN, have: rest.len() }));
+            return Some(Err(FrameError::Truncated {
+                need: HEADER_LEN,
+                have: rest.len(),
+            }));
         }
         match parse_frame(rest, &self.limits) {
             Ok(span) => {
@@ -342,7 +379,9 @@ pub struct Datagram<'a> {
 impl<'a> Datagram<'a> {
     /// Walks `buf`, one datagram. See [`DatagramSpans`] for the rules.
     pub fn new(buf: &'a [u8], limits: Limits) -> Self {
-        Self { spans: DatagramSpans::new(buf, limits) }
+        Self {
+            spans: DatagramSpans::new(buf, limits),
+        }
     }
 }
 
@@ -385,7 +424,10 @@ impl FrameError {
     /// Whether a stream reader must close the connection: true for `malformed` and `too_large`,
     /// after which the stream cannot be re-synchronised.
     pub const fn is_fatal_for_stream(&self) -> bool {
-        matches!(self.reason(), RejectReason::Malformed | RejectReason::TooLarge)
+        matches!(
+            self.reason(),
+            RejectReason::Malformed | RejectReason::TooLarge
+        )
     }
 }
 
@@ -393,7 +435,13 @@ impl StreamDecoder {
     /// A decoder for one connection, with its buffer allocated now.
     pub fn new(limits: Limits) -> Self {
         let cap = LEN_PREFIX + limits.max_frame_len as usize + STREAM_READ_CHUNK;
-        Self { buf: vec![0; cap].into_boxed_slice(), start: 0, end: 0, limits, failed: None }
+        Self {
+            buf: vec![0; cap].into_boxed_slice(),
+            start: 0,
+            end: 0,
+            limits,
+            failed: None,
+        }
     }
 
     /// Bytes received and not yet consumed.
@@ -421,7 +469,10 @@ impl StreamDecoder {
     /// # Panics
     /// If `n` is larger than the spare space last returned.
     pub fn commit(&mut self, n: usize) {
-        assert!(n <= self.buf.len() - self.end, "commit past the spare space");
+        assert!(
+            n <= self.buf.len() - self.end,
+            "commit past the spare space"
+        );
         self.end += n;
     }
 
@@ -507,12 +558,15 @@ pub fn encode_into(
     payload: &[u8],
     out: &mut [u8],
 ) -> Result<usize, EncodeError> {
-    let topic_len = u16::try_from(topic.len()).map_err(|_| EncodeError::TopicTooLong(topic.len()))?;
+    let topic_len =
+        u16::try_from(topic.len()).map_err(|_| EncodeError::TopicTooLong(topic.len()))?;
     let need = encoded_len(topic, payload);
-    let length =
-        u32::try_from(need - LEN_PREFIX).map_err(|_| EncodeError::FrameTooLong(need))?;
+    let length = u32::try_from(need - LEN_PREFIX).map_err(|_| EncodeError::FrameTooLong(need))?;
     let Some(out) = out.get_mut(..need) else {
-        return Err(EncodeError::BufferTooSmall { need, have: out.len() });
+        return Err(EncodeError::BufferTooSmall {
+            need,
+            have: out.len(),
+        });
     };
     out[0..4].copy_from_slice(&length.to_be_bytes());
     out[4] = priority;

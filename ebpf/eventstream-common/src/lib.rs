@@ -36,7 +36,11 @@ pub struct XdpConfig {
 
 impl Default for XdpConfig {
     fn default() -> Self {
-        Self { udp_port: DEFAULT_UDP_PORT, allow_vlan: 1, _pad: 0 }
+        Self {
+            udp_port: DEFAULT_UDP_PORT,
+            allow_vlan: 1,
+            _pad: 0,
+        }
     }
 }
 
@@ -59,8 +63,12 @@ pub const VERDICT_COUNT: u32 = 4;
 
 impl Verdict {
     /// All verdicts, in counter-index order.
-    pub const ALL: [Verdict; VERDICT_COUNT as usize] =
-        [Verdict::Pass, Verdict::Redirect, Verdict::PassMalformed, Verdict::PassNoSocket];
+    pub const ALL: [Verdict; VERDICT_COUNT as usize] = [
+        Verdict::Pass,
+        Verdict::Redirect,
+        Verdict::PassMalformed,
+        Verdict::PassNoSocket,
+    ];
 
     /// Stable label for metrics and `xtask status`.
     pub const fn label(self) -> &'static str {

@@ -57,10 +57,15 @@ impl<T> MpscQueue<T> {
     /// If `capacity` is zero or too large to round up.
     pub fn new(capacity: usize) -> Self {
         assert!(capacity > 0, "queue capacity must be positive");
-        let capacity = capacity.checked_next_power_of_two().expect("queue capacity too large");
+        let capacity = capacity
+            .checked_next_power_of_two()
+            .expect("queue capacity too large");
         assert!(capacity <= usize::MAX / 4, "queue capacity too large");
         let slots = (0..capacity)
-            .map(|i| Slot { seq: AtomicUsize::new(i), value: UnsafeCell::new(MaybeUninit::uninit()) })
+            .map(|i| Slot {
+                seq: AtomicUsize::new(i),
+                value: UnsafeCell::new(MaybeUninit::uninit()),
+            })
             .collect();
         Self {
             tail: CachePadded::new(AtomicUsize::new(0)),
@@ -143,7 +148,8 @@ impl<T> MpscQueue<T> {
         // SAFETY: the stamp `pos + 1` (Acquire) says the producer of `pos` wrote the value and
         // released it; the caller guarantees we are the only consumer, so it is moved out once.
         let value = unsafe { (*slot.value.get()).assume_init_read() };
-        slot.seq.store(pos.wrapping_add(self.mask + 1), Ordering::Release);
+        slot.seq
+            .store(pos.wrapping_add(self.mask + 1), Ordering::Release);
         self.head.store(pos.wrapping_add(1), Ordering::Relaxed);
         Some(value)
     }
@@ -176,7 +182,10 @@ impl<T> Drop for MpscQueue<T> {
 
 impl<T> fmt::Debug for MpscQueue<T> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("MpscQueue").field("capacity", &self.capacity()).field("len", &self.len()).finish()
+        f.debug_struct("MpscQueue")
+            .field("capacity", &self.capacity())
+            .field("len", &self.len())
+            .finish()
     }
 }
 
@@ -194,7 +203,9 @@ pub struct Producer<T> {
 
 impl<T> Clone for Producer<T> {
     fn clone(&self) -> Self {
-        Self { q: Arc::clone(&self.q) }
+        Self {
+            q: Arc::clone(&self.q),
+        }
     }
 }
 

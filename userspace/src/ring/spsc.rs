@@ -68,9 +68,13 @@ impl<T> Drop for Shared<T> {
 /// If `capacity` is zero or rounds past `usize::MAX / 2`.
 pub fn channel<T>(capacity: usize) -> (Producer<T>, Consumer<T>) {
     assert!(capacity > 0, "ring capacity must be positive");
-    let capacity = capacity.checked_next_power_of_two().expect("ring capacity too large");
+    let capacity = capacity
+        .checked_next_power_of_two()
+        .expect("ring capacity too large");
     assert!(capacity <= usize::MAX / 2, "ring capacity too large");
-    let slots = (0..capacity).map(|_| UnsafeCell::new(MaybeUninit::uninit())).collect();
+    let slots = (0..capacity)
+        .map(|_| UnsafeCell::new(MaybeUninit::uninit()))
+        .collect();
     let shared = Arc::new(Shared {
         head: CachePadded::new(AtomicUsize::new(0)),
         tail: CachePadded::new(AtomicUsize::new(0)),
@@ -78,8 +82,16 @@ pub fn channel<T>(capacity: usize) -> (Producer<T>, Consumer<T>) {
         mask: capacity - 1,
     });
     (
-        Producer { shared: Arc::clone(&shared), tail: 0, cached_head: 0 },
-        Consumer { shared, head: 0, cached_tail: 0 },
+        Producer {
+            shared: Arc::clone(&shared),
+            tail: 0,
+            cached_head: 0,
+        },
+        Consumer {
+            shared,
+            head: 0,
+            cached_tail: 0,
+        },
     )
 }
 
@@ -185,7 +197,7 @@ impl<T> Consumer<T> {
     /// Removes the oldest item.
     #[inline]
     pub fn pop(&mut self) -> Option<T> {
-        if self.head == self.cached_tail && self.len() == 0 {
+        if self.head == self.cached_tail && self.is_empty() {
             return None;
         }
         // SAFETY: `head != tail`, so slot `head` holds a value the producer published with
@@ -203,7 +215,10 @@ impl<T> Consumer<T> {
         if ready < max {
             ready = self.len();
         }
-        PopBatch { left: ready.min(max), consumer: self }
+        PopBatch {
+            left: ready.min(max),
+            consumer: self,
+        }
     }
 
     /// Slots in the ring.
@@ -252,25 +267,34 @@ impl<T> ExactSizeIterator for PopBatch<'_, T> {}
 
 impl<T> Drop for PopBatch<'_, T> {
     fn drop(&mut self) {
-        self.consumer.shared.head.store(self.consumer.head, Ordering::Release);
+        self.consumer
+            .shared
+            .head
+            .store(self.consumer.head, Ordering::Release);
     }
 }
 
 impl<T> fmt::Debug for Producer<T> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("spsc::Producer").field("capacity", &self.capacity()).finish()
+        f.debug_struct("spsc::Producer")
+            .field("capacity", &self.capacity())
+            .finish()
     }
 }
 
 impl<T> fmt::Debug for Consumer<T> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("spsc::Consumer").field("capacity", &self.capacity()).finish()
+        f.debug_struct("spsc::Consumer")
+            .field("capacity", &self.capacity())
+            .finish()
     }
 }
 
 impl<T> fmt::Debug for PopBatch<'_, T> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("spsc::PopBatch").field("left", &self.left).finish()
+        f.debug_struct("spsc::PopBatch")
+            .field("left", &self.left)
+            .finish()
     }
 }
 
@@ -294,7 +318,10 @@ mod tests {
         assert_eq!(p.push(9), Err(9));
         assert_eq!(c.pop(), Some(0));
         p.push(4).unwrap();
-        assert_eq!((1..=4).map(|_| c.pop().unwrap()).collect::<Vec<_>>(), [1, 2, 3, 4]);
+        assert_eq!(
+            (1..=4).map(|_| c.pop().unwrap()).collect::<Vec<_>>(),
+            [1, 2, 3, 4]
+        );
         assert_eq!(c.pop(), None);
     }
 
@@ -303,7 +330,11 @@ mod tests {
         let (mut p, mut c) = channel::<u32>(8);
         let mut src = 0..20;
         assert_eq!(p.push_batch(&mut src), 8);
-        assert_eq!(src.next(), Some(8), "items without room are left in the iterator");
+        assert_eq!(
+            src.next(),
+            Some(8),
+            "items without room are left in the iterator"
+        );
         let got: Vec<_> = c.pop_batch(5).collect();
         assert_eq!(got, [0, 1, 2, 3, 4]);
         assert_eq!(p.push_batch(100..110), 5);
