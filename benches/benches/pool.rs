@@ -1,1 +1,105 @@
-fn main() {}
+//! `EventPool` acquire + release against `Box::new` + drop of the same 56-byte event.
+
+use std::hint::black_box;
+
+use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
+use eventstream::pool::EventPool;
+use eventstream::ring::spsc;
+use eventstream_benches::backoff;
+
+/// Stand-in with the size of `eventstream::event::Event` (lease, span, timestamps, source).
+type Ev = [u64; 7];
+
+fn single_thread(c: &mut Criterion) {
+    let mut g = c.benchmark_group("pool_single_thread");
+    for burst in [1usize, 64] {
+        g.throughput(Throughput::Elements(burst as u64));
+        let pool = EventPool::<Ev>::new(65_536);
+        let mut held = Vec::with_capacity(burst);
+        g.bench_function(BenchmarkId::new("ours", burst), |b| {
+            b.iter(|| {
+                for i in 0..burst {
+                    held.push(pool.acquire(black_box([i as u64; 7])).unwrap());
+                }
+                held.clear();
+            });
+        });
+        let mut boxed = Vec::with_capacity(burst);
+        g.bench_function(BenchmarkId::new("Box", burst), |b| {
+            b.iter(|| {
+                for i in 0..burst {
+                    boxed.push(Box::new(black_box([i as u64; 7])));
+                }
+                boxed.clear();
+            });
+        });
+    }
+    g.finish();
+}
+
+/// Acquired on one thread, released on another (the pipeline's pattern); both sides carry the
+/// handle over our SPSC ring, so the ring's cost is the same in both rows.
+fn cross_thread(c: &mut Criterion) {
+    let mut g = c.benchmark_group("pool_cross_thread");
+    g.throughput(Throughput::Elements(1));
+    let pool = EventPool::<Ev>::new(65_536);
+    g.bench_function("ours", |b| {
+        b.iter_custom(|iters| {
+            let (mut tx, mut rx) = spsc::channel(1024);
+            let start = std::time::Instant::now();
+            std::thread::scope(|s| {
+                s.spawn(|| {
+                    let mut n = 0;
+                    while n < iters {
+                        n += rx.pop_batch(64).count() as u64;
+                    }
+                });
+                let mut spins = 0;
+                for i in 0..iters {
+                    let mut h = pool.acquire([i; 7]);
+                    while let Err(v) = h {
+                        backoff(&mut spins);
+                        h = pool.acquire(v);
+                    }
+                    let mut h = h.ok().unwrap();
+                    while let Err(back) = tx.push(h) {
+                        h = back;
+                        backoff(&mut spins);
+                    }
+                }
+            });
+            start.elapsed()
+        });
+    });
+    g.bench_function("Box", |b| {
+        b.iter_custom(|iters| {
+            let (mut tx, mut rx) = spsc::channel(1024);
+            let start = std::time::Instant::now();
+            std::thread::scope(|s| {
+                s.spawn(|| {
+                    let mut n = 0;
+                    while n < iters {
+                        n += rx.pop_batch(64).count() as u64;
+                    }
+                });
+                let mut spins = 0;
+                for i in 0..iters {
+                    let mut h = Box::new([i; 7]);
+                    while let Err(back) = tx.push(h) {
+                        h = back;
+                        backoff(&mut spins);
+                    }
+                }
+            });
+            start.elapsed()
+        });
+    });
+    g.finish();
+}
+
+criterion_group! {
+    name = benches;
+    config = eventstream_benches::criterion();
+    targets = single_thread, cross_thread
+}
+criterion_main!(benches);

@@ -202,6 +202,25 @@ impl FrameSpan {
             payload: &buf[self.payload_off as usize..self.end()],
         }
     }
+
+    /// [`FrameSpan::resolve`] without re-checking the topic: for spans this module's parser just
+    /// produced over `buf`.
+    ///
+    /// # Safety
+    /// `self` must come from [`parse_frame`] (moved by [`FrameSpan::offset_by`] to match) over
+    /// these very bytes of `buf`, so the topic range is in bounds and valid UTF-8.
+    #[inline]
+    unsafe fn resolve_parsed<'a>(&self, buf: &'a [u8]) -> Frame<'a> {
+        let topic = &buf[self.topic_off as usize..self.payload_off as usize];
+        debug_assert!(core::str::from_utf8(topic).is_ok());
+        // SAFETY: the caller guarantees `parse_frame` validated exactly these bytes as UTF-8.
+        let topic = unsafe { core::str::from_utf8_unchecked(topic) };
+        Frame {
+            priority: self.priority,
+            topic,
+            payload: &buf[self.payload_off as usize..self.end()],
+        }
+    }
 }
 
 /// A parsed frame, borrowing topic and payload from the buffer it was parsed from.
@@ -391,7 +410,10 @@ impl<'a> Iterator for Datagram<'a> {
     #[inline]
     fn next(&mut self) -> Option<Self::Item> {
         let buf = self.spans.buf();
-        self.spans.next().map(|r| r.map(|s| s.resolve(buf)))
+        // SAFETY: `DatagramSpans` yields spans `parse_frame` produced over `buf`, offset to it.
+        self.spans
+            .next()
+            .map(|r| r.map(|s| unsafe { s.resolve_parsed(buf) }))
     }
 }
 
@@ -490,7 +512,10 @@ impl StreamDecoder {
             Ok(span) => {
                 let base = self.start;
                 self.start += span.end();
-                Ok(Some(span.resolve(&self.buf[base..self.end])))
+                // SAFETY: `parse_frame` just produced `span` over `buf[base..end]`.
+                Ok(Some(unsafe {
+                    span.resolve_parsed(&self.buf[base..self.end])
+                }))
             }
             Err(FrameError::Truncated { .. }) => Ok(None),
             Err(e) if e.is_fatal_for_stream() => {

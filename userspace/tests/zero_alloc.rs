@@ -139,7 +139,10 @@ fn one_million_events_allocate_nothing_after_warmup() {
             };
             frame.bytes_mut()[..datagram.len()].copy_from_slice(&datagram);
             let mut shared = frame.share(0..datagram.len());
-            let stamp = Stamp { source: Source::Udp, ingest_ns: monotonic_ns() };
+            let stamp = Stamp {
+                source: Source::Udp,
+                ingest_ns: monotonic_ns(),
+            };
             for parsed in shared.events(Limits::default(), stamp, &mut seq) {
                 let mut ev = parsed.expect("well-formed datagram");
                 let mut pooled = loop {
@@ -161,10 +164,21 @@ fn one_million_events_allocate_nothing_after_warmup() {
     COUNTING.store(false, Ordering::SeqCst);
 
     assert_eq!(delivered.load(Ordering::Acquire), TOTAL, "sent = delivered");
-    assert_eq!(pool.free_slots(), pool.capacity(), "every pool slot came back");
+    assert_eq!(
+        pool.free_slots(),
+        pool.capacity(),
+        "every pool slot came back"
+    );
     let mut owner = arena.owner().unwrap();
     owner.reclaim();
-    assert_eq!(owner.free_len(), arena.count() as usize, "every frame came back");
+    assert_eq!(
+        owner.free_len(),
+        arena.count() as usize,
+        "every frame came back"
+    );
     let allocs = ALLOCS.load(Ordering::SeqCst);
-    assert_eq!(allocs, 0, "{allocs} allocations while moving {TOTAL} events after warm-up");
+    assert_eq!(
+        allocs, 0,
+        "{allocs} allocations while moving {TOTAL} events after warm-up"
+    );
 }

@@ -40,19 +40,33 @@ fn ensure_toolchain(install: bool) -> Result<()> {
         .args(["component", "list", "--installed", "--toolchain", "nightly"])
         .output()
         .context("running rustup (the eBPF build needs a rustup-managed nightly)")?;
-    if !String::from_utf8_lossy(&installed.stdout).lines().any(|l| l.starts_with("rust-src")) {
+    if !String::from_utf8_lossy(&installed.stdout)
+        .lines()
+        .any(|l| l.starts_with("rust-src"))
+    {
         if !install {
             bail!("nightly rust-src is missing: rustup component add rust-src --toolchain nightly");
         }
-        run(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", "nightly"]))?;
+        run(Command::new("rustup").args([
+            "component",
+            "add",
+            "rust-src",
+            "--toolchain",
+            "nightly",
+        ]))?;
     }
-    let have_linker = Command::new("bpf-linker").arg("--version").output().is_ok_and(|o| o.status.success());
+    let have_linker = Command::new("bpf-linker")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success());
     if !have_linker {
         let spec = format!("bpf-linker@{BPF_LINKER_VERSION}");
         if !install {
             bail!("bpf-linker is missing: cargo +stable install {spec} --locked");
         }
-        run(Command::new("cargo").env_remove("RUSTUP_TOOLCHAIN").args(["+stable", "install", &spec, "--locked"]))?;
+        run(Command::new("cargo")
+            .env_remove("RUSTUP_TOOLCHAIN")
+            .args(["+stable", "install", &spec, "--locked"]))?;
     }
     Ok(())
 }
@@ -60,9 +74,14 @@ fn ensure_toolchain(install: bool) -> Result<()> {
 /// Checks the object holds the XDP program and the maps userspace looks up by name.
 fn verify(path: &Path) -> Result<()> {
     let data = std::fs::read(path)?;
-    let file = object::File::parse(&*data).with_context(|| format!("parsing {}", path.display()))?;
+    let file =
+        object::File::parse(&*data).with_context(|| format!("parsing {}", path.display()))?;
     if file.architecture() != object::Architecture::Bpf {
-        bail!("{} is not a BPF object ({:?})", path.display(), file.architecture());
+        bail!(
+            "{} is not a BPF object ({:?})",
+            path.display(),
+            file.architecture()
+        );
     }
     let has_section = |name: &str| file.sections().any(|s| s.name() == Ok(name));
     let has_symbol = |name: &str| file.symbols().any(|s| s.name() == Ok(name));

@@ -13,7 +13,10 @@ use clap::{Parser, Subcommand};
 mod ebpf;
 
 #[derive(Parser)]
-#[command(name = "cargo xtask", about = "EventStreamCore developer and operator tasks")]
+#[command(
+    name = "cargo xtask",
+    about = "EventStreamCore developer and operator tasks"
+)]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -41,7 +44,10 @@ fn main() -> Result<()> {
 
 /// The workspace root (this crate's parent directory).
 fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask lives in the workspace").to_owned()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives in the workspace")
+        .to_owned()
 }
 
 /// Runs `cmd`, failing with its command line when it exits non-zero.
