@@ -15,11 +15,12 @@ fn single_thread(c: &mut Criterion) {
     for burst in [1usize, 64] {
         g.throughput(Throughput::Elements(burst as u64));
         let pool = EventPool::<Ev>::new(65_536);
+        let mut acq = pool.acquirer().unwrap();
         let mut held = Vec::with_capacity(burst);
         g.bench_function(BenchmarkId::new("ours", burst), |b| {
             b.iter(|| {
                 for i in 0..burst {
-                    held.push(pool.acquire(black_box([i as u64; 7])).unwrap());
+                    held.push(acq.acquire(black_box([i as u64; 7])).unwrap());
                 }
                 held.clear();
             });
@@ -55,11 +56,12 @@ fn cross_thread(c: &mut Criterion) {
                     }
                 });
                 let mut spins = 0;
+                let mut acq = pool.acquirer().unwrap();
                 for i in 0..iters {
-                    let mut h = pool.acquire([i; 7]);
+                    let mut h = acq.acquire([i; 7]);
                     while let Err(v) = h {
                         backoff(&mut spins);
-                        h = pool.acquire(v);
+                        h = acq.acquire(v);
                     }
                     let mut h = h.ok().unwrap();
                     while let Err(back) = tx.push(h) {

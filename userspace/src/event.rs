@@ -216,9 +216,10 @@ mod tests {
         let mut seq = 100;
         let mut events = Vec::new();
         let mut rejected = Vec::new();
+        let mut acq = pool.acquirer().unwrap();
         for r in shared.events(Default::default(), stamp, &mut seq) {
             match r {
-                Ok(ev) => events.push(pool.acquire(ev).unwrap()),
+                Ok(ev) => events.push(acq.acquire(ev).unwrap()),
                 Err(e) => rejected.push(e.reason()),
             }
         }

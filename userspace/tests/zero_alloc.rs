@@ -125,6 +125,7 @@ fn one_million_events_allocate_nothing_after_warmup() {
 
         // Ingest (this thread): "receive" into a frame, parse, pool, push.
         let mut owner = arena.owner().unwrap();
+        let mut acquirer = pool.acquirer().unwrap();
         let mut seq = 0u64;
         let mut spins = 0;
         for d in 0..DATAGRAMS {
@@ -146,7 +147,7 @@ fn one_million_events_allocate_nothing_after_warmup() {
             for parsed in shared.events(Limits::default(), stamp, &mut seq) {
                 let mut ev = parsed.expect("well-formed datagram");
                 let mut pooled = loop {
-                    match pool.acquire(ev) {
+                    match acquirer.acquire(ev) {
                         Ok(p) => break p,
                         Err(back) => {
                             ev = back;
@@ -160,6 +161,7 @@ fn one_million_events_allocate_nothing_after_warmup() {
                 }
             }
         }
+        drop(acquirer);
     });
     COUNTING.store(false, Ordering::SeqCst);
 

@@ -3,6 +3,8 @@
 //! - `build-ebpf`: builds the XDP program for `bpfel-unknown-none` (installing nightly's rust-src
 //!   and bpf-linker when they are missing) and checks the object has the program and maps the
 //!   daemon expects.
+//! - `microbench`: runs the criterion benches N times and writes the side-by-side table
+//!   (PERF.md): JSON, Markdown, and optionally the README's performance section.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -11,6 +13,7 @@ use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
 
 mod ebpf;
+mod microbench;
 
 #[derive(Parser)]
 #[command(
@@ -30,6 +33,8 @@ enum Cmd {
         #[arg(long)]
         no_install: bool,
     },
+    /// Run the criterion benches several times; write JSON and a Markdown table of ratios.
+    Microbench(microbench::Args),
 }
 
 fn main() -> Result<()> {
@@ -39,6 +44,7 @@ fn main() -> Result<()> {
             println!("{}", obj.display());
             Ok(())
         }
+        Cmd::Microbench(args) => microbench::main(&workspace_root(), &args),
     }
 }
 

@@ -80,6 +80,13 @@ impl<T> MpscQueue<T> {
         self.mask + 1
     }
 
+    #[inline]
+    fn slot(&self, pos: usize) -> &Slot<T> {
+        debug_assert_eq!(self.slots.len(), self.mask + 1);
+        // SAFETY: `pos & mask < mask + 1 == slots.len()` (set in `new`): always in bounds.
+        unsafe { self.slots.get_unchecked(pos & self.mask) }
+    }
+
     /// Approximate number of queued items (exact when no operation is in flight).
     pub fn len(&self) -> usize {
         let tail = self.tail.load(Ordering::Relaxed);
@@ -101,7 +108,7 @@ impl<T> MpscQueue<T> {
         let backoff = Backoff::new();
         let mut pos = self.tail.load(Ordering::Relaxed);
         loop {
-            let slot = &self.slots[pos & self.mask];
+            let slot = self.slot(pos);
             let seq = slot.seq.load(Ordering::Acquire);
             // Reinterpreting the wrapped difference as signed orders stamps across the wrap.
             let diff = seq.wrapping_sub(pos) as isize;
@@ -141,7 +148,7 @@ impl<T> MpscQueue<T> {
     #[inline]
     pub unsafe fn pop(&self) -> Option<T> {
         let pos = self.head.load(Ordering::Relaxed);
-        let slot = &self.slots[pos & self.mask];
+        let slot = self.slot(pos);
         if slot.seq.load(Ordering::Acquire) != pos.wrapping_add(1) {
             return None;
         }

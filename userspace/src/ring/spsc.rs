@@ -38,7 +38,10 @@ unsafe impl<T: Send> Sync for Shared<T> {}
 impl<T> Shared<T> {
     #[inline]
     fn slot(&self, index: usize) -> *mut MaybeUninit<T> {
-        self.slots[index & self.mask].get()
+        debug_assert_eq!(self.slots.len(), self.mask + 1);
+        // SAFETY: `index & mask < mask + 1 == slots.len()` (the constructor's invariant), so
+        // this is in bounds; it skips a bounds check on the hot path.
+        unsafe { self.slots.get_unchecked(index & self.mask) }.get()
     }
 
     const fn capacity(&self) -> usize {
@@ -144,31 +147,28 @@ impl<T> Producer<T> {
 
     /// Moves items from `items` into the ring while there is room, publishing once; returns how
     /// many were pushed. Items are taken from the iterator only when there is a slot for them, so
-    /// passing `&mut iter` leaves the rest in `iter`.
+    /// passing `&mut iter` leaves the rest in `iter`. If the iterator panics, the items it had
+    /// already yielded in this call are leaked (never dropped), not lost into the ring.
+    #[inline]
     pub fn push_batch<I: IntoIterator<Item = T>>(&mut self, items: I) -> usize {
         let mut items = items.into_iter();
         let mut free = self.free_cached();
         if free < items.size_hint().0.max(1) {
             free = self.slots();
         }
-        /// Publishes the producer's tail even if the iterator panics.
-        struct Publish<'a, T>(&'a mut Producer<T>);
-        impl<T> Drop for Publish<'_, T> {
-            fn drop(&mut self) {
-                self.0.shared.tail.store(self.0.tail, Ordering::Release);
-            }
-        }
-        let guard = Publish(self);
-        let mut pushed = 0;
-        while pushed < free {
+        let shared = &*self.shared;
+        let start = self.tail;
+        let mut tail = start;
+        for _ in 0..free {
             let Some(value) = items.next() else { break };
-            // SAFETY: as in `push`: the slot is free and unpublished until the guard stores.
-            unsafe { (*guard.0.shared.slot(guard.0.tail)).write(value) };
-            guard.0.tail = guard.0.tail.wrapping_add(1);
-            pushed += 1;
+            // SAFETY: as in `push`: `tail - head < capacity`, so the slot is free, and it stays
+            // unpublished until the store below.
+            unsafe { (*shared.slot(tail)).write(value) };
+            tail = tail.wrapping_add(1);
         }
-        drop(guard);
-        pushed
+        self.tail = tail;
+        shared.tail.store(tail, Ordering::Release);
+        tail.wrapping_sub(start)
     }
 
     /// Slots in the ring.
