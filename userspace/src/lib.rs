@@ -12,11 +12,15 @@
 //! - [`event`]: the event, a view into its frame.
 //! - [`pool`]: the fixed-capacity `EventPool`.
 //! - [`ring`]: SPSC ring and Vyukov MPSC queue.
+//! - [`ingest`]: kernel UDP ingest (`recvmmsg`).
+//! - [`config`]: the YAML configuration.
 #![deny(unsafe_op_in_unsafe_fn)]
 #![warn(missing_docs)]
 
+pub mod config;
 pub mod event;
 pub mod frames;
+pub mod ingest;
 pub mod mem;
 pub mod numa;
 pub mod pool;

@@ -1,0 +1,294 @@
+//! The daemon's configuration: `config/eventstream.yaml`, parsed with serde_yaml_ng.
+//!
+//! Unknown keys are errors (a typo must not silently fall back to a default), and every
+//! validation error names the key and the bad value.
+
+use std::net::SocketAddr;
+use std::path::Path;
+
+use serde::Deserialize;
+
+use crate::protocol::Limits;
+
+/// Why a configuration was rejected.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("reading {path}: {source}")]
+    Read {
+        /// The file.
+        path: String,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// The YAML did not parse or did not match the schema.
+    #[error("{path}: {message}")]
+    Parse {
+        /// The file.
+        path: String,
+        /// serde_yaml_ng's message, with line and column.
+        message: String,
+    },
+    /// A value is out of range.
+    #[error("{key}: {value} is out of range ({expected})")]
+    Invalid {
+        /// Dotted key, e.g. `ingest.udp.batch`.
+        key: &'static str,
+        /// The value given.
+        value: String,
+        /// What is accepted.
+        expected: &'static str,
+    },
+}
+
+/// The whole configuration.
+#[derive(Clone, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Frame limits.
+    pub protocol: ProtocolConfig,
+    /// Ingest paths.
+    pub ingest: IngestConfig,
+    /// Event pool.
+    pub pool: PoolConfig,
+    /// Ingest -> dispatcher queue.
+    pub queue: QueueConfig,
+}
+
+/// `protocol:`
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(default, deny_unknown_fields)]
+pub struct ProtocolConfig {
+    /// `protocol.max_frame_len`
+    pub max_frame_len: u32,
+    /// `protocol.max_topic_len`
+    pub max_topic_len: u16,
+}
+
+impl Default for ProtocolConfig {
+    fn default() -> Self {
+        let l = Limits::default();
+        Self {
+            max_frame_len: l.max_frame_len,
+            max_topic_len: l.max_topic_len,
+        }
+    }
+}
+
+impl ProtocolConfig {
+    /// As parser limits.
+    pub const fn limits(&self) -> Limits {
+        Limits {
+            max_frame_len: self.max_frame_len,
+            max_topic_len: self.max_topic_len,
+        }
+    }
+}
+
+/// `ingest:`
+#[derive(Clone, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(default, deny_unknown_fields)]
+pub struct IngestConfig {
+    /// `ingest.udp`
+    pub udp: UdpConfig,
+}
+
+/// `ingest.udp:`
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(default, deny_unknown_fields)]
+pub struct UdpConfig {
+    /// `ingest.udp.bind`
+    pub bind: SocketAddr,
+    /// `ingest.udp.batch`
+    pub batch: usize,
+    /// `ingest.udp.frame_size`
+    pub frame_size: u32,
+    /// `ingest.udp.frames`
+    pub frames: u32,
+    /// `ingest.udp.socket_buffer`
+    pub socket_buffer: u32,
+}
+
+impl Default for UdpConfig {
+    fn default() -> Self {
+        Self {
+            bind: SocketAddr::from(([127, 0, 0, 1], eventstream_common::DEFAULT_UDP_PORT)),
+            batch: 64,
+            frame_size: 2048,
+            frames: 4096,
+            socket_buffer: 4 << 20,
+        }
+    }
+}
+
+/// `pool:`
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(default, deny_unknown_fields)]
+pub struct PoolConfig {
+    /// `pool.capacity`
+    pub capacity: usize,
+}
+
+impl Default for PoolConfig {
+    fn default() -> Self {
+        Self {
+            capacity: crate::pool::DEFAULT_CAPACITY,
+        }
+    }
+}
+
+/// `queue:`
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(default, deny_unknown_fields)]
+pub struct QueueConfig {
+    /// `queue.capacity`
+    pub capacity: usize,
+}
+
+impl Default for QueueConfig {
+    fn default() -> Self {
+        Self { capacity: 65_536 }
+    }
+}
+
+fn check<T: PartialOrd + ToString>(
+    key: &'static str,
+    value: T,
+    lo: T,
+    hi: T,
+    expected: &'static str,
+) -> Result<(), ConfigError> {
+    if value < lo || value > hi {
+        return Err(ConfigError::Invalid {
+            key,
+            value: value.to_string(),
+            expected,
+        });
+    }
+    Ok(())
+}
+
+impl Config {
+    /// Reads and validates `path`.
+    ///
+    /// # Errors
+    /// [`ConfigError`] naming the file, or the key and the bad value.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let shown = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: shown.clone(),
+            source,
+        })?;
+        Self::parse(&text, &shown)
+    }
+
+    /// Parses and validates YAML text; `origin` names it in errors.
+    ///
+    /// # Errors
+    /// [`ConfigError::Parse`] or [`ConfigError::Invalid`].
+    pub fn parse(text: &str, origin: &str) -> Result<Self, ConfigError> {
+        // An empty file is the default configuration.
+        let config: Config = if text.trim().is_empty() {
+            Config::default()
+        } else {
+            serde_yaml_ng::from_str(text).map_err(|e| ConfigError::Parse {
+                path: origin.to_owned(),
+                message: e.to_string(),
+            })?
+        };
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks every range.
+    ///
+    /// # Errors
+    /// [`ConfigError::Invalid`] for the first bad key.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let p = &self.protocol;
+        check(
+            "protocol.max_frame_len",
+            p.max_frame_len,
+            7,
+            16 << 20,
+            "7..=16777216",
+        )?;
+        let u = &self.ingest.udp;
+        check("ingest.udp.batch", u.batch, 1, 1024, "1..=1024")?;
+        check(
+            "ingest.udp.frame_size",
+            u.frame_size,
+            64,
+            65_536,
+            "64..=65536",
+        )?;
+        check("ingest.udp.frames", u.frames, 64, 1 << 20, "64..=1048576")?;
+        if (u.frames as usize) < u.batch {
+            return Err(ConfigError::Invalid {
+                key: "ingest.udp.frames",
+                value: u.frames.to_string(),
+                expected: "at least ingest.udp.batch",
+            });
+        }
+        check(
+            "pool.capacity",
+            self.pool.capacity,
+            64,
+            16 << 20,
+            "64..=16777216",
+        )?;
+        check(
+            "queue.capacity",
+            self.queue.capacity,
+            64,
+            16 << 20,
+            "64..=16777216",
+        )?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shipped_file_is_the_default() {
+        let text = include_str!("../../config/eventstream.yaml");
+        assert_eq!(
+            Config::parse(text, "eventstream.yaml").unwrap(),
+            Config::default()
+        );
+        assert_eq!(Config::parse("", "empty").unwrap(), Config::default());
+    }
+
+    #[test]
+    fn errors_name_the_key_and_value() {
+        let e = Config::parse("ingest:\n  udp:\n    batch: 0\n", "f").unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "ingest.udp.batch: 0 is out of range (1..=1024)"
+        );
+        let e = Config::parse("pool:\n  capacity: 1\n", "f").unwrap_err();
+        assert!(e.to_string().starts_with("pool.capacity: 1 "), "{e}");
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_types_are_errors() {
+        let e = Config::parse("pool:\n  capacty: 100\n", "f.yaml")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("unknown field `capacty`"), "{e}");
+        assert!(e.starts_with("f.yaml: "), "{e}");
+        let e = Config::parse("ingest:\n  udp:\n    bind: nowhere\n", "f")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("invalid socket address"), "{e}");
+    }
+
+    #[test]
+    fn missing_file_is_an_error() {
+        let e = Config::load(Path::new("/nonexistent/eventstream.yaml")).unwrap_err();
+        assert!(matches!(e, ConfigError::Read { .. }), "{e}");
+    }
+}

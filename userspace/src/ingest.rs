@@ -1,0 +1,236 @@
+//! Kernel UDP ingest: `recvmmsg` batches straight into arena frames, parsed in place.
+//!
+//! Each call receives up to `batch` datagrams, each into its own free [`FrameArena`] frame (no
+//! intermediate buffer, so the only copy is the kernel's). Each datagram is then frozen as a
+//! [`SharedFrame`](crate::frames::SharedFrame), its frames parsed into pooled events that borrow
+//! it, and the events pushed to the ingest → dispatcher queue. The frame returns to this thread
+//! when the last of its events is released.
+//!
+//! Counting: per-reason rejections and totals are kept in plain locals and flushed to the shared
+//! [`IngestCounters`] once per batch, never a shared atomic per event.
+//!
+//! Backpressure: with no free frame, pool slot or queue slot, this thread waits (yielding) and
+//! the kernel's socket buffer absorbs the burst; what it drops is counted by the kernel
+//! (`RcvbufErrors` in `/proc/net/snmp`).
+
+use core::mem::MaybeUninit;
+use std::io;
+use std::net::UdpSocket;
+use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+
+use crate::event::{Event, Source, Stamp, monotonic_ns};
+use crate::frames::{FrameOwner, OwnedFrame};
+use crate::pool::{Acquirer, Pooled};
+use crate::protocol::{Limits, RejectReason};
+use crate::ring::mpsc;
+
+/// Totals an ingest thread publishes (flushed once per batch).
+#[derive(Debug, Default)]
+pub struct IngestCounters {
+    /// Datagrams received.
+    pub datagrams: AtomicU64,
+    /// Bytes received (UDP payload).
+    pub bytes: AtomicU64,
+    /// Events accepted into the pipeline.
+    pub events: AtomicU64,
+    /// Rejected frames, by [`RejectReason`] (indexed in `RejectReason::ALL` order).
+    pub rejected: [AtomicU64; RejectReason::ALL.len()],
+}
+
+impl IngestCounters {
+    /// Rejections for `reason`.
+    pub fn rejected(&self, reason: RejectReason) -> u64 {
+        self.rejected[reason as usize].load(Ordering::Relaxed)
+    }
+}
+
+/// Per-batch local tallies, flushed into [`IngestCounters`].
+#[derive(Default)]
+struct Tally {
+    datagrams: u64,
+    bytes: u64,
+    events: u64,
+    rejected: [u64; RejectReason::ALL.len()],
+}
+
+impl Tally {
+    fn flush(&mut self, to: &IngestCounters) {
+        to.datagrams.fetch_add(self.datagrams, Ordering::Relaxed);
+        to.bytes.fetch_add(self.bytes, Ordering::Relaxed);
+        to.events.fetch_add(self.events, Ordering::Relaxed);
+        for (c, n) in to.rejected.iter().zip(self.rejected) {
+            if n != 0 {
+                c.fetch_add(n, Ordering::Relaxed);
+            }
+        }
+        *self = Self::default();
+    }
+}
+
+/// Binds the UDP socket: `SO_RCVBUF` as asked (0 keeps the default), and a receive timeout so
+/// the loop notices a stop request.
+///
+/// # Errors
+/// When the address cannot be bound (in use, not local, no permission for a low port).
+pub fn bind_udp(addr: std::net::SocketAddr, rcvbuf: u32) -> io::Result<UdpSocket> {
+    let sock = UdpSocket::bind(addr)?;
+    if rcvbuf != 0 {
+        let v = libc::c_int::try_from(rcvbuf).unwrap_or(libc::c_int::MAX);
+        // SAFETY: setsockopt reads `size_of::<c_int>()` bytes from a live `c_int`; the fd is open.
+        let rc = unsafe {
+            libc::setsockopt(
+                sock.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_RCVBUF,
+                (&raw const v).cast(),
+                size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        if rc != 0 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    sock.set_read_timeout(Some(Duration::from_millis(100)))?;
+    Ok(sock)
+}
+
+/// What the receive loop needs.
+#[derive(Debug)]
+pub struct UdpIngest<'s> {
+    /// The bound socket.
+    pub socket: &'s UdpSocket,
+    /// Datagrams per `recvmmsg`.
+    pub batch: usize,
+    /// Frame limits.
+    pub limits: Limits,
+    /// Set to stop the loop (checked at least every receive timeout).
+    pub stop: &'s AtomicBool,
+    /// Where totals go.
+    pub counters: &'s IngestCounters,
+}
+
+/// Waits a moment for the rest of the pipeline to free something.
+#[inline]
+fn backoff(spins: &mut u32) {
+    *spins += 1;
+    if *spins < 64 {
+        core::hint::spin_loop();
+    } else {
+        *spins = 0;
+        std::thread::yield_now();
+    }
+}
+
+impl UdpIngest<'_> {
+    /// Receives until `stop` is set. Allocates its batch arrays once, before the loop.
+    ///
+    /// # Errors
+    /// A receive error other than a timeout or an interrupted call.
+    pub fn run<'a, 'p>(
+        &self,
+        frames: &mut FrameOwner<'a>,
+        pool: &mut Acquirer<'p, Event<'a>>,
+        queue: &mpsc::Producer<Pooled<'p, Event<'a>>>,
+    ) -> io::Result<()> {
+        let batch = self.batch.max(1);
+        let mut held: Vec<OwnedFrame<'a>> = Vec::with_capacity(batch);
+        let mut iovecs: Vec<libc::iovec> = Vec::with_capacity(batch);
+        let mut msgs: Vec<libc::mmsghdr> = Vec::with_capacity(batch);
+        let fd = self.socket.as_raw_fd();
+        let mut seq = 0u64;
+        let mut tally = Tally::default();
+        let mut spins = 0;
+        while !self.stop.load(Ordering::Relaxed) {
+            while held.len() < batch {
+                match frames.take() {
+                    Some(f) => held.push(f),
+                    None => break,
+                }
+            }
+            if held.is_empty() {
+                // Every frame holds live events: wait for the pipeline to release some.
+                backoff(&mut spins);
+                continue;
+            }
+            iovecs.clear();
+            msgs.clear();
+            for f in &mut held {
+                let buf = f.bytes_mut();
+                iovecs.push(libc::iovec {
+                    iov_base: buf.as_mut_ptr().cast(),
+                    iov_len: buf.len(),
+                });
+            }
+            for iov in &mut iovecs {
+                // SAFETY: mmsghdr is plain C data for which all-zero is a valid value.
+                let mut m: libc::mmsghdr = unsafe { MaybeUninit::zeroed().assume_init() };
+                m.msg_hdr.msg_iov = iov;
+                m.msg_hdr.msg_iovlen = 1;
+                msgs.push(m);
+            }
+            // SAFETY: `msgs` holds `held.len()` headers, each pointing at one iovec that
+            // describes one whole owned frame; the frames, iovecs and headers all outlive the
+            // call, and nothing else touches them during it.
+            let n = unsafe {
+                libc::recvmmsg(
+                    fd,
+                    msgs.as_mut_ptr(),
+                    msgs.len() as libc::c_uint,
+                    libc::MSG_WAITFORONE,
+                    core::ptr::null_mut(),
+                )
+            };
+            if n < 0 {
+                let e = io::Error::last_os_error();
+                match e.kind() {
+                    io::ErrorKind::WouldBlock
+                    | io::ErrorKind::TimedOut
+                    | io::ErrorKind::Interrupted => continue,
+                    _ => return Err(e),
+                }
+            }
+            let stamp = Stamp {
+                source: Source::Udp,
+                ingest_ns: monotonic_ns(),
+            };
+            for (frame, msg) in held.drain(..n as usize).zip(&msgs) {
+                let len = msg.msg_len as usize;
+                tally.datagrams += 1;
+                tally.bytes += len as u64;
+                if msg.msg_hdr.msg_flags & libc::MSG_TRUNC != 0 {
+                    // Longer than a frame: its tail is gone, so none of it is trusted.
+                    tally.rejected[RejectReason::Truncated as usize] += 1;
+                    continue; // `frame` drops here and goes back to the owner
+                }
+                let mut shared = frame.share(0..len);
+                for parsed in shared.events(self.limits, stamp, &mut seq) {
+                    let mut ev = match parsed {
+                        Ok(ev) => ev,
+                        Err(e) => {
+                            tally.rejected[e.reason() as usize] += 1;
+                            continue;
+                        }
+                    };
+                    let mut pooled = loop {
+                        match pool.acquire(ev) {
+                            Ok(p) => break p,
+                            Err(back) => {
+                                ev = back;
+                                backoff(&mut spins);
+                            }
+                        }
+                    };
+                    while let Err(back) = queue.push(pooled) {
+                        pooled = back;
+                        backoff(&mut spins);
+                    }
+                    tally.events += 1;
+                }
+            }
+            tally.flush(self.counters);
+        }
+        Ok(())
+    }
+}

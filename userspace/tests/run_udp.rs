@@ -1,0 +1,123 @@
+//! `eventstream run` end to end on loopback: frames sent over UDP are accepted, delivered and
+//! reconciled exactly, bad input is counted by reason, and SIGTERM drains before exit.
+
+use std::io::{BufRead, BufReader};
+use std::net::UdpSocket;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use eventstream::protocol::encode;
+
+#[test]
+fn udp_events_are_reconciled_and_sigterm_drains() {
+    let dir = std::env::temp_dir().join(format!("es-run-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let config = dir.join("eventstream.yaml");
+    std::fs::write(
+        &config,
+        "ingest:\n  udp:\n    bind: \"127.0.0.1:0\"\n    frames: 256\npool:\n  capacity: 1024\n",
+    )
+    .unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_eventstream"))
+        .args(["run", "--no-xdp", "--config"])
+        .arg(&config)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut out = BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    out.read_line(&mut line).unwrap();
+    let addr = line
+        .trim()
+        .strip_prefix("listening udp ")
+        .expect("first line names the address")
+        .to_owned();
+
+    // Bounded load on loopback: 500 datagrams of 8 events, paced so the socket buffer never fills.
+    let sock = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let mut datagram = Vec::new();
+    for i in 0..8u8 {
+        encode(i, "orders.eu", &[i; 24], &mut datagram).unwrap();
+    }
+    for n in 0..500 {
+        sock.send_to(&datagram, &addr).unwrap();
+        if n % 50 == 0 {
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+    sock.send_to(&[0, 0, 0, 2, 0, 0, 0], &addr).unwrap(); // malformed: length < 3
+    sock.send_to(&[0, 0, 0], &addr).unwrap(); // truncated: shorter than a header
+    let mut bad_topic = Vec::new();
+    encode(1, "ok", b"", &mut bad_topic).unwrap();
+    bad_topic[7] = 0xff; // topic no longer UTF-8
+    sock.send_to(&bad_topic, &addr).unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+
+    // SAFETY: kill(2) on our own child's pid.
+    assert_eq!(
+        unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) },
+        0
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "daemon did not exit after SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(status.success(), "{status}");
+    let mut report = String::new();
+    out.read_line(&mut report).unwrap();
+    let r: serde_json::Value = serde_json::from_str(&report).unwrap();
+    assert_eq!(r["received_datagrams"], 503, "{r}");
+    assert_eq!(r["accepted_events"], 4000, "{r}");
+    assert_eq!(
+        r["delivered_events"], 4000,
+        "sent = delivered after the drain: {r}"
+    );
+    assert_eq!(r["delivered_payload_bytes"], 4000 * 24, "{r}");
+    assert_eq!(r["rejected"]["malformed"], 1, "{r}");
+    assert_eq!(r["rejected"]["truncated"], 1, "{r}");
+    assert_eq!(r["rejected"]["bad_topic"], 1, "{r}");
+    assert_eq!(r["rejected"]["too_large"], 0, "{r}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn bad_config_and_busy_port_are_clear_errors() {
+    let dir = std::env::temp_dir().join(format!("es-cfg-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let bad = dir.join("bad.yaml");
+    std::fs::write(&bad, "ingest:\n  udp:\n    batch: 0\n").unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_eventstream"))
+        .arg("check-config")
+        .arg(&bad)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("ingest.udp.batch: 0 is out of range"), "{err}");
+
+    let taken = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().to_string();
+    let ok = dir.join("ok.yaml");
+    std::fs::write(&ok, "").unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_eventstream"))
+        .args(["run", "--no-xdp", "--udp-bind", &port, "--config"])
+        .arg(&ok)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("ingest.udp.bind") && err.contains("in use"),
+        "{err}"
+    );
+    assert!(!err.contains("panicked"), "{err}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
