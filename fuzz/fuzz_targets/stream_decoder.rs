@@ -8,7 +8,10 @@ use libfuzzer_sys::fuzz_target;
 type Item = Result<(u8, String, Vec<u8>), FrameError>;
 
 fn decode(data: &[u8], cuts: &[u8]) -> (Vec<Item>, Result<(), FrameError>) {
-    let limits = Limits { max_frame_len: 4096, max_topic_len: 32 };
+    let limits = Limits {
+        max_frame_len: 4096,
+        max_topic_len: 32,
+    };
     let mut d = StreamDecoder::new(limits);
     let mut out = Vec::new();
     let mut rest = data;
