@@ -14,6 +14,8 @@
 //! - [`ring`]: SPSC ring and Vyukov MPSC queue.
 //! - [`ingest`]: kernel UDP ingest (`recvmmsg`).
 //! - [`config`]: the YAML configuration.
+//! - [`packet`]: Ethernet/IP/UDP framing for the AF_XDP path.
+//! - [`xdp`]: loading, attaching, pinning and counting the XDP program.
 #![deny(unsafe_op_in_unsafe_fn)]
 #![warn(missing_docs)]
 
@@ -23,6 +25,8 @@ pub mod frames;
 pub mod ingest;
 pub mod mem;
 pub mod numa;
+pub mod packet;
 pub mod pool;
 pub mod protocol;
 pub mod ring;
+pub mod xdp;

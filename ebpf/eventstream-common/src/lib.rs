@@ -30,8 +30,41 @@ pub struct XdpConfig {
     pub udp_port: u16,
     /// Non-zero: also steer frames carrying one 802.1Q / 802.1ad VLAN tag.
     pub allow_vlan: u8,
-    /// Reserved, zero.
-    pub _pad: u8,
+    /// How userspace attached the program ([`AttachMode`] as `u8`); informational, for
+    /// `xtask status`. The program does not read it.
+    pub attach_mode: u8,
+}
+
+/// How the program is attached to its interface.
+#[repr(u8)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AttachMode {
+    /// Not recorded.
+    Unknown = 0,
+    /// Native driver mode (`XDP_FLAGS_DRV_MODE`).
+    Driver = 1,
+    /// Generic mode (`XDP_FLAGS_SKB_MODE`).
+    Skb = 2,
+}
+
+impl AttachMode {
+    /// From the byte stored in [`XdpConfig::attach_mode`].
+    pub const fn from_u8(v: u8) -> Self {
+        match v {
+            1 => Self::Driver,
+            2 => Self::Skb,
+            _ => Self::Unknown,
+        }
+    }
+
+    /// `drv`, `skb` or `unknown`.
+    pub const fn label(self) -> &'static str {
+        match self {
+            Self::Driver => "drv",
+            Self::Skb => "skb",
+            Self::Unknown => "unknown",
+        }
+    }
 }
 
 impl Default for XdpConfig {
@@ -39,7 +72,7 @@ impl Default for XdpConfig {
         Self {
             udp_port: DEFAULT_UDP_PORT,
             allow_vlan: 1,
-            _pad: 0,
+            attach_mode: AttachMode::Unknown as u8,
         }
     }
 }
@@ -48,7 +81,7 @@ impl Default for XdpConfig {
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Verdict {
-    /// Not event traffic (or no socket on this queue): handed to the kernel stack.
+    /// Not event traffic: handed to the kernel stack.
     Pass = 0,
     /// Event traffic redirected into the queue's AF_XDP socket.
     Redirect = 1,
@@ -56,10 +89,12 @@ pub enum Verdict {
     PassMalformed = 2,
     /// Event traffic on a queue with no AF_XDP socket bound: handed to the kernel.
     PassNoSocket = 3,
+    /// An IP fragment (possibly of event traffic): handed to the kernel to reassemble.
+    PassFragment = 4,
 }
 
 /// Number of [`Verdict`] counters.
-pub const VERDICT_COUNT: u32 = 4;
+pub const VERDICT_COUNT: u32 = 5;
 
 impl Verdict {
     /// All verdicts, in counter-index order.
@@ -68,6 +103,7 @@ impl Verdict {
         Verdict::Redirect,
         Verdict::PassMalformed,
         Verdict::PassNoSocket,
+        Verdict::PassFragment,
     ];
 
     /// Stable label for metrics and `xtask status`.
@@ -77,6 +113,7 @@ impl Verdict {
             Verdict::Redirect => "redirect",
             Verdict::PassMalformed => "pass_malformed",
             Verdict::PassNoSocket => "pass_no_socket",
+            Verdict::PassFragment => "pass_fragment",
         }
     }
 }

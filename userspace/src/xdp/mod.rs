@@ -1,0 +1,441 @@
+//! The XDP program from userspace: load the object, configure it, attach it to an interface,
+//! pin it so it outlives the loader, count its verdicts, and register AF_XDP sockets in its map.
+//!
+//! Two ways to own the attachment:
+//! - **pinned** (`cargo xtask load`): program, link and maps live under
+//!   `/sys/fs/bpf/eventstream/<iface>/` until `cargo xtask unload`;
+//! - **owned by the daemon**: when nothing is pinned for the interface, the daemon loads its own
+//!   and holds the `bpf_link`; the kernel detaches it when the daemon exits, crash included.
+
+pub mod sys;
+
+use std::io;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
+use std::path::{Path, PathBuf};
+
+use aya::Ebpf;
+use aya::maps::{Array, Map, MapData, PerCpuArray, XskMap};
+use aya::programs::links::{FdLink, PinnedLink};
+use aya::programs::{Xdp, XdpMode};
+use eventstream_common::{
+    AttachMode, CONFIG_MAP, PROGRAM_NAME, STATS_MAP, VERDICT_COUNT, Verdict, XSKS_MAP, XdpConfig,
+};
+
+/// Where pinned objects live: `<PIN_ROOT>/<iface>/{prog,link,XSKS,CONFIG,STATS}`.
+pub const PIN_ROOT: &str = "/sys/fs/bpf/eventstream";
+
+/// Default path of the object `cargo xtask build-ebpf` writes, relative to the workspace.
+pub const DEFAULT_OBJECT: &str = "target/ebpf/eventstream.bpf.o";
+
+/// Errors of the XDP control path.
+#[derive(Debug, thiserror::Error)]
+pub enum XdpError {
+    /// The object file could not be read.
+    #[error("reading XDP object {path}: {source} (build it with `cargo xtask build-ebpf`)")]
+    Object {
+        /// The path tried.
+        path: PathBuf,
+        /// The OS error.
+        source: io::Error,
+    },
+    /// The kernel or aya refused the object, a program, a map or a link.
+    #[error("{what}: {source}")]
+    Bpf {
+        /// What was being done.
+        what: String,
+        /// The underlying error.
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    /// A privileged operation was refused.
+    #[error("{what}: not permitted (needs root, or CAP_BPF + CAP_NET_ADMIN + CAP_PERFMON)")]
+    NotPermitted {
+        /// What was being done.
+        what: String,
+    },
+    /// The interface does not exist.
+    #[error("no network interface {0:?}")]
+    NoInterface(String),
+    /// Something expected in the object or on bpffs is missing.
+    #[error("{0}")]
+    Missing(String),
+    /// A filesystem operation failed.
+    #[error("{what}: {source}")]
+    Io {
+        /// What was being done.
+        what: String,
+        /// The OS error.
+        source: io::Error,
+    },
+}
+
+impl XdpError {
+    /// Wraps an aya error, recognising `EPERM`/`EACCES` anywhere in its chain.
+    fn bpf<E: std::error::Error + Send + Sync + 'static>(what: impl Into<String>, e: E) -> Self {
+        let what = what.into();
+        let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(&e);
+        while let Some(err) = cur {
+            if let Some(io) = err.downcast_ref::<io::Error>()
+                && matches!(io.raw_os_error(), Some(libc::EPERM | libc::EACCES))
+            {
+                return Self::NotPermitted { what };
+            }
+            cur = err.source();
+        }
+        Self::Bpf {
+            what,
+            source: Box::new(e),
+        }
+    }
+
+    /// Whether the failure is a missing privilege (callers fall back to kernel UDP).
+    pub const fn is_permission(&self) -> bool {
+        matches!(self, Self::NotPermitted { .. })
+    }
+}
+
+/// Packets counted per [`Verdict`], summed over CPUs.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct VerdictCounts(pub [u64; VERDICT_COUNT as usize]);
+
+impl VerdictCounts {
+    /// The count for one verdict.
+    pub const fn get(&self, v: Verdict) -> u64 {
+        self.0[v as usize]
+    }
+
+    /// `(label, count)` pairs in counter order.
+    pub fn labelled(&self) -> impl Iterator<Item = (&'static str, u64)> + '_ {
+        Verdict::ALL.iter().map(|v| (v.label(), self.get(*v)))
+    }
+
+    /// Element-wise `self - earlier`.
+    #[must_use]
+    pub fn since(&self, earlier: &Self) -> Self {
+        let mut d = *self;
+        for (x, e) in d.0.iter_mut().zip(earlier.0) {
+            *x = x.saturating_sub(e);
+        }
+        d
+    }
+}
+
+fn read_stats<T: std::borrow::Borrow<MapData>>(
+    map: &PerCpuArray<T, u64>,
+) -> Result<VerdictCounts, XdpError> {
+    let mut c = VerdictCounts::default();
+    for (i, slot) in c.0.iter_mut().enumerate() {
+        let per_cpu = map
+            .get(&(i as u32), 0)
+            .map_err(|e| XdpError::bpf("reading STATS", e))?;
+        *slot = per_cpu.iter().sum();
+    }
+    Ok(c)
+}
+
+/// The interface index of `iface`.
+///
+/// # Errors
+/// [`XdpError::NoInterface`] when there is none by that name.
+pub fn if_index(iface: &str) -> Result<u32, XdpError> {
+    let c = std::ffi::CString::new(iface).map_err(|_| XdpError::NoInterface(iface.to_owned()))?;
+    // SAFETY: `c` is a valid NUL-terminated string for the duration of the call.
+    let idx = unsafe { libc::if_nametoindex(c.as_ptr()) };
+    if idx == 0 {
+        Err(XdpError::NoInterface(iface.to_owned()))
+    } else {
+        Ok(idx)
+    }
+}
+
+/// Mounts bpffs on `/sys/fs/bpf` if nothing is mounted there (fresh machines have none).
+///
+/// # Errors
+/// When the mount is refused (not root) or the directory cannot be made.
+pub fn ensure_bpffs() -> Result<(), XdpError> {
+    const BPF_FS_MAGIC: libc::c_long = 0xcafe_4a11;
+    let dir = c"/sys/fs/bpf";
+    // SAFETY: `statfs` writes into a zeroed out-struct we own; `dir` is NUL-terminated.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: as above.
+    if unsafe { libc::statfs(dir.as_ptr(), &mut st) } == 0
+        && st.f_type as libc::c_long == BPF_FS_MAGIC
+    {
+        return Ok(());
+    }
+    std::fs::create_dir_all("/sys/fs/bpf").map_err(|source| XdpError::Io {
+        what: "creating /sys/fs/bpf".into(),
+        source,
+    })?;
+    // SAFETY: all pointers are NUL-terminated literals; a bpf mount takes no data.
+    let rc = unsafe {
+        libc::mount(
+            c"bpf".as_ptr(),
+            dir.as_ptr(),
+            c"bpf".as_ptr(),
+            0,
+            std::ptr::null(),
+        )
+    };
+    if rc != 0 {
+        let e = io::Error::last_os_error();
+        if e.raw_os_error() == Some(libc::EPERM) {
+            return Err(XdpError::NotPermitted {
+                what: "mounting bpffs on /sys/fs/bpf".into(),
+            });
+        }
+        return Err(XdpError::Io {
+            what: "mounting bpffs on /sys/fs/bpf".into(),
+            source: e,
+        });
+    }
+    Ok(())
+}
+
+/// The loaded program and its maps.
+#[derive(Debug)]
+pub struct XdpProgram {
+    ebpf: Ebpf,
+}
+
+impl XdpProgram {
+    /// Loads the object at `path` and the program into the kernel (not attached yet).
+    ///
+    /// # Errors
+    /// [`XdpError::Object`] when the file is missing, [`XdpError::NotPermitted`] without
+    /// privileges, [`XdpError::Bpf`] when the verifier or loader refuses it.
+    pub fn load(path: &Path) -> Result<Self, XdpError> {
+        let bytes = std::fs::read(path).map_err(|source| XdpError::Object {
+            path: path.into(),
+            source,
+        })?;
+        let mut ebpf =
+            Ebpf::load(&bytes).map_err(|e| XdpError::bpf("loading the XDP object", e))?;
+        let prog: &mut Xdp = ebpf
+            .program_mut(PROGRAM_NAME)
+            .ok_or_else(|| {
+                XdpError::Missing(format!("program {PROGRAM_NAME} not in {}", path.display()))
+            })?
+            .try_into()
+            .map_err(|e| XdpError::bpf("program type", e))?;
+        prog.load()
+            .map_err(|e| XdpError::bpf("loading the XDP program", e))?;
+        Ok(Self { ebpf })
+    }
+
+    fn xdp(&mut self) -> &mut Xdp {
+        self.ebpf
+            .program_mut(PROGRAM_NAME)
+            .and_then(|p| p.try_into().ok())
+            .expect("checked in load")
+    }
+
+    /// Writes the program's configuration.
+    ///
+    /// # Errors
+    /// When the map update is refused.
+    pub fn configure(&mut self, config: XdpConfig) -> Result<(), XdpError> {
+        let map = self
+            .ebpf
+            .map_mut(CONFIG_MAP)
+            .ok_or_else(|| XdpError::Missing(format!("map {CONFIG_MAP}")))?;
+        let mut arr: Array<&mut MapData, XdpConfig> =
+            Array::try_from(map).map_err(|e| XdpError::bpf("opening CONFIG", e))?;
+        arr.set(0, config, 0)
+            .map_err(|e| XdpError::bpf("writing CONFIG", e))
+    }
+
+    /// The program's file descriptor.
+    pub fn fd(&self) -> BorrowedFd<'_> {
+        let prog: &Xdp = self
+            .ebpf
+            .program(PROGRAM_NAME)
+            .and_then(|p| p.try_into().ok())
+            .expect("checked in load");
+        prog.fd().expect("loaded in load").as_fd()
+    }
+
+    /// Runs the program once on `packet` (`BPF_PROG_TEST_RUN`).
+    ///
+    /// # Errors
+    /// The kernel's; see [`sys::prog_test_run`].
+    pub fn test_run(&self, packet: &[u8]) -> io::Result<sys::TestRun> {
+        sys::prog_test_run(self.fd(), packet, 1, 0)
+    }
+
+    /// Verdict counters, summed over CPUs.
+    ///
+    /// # Errors
+    /// When the map cannot be read.
+    pub fn stats(&self) -> Result<VerdictCounts, XdpError> {
+        let map = self
+            .ebpf
+            .map(STATS_MAP)
+            .ok_or_else(|| XdpError::Missing(format!("map {STATS_MAP}")))?;
+        let arr: PerCpuArray<&MapData, u64> =
+            PerCpuArray::try_from(map).map_err(|e| XdpError::bpf("opening STATS", e))?;
+        read_stats(&arr)
+    }
+
+    /// Puts the AF_XDP socket `fd` in the slot for RX queue `queue`.
+    ///
+    /// # Errors
+    /// When the map update is refused (queue past the map size, socket not bound).
+    pub fn register_socket(&mut self, queue: u32, fd: impl AsRawFd) -> Result<(), XdpError> {
+        let map = self
+            .ebpf
+            .map_mut(XSKS_MAP)
+            .ok_or_else(|| XdpError::Missing(format!("map {XSKS_MAP}")))?;
+        let mut xsks: XskMap<&mut MapData> =
+            XskMap::try_from(map).map_err(|e| XdpError::bpf("opening XSKS", e))?;
+        xsks.set(queue, fd, 0)
+            .map_err(|e| XdpError::bpf(format!("registering the socket of queue {queue}"), e))
+    }
+
+    /// Attaches to `iface` in `mode` and returns the link; the program stays attached while the
+    /// link (or its pin) lives.
+    ///
+    /// # Errors
+    /// [`XdpError::NoInterface`], [`XdpError::NotPermitted`], or the kernel's refusal (a driver
+    /// without native XDP refuses `Driver`).
+    pub fn attach(&mut self, iface: &str, mode: AttachMode) -> Result<FdLink, XdpError> {
+        if_index(iface)?;
+        let flags = match mode {
+            AttachMode::Driver => XdpMode::Driver,
+            AttachMode::Skb => XdpMode::Skb,
+            AttachMode::Unknown => XdpMode::Default,
+        };
+        let xdp = self.xdp();
+        let id = xdp
+            .attach(iface, flags)
+            .map_err(|e| XdpError::bpf(format!("attaching to {iface} ({})", mode.label()), e))?;
+        let link = xdp
+            .take_link(id)
+            .map_err(|e| XdpError::bpf("taking the XDP link", e))?;
+        FdLink::try_from(link)
+            .map_err(|e| XdpError::bpf("XDP link is not a bpf_link (kernel older than 5.9?)", e))
+    }
+
+    /// Pins program, link and maps under `<PIN_ROOT>/<iface>/` so they outlive this process.
+    ///
+    /// # Errors
+    /// When bpffs is missing or the pins already exist.
+    pub fn pin(&mut self, iface: &str, link: FdLink) -> Result<PinnedLink, XdpError> {
+        let dir = pin_dir(iface);
+        std::fs::create_dir_all(&dir).map_err(|source| XdpError::Io {
+            what: format!("creating {}", dir.display()),
+            source,
+        })?;
+        self.xdp()
+            .pin(dir.join("prog"))
+            .map_err(|e| XdpError::bpf("pinning the program", e))?;
+        for name in [XSKS_MAP, CONFIG_MAP, STATS_MAP] {
+            let map = self
+                .ebpf
+                .map(name)
+                .ok_or_else(|| XdpError::Missing(format!("map {name}")))?;
+            map.pin(dir.join(name))
+                .map_err(|e| XdpError::bpf(format!("pinning {name}"), e))?;
+        }
+        link.pin(dir.join("link"))
+            .map_err(|e| XdpError::bpf("pinning the link", e))
+    }
+}
+
+/// `<PIN_ROOT>/<iface>`.
+pub fn pin_dir(iface: &str) -> PathBuf {
+    Path::new(PIN_ROOT).join(iface)
+}
+
+/// What is pinned for one interface.
+#[derive(Debug)]
+pub struct Pinned {
+    /// The interface.
+    pub iface: String,
+    /// Its configuration map's content.
+    pub config: XdpConfig,
+    /// Its verdict counters.
+    pub stats: VerdictCounts,
+    /// Whether the link pin is present (the program is attached).
+    pub attached: bool,
+}
+
+fn open_map(dir: &Path, name: &str) -> Result<Map, XdpError> {
+    let data = MapData::from_pin(dir.join(name))
+        .map_err(|e| XdpError::bpf(format!("opening pinned {name}"), e))?;
+    Map::from_map_data(data).map_err(|e| XdpError::bpf(format!("pinned {name}"), e))
+}
+
+impl Pinned {
+    /// Reads what `cargo xtask load` pinned for `iface`.
+    ///
+    /// # Errors
+    /// When nothing (or something incomplete) is pinned for it.
+    pub fn open(iface: &str) -> Result<Self, XdpError> {
+        let dir = pin_dir(iface);
+        let cfg = open_map(&dir, CONFIG_MAP)?;
+        let cfg: Array<MapData, XdpConfig> =
+            Array::try_from(cfg).map_err(|e| XdpError::bpf("pinned CONFIG", e))?;
+        let config = cfg
+            .get(&0, 0)
+            .map_err(|e| XdpError::bpf("reading pinned CONFIG", e))?;
+        let stats = open_map(&dir, STATS_MAP)?;
+        let stats: PerCpuArray<MapData, u64> =
+            PerCpuArray::try_from(stats).map_err(|e| XdpError::bpf("pinned STATS", e))?;
+        Ok(Self {
+            iface: iface.to_owned(),
+            config,
+            stats: read_stats(&stats)?,
+            attached: dir.join("link").exists(),
+        })
+    }
+
+    /// Interfaces with something pinned.
+    pub fn list() -> Vec<String> {
+        let mut v: Vec<String> = std::fs::read_dir(PIN_ROOT)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|e| e.file_name().into_string().ok())
+            .collect();
+        v.sort();
+        v
+    }
+
+    /// Registers an AF_XDP socket in the pinned `XSKS` map of `iface`.
+    ///
+    /// # Errors
+    /// When the map is not pinned or refuses the update.
+    pub fn register_socket(iface: &str, queue: u32, fd: impl AsRawFd) -> Result<(), XdpError> {
+        let map = open_map(&pin_dir(iface), XSKS_MAP)?;
+        let mut xsks: XskMap<MapData> =
+            XskMap::try_from(map).map_err(|e| XdpError::bpf("pinned XSKS", e))?;
+        xsks.set(queue, fd, 0)
+            .map_err(|e| XdpError::bpf(format!("registering the socket of queue {queue}"), e))
+    }
+
+    /// Detaches and removes everything pinned for `iface`; `Ok(false)` when nothing was.
+    ///
+    /// # Errors
+    /// When a pin cannot be removed.
+    pub fn remove(iface: &str) -> Result<bool, XdpError> {
+        let dir = pin_dir(iface);
+        if !dir.exists() {
+            return Ok(false);
+        }
+        let link = dir.join("link");
+        if link.exists() {
+            // Unpinning drops the last reference to the link: the kernel detaches the program.
+            let pinned = PinnedLink::from_pin(&link)
+                .map_err(|e| XdpError::bpf("opening the pinned link", e))?;
+            drop(pinned.unpin().map_err(|source| XdpError::Io {
+                what: "unpinning the link".into(),
+                source,
+            })?);
+        }
+        std::fs::remove_dir_all(&dir).map_err(|source| XdpError::Io {
+            what: format!("removing {}", dir.display()),
+            source,
+        })?;
+        Ok(true)
+    }
+}

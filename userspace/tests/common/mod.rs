@@ -1,0 +1,28 @@
+//! Helpers shared by the privileged integration tests.
+#![allow(dead_code)] // each test binary uses its own subset
+
+use std::path::PathBuf;
+
+/// Whether we run under CI, where a privileged test must run, never skip.
+pub fn in_ci() -> bool {
+    std::env::var_os("CI").is_some_and(|v| !v.is_empty() && v != "false")
+}
+
+/// Skips the calling test with `why` on a developer machine; fails it under CI.
+#[track_caller]
+pub fn skip(why: &str) {
+    assert!(!in_ci(), "CI must be able to run this test, but: {why}");
+    eprintln!("SKIPPED: {why}");
+}
+
+/// The XDP object `cargo xtask build-ebpf` writes (or `EVENTSTREAM_BPF_OBJECT`).
+pub fn bpf_object() -> Option<PathBuf> {
+    let p = std::env::var_os("EVENTSTREAM_BPF_OBJECT")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+                .join("..")
+                .join(eventstream::xdp::DEFAULT_OBJECT)
+        });
+    p.exists().then_some(p)
+}
