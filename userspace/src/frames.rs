@@ -114,6 +114,8 @@ impl FrameArena {
         Some(FrameOwner {
             arena: self,
             free: Vec::with_capacity(self.count as usize),
+            lent: vec![false; self.count as usize].into_boxed_slice(),
+            lent_count: 0,
         })
     }
 
@@ -156,11 +158,17 @@ impl fmt::Debug for FrameArena {
     }
 }
 
-/// The ingest thread's handle: takes free frames, collects returned ones. One per arena.
+/// The ingest thread's handle: takes free frames, collects returned ones, lends frames to the
+/// kernel (the AF_XDP FILL ring) and claims them back. One per arena.
 pub struct FrameOwner<'a> {
     arena: &'a FrameArena,
     /// Frames known free, LIFO so the warmest frame is reused first. Never grows past `count`.
     free: Vec<u32>,
+    /// Per frame: lent to the kernel and not yet claimed back. A descriptor naming a frame that
+    /// is not lent is refused, so a bad descriptor can never create a second owner.
+    lent: Box<[bool]>,
+    /// Number of `true` entries in `lent`.
+    lent_count: u32,
 }
 
 impl<'a> FrameOwner<'a> {
@@ -192,6 +200,37 @@ impl<'a> FrameOwner<'a> {
     pub const fn arena(&self) -> &'a FrameArena {
         self.arena
     }
+
+    /// Hands `frame` to the kernel (for the FILL ring); returns its index. It stays out of every
+    /// list until [`FrameOwner::claim`] takes it back.
+    ///
+    /// # Panics
+    /// If `frame` belongs to another arena.
+    pub fn lend(&mut self, frame: OwnedFrame<'a>) -> u32 {
+        assert!(core::ptr::eq(frame.arena, self.arena), "frame from another arena");
+        let index = frame.index;
+        core::mem::forget(frame);
+        debug_assert!(!self.lent[index as usize]);
+        self.lent[index as usize] = true;
+        self.lent_count += 1;
+        index
+    }
+
+    /// Takes back a frame the kernel returned (an RX descriptor); `None` if `index` is out of
+    /// range or not currently lent (a bad descriptor: count it, and do not touch the frame).
+    pub fn claim(&mut self, index: u32) -> Option<OwnedFrame<'a>> {
+        let slot = self.lent.get_mut(index as usize)?;
+        if !core::mem::replace(slot, false) {
+            return None;
+        }
+        self.lent_count -= 1;
+        Some(OwnedFrame { arena: self.arena, index })
+    }
+
+    /// Frames lent to the kernel right now.
+    pub const fn lent_len(&self) -> u32 {
+        self.lent_count
+    }
 }
 
 impl Drop for FrameOwner<'_> {
@@ -218,6 +257,14 @@ pub struct OwnedFrame<'a> {
 }
 
 impl<'a> OwnedFrame<'a> {
+    /// The whole frame.
+    pub fn bytes(&self) -> &[u8] {
+        // SAFETY: as in `bytes_mut`; a shared borrow of a frame only this handle reaches.
+        unsafe {
+            core::slice::from_raw_parts(self.arena.frame_ptr(self.index), self.arena.frame_size as usize)
+        }
+    }
+
     /// The whole frame, to receive into.
     pub fn bytes_mut(&mut self) -> &mut [u8] {
         // SAFETY: an owned frame is on no free list and has no leases (count 0), so this handle
@@ -460,6 +507,21 @@ mod tests {
         });
         o.reclaim();
         assert_eq!(o.free_len(), 4, "every frame came home");
+    }
+
+    #[test]
+    fn lent_frames_are_claimed_once() {
+        let a = arena(2);
+        let mut o = a.owner().unwrap();
+        let f = o.take().unwrap();
+        let i = o.lend(f);
+        assert_eq!(o.lent_len(), 1);
+        assert!(o.claim(i + 1).is_none(), "a frame that was not lent is refused");
+        assert!(o.claim(99).is_none(), "an index past the arena is refused");
+        let mut back = o.claim(i).expect("the lent frame comes back");
+        assert!(o.claim(i).is_none(), "and only once");
+        back.bytes_mut()[0] = 1;
+        assert_eq!(o.lent_len(), 0);
     }
 
     #[test]

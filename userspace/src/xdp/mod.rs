@@ -7,6 +7,8 @@
 //! - **owned by the daemon**: when nothing is pinned for the interface, the daemon loads its own
 //!   and holds the `bpf_link`; the kernel detaches it when the daemon exits, crash included.
 
+pub mod ring;
+pub mod socket;
 pub mod sys;
 
 use std::io;

@@ -93,3 +93,157 @@ pub fn prog_test_run(
         duration_ns: attr.duration,
     })
 }
+
+// ---- AF_XDP ---------------------------------------------------------------------------------
+
+use std::os::fd::{FromRawFd, OwnedFd};
+use std::ptr::NonNull;
+
+/// An `mmap` of part of an AF_XDP socket (one ring), unmapped on drop.
+#[derive(Debug)]
+pub struct Mapping {
+    ptr: NonNull<u8>,
+    len: usize,
+}
+
+// SAFETY: the mapping is plain shared memory; the ring views built on it synchronise through
+// atomics, and unmapping happens once, from `Drop`.
+unsafe impl Send for Mapping {}
+// SAFETY: as above.
+unsafe impl Sync for Mapping {}
+
+impl Mapping {
+    /// Start of the mapping.
+    pub fn as_ptr(&self) -> *mut u8 {
+        self.ptr.as_ptr()
+    }
+}
+
+impl Drop for Mapping {
+    fn drop(&mut self) {
+        // SAFETY: exactly the region `mmap_ring` mapped, unmapped once.
+        unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.len) };
+    }
+}
+
+fn check(rc: libc::c_int) -> io::Result<()> {
+    if rc < 0 { Err(io::Error::last_os_error()) } else { Ok(()) }
+}
+
+/// `socket(AF_XDP, SOCK_RAW)`.
+///
+/// # Errors
+/// `EAFNOSUPPORT` on kernels without AF_XDP, `EPERM` without `CAP_NET_RAW`.
+pub fn xsk_socket() -> io::Result<OwnedFd> {
+    // SAFETY: socket(2) with constant arguments; the result is checked before use.
+    let fd = unsafe { libc::socket(libc::AF_XDP, libc::SOCK_RAW | libc::SOCK_CLOEXEC, 0) };
+    check(fd)?;
+    // SAFETY: `fd` is a fresh descriptor that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// `setsockopt(SOL_XDP, opt, value)`.
+///
+/// # Safety
+/// `T` must be the plain C type the kernel expects for `opt`, and any address inside it must
+/// stay valid for as long as the kernel uses it (`XDP_UMEM_REG`: the UMEM's whole life).
+pub unsafe fn xdp_setsockopt<T>(fd: BorrowedFd<'_>, opt: libc::c_int, value: &T) -> io::Result<()> {
+    // SAFETY: `value` is a live `T` of the size passed; the caller vouches for its meaning.
+    let rc = unsafe {
+        libc::setsockopt(fd.as_raw_fd(), libc::SOL_XDP, opt, (value as *const T).cast(), size_of::<T>() as libc::socklen_t)
+    };
+    check(rc)
+}
+
+/// `getsockopt(SOL_XDP, opt)` into a zeroed `T`; returns it and the length the kernel wrote.
+///
+/// # Safety
+/// `T` must be a plain C type for which all-zero bytes are valid, as the kernel's struct for
+/// `opt` is.
+pub unsafe fn xdp_getsockopt<T>(fd: BorrowedFd<'_>, opt: libc::c_int) -> io::Result<(T, usize)> {
+    // SAFETY: the caller guarantees all-zero is a valid `T`.
+    let mut value: T = unsafe { core::mem::zeroed() };
+    let mut len = size_of::<T>() as libc::socklen_t;
+    // SAFETY: `value` and `len` are live out-parameters of the sizes given.
+    let rc = unsafe {
+        libc::getsockopt(fd.as_raw_fd(), libc::SOL_XDP, opt, (&raw mut value).cast(), &raw mut len)
+    };
+    check(rc)?;
+    Ok((value, len as usize))
+}
+
+/// Maps `len` bytes of a ring at page offset `pgoff` (one of the `XDP_*_PGOFF_*` constants).
+///
+/// # Errors
+/// The kernel's (`ENOMEM`, or `EINVAL` if the ring was not sized first).
+pub fn mmap_ring(fd: BorrowedFd<'_>, pgoff: u64, len: usize) -> io::Result<Mapping> {
+    // SAFETY: a shared mapping of the socket at a kernel-chosen address touches no existing
+    // memory; the result is checked against MAP_FAILED.
+    let p = unsafe {
+        libc::mmap(
+            core::ptr::null_mut(),
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_SHARED | libc::MAP_POPULATE,
+            fd.as_raw_fd(),
+            pgoff as libc::off_t,
+        )
+    };
+    if p == libc::MAP_FAILED {
+        return Err(io::Error::last_os_error());
+    }
+    let ptr = NonNull::new(p.cast::<u8>()).ok_or_else(|| io::Error::from(io::ErrorKind::Other))?;
+    Ok(Mapping { ptr, len })
+}
+
+/// `bind(2)` an AF_XDP socket to `ifindex`/`queue` with `flags` (`XDP_COPY`, `XDP_ZEROCOPY`,
+/// `XDP_USE_NEED_WAKEUP`).
+///
+/// # Errors
+/// The kernel's: `EOPNOTSUPP` for zero-copy on a driver without it, `EBUSY` if the queue has a
+/// socket, `EINVAL` for a queue the device lacks.
+pub fn xsk_bind(fd: BorrowedFd<'_>, ifindex: u32, queue: u32, flags: u16) -> io::Result<()> {
+    let addr = libc::sockaddr_xdp {
+        sxdp_family: libc::AF_XDP as u16,
+        sxdp_flags: flags,
+        sxdp_ifindex: ifindex,
+        sxdp_queue_id: queue,
+        sxdp_shared_umem_fd: 0,
+    };
+    // SAFETY: `addr` is a valid sockaddr_xdp of the size passed.
+    let rc = unsafe {
+        libc::bind(fd.as_raw_fd(), (&raw const addr).cast(), size_of::<libc::sockaddr_xdp>() as libc::socklen_t)
+    };
+    check(rc)
+}
+
+/// Kicks the kernel to process the FILL/RX rings (needed when `XDP_RING_NEED_WAKEUP` is set).
+///
+/// # Errors
+/// Anything but `EAGAIN`/`EBUSY`/`ENOBUFS`/`EINTR`, which only mean "nothing to do now".
+pub fn xsk_wakeup_rx(fd: BorrowedFd<'_>) -> io::Result<()> {
+    // SAFETY: a zero-length, non-blocking receive with no buffer is the AF_XDP wake-up call.
+    let rc = unsafe { libc::recvfrom(fd.as_raw_fd(), core::ptr::null_mut(), 0, libc::MSG_DONTWAIT, core::ptr::null_mut(), core::ptr::null_mut()) };
+    if rc < 0 {
+        let e = io::Error::last_os_error();
+        if !matches!(e.raw_os_error(), Some(libc::EAGAIN | libc::EBUSY | libc::ENOBUFS | libc::EINTR)) {
+            return Err(e);
+        }
+    }
+    Ok(())
+}
+
+/// Waits up to `timeout_ms` for the socket to become readable; returns whether it did.
+///
+/// # Errors
+/// Anything but `EINTR`.
+pub fn poll_in(fd: BorrowedFd<'_>, timeout_ms: i32) -> io::Result<bool> {
+    let mut p = libc::pollfd { fd: fd.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+    // SAFETY: one valid pollfd.
+    let rc = unsafe { libc::poll(&raw mut p, 1, timeout_ms) };
+    if rc < 0 {
+        let e = io::Error::last_os_error();
+        return if e.raw_os_error() == Some(libc::EINTR) { Ok(false) } else { Err(e) };
+    }
+    Ok(rc > 0)
+}

@@ -1,4 +1,5 @@
-//! Kernel UDP ingest: `recvmmsg` batches straight into arena frames, parsed in place.
+//! Kernel UDP ingest (the no-XDP path): `recvmmsg` batches straight into arena frames, parsed
+//! in place.
 //!
 //! Each call receives up to `batch` datagrams, each into its own free [`FrameArena`] frame (no
 //! intermediate buffer, so the only copy is the kernel's). Each datagram is then frozen as a
@@ -6,68 +7,19 @@
 //! it, and the events pushed to the ingest → dispatcher queue. The frame returns to this thread
 //! when the last of its events is released.
 //!
-//! Counting: per-reason rejections and totals are kept in plain locals and flushed to the shared
-//! [`IngestCounters`] once per batch, never a shared atomic per event.
-//!
-//! Backpressure: with no free frame, pool slot or queue slot, this thread waits (yielding) and
-//! the kernel's socket buffer absorbs the burst; what it drops is counted by the kernel
-//! (`RcvbufErrors` in `/proc/net/snmp`).
-
 use core::mem::MaybeUninit;
 use std::io;
 use std::net::UdpSocket;
 use std::os::fd::AsRawFd;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
+use super::{Deliver, IngestCounters, Tally, backoff};
 use crate::event::{Event, Source, Stamp, monotonic_ns};
 use crate::frames::{FrameOwner, OwnedFrame};
 use crate::pool::{Acquirer, Pooled};
 use crate::protocol::{Limits, RejectReason};
 use crate::ring::mpsc;
-
-/// Totals an ingest thread publishes (flushed once per batch).
-#[derive(Debug, Default)]
-pub struct IngestCounters {
-    /// Datagrams received.
-    pub datagrams: AtomicU64,
-    /// Bytes received (UDP payload).
-    pub bytes: AtomicU64,
-    /// Events accepted into the pipeline.
-    pub events: AtomicU64,
-    /// Rejected frames, by [`RejectReason`] (indexed in `RejectReason::ALL` order).
-    pub rejected: [AtomicU64; RejectReason::ALL.len()],
-}
-
-impl IngestCounters {
-    /// Rejections for `reason`.
-    pub fn rejected(&self, reason: RejectReason) -> u64 {
-        self.rejected[reason as usize].load(Ordering::Relaxed)
-    }
-}
-
-/// Per-batch local tallies, flushed into [`IngestCounters`].
-#[derive(Default)]
-struct Tally {
-    datagrams: u64,
-    bytes: u64,
-    events: u64,
-    rejected: [u64; RejectReason::ALL.len()],
-}
-
-impl Tally {
-    fn flush(&mut self, to: &IngestCounters) {
-        to.datagrams.fetch_add(self.datagrams, Ordering::Relaxed);
-        to.bytes.fetch_add(self.bytes, Ordering::Relaxed);
-        to.events.fetch_add(self.events, Ordering::Relaxed);
-        for (c, n) in to.rejected.iter().zip(self.rejected) {
-            if n != 0 {
-                c.fetch_add(n, Ordering::Relaxed);
-            }
-        }
-        *self = Self::default();
-    }
-}
 
 /// Binds the UDP socket: `SO_RCVBUF` as asked (0 keeps the default), and a receive timeout so
 /// the loop notices a stop request.
@@ -111,18 +63,6 @@ pub struct UdpIngest<'s> {
     pub counters: &'s IngestCounters,
 }
 
-/// Waits a moment for the rest of the pipeline to free something.
-#[inline]
-fn backoff(spins: &mut u32) {
-    *spins += 1;
-    if *spins < 64 {
-        core::hint::spin_loop();
-    } else {
-        *spins = 0;
-        std::thread::yield_now();
-    }
-}
-
 impl UdpIngest<'_> {
     /// Receives until `stop` is set. Allocates its batch arrays once, before the loop.
     ///
@@ -142,6 +82,7 @@ impl UdpIngest<'_> {
         let mut seq = 0u64;
         let mut tally = Tally::default();
         let mut spins = 0;
+        let mut deliver = Deliver { limits: self.limits, pool, queue };
         while !self.stop.load(Ordering::Relaxed) {
             while held.len() < batch {
                 match frames.take() {
@@ -205,29 +146,7 @@ impl UdpIngest<'_> {
                     continue; // `frame` drops here and goes back to the owner
                 }
                 let mut shared = frame.share(0..len);
-                for parsed in shared.events(self.limits, stamp, &mut seq) {
-                    let mut ev = match parsed {
-                        Ok(ev) => ev,
-                        Err(e) => {
-                            tally.rejected[e.reason() as usize] += 1;
-                            continue;
-                        }
-                    };
-                    let mut pooled = loop {
-                        match pool.acquire(ev) {
-                            Ok(p) => break p,
-                            Err(back) => {
-                                ev = back;
-                                backoff(&mut spins);
-                            }
-                        }
-                    };
-                    while let Err(back) = queue.push(pooled) {
-                        pooled = back;
-                        backoff(&mut spins);
-                    }
-                    tally.events += 1;
-                }
+                deliver.frame(&mut shared, stamp, &mut seq, &mut tally);
             }
             tally.flush(self.counters);
         }

@@ -1,0 +1,132 @@
+//! AF_XDP ingest: one thread per NIC queue.
+//!
+//! Each pass: take back the frames the pipeline released and lend them to FILL (one batch, one
+//! publish); read up to `batch` RX descriptors; for each, check it lies inside one lent UMEM
+//! frame, find the UDP payload, and parse the events in place, so an event's topic and payload
+//! point into the UMEM frame the NIC (or, in copy mode, the kernel) wrote. The frame goes back
+//! to FILL when its last event is released. Nothing here allocates, locks, or makes a syscall
+//! per packet: the wake-up and the poll are once per batch, and only when the kernel asks
+//! (`XDP_RING_NEED_WAKEUP`) or there is nothing to read.
+
+use std::io;
+use std::os::fd::AsFd;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use super::{Deliver, IngestCounters, Tally};
+use crate::event::{Event, Source, Stamp, monotonic_ns};
+use crate::frames::FrameOwner;
+use crate::packet::udp_payload;
+use crate::pool::{Acquirer, Pooled};
+use crate::protocol::Limits;
+use crate::ring::mpsc;
+use crate::xdp::socket::XskSocket;
+use crate::xdp::sys;
+
+/// How often the kernel's `XDP_STATISTICS` are read into the counters.
+const STATS_EVERY: Duration = Duration::from_millis(250);
+
+/// What the receive loop needs.
+#[derive(Debug)]
+pub struct XskIngest<'s> {
+    /// Descriptors per pass (64..512 is the useful range).
+    pub batch: u32,
+    /// Frame limits.
+    pub limits: Limits,
+    /// Set to stop the loop (checked every pass; an idle pass waits at most `idle_poll`).
+    pub stop: &'s AtomicBool,
+    /// Longest wait in `poll` when there is nothing to read.
+    pub idle_poll: Duration,
+    /// Where totals go.
+    pub counters: &'s IngestCounters,
+}
+
+impl XskIngest<'_> {
+    /// Receives until `stop` is set.
+    ///
+    /// # Errors
+    /// A wake-up or poll error from the kernel.
+    pub fn run<'a, 'p>(
+        &self,
+        sock: &mut XskSocket<'a>,
+        frames: &mut FrameOwner<'a>,
+        pool: &mut Acquirer<'p, Event<'a>>,
+        queue: &mpsc::Producer<Pooled<'p, Event<'a>>>,
+    ) -> io::Result<()> {
+        let fs = u64::from(sock.frame_size());
+        let umem_len = sock.umem_len();
+        let idle_ms = i32::try_from(self.idle_poll.as_millis()).unwrap_or(i32::MAX);
+        let mut deliver = Deliver { limits: self.limits, pool, queue };
+        let mut tally = Tally::default();
+        let mut seq = 0u64;
+        let mut next_stats = monotonic_ns();
+        while !self.stop.load(Ordering::Relaxed) {
+            // Refill: released frames first, then as many as FILL has room for.
+            let room = sock.fill.free(self.batch);
+            let mut n = 0;
+            while n < room {
+                let Some(frame) = frames.take() else { break };
+                sock.fill.write(n, u64::from(frames.lend(frame)) * fs);
+                n += 1;
+            }
+            if n > 0 {
+                sock.fill.submit(n);
+            }
+            if sock.fill.needs_wakeup() {
+                sys::xsk_wakeup_rx(sock.as_fd())?;
+            }
+
+            let ready = sock.rx.available(self.batch);
+            if ready == 0 {
+                sys::poll_in(sock.as_fd(), idle_ms)?;
+                self.read_stats(sock, &mut next_stats);
+                continue;
+            }
+            let stamp = Stamp { source: Source::Xsk, ingest_ns: monotonic_ns() };
+            for i in 0..ready {
+                let desc = sock.rx.read(i);
+                let len = u64::from(desc.len);
+                let offset = desc.addr % fs;
+                // The descriptor must lie inside the UMEM and inside one frame, and name a frame
+                // we lent; anything else is refused without touching memory.
+                let frame = (desc.addr.checked_add(len).is_some_and(|end| end <= umem_len) && offset + len <= fs)
+                    .then(|| frames.claim((desc.addr / fs) as u32))
+                    .flatten();
+                let Some(frame) = frame else {
+                    tally.invalid_descs += 1;
+                    continue;
+                };
+                tally.datagrams += 1;
+                tally.bytes += len;
+                let start = offset as usize;
+                let Some((payload, _)) = udp_payload(&frame.bytes()[start..start + desc.len as usize]) else {
+                    tally.bad_packets += 1;
+                    continue; // `frame` drops here and returns to the free list
+                };
+                let mut shared = frame.share(start + payload.start..start + payload.end);
+                deliver.frame(&mut shared, stamp, &mut seq, &mut tally);
+            }
+            sock.rx.release(ready);
+            tally.flush(self.counters);
+            self.read_stats(sock, &mut next_stats);
+        }
+        tally.flush(self.counters);
+        Ok(())
+    }
+
+    /// Copies `XDP_STATISTICS` into the counters every [`STATS_EVERY`].
+    fn read_stats(&self, sock: &XskSocket<'_>, next: &mut u64) {
+        let now = monotonic_ns();
+        if now < *next {
+            return;
+        }
+        *next = now + STATS_EVERY.as_nanos() as u64;
+        if let Ok(s) = sock.stats() {
+            let c = self.counters;
+            c.xsk_rx_dropped.store(s.rx_dropped, Ordering::Relaxed);
+            c.xsk_rx_invalid_descs.store(s.rx_invalid_descs, Ordering::Relaxed);
+            c.xsk_rx_ring_full.store(s.rx_ring_full, Ordering::Relaxed);
+            c.xsk_rx_fill_ring_empty_descs.store(s.rx_fill_ring_empty_descs, Ordering::Relaxed);
+        }
+    }
+}

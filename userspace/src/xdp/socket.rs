@@ -1,0 +1,254 @@
+//! One AF_XDP socket per NIC RX queue, with its UMEM.
+//!
+//! The UMEM is the queue's [`FrameArena`]: page-aligned (2 MiB hugepages when reserved), bound to
+//! the NIC's NUMA node, registered with the kernel as chunks of `frame_size` bytes. Frames lent
+//! to the FILL ring are tracked by the arena's owner; an RX descriptor is accepted only if it
+//! lies inside one lent frame. Setup order follows the kernel's rules: register the UMEM, size
+//! the rings, map them, prefill FILL, then bind (zero-copy first, copy when the driver refuses).
+
+use std::io;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::sync::Arc;
+
+use tracing::{info, warn};
+
+use super::ring::{ConsRing, Layout, ProdRing, RingMem};
+use super::sys;
+use crate::frames::{FrameArena, FrameOwner};
+
+/// How the socket ended up bound.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BindMode {
+    /// The NIC DMAs straight into the UMEM.
+    ZeroCopy,
+    /// The kernel copies each frame into the UMEM (generic XDP, or drivers without zero-copy).
+    Copy,
+}
+
+impl BindMode {
+    /// `zerocopy` or `copy`.
+    pub const fn label(self) -> &'static str {
+        match self {
+            Self::ZeroCopy => "zerocopy",
+            Self::Copy => "copy",
+        }
+    }
+}
+
+/// Socket options.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct XskOptions {
+    /// Descriptors in the RX, FILL and COMPLETION rings (a power of two).
+    pub ring_size: u32,
+    /// Ask for `XDP_USE_NEED_WAKEUP`.
+    pub need_wakeup: bool,
+    /// Try zero-copy before copy mode.
+    pub try_zero_copy: bool,
+}
+
+impl Default for XskOptions {
+    fn default() -> Self {
+        Self { ring_size: 2048, need_wakeup: true, try_zero_copy: true }
+    }
+}
+
+/// Errors setting a socket up.
+#[derive(Debug, thiserror::Error)]
+pub enum XskError {
+    /// A setup step failed.
+    #[error("AF_XDP {step} (queue {queue}): {source}")]
+    Setup {
+        /// Which step.
+        step: &'static str,
+        /// The queue.
+        queue: u32,
+        /// The kernel's reason.
+        source: io::Error,
+    },
+    /// Bad options.
+    #[error("AF_XDP: {0}")]
+    Invalid(String),
+}
+
+/// Kernel-side drop counters of one socket (`XDP_STATISTICS`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct XskStats {
+    /// Frames dropped for other reasons (e.g. the program redirected to a full socket).
+    pub rx_dropped: u64,
+    /// Invalid descriptors on the FILL ring.
+    pub rx_invalid_descs: u64,
+    /// Frames dropped because the RX ring was full.
+    pub rx_ring_full: u64,
+    /// Times the kernel found the FILL ring empty.
+    pub rx_fill_ring_empty_descs: u64,
+}
+
+/// An AF_XDP socket bound to one queue, with its RX, FILL and COMPLETION rings. Borrows the
+/// arena that is its UMEM.
+#[derive(Debug)]
+pub struct XskSocket<'a> {
+    _umem: &'a FrameArena,
+    fd: OwnedFd,
+    /// Received frames (kernel produces).
+    pub rx: ConsRing<libc::xdp_desc>,
+    /// Frames lent to the kernel to receive into (we produce).
+    pub fill: ProdRing<u64>,
+    /// Transmitted frames (unused on the RX path; the kernel requires it with the UMEM).
+    pub completion: ConsRing<u64>,
+    mode: BindMode,
+    queue: u32,
+    frame_size: u32,
+    umem_len: u64,
+}
+
+fn layout_of(off: &libc::xdp_ring_offset, size: u32) -> Layout {
+    Layout {
+        producer: off.producer as usize,
+        consumer: off.consumer as usize,
+        flags: off.flags as usize,
+        desc: off.desc as usize,
+        size,
+    }
+}
+
+impl<'a> XskSocket<'a> {
+    /// Creates the socket on `arena` (as its UMEM), prefills FILL from `owner`, and binds to
+    /// `ifindex`/`queue`. Logs the bind mode and, if zero-copy was refused, the kernel's reason.
+    ///
+    /// # Errors
+    /// [`XskError::Setup`] naming the step and the kernel's reason (`EPERM` without
+    /// `CAP_NET_RAW`, `EAFNOSUPPORT` without AF_XDP, `EINVAL` for a queue the NIC lacks).
+    pub fn new(
+        arena: &'a FrameArena,
+        owner: &mut FrameOwner<'_>,
+        ifindex: u32,
+        queue: u32,
+        opts: XskOptions,
+    ) -> Result<Self, XskError> {
+        let err = |step| move |source| XskError::Setup { step, queue, source };
+        if !opts.ring_size.is_power_of_two() {
+            return Err(XskError::Invalid(format!("ring size {} is not a power of two", opts.ring_size)));
+        }
+        let fs = arena.frame_size();
+        if !fs.is_power_of_two() || !(2048..=4096).contains(&fs) {
+            return Err(XskError::Invalid(format!("frame size {fs} must be 2048 or 4096 (aligned UMEM chunks)")));
+        }
+        let fd = sys::xsk_socket().map_err(err("socket"))?;
+        let umem_len = u64::from(fs) * u64::from(arena.count());
+        let reg = libc::xdp_umem_reg {
+            addr: arena.region().as_ptr() as u64,
+            len: umem_len,
+            chunk_size: fs,
+            headroom: 0,
+            flags: 0,
+            tx_metadata_len: 0,
+        };
+        // SAFETY: `xdp_umem_reg` is the option's type; the region it names outlives the
+        // registration because the returned socket borrows `arena` (and the kernel pins the
+        // pages for as long as the socket exists).
+        unsafe { sys::xdp_setsockopt(fd.as_fd(), libc::XDP_UMEM_REG, &reg) }.map_err(err("UMEM registration"))?;
+        for opt in [libc::XDP_UMEM_FILL_RING, libc::XDP_UMEM_COMPLETION_RING, libc::XDP_RX_RING] {
+            // SAFETY: ring-size options take a u32.
+            unsafe { sys::xdp_setsockopt(fd.as_fd(), opt, &opts.ring_size) }.map_err(err("ring sizing"))?;
+        }
+        // SAFETY: `xdp_mmap_offsets` is plain data, valid when zeroed.
+        let (off, len) = unsafe { sys::xdp_getsockopt::<libc::xdp_mmap_offsets>(fd.as_fd(), libc::XDP_MMAP_OFFSETS) }
+            .map_err(err("ring offsets"))?;
+        if len != size_of::<libc::xdp_mmap_offsets>() {
+            return Err(XskError::Invalid("kernel too old: no ring flags (needs Linux 5.4+)".into()));
+        }
+        let n = opts.ring_size as usize;
+        let map = |pgoff: u64, o: &libc::xdp_ring_offset, elem: usize, step| {
+            sys::mmap_ring(fd.as_fd(), pgoff, o.desc as usize + n * elem).map_err(err(step))
+        };
+        let fill_map = map(libc::XDP_UMEM_PGOFF_FILL_RING, &off.fr, 8, "mapping FILL")?;
+        let comp_map = map(libc::XDP_UMEM_PGOFF_COMPLETION_RING, &off.cr, 8, "mapping COMPLETION")?;
+        let rx_map = map(libc::XDP_PGOFF_RX_RING as u64, &off.rx, size_of::<libc::xdp_desc>(), "mapping RX")?;
+        let (fill_base, comp_base, rx_base) = (fill_map.as_ptr(), comp_map.as_ptr(), rx_map.as_ptr());
+        // SAFETY: each base is the start of its ring's live mapping (kept alive by the Arc),
+        // laid out as the kernel reported in XDP_MMAP_OFFSETS, with `ring_size` entries; one
+        // view per ring.
+        let (mut fill, completion, rx) = unsafe {
+            (
+                ProdRing::<u64>::new(Arc::new(RingMem::Mapped(fill_map)), fill_base, layout_of(&off.fr, opts.ring_size)),
+                ConsRing::<u64>::new(Arc::new(RingMem::Mapped(comp_map)), comp_base, layout_of(&off.cr, opts.ring_size)),
+                ConsRing::<libc::xdp_desc>::new(Arc::new(RingMem::Mapped(rx_map)), rx_base, layout_of(&off.rx, opts.ring_size)),
+            )
+        };
+
+        // Prefill FILL before bind, so the first packets have somewhere to land.
+        let want = fill.free(opts.ring_size).min(opts.ring_size);
+        let mut n = 0;
+        while n < want {
+            let Some(frame) = owner.take() else { break };
+            fill.write(n, u64::from(owner.lend(frame)) * u64::from(fs));
+            n += 1;
+        }
+        fill.submit(n);
+
+        let wake = if opts.need_wakeup { libc::XDP_USE_NEED_WAKEUP } else { 0 };
+        let mut mode = BindMode::Copy;
+        let mut bound = false;
+        if opts.try_zero_copy {
+            match sys::xsk_bind(fd.as_fd(), ifindex, queue, libc::XDP_ZEROCOPY | wake) {
+                Ok(()) => {
+                    mode = BindMode::ZeroCopy;
+                    bound = true;
+                }
+                Err(e) => warn!(queue, reason = %e, "zero-copy bind refused; falling back to copy mode"),
+            }
+        }
+        if !bound {
+            sys::xsk_bind(fd.as_fd(), ifindex, queue, libc::XDP_COPY | wake).map_err(err("bind"))?;
+        }
+        info!(queue, mode = mode.label(), ring_size = opts.ring_size, frames = arena.count(), frame_size = fs, "AF_XDP socket bound");
+        Ok(Self { _umem: arena, fd, rx, fill, completion, mode, queue, frame_size: fs, umem_len })
+    }
+
+    /// How the socket is bound.
+    pub const fn mode(&self) -> BindMode {
+        self.mode
+    }
+
+    /// The queue it serves.
+    pub const fn queue(&self) -> u32 {
+        self.queue
+    }
+
+    /// UMEM chunk size.
+    pub const fn frame_size(&self) -> u32 {
+        self.frame_size
+    }
+
+    /// UMEM length in bytes.
+    pub const fn umem_len(&self) -> u64 {
+        self.umem_len
+    }
+
+    /// The kernel's drop counters for this socket.
+    ///
+    /// # Errors
+    /// The kernel's.
+    pub fn stats(&self) -> io::Result<XskStats> {
+        // SAFETY: `xdp_statistics` is plain data, valid when zeroed.
+        let (s, _) = unsafe { sys::xdp_getsockopt::<libc::xdp_statistics>(self.fd.as_fd(), libc::XDP_STATISTICS) }?;
+        Ok(XskStats {
+            rx_dropped: s.rx_dropped,
+            rx_invalid_descs: s.rx_invalid_descs,
+            rx_ring_full: s.rx_ring_full,
+            rx_fill_ring_empty_descs: s.rx_fill_ring_empty_descs,
+        })
+    }
+}
+
+impl AsFd for XskSocket<'_> {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.fd.as_fd()
+    }
+}
+
+impl AsRawFd for XskSocket<'_> {
+    fn as_raw_fd(&self) -> std::os::fd::RawFd {
+        self.fd.as_raw_fd()
+    }
+}
