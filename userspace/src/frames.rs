@@ -207,7 +207,10 @@ impl<'a> FrameOwner<'a> {
     /// # Panics
     /// If `frame` belongs to another arena.
     pub fn lend(&mut self, frame: OwnedFrame<'a>) -> u32 {
-        assert!(core::ptr::eq(frame.arena, self.arena), "frame from another arena");
+        assert!(
+            core::ptr::eq(frame.arena, self.arena),
+            "frame from another arena"
+        );
         let index = frame.index;
         core::mem::forget(frame);
         debug_assert!(!self.lent[index as usize]);
@@ -224,7 +227,10 @@ impl<'a> FrameOwner<'a> {
             return None;
         }
         self.lent_count -= 1;
-        Some(OwnedFrame { arena: self.arena, index })
+        Some(OwnedFrame {
+            arena: self.arena,
+            index,
+        })
     }
 
     /// Frames lent to the kernel right now.
@@ -261,7 +267,10 @@ impl<'a> OwnedFrame<'a> {
     pub fn bytes(&self) -> &[u8] {
         // SAFETY: as in `bytes_mut`; a shared borrow of a frame only this handle reaches.
         unsafe {
-            core::slice::from_raw_parts(self.arena.frame_ptr(self.index), self.arena.frame_size as usize)
+            core::slice::from_raw_parts(
+                self.arena.frame_ptr(self.index),
+                self.arena.frame_size as usize,
+            )
         }
     }
 
@@ -516,7 +525,10 @@ mod tests {
         let f = o.take().unwrap();
         let i = o.lend(f);
         assert_eq!(o.lent_len(), 1);
-        assert!(o.claim(i + 1).is_none(), "a frame that was not lent is refused");
+        assert!(
+            o.claim(i + 1).is_none(),
+            "a frame that was not lent is refused"
+        );
         assert!(o.claim(99).is_none(), "an index past the arena is refused");
         let mut back = o.claim(i).expect("the lent frame comes back");
         assert!(o.claim(i).is_none(), "and only once");

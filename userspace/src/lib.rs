@@ -14,6 +14,7 @@
 //! - [`ring`]: SPSC ring and Vyukov MPSC queue.
 //! - [`ingest`]: kernel UDP ingest (`recvmmsg`).
 //! - [`config`]: the YAML configuration.
+//! - [`lab`]: the netns + veth lab.
 //! - [`packet`]: Ethernet/IP/UDP framing for the AF_XDP path.
 //! - [`xdp`]: loading, attaching, pinning and counting the XDP program.
 #![deny(unsafe_op_in_unsafe_fn)]
@@ -23,6 +24,7 @@ pub mod config;
 pub mod event;
 pub mod frames;
 pub mod ingest;
+pub mod lab;
 pub mod mem;
 pub mod numa;
 pub mod packet;

@@ -119,7 +119,13 @@ impl<'a> Deliver<'_, 'a, '_> {
     /// Parses `frame` as one datagram; each event goes into the pool and onto the queue
     /// (waiting while either is full), each rejected frame into `tally` by reason.
     #[inline]
-    pub fn frame(&mut self, frame: &mut SharedFrame<'a>, stamp: Stamp, seq: &mut u64, tally: &mut Tally) {
+    pub fn frame(
+        &mut self,
+        frame: &mut SharedFrame<'a>,
+        stamp: Stamp,
+        seq: &mut u64,
+        tally: &mut Tally,
+    ) {
         let mut spins = 0;
         for parsed in frame.events(self.limits, stamp, seq) {
             let mut ev = match parsed {
@@ -149,6 +155,8 @@ impl<'a> Deliver<'_, 'a, '_> {
 
 impl std::fmt::Debug for Deliver<'_, '_, '_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Deliver").field("limits", &self.limits).finish()
+        f.debug_struct("Deliver")
+            .field("limits", &self.limits)
+            .finish()
     }
 }

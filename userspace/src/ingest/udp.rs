@@ -82,7 +82,11 @@ impl UdpIngest<'_> {
         let mut seq = 0u64;
         let mut tally = Tally::default();
         let mut spins = 0;
-        let mut deliver = Deliver { limits: self.limits, pool, queue };
+        let mut deliver = Deliver {
+            limits: self.limits,
+            pool,
+            queue,
+        };
         while !self.stop.load(Ordering::Relaxed) {
             while held.len() < batch {
                 match frames.take() {

@@ -56,7 +56,11 @@ impl XskIngest<'_> {
         let fs = u64::from(sock.frame_size());
         let umem_len = sock.umem_len();
         let idle_ms = i32::try_from(self.idle_poll.as_millis()).unwrap_or(i32::MAX);
-        let mut deliver = Deliver { limits: self.limits, pool, queue };
+        let mut deliver = Deliver {
+            limits: self.limits,
+            pool,
+            queue,
+        };
         let mut tally = Tally::default();
         let mut seq = 0u64;
         let mut next_stats = monotonic_ns();
@@ -82,14 +86,21 @@ impl XskIngest<'_> {
                 self.read_stats(sock, &mut next_stats);
                 continue;
             }
-            let stamp = Stamp { source: Source::Xsk, ingest_ns: monotonic_ns() };
+            let stamp = Stamp {
+                source: Source::Xsk,
+                ingest_ns: monotonic_ns(),
+            };
             for i in 0..ready {
                 let desc = sock.rx.read(i);
                 let len = u64::from(desc.len);
                 let offset = desc.addr % fs;
                 // The descriptor must lie inside the UMEM and inside one frame, and name a frame
                 // we lent; anything else is refused without touching memory.
-                let frame = (desc.addr.checked_add(len).is_some_and(|end| end <= umem_len) && offset + len <= fs)
+                let frame = (desc
+                    .addr
+                    .checked_add(len)
+                    .is_some_and(|end| end <= umem_len)
+                    && offset + len <= fs)
                     .then(|| frames.claim((desc.addr / fs) as u32))
                     .flatten();
                 let Some(frame) = frame else {
@@ -99,7 +110,9 @@ impl XskIngest<'_> {
                 tally.datagrams += 1;
                 tally.bytes += len;
                 let start = offset as usize;
-                let Some((payload, _)) = udp_payload(&frame.bytes()[start..start + desc.len as usize]) else {
+                let Some((payload, _)) =
+                    udp_payload(&frame.bytes()[start..start + desc.len as usize])
+                else {
                     tally.bad_packets += 1;
                     continue; // `frame` drops here and returns to the free list
                 };
@@ -124,9 +137,11 @@ impl XskIngest<'_> {
         if let Ok(s) = sock.stats() {
             let c = self.counters;
             c.xsk_rx_dropped.store(s.rx_dropped, Ordering::Relaxed);
-            c.xsk_rx_invalid_descs.store(s.rx_invalid_descs, Ordering::Relaxed);
+            c.xsk_rx_invalid_descs
+                .store(s.rx_invalid_descs, Ordering::Relaxed);
             c.xsk_rx_ring_full.store(s.rx_ring_full, Ordering::Relaxed);
-            c.xsk_rx_fill_ring_empty_descs.store(s.rx_fill_ring_empty_descs, Ordering::Relaxed);
+            c.xsk_rx_fill_ring_empty_descs
+                .store(s.rx_fill_ring_empty_descs, Ordering::Relaxed);
         }
     }
 }

@@ -52,7 +52,10 @@ impl<T: Copy> Raw<T> {
     /// `base` must point at memory kept alive by `mem`, laid out as `layout` says: three
     /// 4-byte-aligned `u32` words and `layout.size` descriptors of `T`, properly aligned.
     unsafe fn new(mem: Arc<RingMem>, base: *mut u8, layout: Layout) -> Self {
-        assert!(layout.size.is_power_of_two(), "ring size must be a power of two");
+        assert!(
+            layout.size.is_power_of_two(),
+            "ring size must be a power of two"
+        );
         // SAFETY: the caller guarantees every offset lies inside the live mapping.
         unsafe {
             Self {
@@ -145,9 +148,16 @@ impl<T: Copy> ProdRing<T> {
     /// If slot `i` is not free (debug builds check against the cached indices).
     #[inline]
     pub fn write(&mut self, i: u32, value: T) {
-        debug_assert!(i < self.size() - self.prod.wrapping_sub(self.cons), "slot {i} not free");
+        debug_assert!(
+            i < self.size() - self.prod.wrapping_sub(self.cons),
+            "slot {i} not free"
+        );
         // SAFETY: in bounds (masked); the slot is free, so the other side is not reading it.
-        unsafe { self.raw.slot(self.prod.wrapping_add(i)).write_volatile(value) };
+        unsafe {
+            self.raw
+                .slot(self.prod.wrapping_add(i))
+                .write_volatile(value)
+        };
     }
 
     /// Publishes the next `n` written descriptors.
@@ -195,7 +205,10 @@ impl<T: Copy> ConsRing<T> {
     /// The `i`-th ready descriptor.
     #[inline]
     pub fn read(&self, i: u32) -> T {
-        debug_assert!(i < self.prod.wrapping_sub(self.cons), "descriptor {i} not ready");
+        debug_assert!(
+            i < self.prod.wrapping_sub(self.cons),
+            "descriptor {i} not ready"
+        );
         // SAFETY: in bounds (masked); published by the producer (Acquire in `available`).
         unsafe { self.raw.slot(self.cons.wrapping_add(i)).read_volatile() }
     }
@@ -225,13 +238,28 @@ pub fn fake_pair<T: Copy>(size: u32) -> (ProdRing<T>, ConsRing<T>, FakeFlags) {
     let mut words = vec![0u64; bytes.div_ceil(8)].into_boxed_slice();
     let base = words.as_mut_ptr().cast::<u8>();
     let mem = Arc::new(RingMem::Heap(words));
-    let layout = Layout { producer: 0, consumer: 64, flags: 128, desc, size };
+    let layout = Layout {
+        producer: 0,
+        consumer: 64,
+        flags: 128,
+        desc,
+        size,
+    };
     // SAFETY: `base` is the start of `mem`'s boxed words (moving the box into the Arc does not
     // move its heap buffer), laid out exactly as `layout` says and 8-byte aligned; one view of
     // each kind is made.
-    let (p, c) = unsafe { (ProdRing::new(Arc::clone(&mem), base, layout), ConsRing::new(Arc::clone(&mem), base, layout)) };
-    // SAFETY: the flags word lies inside `mem`, which the returned handle keeps alive.
-    let flags = FakeFlags { _mem: mem, word: unsafe { base.add(128) }.cast() };
+    let (p, c) = unsafe {
+        (
+            ProdRing::new(Arc::clone(&mem), base, layout),
+            ConsRing::new(Arc::clone(&mem), base, layout),
+        )
+    };
+    // `wrapping_add` needs no unsafe: the word at offset 128 lies inside `mem`, which the
+    // returned handle keeps alive, so the pointer is valid whenever it is read.
+    let flags = FakeFlags {
+        _mem: mem,
+        word: base.wrapping_add(128).cast(),
+    };
     (p, c, flags)
 }
 
@@ -246,19 +274,30 @@ impl FakeFlags {
     pub fn set_need_wakeup(&self, on: bool) {
         // SAFETY: the word lives as long as `_mem`.
         let w = unsafe { &*self.word };
-        w.store(if on { libc::XDP_RING_NEED_WAKEUP } else { 0 }, Ordering::Relaxed);
+        w.store(
+            if on { libc::XDP_RING_NEED_WAKEUP } else { 0 },
+            Ordering::Relaxed,
+        );
     }
 }
 
 impl<T: Copy> fmt::Debug for ProdRing<T> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("ProdRing").field("size", &self.size()).field("prod", &self.prod).field("cons", &self.cons).finish()
+        f.debug_struct("ProdRing")
+            .field("size", &self.size())
+            .field("prod", &self.prod)
+            .field("cons", &self.cons)
+            .finish()
     }
 }
 
 impl<T: Copy> fmt::Debug for ConsRing<T> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("ConsRing").field("size", &self.size()).field("prod", &self.prod).field("cons", &self.cons).finish()
+        f.debug_struct("ConsRing")
+            .field("size", &self.size())
+            .field("prod", &self.prod)
+            .field("cons", &self.cons)
+            .finish()
     }
 }
 
@@ -304,14 +343,25 @@ mod tests {
         let (mut p, mut c, _) = fake_pair::<libc::xdp_desc>(4);
         assert_eq!(p.free(1), 4);
         for i in 0..4 {
-            p.write(i, libc::xdp_desc { addr: u64::from(i) * 2048, len: 60, options: 0 });
+            p.write(
+                i,
+                libc::xdp_desc {
+                    addr: u64::from(i) * 2048,
+                    len: 60,
+                    options: 0,
+                },
+            );
         }
         p.submit(4);
         assert_eq!(p.free(1), 0);
         assert_eq!(c.available(64), 4);
         assert_eq!(c.read(3).addr, 3 * 2048);
         c.release(2);
-        assert_eq!(p.free(1), 2, "the producer rereads the consumer index when it runs out");
+        assert_eq!(
+            p.free(1),
+            2,
+            "the producer rereads the consumer index when it runs out"
+        );
     }
 
     #[test]

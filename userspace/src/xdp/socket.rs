@@ -48,7 +48,11 @@ pub struct XskOptions {
 
 impl Default for XskOptions {
     fn default() -> Self {
-        Self { ring_size: 2048, need_wakeup: true, try_zero_copy: true }
+        Self {
+            ring_size: 2048,
+            need_wakeup: true,
+            try_zero_copy: true,
+        }
     }
 }
 
@@ -125,13 +129,24 @@ impl<'a> XskSocket<'a> {
         queue: u32,
         opts: XskOptions,
     ) -> Result<Self, XskError> {
-        let err = |step| move |source| XskError::Setup { step, queue, source };
+        let err = |step| {
+            move |source| XskError::Setup {
+                step,
+                queue,
+                source,
+            }
+        };
         if !opts.ring_size.is_power_of_two() {
-            return Err(XskError::Invalid(format!("ring size {} is not a power of two", opts.ring_size)));
+            return Err(XskError::Invalid(format!(
+                "ring size {} is not a power of two",
+                opts.ring_size
+            )));
         }
         let fs = arena.frame_size();
         if !fs.is_power_of_two() || !(2048..=4096).contains(&fs) {
-            return Err(XskError::Invalid(format!("frame size {fs} must be 2048 or 4096 (aligned UMEM chunks)")));
+            return Err(XskError::Invalid(format!(
+                "frame size {fs} must be 2048 or 4096 (aligned UMEM chunks)"
+            )));
         }
         let fd = sys::xsk_socket().map_err(err("socket"))?;
         let umem_len = u64::from(fs) * u64::from(arena.count());
@@ -146,33 +161,66 @@ impl<'a> XskSocket<'a> {
         // SAFETY: `xdp_umem_reg` is the option's type; the region it names outlives the
         // registration because the returned socket borrows `arena` (and the kernel pins the
         // pages for as long as the socket exists).
-        unsafe { sys::xdp_setsockopt(fd.as_fd(), libc::XDP_UMEM_REG, &reg) }.map_err(err("UMEM registration"))?;
-        for opt in [libc::XDP_UMEM_FILL_RING, libc::XDP_UMEM_COMPLETION_RING, libc::XDP_RX_RING] {
+        unsafe { sys::xdp_setsockopt(fd.as_fd(), libc::XDP_UMEM_REG, &reg) }
+            .map_err(err("UMEM registration"))?;
+        for opt in [
+            libc::XDP_UMEM_FILL_RING,
+            libc::XDP_UMEM_COMPLETION_RING,
+            libc::XDP_RX_RING,
+        ] {
             // SAFETY: ring-size options take a u32.
-            unsafe { sys::xdp_setsockopt(fd.as_fd(), opt, &opts.ring_size) }.map_err(err("ring sizing"))?;
+            unsafe { sys::xdp_setsockopt(fd.as_fd(), opt, &opts.ring_size) }
+                .map_err(err("ring sizing"))?;
         }
         // SAFETY: `xdp_mmap_offsets` is plain data, valid when zeroed.
-        let (off, len) = unsafe { sys::xdp_getsockopt::<libc::xdp_mmap_offsets>(fd.as_fd(), libc::XDP_MMAP_OFFSETS) }
-            .map_err(err("ring offsets"))?;
+        let (off, len) = unsafe {
+            sys::xdp_getsockopt::<libc::xdp_mmap_offsets>(fd.as_fd(), libc::XDP_MMAP_OFFSETS)
+        }
+        .map_err(err("ring offsets"))?;
         if len != size_of::<libc::xdp_mmap_offsets>() {
-            return Err(XskError::Invalid("kernel too old: no ring flags (needs Linux 5.4+)".into()));
+            return Err(XskError::Invalid(
+                "kernel too old: no ring flags (needs Linux 5.4+)".into(),
+            ));
         }
         let n = opts.ring_size as usize;
         let map = |pgoff: u64, o: &libc::xdp_ring_offset, elem: usize, step| {
             sys::mmap_ring(fd.as_fd(), pgoff, o.desc as usize + n * elem).map_err(err(step))
         };
         let fill_map = map(libc::XDP_UMEM_PGOFF_FILL_RING, &off.fr, 8, "mapping FILL")?;
-        let comp_map = map(libc::XDP_UMEM_PGOFF_COMPLETION_RING, &off.cr, 8, "mapping COMPLETION")?;
-        let rx_map = map(libc::XDP_PGOFF_RX_RING as u64, &off.rx, size_of::<libc::xdp_desc>(), "mapping RX")?;
-        let (fill_base, comp_base, rx_base) = (fill_map.as_ptr(), comp_map.as_ptr(), rx_map.as_ptr());
+        let comp_map = map(
+            libc::XDP_UMEM_PGOFF_COMPLETION_RING,
+            &off.cr,
+            8,
+            "mapping COMPLETION",
+        )?;
+        let rx_map = map(
+            libc::XDP_PGOFF_RX_RING as u64,
+            &off.rx,
+            size_of::<libc::xdp_desc>(),
+            "mapping RX",
+        )?;
+        let (fill_base, comp_base, rx_base) =
+            (fill_map.as_ptr(), comp_map.as_ptr(), rx_map.as_ptr());
         // SAFETY: each base is the start of its ring's live mapping (kept alive by the Arc),
         // laid out as the kernel reported in XDP_MMAP_OFFSETS, with `ring_size` entries; one
         // view per ring.
         let (mut fill, completion, rx) = unsafe {
             (
-                ProdRing::<u64>::new(Arc::new(RingMem::Mapped(fill_map)), fill_base, layout_of(&off.fr, opts.ring_size)),
-                ConsRing::<u64>::new(Arc::new(RingMem::Mapped(comp_map)), comp_base, layout_of(&off.cr, opts.ring_size)),
-                ConsRing::<libc::xdp_desc>::new(Arc::new(RingMem::Mapped(rx_map)), rx_base, layout_of(&off.rx, opts.ring_size)),
+                ProdRing::<u64>::new(
+                    Arc::new(RingMem::Mapped(fill_map)),
+                    fill_base,
+                    layout_of(&off.fr, opts.ring_size),
+                ),
+                ConsRing::<u64>::new(
+                    Arc::new(RingMem::Mapped(comp_map)),
+                    comp_base,
+                    layout_of(&off.cr, opts.ring_size),
+                ),
+                ConsRing::<libc::xdp_desc>::new(
+                    Arc::new(RingMem::Mapped(rx_map)),
+                    rx_base,
+                    layout_of(&off.rx, opts.ring_size),
+                ),
             )
         };
 
@@ -186,7 +234,11 @@ impl<'a> XskSocket<'a> {
         }
         fill.submit(n);
 
-        let wake = if opts.need_wakeup { libc::XDP_USE_NEED_WAKEUP } else { 0 };
+        let wake = if opts.need_wakeup {
+            libc::XDP_USE_NEED_WAKEUP
+        } else {
+            0
+        };
         let mut mode = BindMode::Copy;
         let mut bound = false;
         if opts.try_zero_copy {
@@ -195,14 +247,34 @@ impl<'a> XskSocket<'a> {
                     mode = BindMode::ZeroCopy;
                     bound = true;
                 }
-                Err(e) => warn!(queue, reason = %e, "zero-copy bind refused; falling back to copy mode"),
+                Err(e) => {
+                    warn!(queue, reason = %e, "zero-copy bind refused; falling back to copy mode")
+                }
             }
         }
         if !bound {
-            sys::xsk_bind(fd.as_fd(), ifindex, queue, libc::XDP_COPY | wake).map_err(err("bind"))?;
+            sys::xsk_bind(fd.as_fd(), ifindex, queue, libc::XDP_COPY | wake)
+                .map_err(err("bind"))?;
         }
-        info!(queue, mode = mode.label(), ring_size = opts.ring_size, frames = arena.count(), frame_size = fs, "AF_XDP socket bound");
-        Ok(Self { _umem: arena, fd, rx, fill, completion, mode, queue, frame_size: fs, umem_len })
+        info!(
+            queue,
+            mode = mode.label(),
+            ring_size = opts.ring_size,
+            frames = arena.count(),
+            frame_size = fs,
+            "AF_XDP socket bound"
+        );
+        Ok(Self {
+            _umem: arena,
+            fd,
+            rx,
+            fill,
+            completion,
+            mode,
+            queue,
+            frame_size: fs,
+            umem_len,
+        })
     }
 
     /// How the socket is bound.
@@ -231,7 +303,9 @@ impl<'a> XskSocket<'a> {
     /// The kernel's.
     pub fn stats(&self) -> io::Result<XskStats> {
         // SAFETY: `xdp_statistics` is plain data, valid when zeroed.
-        let (s, _) = unsafe { sys::xdp_getsockopt::<libc::xdp_statistics>(self.fd.as_fd(), libc::XDP_STATISTICS) }?;
+        let (s, _) = unsafe {
+            sys::xdp_getsockopt::<libc::xdp_statistics>(self.fd.as_fd(), libc::XDP_STATISTICS)
+        }?;
         Ok(XskStats {
             rx_dropped: s.rx_dropped,
             rx_invalid_descs: s.rx_invalid_descs,

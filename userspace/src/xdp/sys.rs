@@ -127,7 +127,11 @@ impl Drop for Mapping {
 }
 
 fn check(rc: libc::c_int) -> io::Result<()> {
-    if rc < 0 { Err(io::Error::last_os_error()) } else { Ok(()) }
+    if rc < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
 }
 
 /// `socket(AF_XDP, SOCK_RAW)`.
@@ -150,7 +154,13 @@ pub fn xsk_socket() -> io::Result<OwnedFd> {
 pub unsafe fn xdp_setsockopt<T>(fd: BorrowedFd<'_>, opt: libc::c_int, value: &T) -> io::Result<()> {
     // SAFETY: `value` is a live `T` of the size passed; the caller vouches for its meaning.
     let rc = unsafe {
-        libc::setsockopt(fd.as_raw_fd(), libc::SOL_XDP, opt, (value as *const T).cast(), size_of::<T>() as libc::socklen_t)
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_XDP,
+            opt,
+            (value as *const T).cast(),
+            size_of::<T>() as libc::socklen_t,
+        )
     };
     check(rc)
 }
@@ -166,7 +176,13 @@ pub unsafe fn xdp_getsockopt<T>(fd: BorrowedFd<'_>, opt: libc::c_int) -> io::Res
     let mut len = size_of::<T>() as libc::socklen_t;
     // SAFETY: `value` and `len` are live out-parameters of the sizes given.
     let rc = unsafe {
-        libc::getsockopt(fd.as_raw_fd(), libc::SOL_XDP, opt, (&raw mut value).cast(), &raw mut len)
+        libc::getsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_XDP,
+            opt,
+            (&raw mut value).cast(),
+            &raw mut len,
+        )
     };
     check(rc)?;
     Ok((value, len as usize))
@@ -212,7 +228,11 @@ pub fn xsk_bind(fd: BorrowedFd<'_>, ifindex: u32, queue: u32, flags: u16) -> io:
     };
     // SAFETY: `addr` is a valid sockaddr_xdp of the size passed.
     let rc = unsafe {
-        libc::bind(fd.as_raw_fd(), (&raw const addr).cast(), size_of::<libc::sockaddr_xdp>() as libc::socklen_t)
+        libc::bind(
+            fd.as_raw_fd(),
+            (&raw const addr).cast(),
+            size_of::<libc::sockaddr_xdp>() as libc::socklen_t,
+        )
     };
     check(rc)
 }
@@ -223,10 +243,22 @@ pub fn xsk_bind(fd: BorrowedFd<'_>, ifindex: u32, queue: u32, flags: u16) -> io:
 /// Anything but `EAGAIN`/`EBUSY`/`ENOBUFS`/`EINTR`, which only mean "nothing to do now".
 pub fn xsk_wakeup_rx(fd: BorrowedFd<'_>) -> io::Result<()> {
     // SAFETY: a zero-length, non-blocking receive with no buffer is the AF_XDP wake-up call.
-    let rc = unsafe { libc::recvfrom(fd.as_raw_fd(), core::ptr::null_mut(), 0, libc::MSG_DONTWAIT, core::ptr::null_mut(), core::ptr::null_mut()) };
+    let rc = unsafe {
+        libc::recvfrom(
+            fd.as_raw_fd(),
+            core::ptr::null_mut(),
+            0,
+            libc::MSG_DONTWAIT,
+            core::ptr::null_mut(),
+            core::ptr::null_mut(),
+        )
+    };
     if rc < 0 {
         let e = io::Error::last_os_error();
-        if !matches!(e.raw_os_error(), Some(libc::EAGAIN | libc::EBUSY | libc::ENOBUFS | libc::EINTR)) {
+        if !matches!(
+            e.raw_os_error(),
+            Some(libc::EAGAIN | libc::EBUSY | libc::ENOBUFS | libc::EINTR)
+        ) {
             return Err(e);
         }
     }
@@ -238,12 +270,20 @@ pub fn xsk_wakeup_rx(fd: BorrowedFd<'_>) -> io::Result<()> {
 /// # Errors
 /// Anything but `EINTR`.
 pub fn poll_in(fd: BorrowedFd<'_>, timeout_ms: i32) -> io::Result<bool> {
-    let mut p = libc::pollfd { fd: fd.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+    let mut p = libc::pollfd {
+        fd: fd.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
     // SAFETY: one valid pollfd.
     let rc = unsafe { libc::poll(&raw mut p, 1, timeout_ms) };
     if rc < 0 {
         let e = io::Error::last_os_error();
-        return if e.raw_os_error() == Some(libc::EINTR) { Ok(false) } else { Err(e) };
+        return if e.raw_os_error() == Some(libc::EINTR) {
+            Ok(false)
+        } else {
+            Err(e)
+        };
     }
     Ok(rc > 0)
 }
