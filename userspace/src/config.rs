@@ -47,6 +47,8 @@ pub enum ConfigError {
 pub struct Config {
     /// Frame limits.
     pub protocol: ProtocolConfig,
+    /// The AF_XDP data path.
+    pub xdp: XdpConfig,
     /// Ingest paths.
     pub ingest: IngestConfig,
     /// Event pool.
@@ -81,6 +83,68 @@ impl ProtocolConfig {
         Limits {
             max_frame_len: self.max_frame_len,
             max_topic_len: self.max_topic_len,
+        }
+    }
+}
+
+/// How to attach the XDP program.
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum AttachPolicy {
+    /// Native driver mode, then generic mode.
+    #[default]
+    Auto,
+    /// Native driver mode only.
+    Drv,
+    /// Generic (skb) mode only.
+    Skb,
+}
+
+/// `xdp:`
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(default, deny_unknown_fields)]
+pub struct XdpConfig {
+    /// `xdp.iface`; empty for none.
+    pub iface: String,
+    /// `xdp.queues`
+    pub queues: u32,
+    /// `xdp.port`
+    pub port: u16,
+    /// `xdp.object`
+    pub object: std::path::PathBuf,
+    /// `xdp.attach`
+    pub attach: AttachPolicy,
+    /// `xdp.zero_copy`
+    pub zero_copy: bool,
+    /// `xdp.need_wakeup`
+    pub need_wakeup: bool,
+    /// `xdp.ring_size`
+    pub ring_size: u32,
+    /// `xdp.frame_size`
+    pub frame_size: u32,
+    /// `xdp.frames`
+    pub frames: u32,
+    /// `xdp.batch`
+    pub batch: u32,
+    /// `xdp.allow_vlan`
+    pub allow_vlan: bool,
+}
+
+impl Default for XdpConfig {
+    fn default() -> Self {
+        Self {
+            iface: String::new(),
+            queues: 1,
+            port: eventstream_common::DEFAULT_UDP_PORT,
+            object: crate::xdp::DEFAULT_OBJECT.into(),
+            attach: AttachPolicy::Auto,
+            zero_copy: true,
+            need_wakeup: true,
+            ring_size: 2048,
+            frame_size: 2048,
+            frames: 8192,
+            batch: 64,
+            allow_vlan: true,
         }
     }
 }
@@ -213,6 +277,38 @@ impl Config {
             16 << 20,
             "7..=16777216",
         )?;
+        let x = &self.xdp;
+        check(
+            "xdp.queues",
+            x.queues,
+            1,
+            eventstream_common::MAX_QUEUES,
+            "1..=64",
+        )?;
+        check("xdp.port", x.port, 1, u16::MAX, "1..=65535")?;
+        check("xdp.ring_size", x.ring_size, 64, 16_384, "64..=16384")?;
+        if !x.ring_size.is_power_of_two() {
+            return Err(ConfigError::Invalid {
+                key: "xdp.ring_size",
+                value: x.ring_size.to_string(),
+                expected: "a power of two",
+            });
+        }
+        if x.frame_size != 2048 && x.frame_size != 4096 {
+            return Err(ConfigError::Invalid {
+                key: "xdp.frame_size",
+                value: x.frame_size.to_string(),
+                expected: "2048 or 4096",
+            });
+        }
+        check(
+            "xdp.frames",
+            x.frames,
+            x.ring_size,
+            1 << 20,
+            "ring_size..=1048576",
+        )?;
+        check("xdp.batch", x.batch, 1, 1024, "1..=1024")?;
         let u = &self.ingest.udp;
         check("ingest.udp.batch", u.batch, 1, 1024, "1..=1024")?;
         check(
@@ -284,6 +380,26 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("invalid socket address"), "{e}");
+    }
+
+    #[test]
+    fn xdp_section_is_checked() {
+        let e = Config::parse("xdp:\n  ring_size: 1000\n", "f").unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "xdp.ring_size: 1000 is out of range (a power of two)"
+        );
+        let e = Config::parse("xdp:\n  frame_size: 3000\n", "f").unwrap_err();
+        assert!(e.to_string().starts_with("xdp.frame_size: 3000"), "{e}");
+        let e = Config::parse("xdp:\n  attach: native\n", "f")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("unknown variant `native`"), "{e}");
+        let c = Config::parse("xdp:\n  iface: eth0\n  queues: 4\n  attach: skb\n", "f").unwrap();
+        assert_eq!(
+            (c.xdp.iface.as_str(), c.xdp.queues, c.xdp.attach),
+            ("eth0", 4, AttachPolicy::Skb)
+        );
     }
 
     #[test]

@@ -182,6 +182,29 @@ impl Drop for Lab {
     }
 }
 
+/// Moves the calling thread (and the threads it starts afterwards) into network namespace `ns`.
+///
+/// Unlike `ip netns exec`, this leaves the mount namespace alone, so `/sys/fs/bpf` is still the
+/// host's bpffs and pins made here outlive the process.
+///
+/// # Errors
+/// [`LabError::Setns`] when the namespace does not exist or cannot be entered.
+pub fn enter_netns(ns: &str) -> Result<(), LabError> {
+    let path = std::path::Path::new("/run/netns").join(ns);
+    let file = std::fs::File::open(&path).map_err(|source| LabError::Setns {
+        name: ns.into(),
+        source,
+    })?;
+    // SAFETY: setns(2) on a valid namespace fd changes only the calling thread's namespace.
+    if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+        return Err(LabError::Setns {
+            name: ns.into(),
+            source: io::Error::last_os_error(),
+        });
+    }
+    Ok(())
+}
+
 /// Runs `f` on a new thread inside network namespace `ns` and returns its result.
 ///
 /// # Errors

@@ -1,26 +1,36 @@
 //! The `eventstream` daemon.
 //!
-//! `eventstream run --config FILE` starts the pipeline. Until the AF_XDP path and the engine
-//! land, `run` is the kernel UDP path (the `--no-xdp` mode) feeding a consumer that counts and
-//! releases events: ingest → pool → MPSC queue → consumer, all of the foundation's hot path.
+//! `eventstream run --config FILE [--iface IF] [--queues N] [--no-xdp]` starts the pipeline:
+//! with an interface, one AF_XDP socket and pinned ingest thread per RX queue (UMEM on the NIC's
+//! NUMA node, the XDP program reused from `cargo xtask load` or loaded and owned here); without
+//! one, or where XDP cannot be had (no privileges, no interface, no AF_XDP), the kernel UDP
+//! socket with `recvmmsg`, announced in one log line that says why. Until the engine lands, a
+//! consumer thread stands in for dispatcher and workers: it checks and releases every event.
 //! SIGINT or SIGTERM (or `--duration`) stops ingest, drains the queue, and prints the
 //! reconciliation as one JSON line on stdout.
 
+use std::net::UdpSocket;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result};
+use anyhow::{Context, Result, anyhow};
+use aya::programs::links::FdLink;
 use clap::{Parser, Subcommand};
-use eventstream::config::Config;
-use eventstream::event::Event;
-use eventstream::frames::FrameArena;
-use eventstream::ingest::{IngestCounters, UdpIngest, bind_udp};
+use eventstream::config::{AttachPolicy, Config, XdpConfig as XdpSection};
+use eventstream::event::{Event, Source};
+use eventstream::frames::{FrameArena, FrameOwner};
+use eventstream::ingest::{IngestCounters, UdpIngest, XskIngest, bind_udp};
 use eventstream::mem::RegionOptions;
+use eventstream::numa::{self, Placement};
 use eventstream::pool::{EventPool, Pooled};
 use eventstream::protocol::RejectReason;
 use eventstream::ring::mpsc;
+use eventstream::xdp::socket::{XskOptions, XskSocket};
+use eventstream::xdp::{Pinned, XdpProgram, if_index};
+use eventstream_common::{AttachMode, XdpConfig};
+use serde_json::json;
 use tracing::{info, warn};
 
 #[derive(Parser)]
@@ -41,6 +51,12 @@ enum Cmd {
         /// Configuration file (YAML).
         #[arg(long, default_value = "config/eventstream.yaml")]
         config: PathBuf,
+        /// Serve this interface's RX queues with AF_XDP (overrides `xdp.iface`).
+        #[arg(long)]
+        iface: Option<String>,
+        /// Number of RX queues to serve (overrides `xdp.queues`).
+        #[arg(long)]
+        queues: Option<u32>,
         /// Use the kernel UDP socket even where XDP could attach.
         #[arg(long)]
         no_xdp: bool,
@@ -50,6 +66,9 @@ enum Cmd {
         /// Stop by itself after this many seconds (0: run until SIGINT/SIGTERM).
         #[arg(long, default_value_t = 0)]
         duration: u64,
+        /// Run in this network namespace (keeps the host's /sys/fs/bpf, unlike `ip netns exec`).
+        #[arg(long)]
+        netns: Option<String>,
     },
     /// Validate a configuration file and print it with defaults filled in.
     CheckConfig {
@@ -75,46 +94,198 @@ fn main() -> Result<()> {
         }
         Cmd::Run {
             config,
+            iface,
+            queues,
             no_xdp,
             udp_bind,
             duration,
+            netns,
         } => {
             let mut cfg = Config::load(&config)?;
+            if let Some(ns) = &netns {
+                eventstream::lab::enter_netns(ns)?;
+            }
             if let Some(addr) = udp_bind {
                 cfg.ingest.udp.bind = addr;
             }
+            if let Some(i) = iface {
+                cfg.xdp.iface = i;
+            }
+            if let Some(q) = queues {
+                cfg.xdp.queues = q;
+            }
+            cfg.validate()?;
             run(&cfg, no_xdp, duration)
         }
     }
 }
 
-/// What the consumer saw.
-#[derive(Default)]
-struct Delivered {
-    events: AtomicU64,
-    payload_bytes: AtomicU64,
+/// The XDP program this daemon steers with: pinned by `cargo xtask load` (left in place at
+/// exit), or loaded here and owned through its `bpf_link` (detached by the kernel at exit).
+enum Program {
+    Pinned,
+    Owned { program: XdpProgram, _link: FdLink },
+}
+
+/// The AF_XDP data path, set up before any thread starts (privileged work first).
+struct XskSetup<'a> {
+    program: Program,
+    attach: AttachMode,
+    queues: Vec<(XskSocket<'a>, FrameOwner<'a>)>,
+    cpus: Vec<u32>,
+}
+
+fn attach_program(x: &XdpSection) -> Result<(Program, AttachMode)> {
+    if Pinned::list().contains(&x.iface) {
+        let pinned = Pinned::open(&x.iface)?;
+        if !pinned.attached {
+            return Err(anyhow!(
+                "a program is pinned for {} but not attached: `cargo xtask unload --iface {0}`",
+                x.iface
+            ));
+        }
+        let mode = AttachMode::from_u8(pinned.config.attach_mode);
+        info!(iface = %x.iface, mode = mode.label(), port = pinned.config.udp_port, "reusing the XDP program pinned by `cargo xtask load`");
+        return Ok((Program::Pinned, mode));
+    }
+    let mut program = XdpProgram::load(&x.object)?;
+    let modes: &[AttachMode] = match x.attach {
+        AttachPolicy::Auto => &[AttachMode::Driver, AttachMode::Skb],
+        AttachPolicy::Drv => &[AttachMode::Driver],
+        AttachPolicy::Skb => &[AttachMode::Skb],
+    };
+    let mut last = None;
+    for &mode in modes {
+        match program.attach(&x.iface, mode) {
+            Ok(link) => {
+                program.configure(XdpConfig {
+                    udp_port: x.port,
+                    allow_vlan: u8::from(x.allow_vlan),
+                    attach_mode: mode as u8,
+                })?;
+                info!(iface = %x.iface, mode = mode.label(), port = x.port, "XDP program attached (owned by this process)");
+                return Ok((
+                    Program::Owned {
+                        program,
+                        _link: link,
+                    },
+                    mode,
+                ));
+            }
+            Err(e) => {
+                if e.is_permission() {
+                    return Err(e.into());
+                }
+                warn!(iface = %x.iface, mode = mode.label(), reason = %e, "XDP attach refused");
+                last = Some(e);
+            }
+        }
+    }
+    Err(last.map_or_else(|| anyhow!("no attach mode allowed"), Into::into))
+}
+
+fn setup_xsk<'a>(x: &XdpSection, arenas: &'a [FrameArena]) -> Result<XskSetup<'a>> {
+    let ifindex = if_index(&x.iface)?;
+    let (mut program, attach) = attach_program(x)?;
+    let opts = XskOptions {
+        ring_size: x.ring_size,
+        need_wakeup: x.need_wakeup,
+        try_zero_copy: x.zero_copy,
+    };
+    let mut queues = Vec::with_capacity(arenas.len());
+    for (q, arena) in arenas.iter().enumerate() {
+        let mut owner = arena.owner().expect("fresh arena");
+        let sock = XskSocket::new(arena, &mut owner, ifindex, q as u32, opts)?;
+        match &mut program {
+            Program::Pinned => {
+                Pinned::register_socket(&x.iface, q as u32, std::os::fd::AsRawFd::as_raw_fd(&sock))?
+            }
+            Program::Owned { program, .. } => {
+                program.register_socket(q as u32, std::os::fd::AsRawFd::as_raw_fd(&sock))?
+            }
+        }
+        queues.push((sock, owner));
+    }
+    let node = numa::iface_node(&x.iface).ok().flatten();
+    let cpus = node.map_or_else(numa::online_cpus, numa::node_cpus);
+    match node {
+        Some(n) => {
+            info!(iface = %x.iface, node = n, ?cpus, "ingest threads and UMEM on the NIC's NUMA node")
+        }
+        None => {
+            info!(iface = %x.iface, ?cpus, "the NIC reports no NUMA node (one-node machine or virtual device)")
+        }
+    }
+    Ok(XskSetup {
+        program,
+        attach,
+        queues,
+        cpus,
+    })
 }
 
 fn run(cfg: &Config, no_xdp: bool, duration: u64) -> Result<()> {
-    if no_xdp {
+    let x = &cfg.xdp;
+    // Decide the ingest path, and say why in one line when it is kernel UDP.
+    let want_xdp = if no_xdp {
         info!("--no-xdp: kernel UDP ingest (recvmmsg)");
+        false
+    } else if x.iface.is_empty() {
+        info!("xdp.iface is not set: kernel UDP ingest (recvmmsg)");
+        false
     } else {
-        info!("the AF_XDP path is not built yet: kernel UDP ingest (recvmmsg) serves instead");
-    }
+        true
+    };
+    let node = if want_xdp {
+        numa::iface_node(&x.iface).ok().flatten()
+    } else {
+        None
+    };
+    let umem_opts = RegionOptions {
+        hugepages: true,
+        placement: node.map_or(Placement::Any, Placement::Node),
+    };
+    let arenas: Vec<FrameArena> = if want_xdp {
+        (0..x.queues)
+            .map(|_| FrameArena::new(x.frame_size, x.frames, umem_opts))
+            .collect::<Result<_, _>>()?
+    } else {
+        Vec::new()
+    };
+    let xsk = if want_xdp {
+        match setup_xsk(x, &arenas) {
+            Ok(s) => Some(s),
+            Err(e) => {
+                warn!("AF_XDP unavailable ({e:#}); falling back to kernel UDP ingest (recvmmsg)");
+                None
+            }
+        }
+    } else {
+        None
+    };
+
     let u = &cfg.ingest.udp;
-    let socket = bind_udp(u.bind, u.socket_buffer)
-        .with_context(|| format!("binding UDP {} (ingest.udp.bind)", u.bind))?;
-    let local = socket.local_addr()?;
-    let arena = FrameArena::new(
-        u.frame_size,
-        u.frames,
-        RegionOptions {
-            hugepages: true,
-            ..Default::default()
-        },
-    )?;
-    info!(frames = u.frames, frame_size = u.frame_size, pages = ?arena.region().pages(), "receive frames mapped");
-    let pool: EventPool<Event<'_>> = EventPool::new(cfg.pool.capacity);
+    let mut udp: Option<(UdpSocket, FrameArena)> = None;
+    if xsk.is_none() {
+        let socket = bind_udp(u.bind, u.socket_buffer)
+            .with_context(|| format!("binding UDP {} (ingest.udp.bind)", u.bind))?;
+        let arena = FrameArena::new(
+            u.frame_size,
+            u.frames,
+            RegionOptions {
+                hugepages: true,
+                ..Default::default()
+            },
+        )?;
+        info!(addr = %socket.local_addr()?, frames = u.frames, pages = ?arena.region().pages(), "kernel UDP ingest bound");
+        println!("listening udp {}", socket.local_addr()?);
+        udp = Some((socket, arena));
+    }
+    let producers = xsk.as_ref().map_or(1, |s| s.queues.len());
+    let pools: Vec<EventPool<Event<'_>>> = (0..producers)
+        .map(|_| EventPool::new(cfg.pool.capacity))
+        .collect();
+    let counters: Vec<IngestCounters> = (0..producers).map(|_| IngestCounters::default()).collect();
     let (tx, mut rx) = mpsc::channel::<Pooled<'_, Event<'_>>>(cfg.queue.capacity);
 
     let stop = Arc::new(AtomicBool::new(false));
@@ -123,39 +294,86 @@ fn run(cfg: &Config, no_xdp: bool, duration: u64) -> Result<()> {
             .context("installing signal handlers")?;
     }
     let ingest_stop = AtomicBool::new(false);
-    let ingest_done = AtomicBool::new(false);
-    let counters = IngestCounters::default();
-    let delivered = Delivered::default();
-    // Printed for scripts and tests that bind port 0.
-    println!("listening udp {local}");
+    let ingest_running = AtomicU64::new(producers as u64);
+    let delivered = (AtomicU64::new(0), AtomicU64::new(0));
+    let source = if xsk.is_some() {
+        Source::Xsk
+    } else {
+        Source::Udp
+    };
+    let (attach, bind_modes) = xsk.as_ref().map_or((None, Vec::new()), |s| {
+        (
+            Some(s.attach),
+            s.queues
+                .iter()
+                .map(|(sock, _)| sock.mode().label())
+                .collect(),
+        )
+    });
 
+    let mut program = None;
     std::thread::scope(|s| -> Result<()> {
-        let ingest = s.spawn(|| {
-            let mut frames = arena.owner().expect("one owner");
-            let mut acquirer = pool.acquirer().expect("one acquirer");
-            let job = UdpIngest {
-                socket: &socket,
-                batch: u.batch,
-                limits: cfg.protocol.limits(),
-                stop: &ingest_stop,
-                counters: &counters,
-            };
-            let r = job.run(&mut frames, &mut acquirer, &tx);
-            ingest_done.store(true, Ordering::Release);
-            r
-        });
+        let mut ingest = Vec::new();
+        if let Some(setup) = xsk {
+            program = Some(setup.program);
+            for (q, ((mut sock, mut owner), pool)) in
+                setup.queues.into_iter().zip(&pools).enumerate()
+            {
+                let cpu = setup.cpus[q % setup.cpus.len()];
+                let (counters, ingest_stop, ingest_running, tx) =
+                    (&counters[q], &ingest_stop, &ingest_running, &tx);
+                let job = XskIngest {
+                    batch: x.batch,
+                    limits: cfg.protocol.limits(),
+                    stop: ingest_stop,
+                    idle_poll: Duration::from_millis(100),
+                    counters,
+                };
+                let h = std::thread::Builder::new().name(format!("ingest-q{q}")).spawn_scoped(s, move || {
+                    match numa::pin_current_thread(cpu) {
+                        Ok(()) => info!(queue = q, cpu, "ingest thread pinned"),
+                        Err(e) => warn!(queue = q, cpu, reason = %e, "could not pin the ingest thread"),
+                    }
+                    let mut acq = pool.acquirer().expect("one acquirer per pool");
+                    let r = job.run(&mut sock, &mut owner, &mut acq, tx);
+                    ingest_running.fetch_sub(1, Ordering::AcqRel);
+                    r
+                })?;
+                ingest.push(h);
+            }
+        }
+        if let Some((socket, arena)) = &udp {
+            let (counters, pool) = (&counters[0], &pools[0]);
+            let (ingest_stop, ingest_running, tx) = (&ingest_stop, &ingest_running, &tx);
+            ingest.push(
+                std::thread::Builder::new()
+                    .name("ingest-udp".into())
+                    .spawn_scoped(s, move || {
+                        let mut frames = arena.owner().expect("one owner");
+                        let mut acq = pool.acquirer().expect("one acquirer");
+                        let job = UdpIngest {
+                            socket,
+                            batch: u.batch,
+                            limits: cfg.protocol.limits(),
+                            stop: ingest_stop,
+                            counters,
+                        };
+                        let r = job.run(&mut frames, &mut acq, tx);
+                        ingest_running.fetch_sub(1, Ordering::AcqRel);
+                        r
+                    })?,
+            );
+        }
+        // Stand-in for dispatcher and workers until the engine lands: count and release.
         s.spawn(|| {
             let (mut events, mut bytes) = (0u64, 0u64);
             loop {
-                let n = rx.pop_batch(256, |ev| {
-                    bytes += ev.payload().len() as u64;
-                    drop(ev);
-                });
+                let n = rx.pop_batch(256, |ev| bytes += ev.payload().len() as u64);
                 events += n as u64;
                 if n == 0 {
-                    delivered.events.store(events, Ordering::Relaxed);
-                    delivered.payload_bytes.store(bytes, Ordering::Relaxed);
-                    if ingest_done.load(Ordering::Acquire) && rx.is_empty() {
+                    delivered.0.store(events, Ordering::Relaxed);
+                    delivered.1.store(bytes, Ordering::Relaxed);
+                    if ingest_running.load(Ordering::Acquire) == 0 && rx.is_empty() {
                         break;
                     }
                     std::thread::sleep(Duration::from_micros(50));
@@ -165,16 +383,25 @@ fn run(cfg: &Config, no_xdp: bool, duration: u64) -> Result<()> {
 
         let start = Instant::now();
         let mut last = (start, 0u64);
-        while !stop.load(Ordering::Relaxed) && !ingest_done.load(Ordering::Acquire) {
+        let total = |f: fn(&IngestCounters) -> &AtomicU64| {
+            counters
+                .iter()
+                .map(|c| f(c).load(Ordering::Relaxed))
+                .sum::<u64>()
+        };
+        while !stop.load(Ordering::Relaxed)
+            && ingest_running.load(Ordering::Acquire) == producers as u64
+        {
             std::thread::sleep(Duration::from_millis(100));
             if duration > 0 && start.elapsed() >= Duration::from_secs(duration) {
                 break;
             }
             let now = Instant::now();
             if now.duration_since(last.0) >= Duration::from_secs(1) {
-                let ev = counters.events.load(Ordering::Relaxed);
+                let ev = total(|c| &c.events);
                 let rate = (ev - last.1) as f64 / now.duration_since(last.0).as_secs_f64();
                 info!(
+                    source = source.as_str(),
                     events = ev,
                     rate = format!("{rate:.0}/s"),
                     queue = tx.len(),
@@ -185,25 +412,55 @@ fn run(cfg: &Config, no_xdp: bool, duration: u64) -> Result<()> {
         }
         info!("stopping: ingest closes, queue drains");
         ingest_stop.store(true, Ordering::Relaxed);
-        match ingest.join() {
-            Ok(r) => r.context("UDP ingest")?,
-            Err(_) => warn!("ingest thread panicked"),
+        for h in ingest {
+            match h.join() {
+                Ok(r) => r.context("ingest")?,
+                Err(_) => warn!("an ingest thread panicked"),
+            }
         }
         Ok(())
     })?;
 
+    let sum = |f: fn(&IngestCounters) -> &AtomicU64| {
+        counters
+            .iter()
+            .map(|c| f(c).load(Ordering::Relaxed))
+            .sum::<u64>()
+    };
     let mut rejected = serde_json::Map::new();
     for r in RejectReason::ALL {
-        rejected.insert(r.as_str().to_owned(), counters.rejected(r).into());
+        rejected.insert(
+            r.as_str().to_owned(),
+            counters.iter().map(|c| c.rejected(r)).sum::<u64>().into(),
+        );
     }
-    let report = serde_json::json!({
-        "received_datagrams": counters.datagrams.load(Ordering::Relaxed),
-        "received_bytes": counters.bytes.load(Ordering::Relaxed),
-        "accepted_events": counters.events.load(Ordering::Relaxed),
-        "delivered_events": delivered.events.load(Ordering::Relaxed),
-        "delivered_payload_bytes": delivered.payload_bytes.load(Ordering::Relaxed),
+    let mut report = json!({
+        "source": source.as_str(),
+        "received_datagrams": sum(|c| &c.datagrams),
+        "received_bytes": sum(|c| &c.bytes),
+        "accepted_events": sum(|c| &c.events),
+        "delivered_events": delivered.0.load(Ordering::Relaxed),
+        "delivered_payload_bytes": delivered.1.load(Ordering::Relaxed),
         "rejected": rejected,
     });
+    if let Some(attach) = attach {
+        let verdicts = match &program {
+            Some(Program::Owned { program, .. }) => program.stats().ok(),
+            _ => Pinned::open(&x.iface).ok().map(|p| p.stats),
+        };
+        report["xsk"] = json!({
+            "iface": x.iface,
+            "attach": attach.label(),
+            "bind": bind_modes,
+            "invalid_descs": sum(|c| &c.invalid_descs),
+            "bad_packets": sum(|c| &c.bad_packets),
+            "rx_dropped": sum(|c| &c.xsk_rx_dropped),
+            "rx_invalid_descs": sum(|c| &c.xsk_rx_invalid_descs),
+            "rx_ring_full": sum(|c| &c.xsk_rx_ring_full),
+            "rx_fill_ring_empty_descs": sum(|c| &c.xsk_rx_fill_ring_empty_descs),
+            "verdicts": verdicts.map(|v| v.labelled().map(|(k, n)| (k.to_owned(), json!(n))).collect::<serde_json::Map<_, _>>()),
+        });
+    }
     println!("{report}");
     Ok(())
 }

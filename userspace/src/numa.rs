@@ -72,6 +72,52 @@ pub fn iface_node(iface: &str) -> io::Result<Option<u32>> {
         .and_then(|n| u32::try_from(n).ok()))
 }
 
+/// Online CPUs, from `/sys/devices/system/cpu/online` (falling back to `0..available`).
+pub fn online_cpus() -> Vec<u32> {
+    fs::read_to_string("/sys/devices/system/cpu/online")
+        .ok()
+        .and_then(|s| parse_cpu_list(s.trim()))
+        .filter(|v| !v.is_empty())
+        .unwrap_or_else(|| {
+            let n = std::thread::available_parallelism().map_or(1, |n| n.get());
+            (0..n as u32).collect()
+        })
+}
+
+/// The CPUs of NUMA node `node` (all online CPUs when the node is unknown to sysfs).
+pub fn node_cpus(node: u32) -> Vec<u32> {
+    fs::read_to_string(format!("/sys/devices/system/node/node{node}/cpulist"))
+        .ok()
+        .and_then(|s| parse_cpu_list(s.trim()))
+        .filter(|v| !v.is_empty())
+        .unwrap_or_else(online_cpus)
+}
+
+/// Pins the calling thread to `cpu`.
+///
+/// # Errors
+/// `EINVAL` for a CPU that is offline or outside the process's allowed set.
+pub fn pin_current_thread(cpu: u32) -> io::Result<()> {
+    #[cfg(all(target_os = "linux", not(miri)))]
+    {
+        // SAFETY: cpu_set_t is plain data; all-zero is the empty set.
+        let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+        // SAFETY: CPU_SET writes one bit of `set`; out-of-range CPUs are ignored by the macro.
+        unsafe { libc::CPU_SET(cpu as usize, &mut set) };
+        // SAFETY: pid 0 is the calling thread; `set` is a valid cpu_set_t of the size given.
+        let rc = unsafe { libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &set) };
+        if rc != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+    #[cfg(not(all(target_os = "linux", not(miri))))]
+    {
+        let _ = cpu;
+        Err(io::ErrorKind::Unsupported.into())
+    }
+}
+
 /// Parses a kernel list such as `0-3,8,10-11`.
 pub fn parse_cpu_list(s: &str) -> Option<Vec<u32>> {
     let mut out = Vec::new();

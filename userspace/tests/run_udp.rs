@@ -119,3 +119,30 @@ fn bad_config_and_busy_port_are_clear_errors() {
     assert!(!err.contains("panicked"), "{err}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn missing_interface_falls_back_to_kernel_udp_with_one_clear_line() {
+    let dir = std::env::temp_dir().join(format!("es-fb-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let cfg = dir.join("c.yaml");
+    std::fs::write(&cfg, "ingest:\n  udp:\n    bind: \"127.0.0.1:0\"\n").unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_eventstream"))
+        .args(["run", "--iface", "nosuch0", "--duration", "1", "--config"])
+        .arg(&cfg)
+        .env("NO_COLOR", "1")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    let lines: Vec<_> = err.lines().filter(|l| l.contains("falling back")).collect();
+    assert_eq!(lines.len(), 1, "{err}");
+    assert!(
+        lines[0].contains("no network interface \"nosuch0\""),
+        "{}",
+        lines[0]
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let report: serde_json::Value = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
+    assert_eq!(report["source"], "udp");
+    let _ = std::fs::remove_dir_all(&dir);
+}

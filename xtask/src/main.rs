@@ -3,6 +3,8 @@
 //! - `build-ebpf`: builds the XDP program for `bpfel-unknown-none` (installing nightly's rust-src
 //!   and bpf-linker when they are missing) and checks the object has the program and maps the
 //!   daemon expects.
+//! - `load | unload | status`: the XDP program on an interface, pinned under bpffs.
+//! - `lab up | down`: the netns + veth lab.
 //! - `microbench`: runs the criterion benches N times and writes the side-by-side table
 //!   (PERF.md): JSON, Markdown, and optionally the README's performance section.
 
@@ -14,6 +16,7 @@ use clap::{Parser, Subcommand};
 
 mod ebpf;
 mod microbench;
+mod xdp;
 
 #[derive(Parser)]
 #[command(
@@ -21,6 +24,10 @@ mod microbench;
     about = "EventStreamCore developer and operator tasks"
 )]
 struct Cli {
+    /// Run in this network namespace (as made by `ip netns add` or `lab up`). Unlike
+    /// `ip netns exec`, this keeps the host's /sys/fs/bpf, so pins outlive the command.
+    #[arg(long, global = true)]
+    netns: Option<String>,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -35,16 +42,66 @@ enum Cmd {
     },
     /// Run the criterion benches several times; write JSON and a Markdown table of ratios.
     Microbench(microbench::Args),
+    /// Attach the XDP program to an interface and pin it under /sys/fs/bpf/eventstream/IF.
+    Load(xdp::LoadArgs),
+    /// Detach the pinned program from an interface and remove its pins.
+    Unload {
+        /// Interface.
+        #[arg(long)]
+        iface: String,
+    },
+    /// Show what is attached where, in which mode, with the verdict counters.
+    Status,
+    /// The netns + veth lab: `up` makes it, `down` removes it.
+    Lab {
+        /// `up` or `down`.
+        action: String,
+        /// Name prefix of the two namespaces (`<name>-tx`, `<name>-rx`).
+        #[arg(long, default_value = "eslab")]
+        name: String,
+    },
 }
 
 fn main() -> Result<()> {
-    match Cli::parse().cmd {
+    let cli = Cli::parse();
+    if let Some(ns) = &cli.netns {
+        eventstream::lab::enter_netns(ns)?;
+    }
+    match cli.cmd {
         Cmd::BuildEbpf { no_install } => {
             let obj = ebpf::build(&workspace_root(), !no_install)?;
             println!("{}", obj.display());
             Ok(())
         }
         Cmd::Microbench(args) => microbench::main(&workspace_root(), &args),
+        Cmd::Load(args) => xdp::load(&workspace_root(), &args),
+        Cmd::Unload { iface } => xdp::unload(&iface),
+        Cmd::Status => xdp::status(),
+        Cmd::Lab { action, name } => lab(&action, &name),
+    }
+}
+
+fn lab(action: &str, name: &str) -> Result<()> {
+    use eventstream::lab::{Lab, RX_ADDR, RX_IF, TX_ADDR, TX_IF};
+    match action {
+        "up" => {
+            let lab = Lab::up(name)?;
+            println!(
+                "lab up: netns {} ({TX_IF} {TX_ADDR}) <-> netns {} ({RX_IF} {RX_ADDR})",
+                lab.tx_ns, lab.rx_ns
+            );
+            lab.keep();
+            Ok(())
+        }
+        "down" => {
+            if Lab::down(name) {
+                println!("lab {name} removed");
+            } else {
+                println!("no lab {name}");
+            }
+            Ok(())
+        }
+        other => bail!("lab {other}: expected up or down"),
     }
 }
 

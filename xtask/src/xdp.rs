@@ -1,0 +1,127 @@
+//! `cargo xtask load | unload | status`: the XDP program on an interface, pinned under bpffs so
+//! it outlives the command, and what is attached where.
+
+use std::path::Path;
+
+use anyhow::{Context, Result, bail};
+use eventstream::xdp::{Pinned, XdpProgram, ensure_bpffs, pin_dir};
+use eventstream_common::{AttachMode, DEFAULT_UDP_PORT, XdpConfig};
+
+#[derive(clap::Args)]
+pub struct LoadArgs {
+    /// Interface to attach to.
+    #[arg(long)]
+    iface: String,
+    /// `drv` (native), `skb` (generic), or `auto` (native, then generic).
+    #[arg(long, default_value = "auto")]
+    mode: String,
+    /// UDP port to steer into AF_XDP sockets.
+    #[arg(long, default_value_t = DEFAULT_UDP_PORT)]
+    port: u16,
+    /// Do not steer VLAN-tagged frames.
+    #[arg(long)]
+    no_vlan: bool,
+    /// The object (default: build it first).
+    #[arg(long)]
+    object: Option<std::path::PathBuf>,
+}
+
+pub fn load(root: &Path, a: &LoadArgs) -> Result<()> {
+    let modes: &[AttachMode] = match a.mode.as_str() {
+        "auto" => &[AttachMode::Driver, AttachMode::Skb],
+        "drv" => &[AttachMode::Driver],
+        "skb" => &[AttachMode::Skb],
+        other => bail!("--mode {other}: expected drv, skb or auto"),
+    };
+    if a.port == 0 {
+        bail!("--port 0: expected 1..=65535");
+    }
+    if Pinned::list().contains(&a.iface) {
+        bail!(
+            "a program is already pinned for {}: `cargo xtask unload --iface {0}` first",
+            a.iface
+        );
+    }
+    let object = match &a.object {
+        Some(p) => p.clone(),
+        None => crate::ebpf::build(root, true)?,
+    };
+    ensure_bpffs()?;
+    let mut prog = XdpProgram::load(&object)?;
+    let mut attached = None;
+    for &mode in modes {
+        match prog.attach(&a.iface, mode) {
+            Ok(link) => {
+                attached = Some((link, mode));
+                break;
+            }
+            Err(e) if e.is_permission() => return Err(e.into()),
+            Err(e) => eprintln!("{} mode refused on {}: {e}", mode.label(), a.iface),
+        }
+    }
+    let Some((link, mode)) = attached else {
+        bail!("could not attach to {} in any allowed mode", a.iface)
+    };
+    prog.configure(XdpConfig {
+        udp_port: a.port,
+        allow_vlan: u8::from(!a.no_vlan),
+        attach_mode: mode as u8,
+    })?;
+    prog.pin(&a.iface, link)
+        .with_context(|| format!("pinning under {}", pin_dir(&a.iface).display()))?;
+    println!(
+        "attached to {} in {} mode, steering UDP port {}; pinned under {}",
+        a.iface,
+        mode.label(),
+        a.port,
+        pin_dir(&a.iface).display()
+    );
+    Ok(())
+}
+
+pub fn unload(iface: &str) -> Result<()> {
+    if Pinned::remove(iface)? {
+        println!(
+            "detached from {iface} and removed {}",
+            pin_dir(iface).display()
+        );
+    } else {
+        println!("nothing pinned for {iface}");
+    }
+    Ok(())
+}
+
+pub fn status() -> Result<()> {
+    let ifaces = Pinned::list();
+    if ifaces.is_empty() {
+        println!("no XDP program pinned (cargo xtask load --iface IF)");
+        return Ok(());
+    }
+    for iface in ifaces {
+        match Pinned::open(&iface) {
+            Ok(p) => {
+                let mode = AttachMode::from_u8(p.config.attach_mode);
+                println!(
+                    "{iface}: {} in {} mode, UDP port {}, VLAN {}",
+                    if p.attached {
+                        "attached"
+                    } else {
+                        "NOT attached (stale pins)"
+                    },
+                    mode.label(),
+                    p.config.udp_port,
+                    if p.config.allow_vlan != 0 {
+                        "steered"
+                    } else {
+                        "passed"
+                    },
+                );
+                for (label, n) in p.stats.labelled() {
+                    println!("  {label:<16} {n}");
+                }
+            }
+            Err(e) => println!("{iface}: unreadable pins: {e}"),
+        }
+    }
+    Ok(())
+}
