@@ -14,12 +14,12 @@ use crate::protocol::Limits;
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     /// The file could not be read.
-    #[error("reading {path}: {source}")]
+    #[error("reading {path}: {reason}")]
     Read {
         /// The file.
         path: String,
         /// The OS error.
-        source: std::io::Error,
+        reason: std::io::Error,
     },
     /// The YAML did not parse or did not match the schema.
     #[error("{path}: {message}")]
@@ -239,9 +239,9 @@ impl Config {
     /// [`ConfigError`] naming the file, or the key and the bad value.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
         let shown = path.display().to_string();
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        let text = std::fs::read_to_string(path).map_err(|reason| ConfigError::Read {
             path: shown.clone(),
-            source,
+            reason,
         })?;
         Self::parse(&text, &shown)
     }

@@ -34,12 +34,12 @@ pub enum ArenaError {
     #[error("invalid arena geometry: {0}")]
     Geometry(&'static str),
     /// The memory could not be mapped.
-    #[error("mapping {bytes} bytes for frames: {source}")]
+    #[error("mapping {bytes} bytes for frames: {reason}")]
     Map {
         /// Bytes asked for.
         bytes: usize,
         /// The kernel's reason.
-        source: io::Error,
+        reason: io::Error,
     },
 }
 
@@ -75,7 +75,7 @@ impl FrameArena {
             .checked_mul(count as usize)
             .ok_or(ArenaError::Geometry("arena size overflows"))?;
         let region =
-            Region::new(bytes, opts).map_err(|source| ArenaError::Map { bytes, source })?;
+            Region::new(bytes, opts).map_err(|reason| ArenaError::Map { bytes, reason })?;
         let returns = MpscQueue::new(count as usize);
         for i in 0..count {
             // Cannot fail: the queue holds at least `count` items.

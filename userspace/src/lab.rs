@@ -49,12 +49,12 @@ pub enum LabError {
     #[error("creating network namespaces needs root (CAP_SYS_ADMIN): {0}")]
     NotPermitted(String),
     /// Entering a namespace failed.
-    #[error("entering netns {name}: {source}")]
+    #[error("entering netns {name}: {reason}")]
     Setns {
         /// The namespace.
         name: String,
         /// The kernel's reason.
-        source: io::Error,
+        reason: io::Error,
     },
 }
 
@@ -191,15 +191,15 @@ impl Drop for Lab {
 /// [`LabError::Setns`] when the namespace does not exist or cannot be entered.
 pub fn enter_netns(ns: &str) -> Result<(), LabError> {
     let path = std::path::Path::new("/run/netns").join(ns);
-    let file = std::fs::File::open(&path).map_err(|source| LabError::Setns {
+    let file = std::fs::File::open(&path).map_err(|reason| LabError::Setns {
         name: ns.into(),
-        source,
+        reason,
     })?;
     // SAFETY: setns(2) on a valid namespace fd changes only the calling thread's namespace.
     if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
         return Err(LabError::Setns {
             name: ns.into(),
-            source: io::Error::last_os_error(),
+            reason: io::Error::last_os_error(),
         });
     }
     Ok(())
@@ -214,9 +214,9 @@ pub fn enter_netns(ns: &str) -> Result<(), LabError> {
 /// If `f` panics (the panic is propagated).
 pub fn in_netns<T: Send>(ns: &str, f: impl FnOnce() -> T + Send) -> Result<T, LabError> {
     let path = std::path::Path::new("/run/netns").join(ns);
-    let file = std::fs::File::open(&path).map_err(|source| LabError::Setns {
+    let file = std::fs::File::open(&path).map_err(|reason| LabError::Setns {
         name: ns.into(),
-        source,
+        reason,
     })?;
     std::thread::scope(|s| {
         s.spawn(|| {
@@ -225,7 +225,7 @@ pub fn in_netns<T: Send>(ns: &str, f: impl FnOnce() -> T + Send) -> Result<T, La
             if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
                 return Err(LabError::Setns {
                     name: ns.into(),
-                    source: io::Error::last_os_error(),
+                    reason: io::Error::last_os_error(),
                 });
             }
             Ok(f())

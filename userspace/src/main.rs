@@ -244,6 +244,7 @@ fn run(cfg: &Config, no_xdp: bool, duration: u64) -> Result<()> {
     let umem_opts = RegionOptions {
         hugepages: true,
         placement: node.map_or(Placement::Any, Placement::Node),
+        lock: true,
     };
     let arenas: Vec<FrameArena> = if want_xdp {
         (0..x.queues)
@@ -252,6 +253,10 @@ fn run(cfg: &Config, no_xdp: bool, duration: u64) -> Result<()> {
     } else {
         Vec::new()
     };
+    if let Some(a) = arenas.first() {
+        let r = a.region();
+        info!(queues = arenas.len(), bytes_each = r.len(), pages = ?r.pages(), numa = ?r.numa(), locked = ?r.locked(), "UMEM mapped");
+    }
     let xsk = if want_xdp {
         match setup_xsk(x, &arenas) {
             Ok(s) => Some(s),

@@ -33,6 +33,8 @@ pub struct RegionOptions {
     pub hugepages: bool,
     /// NUMA node for the memory.
     pub placement: Placement,
+    /// `mlock` the pages (AF_XDP UMEM), so they are never swapped or migrated under the NIC.
+    pub lock: bool,
 }
 
 /// An owned, page-aligned, zero-initialised memory region.
@@ -41,6 +43,8 @@ pub struct Region {
     len: usize,
     pages: PageKind,
     numa: numa::Outcome,
+    /// `Some(Ok)` locked, `Some(Err)` the lock was refused (reported, not fatal), `None` not asked.
+    locked: Option<Result<(), String>>,
 }
 
 // SAFETY: `Region` owns its mapping like a `Box<[u8]>`; it hands out no references itself.
@@ -59,11 +63,13 @@ impl Region {
         }
         let (ptr, len, pages) = map(len, opts.hugepages)?;
         let numa = numa::bind(ptr.as_ptr(), len, opts.placement);
+        let locked = opts.lock.then(|| lock(ptr, len).map_err(|e| e.to_string()));
         Ok(Self {
             ptr,
             len,
             pages,
             numa,
+            locked,
         })
     }
 
@@ -91,6 +97,29 @@ impl Region {
     pub const fn numa(&self) -> &numa::Outcome {
         &self.numa
     }
+
+    /// Whether the pages are locked: `None` if not asked, `Some(Err(reason))` if refused
+    /// (RLIMIT_MEMLOCK without CAP_IPC_LOCK).
+    pub fn locked(&self) -> Option<Result<(), &str>> {
+        self.locked
+            .as_ref()
+            .map(|r| r.as_ref().map(|_| ()).map_err(String::as_str))
+    }
+}
+
+#[cfg(all(target_os = "linux", not(miri)))]
+fn lock(ptr: NonNull<u8>, len: usize) -> io::Result<()> {
+    // SAFETY: mlock only pins pages of our own live mapping.
+    if unsafe { libc::mlock(ptr.as_ptr().cast(), len) } == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+#[cfg(not(all(target_os = "linux", not(miri))))]
+fn lock(_: NonNull<u8>, _: usize) -> io::Result<()> {
+    Err(io::ErrorKind::Unsupported.into())
 }
 
 impl fmt::Debug for Region {
@@ -99,6 +128,7 @@ impl fmt::Debug for Region {
             .field("len", &self.len)
             .field("pages", &self.pages)
             .field("numa", &self.numa)
+            .field("locked", &self.locked)
             .finish()
     }
 }
@@ -179,6 +209,22 @@ mod tests {
         let bytes = unsafe { core::slice::from_raw_parts(r.as_ptr(), r.len()) };
         assert!(bytes.iter().all(|&b| b == 0));
         assert_eq!(r.numa(), &numa::Outcome::NotRequested);
+        assert!(r.locked().is_none());
+    }
+
+    #[test]
+    #[cfg_attr(miri, ignore = "mlock")]
+    fn lock_is_attempted_and_reported() {
+        let r = Region::new(
+            1 << 16,
+            RegionOptions {
+                lock: true,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        // Root (CAP_IPC_LOCK) locks; others within RLIMIT_MEMLOCK too. Either way it is reported.
+        assert!(r.locked().is_some());
     }
 
     #[test]

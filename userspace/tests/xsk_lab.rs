@@ -89,6 +89,7 @@ fn receiver(
         1024,
         RegionOptions {
             hugepages: true,
+            lock: true,
             ..Default::default()
         },
     )

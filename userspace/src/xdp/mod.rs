@@ -33,20 +33,20 @@ pub const DEFAULT_OBJECT: &str = "target/ebpf/eventstream.bpf.o";
 #[derive(Debug, thiserror::Error)]
 pub enum XdpError {
     /// The object file could not be read.
-    #[error("reading XDP object {path}: {source} (build it with `cargo xtask build-ebpf`)")]
+    #[error("reading XDP object {path}: {reason} (build it with `cargo xtask build-ebpf`)")]
     Object {
         /// The path tried.
         path: PathBuf,
         /// The OS error.
-        source: io::Error,
+        reason: io::Error,
     },
     /// The kernel or aya refused the object, a program, a map or a link.
-    #[error("{what}: {source}")]
+    #[error("{what}: {reason}")]
     Bpf {
         /// What was being done.
         what: String,
         /// The underlying error.
-        source: Box<dyn std::error::Error + Send + Sync>,
+        reason: Box<dyn std::error::Error + Send + Sync>,
     },
     /// A privileged operation was refused.
     #[error("{what}: not permitted (needs root, or CAP_BPF + CAP_NET_ADMIN + CAP_PERFMON)")]
@@ -61,12 +61,12 @@ pub enum XdpError {
     #[error("{0}")]
     Missing(String),
     /// A filesystem operation failed.
-    #[error("{what}: {source}")]
+    #[error("{what}: {reason}")]
     Io {
         /// What was being done.
         what: String,
         /// The OS error.
-        source: io::Error,
+        reason: io::Error,
     },
 }
 
@@ -85,7 +85,7 @@ impl XdpError {
         }
         Self::Bpf {
             what,
-            source: Box::new(e),
+            reason: Box::new(e),
         }
     }
 
@@ -164,9 +164,9 @@ pub fn ensure_bpffs() -> Result<(), XdpError> {
     {
         return Ok(());
     }
-    std::fs::create_dir_all("/sys/fs/bpf").map_err(|source| XdpError::Io {
+    std::fs::create_dir_all("/sys/fs/bpf").map_err(|reason| XdpError::Io {
         what: "creating /sys/fs/bpf".into(),
-        source,
+        reason,
     })?;
     // SAFETY: all pointers are NUL-terminated literals; a bpf mount takes no data.
     let rc = unsafe {
@@ -187,7 +187,7 @@ pub fn ensure_bpffs() -> Result<(), XdpError> {
         }
         return Err(XdpError::Io {
             what: "mounting bpffs on /sys/fs/bpf".into(),
-            source: e,
+            reason: e,
         });
     }
     Ok(())
@@ -206,9 +206,9 @@ impl XdpProgram {
     /// [`XdpError::Object`] when the file is missing, [`XdpError::NotPermitted`] without
     /// privileges, [`XdpError::Bpf`] when the verifier or loader refuses it.
     pub fn load(path: &Path) -> Result<Self, XdpError> {
-        let bytes = std::fs::read(path).map_err(|source| XdpError::Object {
+        let bytes = std::fs::read(path).map_err(|reason| XdpError::Object {
             path: path.into(),
-            source,
+            reason,
         })?;
         let mut ebpf =
             Ebpf::load(&bytes).map_err(|e| XdpError::bpf("loading the XDP object", e))?;
@@ -323,9 +323,9 @@ impl XdpProgram {
     /// When bpffs is missing or the pins already exist.
     pub fn pin(&mut self, iface: &str, link: FdLink) -> Result<PinnedLink, XdpError> {
         let dir = pin_dir(iface);
-        std::fs::create_dir_all(&dir).map_err(|source| XdpError::Io {
+        std::fs::create_dir_all(&dir).map_err(|reason| XdpError::Io {
             what: format!("creating {}", dir.display()),
-            source,
+            reason,
         })?;
         self.xdp()
             .pin(dir.join("prog"))
@@ -429,14 +429,14 @@ impl Pinned {
             // Unpinning drops the last reference to the link: the kernel detaches the program.
             let pinned = PinnedLink::from_pin(&link)
                 .map_err(|e| XdpError::bpf("opening the pinned link", e))?;
-            drop(pinned.unpin().map_err(|source| XdpError::Io {
+            drop(pinned.unpin().map_err(|reason| XdpError::Io {
                 what: "unpinning the link".into(),
-                source,
+                reason,
             })?);
         }
-        std::fs::remove_dir_all(&dir).map_err(|source| XdpError::Io {
+        std::fs::remove_dir_all(&dir).map_err(|reason| XdpError::Io {
             what: format!("removing {}", dir.display()),
-            source,
+            reason,
         })?;
         Ok(true)
     }

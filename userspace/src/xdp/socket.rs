@@ -60,14 +60,14 @@ impl Default for XskOptions {
 #[derive(Debug, thiserror::Error)]
 pub enum XskError {
     /// A setup step failed.
-    #[error("AF_XDP {step} (queue {queue}): {source}")]
+    #[error("AF_XDP {step} (queue {queue}): {reason}")]
     Setup {
         /// Which step.
         step: &'static str,
         /// The queue.
         queue: u32,
         /// The kernel's reason.
-        source: io::Error,
+        reason: io::Error,
     },
     /// Bad options.
     #[error("AF_XDP: {0}")]
@@ -130,10 +130,10 @@ impl<'a> XskSocket<'a> {
         opts: XskOptions,
     ) -> Result<Self, XskError> {
         let err = |step| {
-            move |source| XskError::Setup {
+            move |reason| XskError::Setup {
                 step,
                 queue,
-                source,
+                reason,
             }
         };
         if !opts.ring_size.is_power_of_two() {
