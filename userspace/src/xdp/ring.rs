@@ -21,9 +21,30 @@ use super::sys::Mapping;
 pub(crate) enum RingMem {
     /// A ring of an AF_XDP socket, mapped from the kernel.
     Mapped(#[allow(dead_code)] Mapping),
-    /// A fake ring in plain memory (tests); `u64` words keep it 8-byte aligned.
-    Heap(#[allow(dead_code)] Box<[u64]>),
+    /// A fake ring in plain memory (tests): `words` `u64`s (8-byte aligned) from
+    /// `Box::into_raw`, so pointers into it stay valid while the handle moves (a `Box` that
+    /// moves re-asserts uniqueness and would invalidate them).
+    Heap {
+        ptr: core::ptr::NonNull<u64>,
+        words: usize,
+    },
 }
+
+impl Drop for RingMem {
+    fn drop(&mut self) {
+        if let Self::Heap { ptr, words } = *self {
+            let slice = core::ptr::slice_from_raw_parts_mut(ptr.as_ptr(), words);
+            // SAFETY: `ptr`/`words` came from `Box::into_raw` of a `[u64]` of that length in
+            // `fake_pair`, and are freed once, here.
+            drop(unsafe { Box::from_raw(slice) });
+        }
+    }
+}
+
+// SAFETY: the memory is only reached through atomics and the ring protocol.
+unsafe impl Send for RingMem {}
+// SAFETY: as above.
+unsafe impl Sync for RingMem {}
 
 /// Where a ring's parts lie (byte offsets from the start of its memory), as `XDP_MMAP_OFFSETS`
 /// reports them.
@@ -235,9 +256,11 @@ pub fn fake_pair<T: Copy>(size: u32) -> (ProdRing<T>, ConsRing<T>, FakeFlags) {
     // Three index words padded to 64 bytes each, like the kernel's, then the descriptors.
     let desc = 3 * 64;
     let bytes = desc + size as usize * size_of::<T>();
-    let mut words = vec![0u64; bytes.div_ceil(8)].into_boxed_slice();
-    let base = words.as_mut_ptr().cast::<u8>();
-    let mem = Arc::new(RingMem::Heap(words));
+    let words = bytes.div_ceil(8);
+    let raw = Box::into_raw(vec![0u64; words].into_boxed_slice());
+    let ptr = core::ptr::NonNull::new(raw.cast::<u64>()).expect("Box::into_raw is non-null");
+    let base = ptr.as_ptr().cast::<u8>();
+    let mem = Arc::new(RingMem::Heap { ptr, words });
     let layout = Layout {
         producer: 0,
         consumer: 64,
@@ -245,9 +268,8 @@ pub fn fake_pair<T: Copy>(size: u32) -> (ProdRing<T>, ConsRing<T>, FakeFlags) {
         desc,
         size,
     };
-    // SAFETY: `base` is the start of `mem`'s boxed words (moving the box into the Arc does not
-    // move its heap buffer), laid out exactly as `layout` says and 8-byte aligned; one view of
-    // each kind is made.
+    // SAFETY: `base` is the start of `mem`'s words (a raw allocation that `mem` frees), laid
+    // out exactly as `layout` says and 8-byte aligned; one view of each kind is made.
     let (p, c) = unsafe {
         (
             ProdRing::new(Arc::clone(&mem), base, layout),
