@@ -42,7 +42,7 @@ pub enum ConfigError {
 }
 
 /// The whole configuration.
-#[derive(Clone, Debug, Default, Deserialize, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct Config {
     /// Frame limits.
@@ -53,6 +53,12 @@ pub struct Config {
     pub ingest: IngestConfig,
     /// Event pool.
     pub pool: PoolConfig,
+    /// Dispatcher and workers.
+    pub engine: EngineConfig,
+    /// Topic routes, tried in order after exact matches.
+    pub routes: Vec<RouteConfig>,
+    /// Pipeline state thresholds.
+    pub control: crate::control::ControlConfig,
     /// Ingest -> dispatcher queue.
     pub queue: QueueConfig,
 }
@@ -181,6 +187,73 @@ impl Default for UdpConfig {
             frame_size: 2048,
             frames: 4096,
             socket_buffer: 4 << 20,
+        }
+    }
+}
+
+/// How a route's events are identified for dedup.
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum KeyConfig {
+    /// Hash of topic and payload.
+    #[default]
+    Hash,
+    /// First 8 payload bytes, u64 BE.
+    PayloadId,
+}
+
+/// One entry of `routes:`.
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct RouteConfig {
+    /// Topic pattern (`*`/`+` one level, `>` one or more, `#` zero or more).
+    pub topic: String,
+    /// Worker class.
+    pub class: crate::engine::WorkerClass,
+    /// Dedup key (transactional routes).
+    #[serde(default)]
+    pub key: KeyConfig,
+}
+
+/// `engine:`
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(default, deny_unknown_fields)]
+pub struct EngineConfig {
+    /// `engine.realtime_workers`
+    pub realtime_workers: usize,
+    /// `engine.transactional_workers`
+    pub transactional_workers: usize,
+    /// `engine.batch_workers`
+    pub batch_workers: usize,
+    /// `engine.ring_capacity`: slots in each dispatcher → worker ring.
+    pub ring_capacity: usize,
+    /// `engine.default_route`: the class for topics no route matches; none sends them to the DLQ.
+    pub default_route: Option<crate::engine::WorkerClass>,
+    /// `engine.dedup_window_secs`
+    pub dedup_window_secs: u64,
+    /// `engine.dedup_capacity`: keys remembered per transactional worker.
+    pub dedup_capacity: usize,
+    /// `engine.batch_max`
+    pub batch_max: usize,
+    /// `engine.batch_window_ms`
+    pub batch_window_ms: u64,
+    /// `engine.memory_sink_capacity`: records the in-memory sink keeps for inspection.
+    pub memory_sink_capacity: usize,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        Self {
+            realtime_workers: 1,
+            transactional_workers: 1,
+            batch_workers: 1,
+            ring_capacity: 16_384,
+            default_route: Some(crate::engine::WorkerClass::Realtime),
+            dedup_window_secs: 3600,
+            dedup_capacity: 1 << 20,
+            batch_max: 256,
+            batch_window_ms: 100,
+            memory_sink_capacity: 10_000,
         }
     }
 }

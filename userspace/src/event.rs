@@ -56,6 +56,8 @@ pub struct Event<'a> {
     pub seq: u64,
     /// Where it came in.
     pub source: Source,
+    /// Dedup key, set by the dispatcher for transactional routes (0 until then).
+    pub key: u64,
 }
 
 impl<'a> Event<'a> {
@@ -151,6 +153,7 @@ impl<'a> Iterator for FrameEvents<'_, 'a> {
                     ingest_ns: self.stamp.ingest_ns,
                     seq,
                     source: self.stamp.source,
+                    key: 0,
                 })
             }
             Err(e) => Err(e),

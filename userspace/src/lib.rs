@@ -13,6 +13,8 @@
 //! - [`pool`]: the fixed-capacity `EventPool`.
 //! - [`ring`]: SPSC ring and Vyukov MPSC queue.
 //! - [`ingest`]: kernel UDP ingest (`recvmmsg`).
+//! - [`route`], [`control`], [`dedup`], [`engine`]: topic routing, pipeline state, duplicate
+//!   suppression, and the dispatcher, workers and sinks.
 //! - [`config`]: the YAML configuration.
 //! - [`lab`]: the netns + veth lab.
 //! - [`packet`]: Ethernet/IP/UDP framing for the AF_XDP path.
@@ -21,6 +23,9 @@
 #![warn(missing_docs)]
 
 pub mod config;
+pub mod control;
+pub mod dedup;
+pub mod engine;
 pub mod event;
 pub mod frames;
 pub mod ingest;
@@ -31,4 +36,5 @@ pub mod packet;
 pub mod pool;
 pub mod protocol;
 pub mod ring;
+pub mod route;
 pub mod xdp;

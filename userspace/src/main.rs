@@ -4,8 +4,8 @@
 //! with an interface, one AF_XDP socket and pinned ingest thread per RX queue (UMEM on the NIC's
 //! NUMA node, the XDP program reused from `cargo xtask load` or loaded and owned here); without
 //! one, or where XDP cannot be had (no privileges, no interface, no AF_XDP), the kernel UDP
-//! socket with `recvmmsg`, announced in one log line that says why. Until the engine lands, a
-//! consumer thread stands in for dispatcher and workers: it checks and releases every event.
+//! socket with `recvmmsg`, announced in one log line that says why. Events go through the
+//! dispatcher (control plane, routing, DLQ) to realtime, transactional and batch workers.
 //! SIGINT or SIGTERM (or `--duration`) stops ingest, drains the queue, and prints the
 //! reconciliation as one JSON line on stdout.
 
@@ -18,7 +18,13 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, anyhow};
 use aya::programs::links::FdLink;
 use clap::{Parser, Subcommand};
-use eventstream::config::{AttachPolicy, Config, XdpConfig as XdpSection};
+use eventstream::config::{AttachPolicy, Config, KeyConfig, XdpConfig as XdpSection};
+use eventstream::control::{Command, ControlPlane, PipelineState};
+use eventstream::dedup::{DedupWindow, KeyFrom};
+use eventstream::engine::{
+    Bus, Dispatcher, DlqEntry, DlqReason, EngineCounters, MemorySink, Target, WorkerClass,
+    WorkerKind, run_dlq, run_worker,
+};
 use eventstream::event::{Event, Source};
 use eventstream::frames::{FrameArena, FrameOwner};
 use eventstream::ingest::{IngestCounters, UdpIngest, XskIngest, bind_udp};
@@ -26,7 +32,8 @@ use eventstream::mem::RegionOptions;
 use eventstream::numa::{self, Placement};
 use eventstream::pool::{EventPool, Pooled};
 use eventstream::protocol::RejectReason;
-use eventstream::ring::mpsc;
+use eventstream::ring::{mpsc, spsc};
+use eventstream::route::Router;
 use eventstream::xdp::socket::{XskOptions, XskSocket};
 use eventstream::xdp::{Pinned, XdpProgram, if_index};
 use eventstream_common::{AttachMode, XdpConfig};
@@ -291,7 +298,48 @@ fn run(cfg: &Config, no_xdp: bool, duration: u64) -> Result<()> {
         .map(|_| EventPool::new(cfg.pool.capacity))
         .collect();
     let counters: Vec<IngestCounters> = (0..producers).map(|_| IngestCounters::default()).collect();
-    let (tx, mut rx) = mpsc::channel::<Pooled<'_, Event<'_>>>(cfg.queue.capacity);
+    let (tx, rx) = mpsc::channel::<Pooled<'_, Event<'_>>>(cfg.queue.capacity);
+    let mut router = Router::new();
+    for r in &cfg.routes {
+        let key = match r.key {
+            KeyConfig::Hash => KeyFrom::TopicAndPayload,
+            KeyConfig::PayloadId => KeyFrom::PayloadId,
+        };
+        router.add(
+            &r.topic,
+            Target {
+                class: r.class,
+                key,
+            },
+        )?;
+    }
+    if let Some(class) = cfg.engine.default_route {
+        router.set_default(Target {
+            class,
+            key: KeyFrom::TopicAndPayload,
+        });
+    }
+    let e = &cfg.engine;
+    let mut worker_rxs = Vec::new();
+    let buses = WorkerClass::ALL.map(|class| {
+        let n = match class {
+            WorkerClass::Realtime => e.realtime_workers,
+            WorkerClass::Transactional => e.transactional_workers,
+            WorkerClass::Batch => e.batch_workers,
+        };
+        let mut producers = Vec::with_capacity(n);
+        for _ in 0..n {
+            let (p, c) = spsc::channel(e.ring_capacity);
+            producers.push(p);
+            worker_rxs.push((class, c));
+        }
+        // Transactional: one key always meets the same dedup window. Batch: one topic, one group.
+        Bus::new(producers, class != WorkerClass::Realtime)
+    });
+    let (dlq_tx, dlq_rx) = spsc::channel::<DlqEntry<'_, '_>>(e.ring_capacity);
+    let (cmd_tx, cmd_rx) = mpsc::channel::<Command>(64);
+    let ingest_done = AtomicBool::new(false);
+    let engine_counters = EngineCounters::default();
 
     let stop = Arc::new(AtomicBool::new(false));
     for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
@@ -300,7 +348,6 @@ fn run(cfg: &Config, no_xdp: bool, duration: u64) -> Result<()> {
     }
     let ingest_stop = AtomicBool::new(false);
     let ingest_running = AtomicU64::new(producers as u64);
-    let delivered = (AtomicU64::new(0), AtomicU64::new(0));
     let source = if xsk.is_some() {
         Source::Xsk
     } else {
@@ -369,22 +416,45 @@ fn run(cfg: &Config, no_xdp: bool, duration: u64) -> Result<()> {
                     })?,
             );
         }
-        // Stand-in for dispatcher and workers until the engine lands: count and release.
-        s.spawn(|| {
-            let (mut events, mut bytes) = (0u64, 0u64);
-            loop {
-                let n = rx.pop_batch(256, |ev| bytes += ev.payload().len() as u64);
-                events += n as u64;
-                if n == 0 {
-                    delivered.0.store(events, Ordering::Relaxed);
-                    delivered.1.store(bytes, Ordering::Relaxed);
-                    if ingest_running.load(Ordering::Acquire) == 0 && rx.is_empty() {
-                        break;
-                    }
-                    std::thread::sleep(Duration::from_micros(50));
-                }
-            }
-        });
+        // The engine: dispatcher, workers per class, DLQ.
+        let dispatcher = Dispatcher {
+            input: rx,
+            router,
+            buses,
+            dlq: dlq_tx,
+            control: ControlPlane::new(cfg.control),
+            commands: cmd_rx,
+            ingest_done: &ingest_done,
+            counters: &engine_counters,
+        };
+        let dispatch = std::thread::Builder::new()
+            .name("dispatcher".into())
+            .spawn_scoped(s, move || dispatcher.run())?;
+        let mut workers = Vec::new();
+        for (class, rx) in worker_rxs {
+            let e = &cfg.engine;
+            let kind = match class {
+                WorkerClass::Realtime => WorkerKind::Realtime,
+                WorkerClass::Transactional => WorkerKind::Transactional {
+                    dedup: DedupWindow::new(e.dedup_capacity, e.dedup_window_secs * 1_000_000_000),
+                },
+                WorkerClass::Batch => WorkerKind::Batch {
+                    max: e.batch_max,
+                    window: Duration::from_millis(e.batch_window_ms),
+                },
+            };
+            let counters = &engine_counters;
+            let mut sink = MemorySink::new(e.memory_sink_capacity);
+            workers.push(
+                std::thread::Builder::new()
+                    .name(format!("worker-{}", class.as_str()))
+                    .spawn_scoped(s, move || run_worker(class, kind, rx, &mut sink, counters))?,
+            );
+        }
+        let mut dlq_sink = MemorySink::new(cfg.engine.memory_sink_capacity);
+        let dlq = std::thread::Builder::new()
+            .name("dlq".into())
+            .spawn_scoped(s, move || run_dlq(dlq_rx, &mut dlq_sink))?;
 
         let start = Instant::now();
         let mut last = (start, 0u64);
@@ -415,15 +485,32 @@ fn run(cfg: &Config, no_xdp: bool, duration: u64) -> Result<()> {
                 last = (now, ev);
             }
         }
-        info!("stopping: ingest closes, queue drains");
+        info!("stopping: ingest closes, queues drain into the sinks");
+        let _ = cmd_tx.push(Command::Drain);
         ingest_stop.store(true, Ordering::Relaxed);
+        let mut result = Ok(());
         for h in ingest {
             match h.join() {
-                Ok(r) => r.context("ingest")?,
+                Ok(r) => {
+                    if let Err(e) = r {
+                        result = Err(anyhow::Error::from(e).context("ingest"));
+                    }
+                }
                 Err(_) => warn!("an ingest thread panicked"),
             }
         }
-        Ok(())
+        ingest_done.store(true, Ordering::Release);
+        if dispatch.join().is_err() {
+            warn!("the dispatcher panicked");
+        }
+        for h in workers.into_iter().chain([dlq]) {
+            match h.join() {
+                Ok(Err(e)) => result = Err(anyhow::Error::from(e).context("a sink failed")),
+                Err(_) => warn!("a worker panicked"),
+                Ok(Ok(())) => {}
+            }
+        }
+        result
     })?;
 
     let sum = |f: fn(&IngestCounters) -> &AtomicU64| {
@@ -444,8 +531,11 @@ fn run(cfg: &Config, no_xdp: bool, duration: u64) -> Result<()> {
         "received_datagrams": sum(|c| &c.datagrams),
         "received_bytes": sum(|c| &c.bytes),
         "accepted_events": sum(|c| &c.events),
-        "delivered_events": delivered.0.load(Ordering::Relaxed),
-        "delivered_payload_bytes": delivered.1.load(Ordering::Relaxed),
+        "delivered_events": engine_counters.delivered_total(),
+        "delivered": WorkerClass::ALL.iter().map(|c| (c.as_str().to_owned(), json!(engine_counters.delivered[*c as usize].load(Ordering::Relaxed)))).collect::<serde_json::Map<_, _>>(),
+        "dlq": DlqReason::ALL.iter().map(|r| (r.as_str().to_owned(), json!(engine_counters.dlq[*r as usize].load(Ordering::Relaxed)))).collect::<serde_json::Map<_, _>>(),
+        "duplicates": engine_counters.duplicates.load(Ordering::Relaxed),
+        "state_transitions": PipelineState::ALL.iter().map(|st| (st.as_str().to_owned(), json!(engine_counters.transitions[*st as usize].load(Ordering::Relaxed)))).collect::<serde_json::Map<_, _>>(),
         "rejected": rejected,
     });
     if let Some(attach) = attach {

@@ -78,7 +78,10 @@ fn udp_events_are_reconciled_and_sigterm_drains() {
         r["delivered_events"], 4000,
         "sent = delivered after the drain: {r}"
     );
-    assert_eq!(r["delivered_payload_bytes"], 4000 * 24, "{r}");
+    assert_eq!(
+        r["delivered"]["realtime"], 4000,
+        "the default route is realtime: {r}"
+    );
     assert_eq!(r["rejected"]["malformed"], 1, "{r}");
     assert_eq!(r["rejected"]["truncated"], 1, "{r}");
     assert_eq!(r["rejected"]["bad_topic"], 1, "{r}");
@@ -145,4 +148,126 @@ fn missing_interface_falls_back_to_kernel_udp_with_one_clear_line() {
     let report: serde_json::Value = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
     assert_eq!(report["source"], "udp");
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Starts the daemon with `config`, returns it and the UDP address it bound.
+fn start(
+    config: &str,
+    tag: &str,
+) -> (
+    std::process::Child,
+    BufReader<std::process::ChildStdout>,
+    String,
+    std::path::PathBuf,
+) {
+    let dir = std::env::temp_dir().join(format!("es-{tag}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("eventstream.yaml");
+    std::fs::write(&path, config).unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_eventstream"))
+        .args(["run", "--no-xdp", "--config"])
+        .arg(&path)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut out = BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    out.read_line(&mut line).unwrap();
+    let addr = line
+        .trim()
+        .strip_prefix("listening udp ")
+        .expect("address line")
+        .to_owned();
+    (child, out, addr, dir)
+}
+
+/// SIGTERMs the daemon and returns its JSON report.
+fn stop(
+    mut child: std::process::Child,
+    mut out: BufReader<std::process::ChildStdout>,
+) -> serde_json::Value {
+    // SAFETY: kill(2) has no memory-safety preconditions; the pid is our own child's.
+    let rc = unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
+    assert_eq!(rc, 0);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "daemon did not exit after SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(status.success(), "{status}");
+    let mut report = String::new();
+    out.read_line(&mut report).unwrap();
+    serde_json::from_str(&report).unwrap()
+}
+
+#[test]
+fn routes_dedup_batches_and_no_route_are_accounted_exactly() {
+    let config = r#"
+ingest:
+  udp:
+    bind: "127.0.0.1:0"
+engine:
+  default_route: null
+  batch_window_ms: 20
+routes:
+  - { topic: "orders.>", class: transactional, key: payload_id }
+  - { topic: "metrics/#", class: batch }
+  - { topic: "rt.*", class: realtime }
+"#;
+    let (child, out, addr, dir) = start(config, "engine");
+    let sock = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let send = |frames: &[(&str, Vec<u8>)]| {
+        let mut d = Vec::new();
+        for (topic, payload) in frames {
+            encode(5, topic, payload, &mut d).unwrap();
+        }
+        sock.send_to(&d, &addr).unwrap();
+        std::thread::sleep(Duration::from_micros(200));
+    };
+    // 100 orders, each sent twice: the second copy is a duplicate by payload id.
+    for round in 0..2 {
+        for id in 0..100u64 {
+            let mut p = id.to_be_bytes().to_vec();
+            p.extend_from_slice(if round == 0 { b"first" } else { b"again" });
+            send(&[("orders.eu.created", p)]);
+        }
+    }
+    for i in 0..50u8 {
+        send(&[("metrics/cpu", vec![i]), ("metrics", vec![i])]);
+    }
+    for i in 0..30u8 {
+        send(&[("rt.ticks", vec![i])]);
+    }
+    for i in 0..20u8 {
+        send(&[("nobody.listens", vec![i]), ("rt.too.deep", vec![i])]);
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    let r = stop(child, out);
+    assert_eq!(r["accepted_events"], 200 + 100 + 30 + 40, "{r}");
+    assert_eq!(r["delivered"]["transactional"], 100, "{r}");
+    assert_eq!(r["duplicates"], 100, "{r}");
+    assert_eq!(r["delivered"]["batch"], 100, "{r}");
+    assert_eq!(r["delivered"]["realtime"], 30, "{r}");
+    assert_eq!(
+        r["dlq"]["no_route"], 40,
+        "`rt.*` is one level: rt.too.deep has no route: {r}"
+    );
+    let n = |v: &serde_json::Value| v.as_u64().unwrap();
+    assert_eq!(
+        n(&r["accepted_events"]),
+        n(&r["delivered_events"])
+            + n(&r["dlq"]["no_route"])
+            + n(&r["dlq"]["dropping"])
+            + n(&r["dlq"]["emergency"])
+            + n(&r["duplicates"]),
+        "accepted = delivered + DLQ + duplicates: {r}"
+    );
+    let _ = std::fs::remove_dir_all(dir);
 }

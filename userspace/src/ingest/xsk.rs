@@ -9,7 +9,6 @@
 //! (`XDP_RING_NEED_WAKEUP`) or there is nothing to read.
 
 use std::io;
-use std::os::fd::AsFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
@@ -20,8 +19,7 @@ use crate::packet::udp_payload;
 use crate::pool::{Acquirer, Pooled};
 use crate::protocol::Limits;
 use crate::ring::mpsc;
-use crate::xdp::socket::XskSocket;
-use crate::xdp::sys;
+use crate::xdp::socket::XskRings;
 
 /// How often the kernel's `XDP_STATISTICS` are read into the counters.
 const STATS_EVERY: Duration = Duration::from_millis(250);
@@ -48,7 +46,7 @@ impl XskIngest<'_> {
     /// A wake-up or poll error from the kernel.
     pub fn run<'a, 'p>(
         &self,
-        sock: &mut XskSocket<'a>,
+        sock: &mut impl XskRings,
         frames: &mut FrameOwner<'a>,
         pool: &mut Acquirer<'p, Event<'a>>,
         queue: &mpsc::Producer<Pooled<'p, Event<'a>>>,
@@ -66,23 +64,24 @@ impl XskIngest<'_> {
         let mut next_stats = monotonic_ns();
         while !self.stop.load(Ordering::Relaxed) {
             // Refill: released frames first, then as many as FILL has room for.
-            let room = sock.fill.free(self.batch);
+            let (fill, _) = sock.rings();
+            let room = fill.free(self.batch);
             let mut n = 0;
             while n < room {
                 let Some(frame) = frames.take() else { break };
-                sock.fill.write(n, u64::from(frames.lend(frame)) * fs);
+                fill.write(n, u64::from(frames.lend(frame)) * fs);
                 n += 1;
             }
             if n > 0 {
-                sock.fill.submit(n);
+                fill.submit(n);
             }
-            if sock.fill.needs_wakeup() {
-                sys::xsk_wakeup_rx(sock.as_fd())?;
+            if fill.needs_wakeup() {
+                sock.wakeup_rx()?;
             }
 
-            let ready = sock.rx.available(self.batch);
+            let ready = sock.rings().1.available(self.batch);
             if ready == 0 {
-                sys::poll_in(sock.as_fd(), idle_ms)?;
+                sock.poll_rx(idle_ms)?;
                 self.read_stats(sock, &mut next_stats);
                 continue;
             }
@@ -91,7 +90,7 @@ impl XskIngest<'_> {
                 ingest_ns: monotonic_ns(),
             };
             for i in 0..ready {
-                let desc = sock.rx.read(i);
+                let desc = sock.rings().1.read(i);
                 let len = u64::from(desc.len);
                 let offset = desc.addr % fs;
                 // The descriptor must lie inside the UMEM and inside one frame, and name a frame
@@ -119,7 +118,7 @@ impl XskIngest<'_> {
                 let mut shared = frame.share(start + payload.start..start + payload.end);
                 deliver.frame(&mut shared, stamp, &mut seq, &mut tally);
             }
-            sock.rx.release(ready);
+            sock.rings().1.release(ready);
             tally.flush(self.counters);
             self.read_stats(sock, &mut next_stats);
         }
@@ -128,7 +127,7 @@ impl XskIngest<'_> {
     }
 
     /// Copies `XDP_STATISTICS` into the counters every [`STATS_EVERY`].
-    fn read_stats(&self, sock: &XskSocket<'_>, next: &mut u64) {
+    fn read_stats(&self, sock: &impl XskRings, next: &mut u64) {
         let now = monotonic_ns();
         if now < *next {
             return;

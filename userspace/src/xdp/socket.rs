@@ -315,6 +315,59 @@ impl<'a> XskSocket<'a> {
     }
 }
 
+/// What the AF_XDP ingest loop drives: a socket's FILL and RX rings and its kernel calls.
+/// [`XskSocket`] is the real one; tests drive the loop with rings in plain memory, playing the
+/// kernel from another thread.
+pub trait XskRings {
+    /// The FILL ring (we produce) and the RX ring (we consume).
+    fn rings(&mut self) -> (&mut ProdRing<u64>, &mut ConsRing<libc::xdp_desc>);
+    /// UMEM chunk size.
+    fn frame_size(&self) -> u32;
+    /// UMEM length in bytes.
+    fn umem_len(&self) -> u64;
+    /// Kicks the kernel to process FILL/RX (called when it set `XDP_RING_NEED_WAKEUP`).
+    ///
+    /// # Errors
+    /// The kernel's.
+    fn wakeup_rx(&self) -> io::Result<()>;
+    /// Waits up to `timeout_ms` for RX descriptors.
+    ///
+    /// # Errors
+    /// The kernel's.
+    fn poll_rx(&self, timeout_ms: i32) -> io::Result<bool>;
+    /// The kernel's drop counters.
+    ///
+    /// # Errors
+    /// The kernel's.
+    fn stats(&self) -> io::Result<XskStats>;
+}
+
+impl XskRings for XskSocket<'_> {
+    fn rings(&mut self) -> (&mut ProdRing<u64>, &mut ConsRing<libc::xdp_desc>) {
+        (&mut self.fill, &mut self.rx)
+    }
+
+    fn frame_size(&self) -> u32 {
+        self.frame_size
+    }
+
+    fn umem_len(&self) -> u64 {
+        self.umem_len
+    }
+
+    fn wakeup_rx(&self) -> io::Result<()> {
+        sys::xsk_wakeup_rx(self.fd.as_fd())
+    }
+
+    fn poll_rx(&self, timeout_ms: i32) -> io::Result<bool> {
+        sys::poll_in(self.fd.as_fd(), timeout_ms)
+    }
+
+    fn stats(&self) -> io::Result<XskStats> {
+        XskSocket::stats(self)
+    }
+}
+
 impl AsFd for XskSocket<'_> {
     fn as_fd(&self) -> BorrowedFd<'_> {
         self.fd.as_fd()

@@ -1,0 +1,185 @@
+//! Duplicate suppression for the transactional worker.
+//!
+//! The key is a 64-bit hash of (topic, payload) by default, or the first 8 payload bytes (u64 BE)
+//! for routes that say events carry their id there (PROTOCOL.md). The dispatcher routes the
+//! transactional class by topic hash, so a key always reaches the same worker, and each worker
+//! owns its own [`DedupWindow`]: no sharing, no locks, no allocation after start.
+//!
+//! The window is an open-addressing table of `(key, last_seen)` with linear probing over a short
+//! run of slots. A slot whose time is older than the window is free. When every slot of a run is
+//! live, the oldest one is evicted and counted: an evicted key can be delivered again, so size
+//! the table for the window's traffic (`capacity` >= keys per window).
+
+use xxhash_rust::xxh3::{xxh3_64, xxh3_64_with_seed};
+
+/// How a route's events are identified.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum KeyFrom {
+    /// A 64-bit hash of topic and payload.
+    #[default]
+    TopicAndPayload,
+    /// The first 8 payload bytes, big-endian (events shorter than that fall back to the hash).
+    PayloadId,
+}
+
+/// The dedup key of an event.
+#[inline]
+pub fn key(from: KeyFrom, topic: &str, payload: &[u8]) -> u64 {
+    if from == KeyFrom::PayloadId
+        && let Some(id) = payload.first_chunk::<8>()
+    {
+        return u64::from_be_bytes(*id);
+    }
+    xxh3_64_with_seed(payload, xxh3_64(topic.as_bytes()))
+}
+
+/// Slots probed per lookup.
+const PROBE: usize = 16;
+/// Marks a slot never used (`last_seen` is always at least 1).
+const EMPTY: u64 = 0;
+
+/// Keys seen within the last `window_ns`.
+#[derive(Debug)]
+pub struct DedupWindow {
+    keys: Box<[u64]>,
+    seen: Box<[u64]>,
+    mask: usize,
+    window_ns: u64,
+    evictions: u64,
+}
+
+impl DedupWindow {
+    /// A table of at least `capacity` slots (a power of two), allocated now.
+    ///
+    /// # Panics
+    /// If `capacity` is zero.
+    pub fn new(capacity: usize, window_ns: u64) -> Self {
+        assert!(capacity > 0);
+        let n = capacity.next_power_of_two().max(PROBE);
+        Self {
+            keys: vec![0; n].into_boxed_slice(),
+            seen: vec![EMPTY; n].into_boxed_slice(),
+            mask: n - 1,
+            window_ns,
+            evictions: 0,
+        }
+    }
+
+    /// Live keys evicted because their run was full (each may be delivered again).
+    pub const fn evictions(&self) -> u64 {
+        self.evictions
+    }
+
+    /// Records `key` at `now_ns`; returns `true` if it was already seen within the window (a
+    /// duplicate, not to be delivered). `now_ns` must not go backwards.
+    #[inline]
+    pub fn check_and_insert(&mut self, key: u64, now_ns: u64) -> bool {
+        let now = now_ns.max(1);
+        let start = (key.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 7) as usize;
+        let mut free = None;
+        let mut oldest = start & self.mask;
+        for i in 0..PROBE {
+            let s = (start + i) & self.mask;
+            let live = self.seen[s] != EMPTY && now - self.seen[s].min(now) < self.window_ns;
+            if live && self.keys[s] == key {
+                self.seen[s] = now;
+                return true;
+            }
+            if !live && free.is_none() {
+                free = Some(s);
+            }
+            if self.seen[s] < self.seen[oldest] {
+                oldest = s;
+            }
+        }
+        let slot = free.unwrap_or_else(|| {
+            self.evictions += 1;
+            oldest
+        });
+        self.keys[slot] = key;
+        self.seen[slot] = now;
+        false
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SEC: u64 = 1_000_000_000;
+
+    #[test]
+    fn duplicates_within_the_window_only() {
+        let mut w = DedupWindow::new(1024, 10 * SEC);
+        assert!(!w.check_and_insert(42, SEC));
+        assert!(w.check_and_insert(42, 2 * SEC));
+        assert!(!w.check_and_insert(43, 2 * SEC));
+        assert!(
+            w.check_and_insert(42, 11 * SEC),
+            "seen again at 2 s, so still inside at 11 s"
+        );
+        assert!(
+            !w.check_and_insert(42, 22 * SEC),
+            "expired after the window"
+        );
+        assert_eq!(w.evictions(), 0);
+    }
+
+    #[test]
+    fn keys_from_payload_id_or_hash() {
+        let mut id = 7u64.to_be_bytes().to_vec();
+        id.extend_from_slice(b"rest");
+        assert_eq!(key(KeyFrom::PayloadId, "t", &id), 7);
+        assert_eq!(
+            key(KeyFrom::PayloadId, "t", b"short"),
+            key(KeyFrom::TopicAndPayload, "t", b"short")
+        );
+        assert_ne!(
+            key(KeyFrom::TopicAndPayload, "a", b"x"),
+            key(KeyFrom::TopicAndPayload, "b", b"x")
+        );
+        assert_ne!(
+            key(KeyFrom::TopicAndPayload, "ab", b"c"),
+            key(KeyFrom::TopicAndPayload, "a", b"bc")
+        );
+    }
+
+    #[test]
+    fn a_full_table_evicts_the_oldest_and_counts_it() {
+        let mut w = DedupWindow::new(16, 100 * SEC);
+        for k in 0..16u64 {
+            assert!(!w.check_and_insert(k, SEC + k));
+        }
+        assert!(!w.check_and_insert(100, 50 * SEC));
+        assert_eq!(w.evictions(), 1);
+        assert!(
+            !w.check_and_insert(0, 51 * SEC),
+            "key 0 was the oldest and was evicted"
+        );
+        for k in 2..16u64 {
+            assert!(
+                w.check_and_insert(k, 52 * SEC),
+                "key {k} is still remembered"
+            );
+        }
+    }
+
+    #[test]
+    fn many_distinct_keys_are_never_false_duplicates() {
+        let mut w = DedupWindow::new(1 << 17, 60 * SEC);
+        for k in 0..50_000u64 {
+            assert!(!w.check_and_insert(key(KeyFrom::TopicAndPayload, "t", &k.to_le_bytes()), SEC));
+        }
+        for k in 0..50_000u64 {
+            assert!(w.check_and_insert(
+                key(KeyFrom::TopicAndPayload, "t", &k.to_le_bytes()),
+                2 * SEC
+            ));
+        }
+        assert_eq!(
+            w.evictions(),
+            0,
+            "a table at 40% load never fills a probe run here"
+        );
+    }
+}
