@@ -59,6 +59,8 @@ pub struct Config {
     pub routes: Vec<RouteConfig>,
     /// Pipeline state thresholds.
     pub control: crate::control::ControlConfig,
+    /// Metrics and admin HTTP.
+    pub admin: AdminConfig,
     /// Ingest -> dispatcher queue.
     pub queue: QueueConfig,
 }
@@ -254,6 +256,22 @@ impl Default for EngineConfig {
             batch_max: 256,
             batch_window_ms: 100,
             memory_sink_capacity: 10_000,
+        }
+    }
+}
+
+/// `admin:`
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(default, deny_unknown_fields)]
+pub struct AdminConfig {
+    /// `admin.bind`; null turns the endpoint off.
+    pub bind: Option<SocketAddr>,
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        Self {
+            bind: Some(SocketAddr::from(([127, 0, 0, 1], 8090))),
         }
     }
 }

@@ -15,6 +15,7 @@
 //! - [`ingest`]: kernel UDP ingest (`recvmmsg`).
 //! - [`route`], [`control`], [`dedup`], [`engine`]: topic routing, pipeline state, duplicate
 //!   suppression, and the dispatcher, workers and sinks.
+//! - [`admin`]: `/metrics`, `/healthz`, `/state` over HTTP.
 //! - [`config`]: the YAML configuration.
 //! - [`lab`]: the netns + veth lab.
 //! - [`packet`]: Ethernet/IP/UDP framing for the AF_XDP path.
@@ -22,6 +23,7 @@
 #![deny(unsafe_op_in_unsafe_fn)]
 #![warn(missing_docs)]
 
+pub mod admin;
 pub mod config;
 pub mod control;
 pub mod dedup;

@@ -18,6 +18,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, anyhow};
 use aya::programs::links::FdLink;
 use clap::{Parser, Subcommand};
+use eventstream::admin::MetricsView;
 use eventstream::config::{AttachPolicy, Config, KeyConfig, XdpConfig as XdpSection};
 use eventstream::control::{Command, ControlPlane, PipelineState};
 use eventstream::dedup::{DedupWindow, KeyFrom};
@@ -340,6 +341,16 @@ fn run(cfg: &Config, no_xdp: bool, duration: u64) -> Result<()> {
     let (cmd_tx, cmd_rx) = mpsc::channel::<Command>(64);
     let ingest_done = AtomicBool::new(false);
     let engine_counters = EngineCounters::default();
+    let admin = match cfg.admin.bind {
+        Some(addr) => {
+            let (server, bound) = eventstream::admin::bind(addr)
+                .with_context(|| format!("binding admin {addr} (admin.bind)"))?;
+            println!("listening admin {bound}");
+            Some(server)
+        }
+        None => None,
+    };
+    let admin_stop = AtomicBool::new(false);
 
     let stop = Arc::new(AtomicBool::new(false));
     for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
@@ -455,6 +466,22 @@ fn run(cfg: &Config, no_xdp: bool, duration: u64) -> Result<()> {
         let dlq = std::thread::Builder::new()
             .name("dlq".into())
             .spawn_scoped(s, move || run_dlq(dlq_rx, &mut dlq_sink))?;
+        if let Some(server) = &admin {
+            let view = MetricsView {
+                ingest: counters.iter().map(|c| (source, c)).collect(),
+                engine: &engine_counters,
+                queue: Box::new({
+                    let tx = tx.clone();
+                    move || (tx.len(), tx.capacity())
+                }),
+            };
+            let (cmd_tx, admin_stop) = (cmd_tx.clone(), &admin_stop);
+            std::thread::Builder::new()
+                .name("admin".into())
+                .spawn_scoped(s, move || {
+                    eventstream::admin::serve(server, &view, &cmd_tx, admin_stop)
+                })?;
+        }
 
         let start = Instant::now();
         let mut last = (start, 0u64);
@@ -466,6 +493,7 @@ fn run(cfg: &Config, no_xdp: bool, duration: u64) -> Result<()> {
         };
         while !stop.load(Ordering::Relaxed)
             && ingest_running.load(Ordering::Acquire) == producers as u64
+            && engine_counters.state() != PipelineState::Draining
         {
             std::thread::sleep(Duration::from_millis(100));
             if duration > 0 && start.elapsed() >= Duration::from_secs(duration) {
@@ -510,6 +538,7 @@ fn run(cfg: &Config, no_xdp: bool, duration: u64) -> Result<()> {
                 Ok(Ok(())) => {}
             }
         }
+        admin_stop.store(true, Ordering::Relaxed);
         result
     })?;
 

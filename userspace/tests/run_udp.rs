@@ -15,7 +15,7 @@ fn udp_events_are_reconciled_and_sigterm_drains() {
     let config = dir.join("eventstream.yaml");
     std::fs::write(
         &config,
-        "ingest:\n  udp:\n    bind: \"127.0.0.1:0\"\n    frames: 256\npool:\n  capacity: 1024\n",
+        "ingest:\n  udp:\n    bind: \"127.0.0.1:0\"\n    frames: 256\npool:\n  capacity: 1024\nadmin:\n  bind: \"127.0.0.1:0\"\n",
     )
     .unwrap();
     let mut child = Command::new(env!("CARGO_BIN_EXE_eventstream"))
@@ -69,9 +69,7 @@ fn udp_events_are_reconciled_and_sigterm_drains() {
         std::thread::sleep(Duration::from_millis(20));
     };
     assert!(status.success(), "{status}");
-    let mut report = String::new();
-    out.read_line(&mut report).unwrap();
-    let r: serde_json::Value = serde_json::from_str(&report).unwrap();
+    let r = read_report(&mut out);
     assert_eq!(r["received_datagrams"], 503, "{r}");
     assert_eq!(r["accepted_events"], 4000, "{r}");
     assert_eq!(
@@ -107,7 +105,7 @@ fn bad_config_and_busy_port_are_clear_errors() {
     let taken = UdpSocket::bind("127.0.0.1:0").unwrap();
     let port = taken.local_addr().unwrap().to_string();
     let ok = dir.join("ok.yaml");
-    std::fs::write(&ok, "").unwrap();
+    std::fs::write(&ok, "admin:\n  bind: null\n").unwrap();
     let out = Command::new(env!("CARGO_BIN_EXE_eventstream"))
         .args(["run", "--no-xdp", "--udp-bind", &port, "--config"])
         .arg(&ok)
@@ -128,7 +126,11 @@ fn missing_interface_falls_back_to_kernel_udp_with_one_clear_line() {
     let dir = std::env::temp_dir().join(format!("es-fb-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let cfg = dir.join("c.yaml");
-    std::fs::write(&cfg, "ingest:\n  udp:\n    bind: \"127.0.0.1:0\"\n").unwrap();
+    std::fs::write(
+        &cfg,
+        "ingest:\n  udp:\n    bind: \"127.0.0.1:0\"\nadmin:\n  bind: null\n",
+    )
+    .unwrap();
     let out = Command::new(env!("CARGO_BIN_EXE_eventstream"))
         .args(["run", "--iface", "nosuch0", "--duration", "1", "--config"])
         .arg(&cfg)
@@ -202,9 +204,18 @@ fn stop(
         std::thread::sleep(Duration::from_millis(20));
     };
     assert!(status.success(), "{status}");
-    let mut report = String::new();
-    out.read_line(&mut report).unwrap();
-    serde_json::from_str(&report).unwrap()
+    read_report(&mut out)
+}
+
+/// The JSON report: the first stdout line that is a JSON object.
+fn read_report(out: &mut impl BufRead) -> serde_json::Value {
+    for line in out.lines() {
+        let line = line.unwrap();
+        if line.starts_with('{') {
+            return serde_json::from_str(&line).unwrap();
+        }
+    }
+    panic!("no JSON report on stdout");
 }
 
 #[test]
@@ -213,6 +224,8 @@ fn routes_dedup_batches_and_no_route_are_accounted_exactly() {
 ingest:
   udp:
     bind: "127.0.0.1:0"
+admin:
+  bind: "127.0.0.1:0"
 engine:
   default_route: null
   batch_window_ms: 20
@@ -269,5 +282,89 @@ routes:
             + n(&r["duplicates"]),
         "accepted = delivered + DLQ + duplicates: {r}"
     );
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+/// One HTTP/1.0 request to the admin port; returns (status, body).
+fn http(addr: &str, method: &str, path: &str, body: &str) -> (u16, String) {
+    use std::io::{Read, Write};
+    let mut c = std::net::TcpStream::connect(addr).unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    write!(
+        c,
+        "{method} {path} HTTP/1.0\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut resp = String::new();
+    c.read_to_string(&mut resp).unwrap();
+    let status = resp.split_whitespace().nth(1).unwrap().parse().unwrap();
+    let body = resp
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    (status, body)
+}
+
+#[test]
+fn metrics_health_state_and_drain_over_http() {
+    let config = "ingest:\n  udp:\n    bind: \"127.0.0.1:0\"\nadmin:\n  bind: \"127.0.0.1:0\"\n";
+    let (mut child, mut out, addr, dir) = start(config, "admin");
+    let mut line = String::new();
+    out.read_line(&mut line).unwrap();
+    let admin = line
+        .trim()
+        .strip_prefix("listening admin ")
+        .expect("admin address line")
+        .to_owned();
+
+    let sock = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let mut d = Vec::new();
+    for _ in 0..10 {
+        encode(5, "m.t", b"payload", &mut d).unwrap();
+    }
+    for _ in 0..20 {
+        sock.send_to(&d, &addr).unwrap();
+    }
+    sock.send_to(&[0, 0, 0, 1, 0, 0, 0], &addr).unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+
+    assert_eq!(http(&admin, "GET", "/healthz", ""), (200, "ok\n".into()));
+    assert_eq!(
+        http(&admin, "GET", "/state", ""),
+        (200, "{\"state\":\"RUNNING\"}\n".into())
+    );
+    let (code, m) = http(&admin, "GET", "/metrics", "");
+    assert_eq!(code, 200);
+    for want in [
+        "eventstream_received_events_total{source=\"udp\"} 200",
+        "eventstream_delivered_events_total{sink=\"memory\",worker=\"realtime\"} 200",
+        "eventstream_discarded_events_total{reason=\"malformed\"} 1",
+        "eventstream_discarded_events_total{reason=\"no_route\"} 0",
+        "eventstream_duplicate_events_total 0",
+        "eventstream_pipeline_state{state=\"RUNNING\"} 1",
+        "eventstream_realtime_latency_seconds_count 200",
+        "# TYPE eventstream_received_events_total counter",
+    ] {
+        assert!(m.lines().any(|l| l == want), "missing `{want}` in\n{m}");
+    }
+    assert_eq!(http(&admin, "POST", "/state", "explode").0, 400);
+    assert_eq!(http(&admin, "GET", "/nowhere", "").0, 404);
+    assert_eq!(http(&admin, "POST", "/state", "drain").0, 202);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "POST /state drain did not stop the daemon"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(status.success());
+    let r = read_report(&mut out);
+    assert_eq!(r["delivered_events"], 200, "{r}");
+    assert_eq!(r["state_transitions"]["DRAINING"], 1, "{r}");
     let _ = std::fs::remove_dir_all(dir);
 }
