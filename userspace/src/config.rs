@@ -61,6 +61,8 @@ pub struct Config {
     pub control: crate::control::ControlConfig,
     /// Metrics and admin HTTP.
     pub admin: AdminConfig,
+    /// Where workers and the DLQ write.
+    pub sinks: SinksConfig,
     /// Ingest -> dispatcher queue.
     pub queue: QueueConfig,
 }
@@ -256,6 +258,48 @@ impl Default for EngineConfig {
             batch_max: 256,
             batch_window_ms: 100,
             memory_sink_capacity: 10_000,
+        }
+    }
+}
+
+/// Which sink workers write to.
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum SinkKind {
+    /// Bounded, in memory (nothing survives a restart).
+    #[default]
+    Memory,
+    /// The append-only segment log.
+    File,
+}
+
+/// `sinks:`
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(default, deny_unknown_fields)]
+pub struct SinksConfig {
+    /// `sinks.kind`
+    pub kind: SinkKind,
+    /// `sinks.dir`: one log per worker below it (`<dir>/<class>-<n>`).
+    pub dir: std::path::PathBuf,
+    /// `sinks.dlq_dir`
+    pub dlq_dir: std::path::PathBuf,
+    /// `sinks.segment_bytes`
+    pub segment_bytes: u64,
+    /// `sinks.fsync`
+    pub fsync: crate::storage::Fsync,
+    /// `sinks.fsync_interval_ms`
+    pub fsync_interval_ms: u64,
+}
+
+impl Default for SinksConfig {
+    fn default() -> Self {
+        Self {
+            kind: SinkKind::Memory,
+            dir: "data/log".into(),
+            dlq_dir: "data/dlq".into(),
+            segment_bytes: 64 << 20,
+            fsync: crate::storage::Fsync::Interval,
+            fsync_interval_ms: 1000,
         }
     }
 }

@@ -15,6 +15,7 @@
 //! - [`ingest`]: kernel UDP ingest (`recvmmsg`).
 //! - [`route`], [`control`], [`dedup`], [`engine`]: topic routing, pipeline state, duplicate
 //!   suppression, and the dispatcher, workers and sinks.
+//! - [`storage`]: the file sink's segment log and the DLQ.
 //! - [`admin`]: `/metrics`, `/healthz`, `/state` over HTTP.
 //! - [`config`]: the YAML configuration.
 //! - [`lab`]: the netns + veth lab.
@@ -39,4 +40,5 @@ pub mod pool;
 pub mod protocol;
 pub mod ring;
 pub mod route;
+pub mod storage;
 pub mod xdp;

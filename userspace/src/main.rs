@@ -19,9 +19,10 @@ use anyhow::{Context, Result, anyhow};
 use aya::programs::links::FdLink;
 use clap::{Parser, Subcommand};
 use eventstream::admin::MetricsView;
-use eventstream::config::{AttachPolicy, Config, KeyConfig, XdpConfig as XdpSection};
+use eventstream::config::{AttachPolicy, Config, KeyConfig, SinkKind, XdpConfig as XdpSection};
 use eventstream::control::{Command, ControlPlane, PipelineState};
 use eventstream::dedup::{DedupWindow, KeyFrom};
+use eventstream::engine::Sink;
 use eventstream::engine::{
     Bus, Dispatcher, DlqEntry, DlqReason, EngineCounters, MemorySink, Target, WorkerClass,
     WorkerKind, run_dlq, run_worker,
@@ -35,6 +36,7 @@ use eventstream::pool::{EventPool, Pooled};
 use eventstream::protocol::RejectReason;
 use eventstream::ring::{mpsc, spsc};
 use eventstream::route::Router;
+use eventstream::storage::{FileSink, SegmentLog};
 use eventstream::xdp::socket::{XskOptions, XskSocket};
 use eventstream::xdp::{Pinned, XdpProgram, if_index};
 use eventstream_common::{AttachMode, XdpConfig};
@@ -83,6 +85,68 @@ enum Cmd {
         /// Configuration file (YAML).
         file: PathBuf,
     },
+    /// Read the file sink's logs.
+    Log {
+        #[command(subcommand)]
+        cmd: LogCmd,
+    },
+    /// Read the dead-letter queue.
+    Dlq {
+        #[command(subcommand)]
+        cmd: DlqCmd,
+    },
+}
+
+#[derive(Subcommand)]
+enum LogCmd {
+    /// Print every record as a JSON line (a log directory, or `sinks.dir` with one per worker).
+    Cat {
+        /// The directory.
+        dir: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+enum DlqCmd {
+    /// Print every dead-lettered event with its reason as a JSON line.
+    List {
+        /// The directory (`sinks.dlq_dir`).
+        dir: PathBuf,
+    },
+}
+
+/// Prints every record below `dir` (itself a log, or a directory of logs) as JSON lines.
+fn print_logs(dir: &std::path::Path) -> Result<()> {
+    let mut dirs = vec![dir.to_owned()];
+    let mut subs: Vec<_> = std::fs::read_dir(dir)
+        .with_context(|| format!("reading {}", dir.display()))?
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.is_dir())
+        .collect();
+    subs.sort();
+    dirs.extend(subs);
+    let mut n = 0u64;
+    for d in dirs {
+        for s in eventstream::storage::read_log(&d)
+            .with_context(|| format!("reading log {}", d.display()))?
+        {
+            n += 1;
+            println!(
+                "{}",
+                json!({
+                    "log": d.file_name().and_then(|f| f.to_str()).unwrap_or(""),
+                    "id": s.id, "seq": s.record.seq, "source": s.source.map(|x| x.as_str()),
+                    "priority": s.record.priority, "topic": s.record.topic,
+                    "payload": String::from_utf8_lossy(&s.record.payload),
+                    "payload_len": s.record.payload.len(),
+                    "reason": s.record.reason, "ingest_ns": s.ingest_ns,
+                })
+            );
+        }
+    }
+    eprintln!("{n} records");
+    Ok(())
 }
 
 fn main() -> Result<()> {
@@ -100,6 +164,12 @@ fn main() -> Result<()> {
             println!("{}: ok", file.display());
             Ok(())
         }
+        Cmd::Log {
+            cmd: LogCmd::Cat { dir },
+        }
+        | Cmd::Dlq {
+            cmd: DlqCmd::List { dir },
+        } => print_logs(&dir),
         Cmd::Run {
             config,
             iface,
@@ -232,6 +302,26 @@ fn setup_xsk<'a>(x: &XdpSection, arenas: &'a [FrameArena]) -> Result<XskSetup<'a
     })
 }
 
+/// A worker's or the DLQ's sink, per `sinks.kind`.
+fn open_sink(cfg: &Config, dir: &std::path::Path) -> Result<Box<dyn Sink>> {
+    let s = &cfg.sinks;
+    Ok(match s.kind {
+        SinkKind::Memory => Box::new(MemorySink::new(cfg.engine.memory_sink_capacity)),
+        SinkKind::File => {
+            let interval = Duration::from_millis(s.fsync_interval_ms);
+            let (log, rec) = SegmentLog::open(dir, s.segment_bytes, s.fsync, interval)
+                .with_context(|| {
+                    format!(
+                        "opening the log in {} (sinks.dir / sinks.dlq_dir)",
+                        dir.display()
+                    )
+                })?;
+            info!(dir = %dir.display(), records = rec.records, truncated_bytes = rec.truncated_bytes, next_id = rec.next_id, "file log opened");
+            Box::new(FileSink::new(log))
+        }
+    })
+}
+
 fn run(cfg: &Config, no_xdp: bool, duration: u64) -> Result<()> {
     let x = &cfg.xdp;
     // Decide the ingest path, and say why in one line when it is kernel UDP.
@@ -351,6 +441,19 @@ fn run(cfg: &Config, no_xdp: bool, duration: u64) -> Result<()> {
         None => None,
     };
     let admin_stop = AtomicBool::new(false);
+    // Sinks are opened (and file logs recovered) before any thread starts, so a bad directory
+    // is a clean error at start, not a failure mid-run.
+    let mut per_class = [0usize; 3];
+    let mut worker_sinks = Vec::with_capacity(worker_rxs.len());
+    for (class, _) in &worker_rxs {
+        let n = &mut per_class[*class as usize];
+        worker_sinks.push(open_sink(
+            cfg,
+            &cfg.sinks.dir.join(format!("{}-{n}", class.as_str())),
+        )?);
+        *n += 1;
+    }
+    let mut dlq_sink = open_sink(cfg, &cfg.sinks.dlq_dir)?;
 
     let stop = Arc::new(AtomicBool::new(false));
     for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
@@ -442,7 +545,7 @@ fn run(cfg: &Config, no_xdp: bool, duration: u64) -> Result<()> {
             .name("dispatcher".into())
             .spawn_scoped(s, move || dispatcher.run())?;
         let mut workers = Vec::new();
-        for (class, rx) in worker_rxs {
+        for ((class, rx), mut sink) in worker_rxs.into_iter().zip(worker_sinks) {
             let e = &cfg.engine;
             let kind = match class {
                 WorkerClass::Realtime => WorkerKind::Realtime,
@@ -455,17 +558,15 @@ fn run(cfg: &Config, no_xdp: bool, duration: u64) -> Result<()> {
                 },
             };
             let counters = &engine_counters;
-            let mut sink = MemorySink::new(e.memory_sink_capacity);
             workers.push(
                 std::thread::Builder::new()
                     .name(format!("worker-{}", class.as_str()))
-                    .spawn_scoped(s, move || run_worker(class, kind, rx, &mut sink, counters))?,
+                    .spawn_scoped(s, move || run_worker(class, kind, rx, &mut *sink, counters))?,
             );
         }
-        let mut dlq_sink = MemorySink::new(cfg.engine.memory_sink_capacity);
         let dlq = std::thread::Builder::new()
             .name("dlq".into())
-            .spawn_scoped(s, move || run_dlq(dlq_rx, &mut dlq_sink))?;
+            .spawn_scoped(s, move || run_dlq(dlq_rx, &mut *dlq_sink))?;
         if let Some(server) = &admin {
             let view = MetricsView {
                 ingest: counters.iter().map(|c| (source, c)).collect(),

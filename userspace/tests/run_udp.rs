@@ -368,3 +368,65 @@ fn metrics_health_state_and_drain_over_http() {
     assert_eq!(r["state_transitions"]["DRAINING"], 1, "{r}");
     let _ = std::fs::remove_dir_all(dir);
 }
+
+#[test]
+fn file_sink_and_dlq_hold_exact_bytes_and_read_back() {
+    let root = std::env::temp_dir().join(format!("es-files-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&root);
+    let config = format!(
+        "ingest:\n  udp:\n    bind: \"127.0.0.1:0\"\nadmin:\n  bind: null\nengine:\n  default_route: null\nroutes:\n  - {{ topic: \"ok.>\", class: realtime }}\nsinks:\n  kind: file\n  dir: \"{}\"\n  dlq_dir: \"{}\"\n  fsync: always\n",
+        root.join("log").display(),
+        root.join("dlq").display()
+    );
+    let (child, out, addr, dir) = start(&config, "files");
+    let sock = UdpSocket::bind("127.0.0.1:0").unwrap();
+    for i in 0..100u32 {
+        let mut d = Vec::new();
+        encode(7, "ok.events", format!("payload-{i}").as_bytes(), &mut d).unwrap();
+        encode(1, "lost.events", &[0xff, 0x00, i as u8], &mut d).unwrap();
+        sock.send_to(&d, &addr).unwrap();
+        std::thread::sleep(Duration::from_micros(300));
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    let r = stop(child, out);
+    assert_eq!(
+        (
+            r["delivered_events"].as_u64(),
+            r["dlq"]["no_route"].as_u64()
+        ),
+        (Some(100), Some(100)),
+        "{r}"
+    );
+
+    let cat = |args: &[&str]| -> Vec<serde_json::Value> {
+        let o = Command::new(env!("CARGO_BIN_EXE_eventstream"))
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{o:?}");
+        String::from_utf8(o.stdout)
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    };
+    let log = cat(&["log", "cat", root.join("log").to_str().unwrap()]);
+    assert_eq!(log.len(), 100);
+    for (i, rec) in log.iter().enumerate() {
+        assert_eq!(rec["topic"], "ok.events");
+        assert_eq!(
+            rec["payload"],
+            format!("payload-{i}"),
+            "exact bytes, in order"
+        );
+        assert_eq!(rec["id"], i as u64, "ids increase by one");
+        assert_eq!(rec["priority"], 7);
+    }
+    let dlq = cat(&["dlq", "list", root.join("dlq").to_str().unwrap()]);
+    assert_eq!(dlq.len(), 100);
+    assert!(dlq.iter().all(|r| r["reason"] == "no_route"
+        && r["topic"] == "lost.events"
+        && r["payload_len"] == 3));
+    let _ = std::fs::remove_dir_all(&root);
+    let _ = std::fs::remove_dir_all(dir);
+}
