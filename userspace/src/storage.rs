@@ -201,6 +201,25 @@ pub fn read_log(dir: &Path) -> io::Result<Vec<Stored>> {
     Ok(out)
 }
 
+/// One record to append.
+#[derive(Clone, Copy, Debug)]
+pub struct Entry<'e> {
+    /// Where the event came in.
+    pub source: Source,
+    /// Ingest sequence.
+    pub seq: u64,
+    /// Ingest time.
+    pub ingest_ns: u64,
+    /// Priority.
+    pub priority: u8,
+    /// DLQ reason, empty for delivered events.
+    pub reason: &'e str,
+    /// Topic.
+    pub topic: &'e str,
+    /// Payload.
+    pub payload: &'e [u8],
+}
+
 /// An open log, appending.
 #[derive(Debug)]
 pub struct SegmentLog {
@@ -289,16 +308,16 @@ impl SegmentLog {
     ///
     /// # Errors
     /// The file system's.
-    pub fn append(
-        &mut self,
-        source: Source,
-        seq: u64,
-        ingest_ns: u64,
-        priority: u8,
-        reason: &str,
-        topic: &str,
-        payload: &[u8],
-    ) -> io::Result<u64> {
+    pub fn append(&mut self, e: &Entry<'_>) -> io::Result<u64> {
+        let Entry {
+            source,
+            seq,
+            ingest_ns,
+            priority,
+            reason,
+            topic,
+            payload,
+        } = *e;
         let b = &mut self.body;
         b.clear();
         b.push(priority);
@@ -410,16 +429,18 @@ mod tests {
     }
 
     fn append(log: &mut SegmentLog, i: u64) -> u64 {
-        log.append(
-            Source::Udp,
-            i,
-            1000 + i,
-            (i % 8) as u8,
-            if i % 2 == 0 { "" } else { "no_route" },
-            "t.opic",
-            &i.to_be_bytes(),
-        )
-        .unwrap()
+        let reason = if i.is_multiple_of(2) { "" } else { "no_route" };
+        let payload = i.to_be_bytes();
+        let e = Entry {
+            source: Source::Udp,
+            seq: i,
+            ingest_ns: 1000 + i,
+            priority: (i % 8) as u8,
+            reason,
+            topic: "t.opic",
+            payload: &payload,
+        };
+        log.append(&e).unwrap()
     }
 
     #[test]
@@ -444,7 +465,11 @@ mod tests {
             assert_eq!(s.record.payload, i.to_be_bytes());
             assert_eq!(
                 s.record.reason,
-                if i % 2 == 0 { None } else { Some("no_route") }
+                if i.is_multiple_of(2) {
+                    None
+                } else {
+                    Some("no_route")
+                }
             );
         }
         let (log, rec) = SegmentLog::open(&d, 4096, Fsync::Never, Duration::ZERO).unwrap();
