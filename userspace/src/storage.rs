@@ -392,15 +392,15 @@ impl FileSink {
 impl Sink for FileSink {
     fn write(&mut self, events: &[Ev<'_, '_>], reason: Option<&'static str>) -> io::Result<()> {
         for ev in events {
-            self.log.append(
-                ev.source,
-                ev.seq,
-                ev.ingest_ns,
-                ev.priority(),
-                reason.unwrap_or(""),
-                ev.topic(),
-                ev.payload(),
-            )?;
+            self.log.append(&Entry {
+                source: ev.source,
+                seq: ev.seq,
+                ingest_ns: ev.ingest_ns,
+                priority: ev.priority(),
+                reason: reason.unwrap_or(""),
+                topic: ev.topic(),
+                payload: ev.payload(),
+            })?;
         }
         Ok(())
     }
