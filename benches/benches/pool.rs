@@ -38,63 +38,55 @@ fn single_thread(c: &mut Criterion) {
     g.finish();
 }
 
-/// Acquired on one thread, released on another (the pipeline's pattern); both sides carry the
-/// handle over our SPSC ring, so the ring's cost is the same in both rows.
+/// Sends `iters` values made by `make` to another thread over our SPSC ring, where they are
+/// dropped; returns the wall time. Both pool rows run exactly this, so only `make` differs.
+fn handoff<T: Send>(iters: u64, mut make: impl FnMut(u64) -> T) -> std::time::Duration {
+    let (mut tx, mut rx) = spsc::channel::<T>(1024);
+    let start = std::time::Instant::now();
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            let mut n = 0;
+            while n < iters {
+                n += rx.pop_batch(64).count() as u64;
+            }
+        });
+        let mut spins = 0;
+        for i in 0..iters {
+            let mut v = make(i);
+            while let Err(back) = tx.push(v) {
+                v = back;
+                backoff(&mut spins);
+            }
+        }
+    });
+    start.elapsed()
+}
+
+/// Acquired on one thread, released on another (the pipeline's pattern).
 fn cross_thread(c: &mut Criterion) {
     let mut g = c.benchmark_group("pool_cross_thread");
     g.throughput(Throughput::Elements(1));
     let pool = EventPool::<Ev>::new(65_536);
     g.bench_function("ours", |b| {
         b.iter_custom(|iters| {
-            let (mut tx, mut rx) = spsc::channel(1024);
-            let start = std::time::Instant::now();
-            std::thread::scope(|s| {
-                s.spawn(|| {
-                    let mut n = 0;
-                    while n < iters {
-                        n += rx.pop_batch(64).count() as u64;
-                    }
-                });
-                let mut spins = 0;
-                let mut acq = pool.acquirer().unwrap();
-                for i in 0..iters {
-                    let mut h = acq.acquire([i; 7]);
-                    while let Err(v) = h {
-                        backoff(&mut spins);
-                        h = acq.acquire(v);
-                    }
-                    let mut h = h.ok().unwrap();
-                    while let Err(back) = tx.push(h) {
-                        h = back;
-                        backoff(&mut spins);
+            let mut acq = pool.acquirer().unwrap();
+            let mut spins = 0;
+            handoff(iters, |i| {
+                let mut v = [i; 7];
+                loop {
+                    match acq.acquire(v) {
+                        Ok(h) => return h,
+                        Err(back) => {
+                            v = back;
+                            backoff(&mut spins);
+                        }
                     }
                 }
-            });
-            start.elapsed()
+            })
         });
     });
     g.bench_function("Box", |b| {
-        b.iter_custom(|iters| {
-            let (mut tx, mut rx) = spsc::channel(1024);
-            let start = std::time::Instant::now();
-            std::thread::scope(|s| {
-                s.spawn(|| {
-                    let mut n = 0;
-                    while n < iters {
-                        n += rx.pop_batch(64).count() as u64;
-                    }
-                });
-                let mut spins = 0;
-                for i in 0..iters {
-                    let mut h = Box::new([i; 7]);
-                    while let Err(back) = tx.push(h) {
-                        h = back;
-                        backoff(&mut spins);
-                    }
-                }
-            });
-            start.elapsed()
-        });
+        b.iter_custom(|iters| handoff(iters, |i| Box::new([i; 7])))
     });
     g.finish();
 }

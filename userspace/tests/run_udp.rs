@@ -10,29 +10,8 @@ use eventstream::protocol::encode;
 
 #[test]
 fn udp_events_are_reconciled_and_sigterm_drains() {
-    let dir = std::env::temp_dir().join(format!("es-run-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let config = dir.join("eventstream.yaml");
-    std::fs::write(
-        &config,
-        "ingest:\n  udp:\n    bind: \"127.0.0.1:0\"\n    frames: 256\npool:\n  capacity: 1024\nadmin:\n  bind: \"127.0.0.1:0\"\n",
-    )
-    .unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_eventstream"))
-        .args(["run", "--no-xdp", "--config"])
-        .arg(&config)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut out = BufReader::new(child.stdout.take().unwrap());
-    let mut line = String::new();
-    out.read_line(&mut line).unwrap();
-    let addr = line
-        .trim()
-        .strip_prefix("listening udp ")
-        .expect("first line names the address")
-        .to_owned();
+    let config = "ingest:\n  udp:\n    bind: \"127.0.0.1:0\"\n    frames: 256\npool:\n  capacity: 1024\nadmin:\n  bind: \"127.0.0.1:0\"\n";
+    let (child, out, addr, dir) = start(config, "run");
 
     // Bounded load on loopback: 500 datagrams of 8 events, paced so the socket buffer never fills.
     let sock = UdpSocket::bind("127.0.0.1:0").unwrap();
@@ -54,22 +33,7 @@ fn udp_events_are_reconciled_and_sigterm_drains() {
     sock.send_to(&bad_topic, &addr).unwrap();
     std::thread::sleep(Duration::from_millis(300));
 
-    // SAFETY: kill(2) has no memory-safety preconditions; the pid is our own child's.
-    let rc = unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
-    assert_eq!(rc, 0, "SIGTERM to the daemon");
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let status = loop {
-        if let Some(s) = child.try_wait().unwrap() {
-            break s;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "daemon did not exit after SIGTERM"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    assert!(status.success(), "{status}");
-    let r = read_report(&mut out);
+    let r = stop(child, out);
     assert_eq!(r["received_datagrams"], 503, "{r}");
     assert_eq!(r["accepted_events"], 4000, "{r}");
     assert_eq!(

@@ -5,7 +5,7 @@
 
 mod common;
 
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::net::{IpAddr, Ipv6Addr};
 
 use eventstream::packet::UdpSpec;
 use eventstream::xdp::{XdpError, XdpProgram};
@@ -15,15 +15,7 @@ const XDP_PASS: u32 = 2;
 const PORT: u16 = 8082;
 
 fn v4() -> UdpSpec {
-    UdpSpec {
-        src_mac: [2, 0, 0, 0, 0, 1],
-        dst_mac: [2, 0, 0, 0, 0, 2],
-        vlan: None,
-        src: IpAddr::V4(Ipv4Addr::new(198, 18, 0, 1)),
-        dst: IpAddr::V4(Ipv4Addr::new(198, 18, 0, 2)),
-        src_port: 40_000,
-        dst_port: PORT,
-    }
+    common::udp_v4()
 }
 
 fn v6() -> UdpSpec {

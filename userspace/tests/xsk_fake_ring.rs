@@ -6,9 +6,9 @@
 //! descriptors without losing frames. One test in this file, so nothing else allocates while it
 //! counts.
 
-use std::alloc::{GlobalAlloc, Layout, System};
+mod common;
+
 use std::io;
-use std::net::{IpAddr, Ipv4Addr};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
@@ -16,44 +16,14 @@ use eventstream::event::Event;
 use eventstream::frames::FrameArena;
 use eventstream::ingest::{IngestCounters, XskIngest};
 use eventstream::mem::RegionOptions;
-use eventstream::packet::UdpSpec;
 use eventstream::pool::{EventPool, Pooled};
 use eventstream::protocol::{Limits, encode};
 use eventstream::ring::mpsc;
 use eventstream::xdp::ring::{ConsRing, ProdRing, fake_pair};
 use eventstream::xdp::socket::{XskRings, XskStats};
 
-struct Counting;
-
-static COUNTING: AtomicBool = AtomicBool::new(false);
-static ALLOCS: AtomicU64 = AtomicU64::new(0);
-
-// SAFETY: forwards to `System` unchanged; counting has no effect on the memory returned.
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        if COUNTING.load(Ordering::Relaxed) {
-            ALLOCS.fetch_add(1, Ordering::Relaxed);
-        }
-        // SAFETY: the caller upholds `GlobalAlloc::alloc`'s contract, passed on as is.
-        unsafe { System.alloc(layout) }
-    }
-
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        // SAFETY: as above.
-        unsafe { System.dealloc(ptr, layout) }
-    }
-
-    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        if COUNTING.load(Ordering::Relaxed) {
-            ALLOCS.fetch_add(1, Ordering::Relaxed);
-        }
-        // SAFETY: as above.
-        unsafe { System.realloc(ptr, layout, new_size) }
-    }
-}
-
 #[global_allocator]
-static GLOBAL: Counting = Counting;
+static GLOBAL: common::counting::Counting = common::counting::Counting;
 
 const FRAME: u32 = 2048;
 const FRAMES: u32 = 512;
@@ -105,15 +75,7 @@ fn wait(spins: &mut u32) {
 
 #[test]
 fn xsk_ingest_allocates_nothing_and_refuses_bad_descriptors() {
-    let spec = UdpSpec {
-        src_mac: [2, 0, 0, 0, 0, 1],
-        dst_mac: [2, 0, 0, 0, 0, 2],
-        vlan: None,
-        src: IpAddr::V4(Ipv4Addr::new(198, 18, 0, 1)),
-        dst: IpAddr::V4(Ipv4Addr::new(198, 18, 0, 2)),
-        src_port: 40_000,
-        dst_port: 8082,
-    };
+    let spec = common::udp_v4();
     let mut payload = Vec::new();
     for i in 0..PER_DATAGRAM {
         encode((i % 8) as u8, "fake.kernel", &i.to_be_bytes(), &mut payload).unwrap();
@@ -146,7 +108,7 @@ fn xsk_ingest_allocates_nothing_and_refuses_bad_descriptors() {
             let mut spins = 0;
             while sent < DATAGRAMS {
                 if sent == WARMUP {
-                    COUNTING.store(true, Ordering::SeqCst);
+                    common::counting::start();
                 }
                 let n = fill_kernel.available(32);
                 let room = rx_kernel.free(n + 1);
@@ -227,7 +189,7 @@ fn xsk_ingest_allocates_nothing_and_refuses_bad_descriptors() {
         job.run(&mut sock, &mut owner, &mut acq, &tx).unwrap();
         drop(acq);
     });
-    COUNTING.store(false, Ordering::SeqCst);
+    let allocs = common::counting::stop();
 
     assert_eq!(delivered.load(Ordering::Acquire), total);
     assert_eq!(counters.events.load(Ordering::Relaxed), total);
@@ -243,7 +205,6 @@ fn xsk_ingest_allocates_nothing_and_refuses_bad_descriptors() {
         pool.capacity(),
         "every pool slot came back"
     );
-    let allocs = ALLOCS.load(Ordering::SeqCst);
     assert_eq!(
         allocs, 0,
         "{allocs} allocations while moving {total} events through AF_XDP ingest after warm-up"

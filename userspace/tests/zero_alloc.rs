@@ -7,8 +7,9 @@
 //! records every allocation after warm-up. This file holds one test so nothing else allocates
 //! while it counts.
 
-use std::alloc::{GlobalAlloc, Layout, System};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+mod common;
+
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use eventstream::event::{Event, Source, Stamp, monotonic_ns};
 use eventstream::frames::FrameArena;
@@ -17,37 +18,8 @@ use eventstream::pool::{EventPool, Pooled};
 use eventstream::protocol::{Limits, encode};
 use eventstream::ring::{mpsc, spsc};
 
-struct Counting;
-
-static COUNTING: AtomicBool = AtomicBool::new(false);
-static ALLOCS: AtomicU64 = AtomicU64::new(0);
-
-// SAFETY: forwards to `System` unchanged; counting has no effect on the memory returned.
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        if COUNTING.load(Ordering::Relaxed) {
-            ALLOCS.fetch_add(1, Ordering::Relaxed);
-        }
-        // SAFETY: the caller upholds `GlobalAlloc::alloc`'s contract, passed on as is.
-        unsafe { System.alloc(layout) }
-    }
-
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        // SAFETY: as above.
-        unsafe { System.dealloc(ptr, layout) }
-    }
-
-    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        if COUNTING.load(Ordering::Relaxed) {
-            ALLOCS.fetch_add(1, Ordering::Relaxed);
-        }
-        // SAFETY: as above.
-        unsafe { System.realloc(ptr, layout, new_size) }
-    }
-}
-
 #[global_allocator]
-static GLOBAL: Counting = Counting;
+static GLOBAL: common::counting::Counting = common::counting::Counting;
 
 const EVENTS_PER_DATAGRAM: u64 = 16;
 const DATAGRAMS: u64 = if cfg!(miri) { 64 } else { 1 << 16 };
@@ -130,7 +102,7 @@ fn one_million_events_allocate_nothing_after_warmup() {
         let mut spins = 0;
         for d in 0..DATAGRAMS {
             if d == WARMUP_DATAGRAMS {
-                COUNTING.store(true, Ordering::SeqCst);
+                common::counting::start();
             }
             let mut frame = loop {
                 match owner.take() {
@@ -163,7 +135,7 @@ fn one_million_events_allocate_nothing_after_warmup() {
         }
         drop(acquirer);
     });
-    COUNTING.store(false, Ordering::SeqCst);
+    let allocs = common::counting::stop();
 
     assert_eq!(delivered.load(Ordering::Acquire), TOTAL, "sent = delivered");
     assert_eq!(
@@ -178,7 +150,6 @@ fn one_million_events_allocate_nothing_after_warmup() {
         arena.count() as usize,
         "every frame came back"
     );
-    let allocs = ALLOCS.load(Ordering::SeqCst);
     assert_eq!(
         allocs, 0,
         "{allocs} allocations while moving {TOTAL} events after warm-up"

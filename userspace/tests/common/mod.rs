@@ -1,6 +1,8 @@
 //! Helpers shared by the privileged integration tests.
 #![allow(dead_code)] // each test binary uses its own subset
 
+pub mod counting;
+
 use std::path::PathBuf;
 
 /// Whether we run under CI, where a privileged test must run, never skip.
@@ -25,4 +27,17 @@ pub fn bpf_object() -> Option<PathBuf> {
                 .join(eventstream::xdp::DEFAULT_OBJECT)
         });
     p.exists().then_some(p)
+}
+
+/// UDP from 198.18.0.1:40000 to 198.18.0.2:8082 over IPv4, the fixtures' and fake kernel's frame.
+pub fn udp_v4() -> eventstream::packet::UdpSpec {
+    eventstream::packet::UdpSpec {
+        src_mac: [2, 0, 0, 0, 0, 1],
+        dst_mac: [2, 0, 0, 0, 0, 2],
+        vlan: None,
+        src: std::net::IpAddr::V4(std::net::Ipv4Addr::new(198, 18, 0, 1)),
+        dst: std::net::IpAddr::V4(std::net::Ipv4Addr::new(198, 18, 0, 2)),
+        src_port: 40_000,
+        dst_port: eventstream_common::DEFAULT_UDP_PORT,
+    }
 }
