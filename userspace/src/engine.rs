@@ -108,6 +108,8 @@ pub struct EngineCounters {
     pub batch_flushes: AtomicU64,
     /// The pipeline state (`PipelineState as u8`).
     pub state: AtomicU8,
+    /// Set while `PAUSED`: ingest threads stop receiving (checked once per batch).
+    pub paused: AtomicBool,
     /// Transitions into each state.
     pub transitions: [AtomicU64; 5],
     /// Sender → worker latency of realtime events, in µs: count per power-of-two bucket.
@@ -210,6 +212,9 @@ impl Dispatcher<'_, '_, '_> {
                 "pipeline state"
             );
             self.counters.state.store(to as u8, Ordering::Relaxed);
+            self.counters
+                .paused
+                .store(to == PipelineState::Paused, Ordering::Relaxed);
             self.counters.transitions[to as usize].fetch_add(1, Ordering::Relaxed);
         }
     }

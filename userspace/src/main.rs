@@ -494,6 +494,7 @@ fn run(cfg: &Config, no_xdp: bool, duration: u64) -> Result<()> {
                     stop: ingest_stop,
                     idle_poll: Duration::from_millis(100),
                     counters,
+                    paused: &engine_counters.paused,
                 };
                 let h = std::thread::Builder::new().name(format!("ingest-q{q}")).spawn_scoped(s, move || {
                     match numa::pin_current_thread(cpu) {
@@ -508,6 +509,7 @@ fn run(cfg: &Config, no_xdp: bool, duration: u64) -> Result<()> {
                 ingest.push(h);
             }
         }
+        let paused = &engine_counters.paused;
         if let Some((socket, arena)) = &udp {
             let (counters, pool) = (&counters[0], &pools[0]);
             let (ingest_stop, ingest_running, tx) = (&ingest_stop, &ingest_running, &tx);
@@ -523,6 +525,7 @@ fn run(cfg: &Config, no_xdp: bool, duration: u64) -> Result<()> {
                             limits: cfg.protocol.limits(),
                             stop: ingest_stop,
                             counters,
+                            paused,
                         };
                         let r = job.run(&mut frames, &mut acq, tx);
                         ingest_running.fetch_sub(1, Ordering::AcqRel);

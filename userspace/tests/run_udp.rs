@@ -394,3 +394,57 @@ fn file_sink_and_dlq_hold_exact_bytes_and_read_back() {
     let _ = std::fs::remove_dir_all(&root);
     let _ = std::fs::remove_dir_all(dir);
 }
+
+#[test]
+fn paused_ingest_takes_nothing_until_resumed() {
+    let config = "ingest:\n  udp:\n    bind: \"127.0.0.1:0\"\nadmin:\n  bind: \"127.0.0.1:0\"\n";
+    let (child, mut out, addr, dir) = start(config, "pause");
+    let mut line = String::new();
+    out.read_line(&mut line).unwrap();
+    let admin = line
+        .trim()
+        .strip_prefix("listening admin ")
+        .unwrap()
+        .to_owned();
+    let received = |admin: &str| -> u64 {
+        let (_, m) = http(admin, "GET", "/metrics", "");
+        let l = m
+            .lines()
+            .find(|l| l.starts_with("eventstream_received_events_total{source=\"udp\"}"))
+            .unwrap();
+        l.rsplit(' ').next().unwrap().parse().unwrap()
+    };
+    assert_eq!(http(&admin, "POST", "/state", "pause").0, 202);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while http(&admin, "GET", "/state", "").1 != "{\"state\":\"PAUSED\"}\n" {
+        assert!(Instant::now() < deadline, "never PAUSED");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    // Ingest sees the flag at its next batch: within one receive timeout (100 ms).
+    std::thread::sleep(Duration::from_millis(250));
+    let sock = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let mut d = Vec::new();
+    encode(5, "p.t", b"held by the kernel", &mut d).unwrap();
+    for _ in 0..50 {
+        sock.send_to(&d, &addr).unwrap();
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(received(&admin), 0, "PAUSED ingest takes nothing");
+    assert_eq!(http(&admin, "POST", "/state", "resume").0, 202);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while received(&admin) < 50 {
+        assert!(Instant::now() < deadline, "resumed ingest never caught up");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let r = stop(child, out);
+    assert_eq!(
+        (
+            r["accepted_events"].as_u64(),
+            r["delivered_events"].as_u64()
+        ),
+        (Some(50), Some(50)),
+        "{r}"
+    );
+    assert_eq!(r["state_transitions"]["PAUSED"], 1, "{r}");
+    let _ = std::fs::remove_dir_all(dir);
+}

@@ -185,6 +185,7 @@ fn xsk_ingest_allocates_nothing_and_refuses_bad_descriptors() {
             stop: &stop,
             idle_poll: Duration::from_millis(1),
             counters: &counters,
+            paused: &AtomicBool::new(false),
         };
         job.run(&mut sock, &mut owner, &mut acq, &tx).unwrap();
         drop(acq);

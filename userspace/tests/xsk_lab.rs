@@ -143,6 +143,7 @@ fn receiver(
                 stop: &stop,
                 idle_poll: Duration::from_millis(20),
                 counters: &counters,
+                paused: &AtomicBool::new(false),
             };
             job.run(&mut sock, &mut owner, &mut acq, &tx)
         });

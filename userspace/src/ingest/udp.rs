@@ -61,6 +61,10 @@ pub struct UdpIngest<'s> {
     pub stop: &'s AtomicBool,
     /// Where totals go.
     pub counters: &'s IngestCounters,
+    /// While set (the pipeline is `PAUSED`), stop receiving: the kernel holds what arrives,
+    /// and counts what it must drop. Checked once per batch, so a pause takes effect within
+    /// one receive timeout (a batch already being received is still delivered).
+    pub paused: &'s AtomicBool,
 }
 
 impl UdpIngest<'_> {
@@ -88,6 +92,10 @@ impl UdpIngest<'_> {
             queue,
         };
         while !self.stop.load(Ordering::Relaxed) {
+            if self.paused.load(Ordering::Relaxed) {
+                std::thread::sleep(Duration::from_millis(5));
+                continue;
+            }
             while held.len() < batch {
                 match frames.take() {
                     Some(f) => held.push(f),

@@ -37,6 +37,10 @@ pub struct XskIngest<'s> {
     pub idle_poll: Duration,
     /// Where totals go.
     pub counters: &'s IngestCounters,
+    /// While set (the pipeline is `PAUSED`), stop receiving: the kernel holds what arrives,
+    /// and counts what it must drop. Checked once per batch, so a pause takes effect within
+    /// one receive timeout (a batch already being received is still delivered).
+    pub paused: &'s AtomicBool,
 }
 
 impl XskIngest<'_> {
@@ -63,6 +67,10 @@ impl XskIngest<'_> {
         let mut seq = 0u64;
         let mut next_stats = monotonic_ns();
         while !self.stop.load(Ordering::Relaxed) {
+            if self.paused.load(Ordering::Relaxed) {
+                std::thread::sleep(Duration::from_millis(5));
+                continue;
+            }
             // Refill: released frames first, then as many as FILL has room for.
             let (fill, _) = sock.rings();
             let room = fill.free(self.batch);
