@@ -165,6 +165,36 @@ impl Default for XdpConfig {
 pub struct IngestConfig {
     /// `ingest.udp`
     pub udp: UdpConfig,
+    /// `ingest.tcp`
+    pub tcp: TcpConfig,
+}
+
+/// `ingest.tcp:`
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(default, deny_unknown_fields)]
+pub struct TcpConfig {
+    /// `ingest.tcp.bind`; null turns the listener off.
+    pub bind: Option<SocketAddr>,
+    /// `ingest.tcp.max_connections`
+    pub max_connections: usize,
+    /// `ingest.tcp.read_timeout_secs`
+    pub read_timeout_secs: u64,
+    /// `ingest.tcp.frames_per_connection`
+    pub frames_per_connection: u32,
+}
+
+impl Default for TcpConfig {
+    fn default() -> Self {
+        Self {
+            bind: Some(SocketAddr::from((
+                [127, 0, 0, 1],
+                eventstream_common::DEFAULT_TCP_PORT,
+            ))),
+            max_connections: 16,
+            read_timeout_secs: 30,
+            frames_per_connection: 8,
+        }
+    }
 }
 
 /// `ingest.udp:`

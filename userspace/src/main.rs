@@ -29,7 +29,7 @@ use eventstream::engine::{
 };
 use eventstream::event::{Event, Source};
 use eventstream::frames::{FrameArena, FrameOwner};
-use eventstream::ingest::{IngestCounters, UdpIngest, XskIngest, bind_udp};
+use eventstream::ingest::{IngestCounters, Slot, TcpIngest, UdpIngest, XskIngest, bind_udp};
 use eventstream::mem::RegionOptions;
 use eventstream::numa::{self, Placement};
 use eventstream::pool::{EventPool, Pooled};
@@ -384,6 +384,42 @@ fn run(cfg: &Config, no_xdp: bool, duration: u64) -> Result<()> {
         println!("listening udp {}", socket.local_addr()?);
         udp = Some((socket, arena));
     }
+    // The kernel TCP listener: connection slots made now, so the events they mint can outlive
+    // any one connection inside the thread scope.
+    let t = &cfg.ingest.tcp;
+    let tcp_listener = match t.bind {
+        Some(addr) => {
+            let l = std::net::TcpListener::bind(addr)
+                .with_context(|| format!("binding TCP {addr} (ingest.tcp.bind)"))?;
+            println!("listening tcp {}", l.local_addr()?);
+            Some(l)
+        }
+        None => None,
+    };
+    let tcp_slots_n = if tcp_listener.is_some() {
+        t.max_connections
+    } else {
+        0
+    };
+    let tcp_frame = (4 + cfg.protocol.max_frame_len).max(16 * 1024);
+    let tcp_arenas: Vec<FrameArena> = (0..tcp_slots_n)
+        .map(|_| FrameArena::new(tcp_frame, t.frames_per_connection, RegionOptions::default()))
+        .collect::<Result<_, _>>()?;
+    let tcp_pools: Vec<EventPool<Event<'_>>> = (0..tcp_slots_n)
+        .map(|_| EventPool::new(cfg.pool.capacity.min(4096)))
+        .collect();
+    let tcp_counters: Vec<IngestCounters> = (0..tcp_slots_n)
+        .map(|_| IngestCounters::default())
+        .collect();
+    let tcp_slots: Vec<Slot<'_, '_, '_>> = (0..tcp_slots_n)
+        .map(|i| Slot {
+            arena: &tcp_arenas[i],
+            pool: &tcp_pools[i],
+            counters: &tcp_counters[i],
+        })
+        .collect();
+    let (tcp_refused, tcp_live) = (AtomicU64::new(0), AtomicU64::new(0));
+
     let producers = xsk.as_ref().map_or(1, |s| s.queues.len());
     let pools: Vec<EventPool<Event<'_>>> = (0..producers)
         .map(|_| EventPool::new(cfg.pool.capacity))
@@ -461,7 +497,8 @@ fn run(cfg: &Config, no_xdp: bool, duration: u64) -> Result<()> {
             .context("installing signal handlers")?;
     }
     let ingest_stop = AtomicBool::new(false);
-    let ingest_running = AtomicU64::new(producers as u64);
+    let ingest_threads = producers as u64 + u64::from(tcp_listener.is_some());
+    let ingest_running = AtomicU64::new(ingest_threads);
     let source = if xsk.is_some() {
         Source::Xsk
     } else {
@@ -478,6 +515,13 @@ fn run(cfg: &Config, no_xdp: bool, duration: u64) -> Result<()> {
     });
 
     let mut program = None;
+    let tcp = TcpIngest {
+        limits: cfg.protocol.limits(),
+        read_timeout: Duration::from_secs(t.read_timeout_secs),
+        stop: &ingest_stop,
+        refused: &tcp_refused,
+        live: &tcp_live,
+    };
     std::thread::scope(|s| -> Result<()> {
         let mut ingest = Vec::new();
         if let Some(setup) = xsk {
@@ -533,6 +577,18 @@ fn run(cfg: &Config, no_xdp: bool, duration: u64) -> Result<()> {
                     })?,
             );
         }
+        if let Some(listener) = &tcp_listener {
+            let (tcp, slots, tx, ingest_running) = (&tcp, &tcp_slots, &tx, &ingest_running);
+            ingest.push(
+                std::thread::Builder::new()
+                    .name("tcp-accept".into())
+                    .spawn_scoped(s, move || {
+                        let r = tcp.run(s, listener, slots, tx);
+                        ingest_running.fetch_sub(1, Ordering::AcqRel);
+                        r
+                    })?,
+            );
+        }
         // The engine: dispatcher, workers per class, DLQ.
         let dispatcher = Dispatcher {
             input: rx,
@@ -572,7 +628,11 @@ fn run(cfg: &Config, no_xdp: bool, duration: u64) -> Result<()> {
             .spawn_scoped(s, move || run_dlq(dlq_rx, &mut *dlq_sink))?;
         if let Some(server) = &admin {
             let view = MetricsView {
-                ingest: counters.iter().map(|c| (source, c)).collect(),
+                ingest: counters
+                    .iter()
+                    .map(|c| (source, c))
+                    .chain(tcp_counters.iter().map(|c| (Source::Tcp, c)))
+                    .collect(),
                 engine: &engine_counters,
                 queue: Box::new({
                     let tx = tx.clone();
@@ -592,11 +652,12 @@ fn run(cfg: &Config, no_xdp: bool, duration: u64) -> Result<()> {
         let total = |f: fn(&IngestCounters) -> &AtomicU64| {
             counters
                 .iter()
+                .chain(&tcp_counters)
                 .map(|c| f(c).load(Ordering::Relaxed))
                 .sum::<u64>()
         };
         while !stop.load(Ordering::Relaxed)
-            && ingest_running.load(Ordering::Acquire) == producers as u64
+            && ingest_running.load(Ordering::Acquire) == ingest_threads
             && engine_counters.state() != PipelineState::Draining
         {
             std::thread::sleep(Duration::from_millis(100));
@@ -649,6 +710,7 @@ fn run(cfg: &Config, no_xdp: bool, duration: u64) -> Result<()> {
     let sum = |f: fn(&IngestCounters) -> &AtomicU64| {
         counters
             .iter()
+            .chain(&tcp_counters)
             .map(|c| f(c).load(Ordering::Relaxed))
             .sum::<u64>()
     };
@@ -656,7 +718,12 @@ fn run(cfg: &Config, no_xdp: bool, duration: u64) -> Result<()> {
     for r in RejectReason::ALL {
         rejected.insert(
             r.as_str().to_owned(),
-            counters.iter().map(|c| c.rejected(r)).sum::<u64>().into(),
+            counters
+                .iter()
+                .chain(&tcp_counters)
+                .map(|c| c.rejected(r))
+                .sum::<u64>()
+                .into(),
         );
     }
     let mut report = json!({
@@ -670,6 +737,11 @@ fn run(cfg: &Config, no_xdp: bool, duration: u64) -> Result<()> {
         "duplicates": engine_counters.duplicates.load(Ordering::Relaxed),
         "state_transitions": PipelineState::ALL.iter().map(|st| (st.as_str().to_owned(), json!(engine_counters.transitions[*st as usize].load(Ordering::Relaxed)))).collect::<serde_json::Map<_, _>>(),
         "rejected": rejected,
+        "received_events": {
+            source.as_str(): counters.iter().map(|c| c.events.load(Ordering::Relaxed)).sum::<u64>(),
+            "tcp": tcp_counters.iter().map(|c| c.events.load(Ordering::Relaxed)).sum::<u64>(),
+        },
+        "tcp_refused_connections": tcp_refused.load(Ordering::Relaxed),
     });
     if let Some(attach) = attach {
         let verdicts = match &program {

@@ -10,7 +10,7 @@ use eventstream::protocol::encode;
 
 #[test]
 fn udp_events_are_reconciled_and_sigterm_drains() {
-    let config = "ingest:\n  udp:\n    bind: \"127.0.0.1:0\"\n    frames: 256\npool:\n  capacity: 1024\nadmin:\n  bind: \"127.0.0.1:0\"\n";
+    let config = "ingest:\n  udp:\n    bind: \"127.0.0.1:0\"\n    frames: 256\n  tcp:\n    bind: \"127.0.0.1:0\"\npool:\n  capacity: 1024\nadmin:\n  bind: \"127.0.0.1:0\"\n";
     let (child, out, addr, dir) = start(config, "run");
 
     // Bounded load on loopback: 500 datagrams of 8 events, paced so the socket buffer never fills.
@@ -69,7 +69,11 @@ fn bad_config_and_busy_port_are_clear_errors() {
     let taken = UdpSocket::bind("127.0.0.1:0").unwrap();
     let port = taken.local_addr().unwrap().to_string();
     let ok = dir.join("ok.yaml");
-    std::fs::write(&ok, "admin:\n  bind: null\n").unwrap();
+    std::fs::write(
+        &ok,
+        "admin:\n  bind: null\ningest:\n  tcp:\n    bind: null\n",
+    )
+    .unwrap();
     let out = Command::new(env!("CARGO_BIN_EXE_eventstream"))
         .args(["run", "--no-xdp", "--udp-bind", &port, "--config"])
         .arg(&ok)
@@ -92,7 +96,7 @@ fn missing_interface_falls_back_to_kernel_udp_with_one_clear_line() {
     let cfg = dir.join("c.yaml");
     std::fs::write(
         &cfg,
-        "ingest:\n  udp:\n    bind: \"127.0.0.1:0\"\nadmin:\n  bind: null\n",
+        "ingest:\n  udp:\n    bind: \"127.0.0.1:0\"\n  tcp:\n    bind: \"127.0.0.1:0\"\nadmin:\n  bind: null\n",
     )
     .unwrap();
     let out = Command::new(env!("CARGO_BIN_EXE_eventstream"))
@@ -138,13 +142,7 @@ fn start(
         .spawn()
         .unwrap();
     let mut out = BufReader::new(child.stdout.take().unwrap());
-    let mut line = String::new();
-    out.read_line(&mut line).unwrap();
-    let addr = line
-        .trim()
-        .strip_prefix("listening udp ")
-        .expect("address line")
-        .to_owned();
+    let addr = read_until(&mut out, "listening udp ");
     (child, out, addr, dir)
 }
 
@@ -171,6 +169,21 @@ fn stop(
     read_report(&mut out)
 }
 
+/// The rest of the first stdout line that starts with `prefix` (an address the daemon bound).
+fn read_until(out: &mut impl BufRead, prefix: &str) -> String {
+    let mut line = String::new();
+    loop {
+        line.clear();
+        assert!(
+            out.read_line(&mut line).unwrap() > 0,
+            "no `{prefix}` line on stdout"
+        );
+        if let Some(rest) = line.trim().strip_prefix(prefix) {
+            return rest.to_owned();
+        }
+    }
+}
+
 /// The JSON report: the first stdout line that is a JSON object.
 fn read_report(out: &mut impl BufRead) -> serde_json::Value {
     for line in out.lines() {
@@ -187,6 +200,8 @@ fn routes_dedup_batches_and_no_route_are_accounted_exactly() {
     let config = r#"
 ingest:
   udp:
+    bind: "127.0.0.1:0"
+  tcp:
     bind: "127.0.0.1:0"
 admin:
   bind: "127.0.0.1:0"
@@ -272,15 +287,9 @@ fn http(addr: &str, method: &str, path: &str, body: &str) -> (u16, String) {
 
 #[test]
 fn metrics_health_state_and_drain_over_http() {
-    let config = "ingest:\n  udp:\n    bind: \"127.0.0.1:0\"\nadmin:\n  bind: \"127.0.0.1:0\"\n";
+    let config = "ingest:\n  udp:\n    bind: \"127.0.0.1:0\"\n  tcp:\n    bind: \"127.0.0.1:0\"\nadmin:\n  bind: \"127.0.0.1:0\"\n";
     let (mut child, mut out, addr, dir) = start(config, "admin");
-    let mut line = String::new();
-    out.read_line(&mut line).unwrap();
-    let admin = line
-        .trim()
-        .strip_prefix("listening admin ")
-        .expect("admin address line")
-        .to_owned();
+    let admin = read_until(&mut out, "listening admin ");
 
     let sock = UdpSocket::bind("127.0.0.1:0").unwrap();
     let mut d = Vec::new();
@@ -338,7 +347,7 @@ fn file_sink_and_dlq_hold_exact_bytes_and_read_back() {
     let root = std::env::temp_dir().join(format!("es-files-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&root);
     let config = format!(
-        "ingest:\n  udp:\n    bind: \"127.0.0.1:0\"\nadmin:\n  bind: null\nengine:\n  default_route: null\nroutes:\n  - {{ topic: \"ok.>\", class: realtime }}\nsinks:\n  kind: file\n  dir: \"{}\"\n  dlq_dir: \"{}\"\n  fsync: always\n",
+        "ingest:\n  udp:\n    bind: \"127.0.0.1:0\"\n  tcp:\n    bind: \"127.0.0.1:0\"\nadmin:\n  bind: null\nengine:\n  default_route: null\nroutes:\n  - {{ topic: \"ok.>\", class: realtime }}\nsinks:\n  kind: file\n  dir: \"{}\"\n  dlq_dir: \"{}\"\n  fsync: always\n",
         root.join("log").display(),
         root.join("dlq").display()
     );
@@ -397,15 +406,9 @@ fn file_sink_and_dlq_hold_exact_bytes_and_read_back() {
 
 #[test]
 fn paused_ingest_takes_nothing_until_resumed() {
-    let config = "ingest:\n  udp:\n    bind: \"127.0.0.1:0\"\nadmin:\n  bind: \"127.0.0.1:0\"\n";
+    let config = "ingest:\n  udp:\n    bind: \"127.0.0.1:0\"\n  tcp:\n    bind: \"127.0.0.1:0\"\nadmin:\n  bind: \"127.0.0.1:0\"\n";
     let (child, mut out, addr, dir) = start(config, "pause");
-    let mut line = String::new();
-    out.read_line(&mut line).unwrap();
-    let admin = line
-        .trim()
-        .strip_prefix("listening admin ")
-        .unwrap()
-        .to_owned();
+    let admin = read_until(&mut out, "listening admin ");
     let received = |admin: &str| -> u64 {
         let (_, m) = http(admin, "GET", "/metrics", "");
         let l = m
@@ -446,5 +449,66 @@ fn paused_ingest_takes_nothing_until_resumed() {
         "{r}"
     );
     assert_eq!(r["state_transitions"]["PAUSED"], 1, "{r}");
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+fn tcp_stream_rules_and_connection_limit() {
+    use std::io::{Read, Write};
+    use std::net::TcpStream;
+    let config = "ingest:\n  udp:\n    bind: \"127.0.0.1:0\"\n  tcp:\n    bind: \"127.0.0.1:0\"\n    max_connections: 1\nadmin:\n  bind: null\n";
+    let (child, mut out, _udp, dir) = start(config, "tcp");
+    let tcp = read_until(&mut out, "listening tcp ");
+
+    // 1. Frames split at every byte and batched: all arrive; a bad topic is rejected alone.
+    let mut good = Vec::new();
+    for i in 0..20u8 {
+        encode(i, "tcp.events", &[i; 100], &mut good).unwrap();
+    }
+    let mut bad_topic = Vec::new();
+    encode(1, "xx", b"", &mut bad_topic).unwrap();
+    bad_topic[7] = 0xff;
+    let mut c = TcpStream::connect(&tcp).unwrap();
+    for b in &good[..300] {
+        c.write_all(&[*b]).unwrap(); // byte by byte across the first frames
+    }
+    c.write_all(&good[300..]).unwrap();
+    c.write_all(&bad_topic).unwrap();
+    c.write_all(&good).unwrap(); // the connection is still up after a bad topic
+    // 2. While this connection holds the only slot, a second one is refused (closed).
+    std::thread::sleep(Duration::from_millis(200));
+    let mut second = TcpStream::connect(&tcp).unwrap();
+    second
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    let mut buf = [0u8; 1];
+    assert_eq!(
+        second.read(&mut buf).unwrap_or(0),
+        0,
+        "refused: closed by the server"
+    );
+    // 3. A malformed frame closes the connection.
+    c.write_all(&[0, 0, 0, 1, 0, 0, 0]).unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    assert_eq!(
+        c.read(&mut buf).unwrap_or(0),
+        0,
+        "malformed: the server closed the connection"
+    );
+    drop(c);
+    std::thread::sleep(Duration::from_millis(200));
+    // 4. A stream that ends mid-frame is truncated.
+    let mut c = TcpStream::connect(&tcp).unwrap();
+    c.write_all(&good[..50]).unwrap();
+    drop(c);
+    std::thread::sleep(Duration::from_millis(300));
+
+    let r = stop(child, out);
+    assert_eq!(r["received_events"]["tcp"], 40, "{r}");
+    assert_eq!(r["delivered_events"], 40, "{r}");
+    assert_eq!(r["rejected"]["bad_topic"], 1, "{r}");
+    assert_eq!(r["rejected"]["malformed"], 1, "{r}");
+    assert_eq!(r["rejected"]["truncated"], 1, "{r}");
+    assert_eq!(r["tcp_refused_connections"], 1, "{r}");
     let _ = std::fs::remove_dir_all(dir);
 }

@@ -1,7 +1,8 @@
 //! Ingest: receive frames, parse them in place into pooled events, push them to the dispatcher.
 //!
 //! - [`xsk`]: one thread per NIC queue over an AF_XDP socket (the product's data path);
-//! - [`udp`]: a kernel UDP socket with `recvmmsg`, where XDP cannot attach.
+//! - [`udp`]: a kernel UDP socket with `recvmmsg`, where XDP cannot attach;
+//! - [`tcp`]: the kernel TCP listener, for clients that cannot use UDP.
 //!
 //! Both share [`Deliver`], the per-datagram step: parse the frame's events, put each in the
 //! pool, push it to the queue, and count each rejected frame by reason. Counting is in plain
@@ -10,6 +11,7 @@
 //! wait, spinning briefly and then yielding; the kernel's ring or socket buffer absorbs the
 //! burst, and what it drops is counted there (`XDP_STATISTICS`, `RcvbufErrors`).
 
+pub mod tcp;
 pub mod udp;
 pub mod xsk;
 
@@ -21,6 +23,7 @@ use crate::pool::{Acquirer, Pooled};
 use crate::protocol::{Limits, RejectReason};
 use crate::ring::mpsc;
 
+pub use tcp::{Slot, TcpIngest};
 pub use udp::{UdpIngest, bind_udp};
 pub use xsk::XskIngest;
 

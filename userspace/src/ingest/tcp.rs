@@ -1,0 +1,250 @@
+//! Kernel TCP ingest, for clients that cannot use UDP (default port 8081).
+//!
+//! A fixed set of connection slots is made at start, each with its own receive arena, event
+//! pool and counters; the accept thread hands a free slot to a new connection thread, and
+//! refuses (closes, counts) connections beyond `max_connections`. A connection reassembles
+//! frames with [`StreamDecoder`] and applies the stream rules of PROTOCOL.md: `malformed` and
+//! `too_large` close the connection with a logged error, a bad topic rejects that frame only,
+//! a stream that ends mid-frame is `truncated`, and an idle connection is closed after
+//! `read_timeout`.
+//!
+//! TCP events are not zero-copy: the decoder's buffer is reused across reads, so each complete
+//! frame's wire bytes are copied once into an arena frame (several frames per arena frame), and
+//! events are minted from there by the same [`Deliver`] step as the other paths. Zero-copy is
+//! the AF_XDP path's promise; the kernel has already copied TCP data once anyway.
+
+use std::io::{self, Read};
+use std::net::{TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use tracing::{debug, info, warn};
+
+use super::{Deliver, IngestCounters, Tally, backoff};
+use crate::event::{Event, Source, Stamp, monotonic_ns};
+use crate::frames::{FrameArena, FrameOwner, OwnedFrame};
+use crate::pool::{EventPool, Pooled};
+use crate::protocol::{Limits, StreamDecoder, encode_into};
+use crate::ring::mpsc;
+
+/// How often a blocked read wakes to check for shutdown and idleness.
+const READ_TICK: Duration = Duration::from_millis(200);
+
+/// One connection slot's resources, borrowed for the life of the daemon.
+#[derive(Debug)]
+pub struct Slot<'s, 'a, 'p> {
+    /// Receive frames.
+    pub arena: &'a FrameArena,
+    /// Event pool.
+    pub pool: &'p EventPool<Event<'a>>,
+    /// Totals.
+    pub counters: &'s IngestCounters,
+}
+
+/// The TCP listener's settings and shared state.
+#[derive(Debug)]
+pub struct TcpIngest<'s> {
+    /// Frame limits.
+    pub limits: Limits,
+    /// Close a connection idle this long.
+    pub read_timeout: Duration,
+    /// Set to stop accepting and close every connection.
+    pub stop: &'s AtomicBool,
+    /// Connections refused because every slot was taken.
+    pub refused: &'s AtomicU64,
+    /// Connections open now.
+    pub live: &'s AtomicU64,
+}
+
+/// Waits for a free frame, giving up when `stop` is set.
+fn take_frame<'a>(owner: &mut FrameOwner<'a>, stop: &AtomicBool) -> Option<OwnedFrame<'a>> {
+    let mut spins = 0;
+    loop {
+        if let Some(f) = owner.take() {
+            return Some(f);
+        }
+        if stop.load(Ordering::Relaxed) {
+            return None;
+        }
+        backoff(&mut spins);
+    }
+}
+
+impl TcpIngest<'_> {
+    /// Accepts on `listener` until `stop`, serving each connection on a scoped thread with a
+    /// free slot; returns when every connection has closed.
+    ///
+    /// # Errors
+    /// An accept error other than "try again".
+    pub fn run<'scope, 'a: 'scope, 'p: 'scope>(
+        &'scope self,
+        scope: &'scope std::thread::Scope<'scope, '_>,
+        listener: &TcpListener,
+        slots: &'scope [Slot<'scope, 'a, 'p>],
+        queue: &'scope mpsc::Producer<Pooled<'p, Event<'a>>>,
+    ) -> io::Result<()> {
+        listener.set_nonblocking(true)?;
+        let free = mpsc::channel::<usize>(slots.len().max(1));
+        let (free_tx, mut free_rx) = free;
+        for i in 0..slots.len() {
+            let _ = free_tx.push(i);
+        }
+        let live = self.live;
+        while !self.stop.load(Ordering::Relaxed) {
+            let (stream, peer) = match listener.accept() {
+                Ok(c) => c,
+                Err(e)
+                    if e.kind() == io::ErrorKind::WouldBlock
+                        || e.kind() == io::ErrorKind::Interrupted =>
+                {
+                    std::thread::sleep(Duration::from_millis(10));
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
+            let Some(i) = free_rx.pop() else {
+                self.refused.fetch_add(1, Ordering::Relaxed);
+                warn!(%peer, "TCP connection refused: every connection slot is in use");
+                drop(stream);
+                continue;
+            };
+            live.fetch_add(1, Ordering::AcqRel);
+            let (slot, slot_back) = (&slots[i], free_tx.clone());
+            let spawned = std::thread::Builder::new()
+                .name(format!("tcp-{i}"))
+                .spawn_scoped(scope, move || {
+                    debug!(%peer, slot = i, "TCP connection");
+                    if let Err(e) = self.serve(stream, slot, queue) {
+                        debug!(%peer, reason = %e, "TCP connection ended with an error");
+                    }
+                    let _ = slot_back.push(i);
+                    live.fetch_sub(1, Ordering::AcqRel);
+                });
+            if let Err(e) = spawned {
+                live.fetch_sub(1, Ordering::AcqRel);
+                let _ = free_tx.push(i);
+                warn!(reason = %e, "could not start a TCP connection thread");
+            }
+        }
+        while live.load(Ordering::Acquire) != 0 {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        Ok(())
+    }
+
+    /// Serves one connection until EOF, a fatal frame error, idleness, or shutdown.
+    fn serve<'a, 'p>(
+        &self,
+        mut stream: TcpStream,
+        slot: &Slot<'_, 'a, 'p>,
+        queue: &mpsc::Producer<Pooled<'p, Event<'a>>>,
+    ) -> io::Result<()> {
+        stream.set_nonblocking(false)?;
+        stream.set_read_timeout(Some(READ_TICK))?;
+        let peer = stream.peer_addr()?;
+        let mut owner = slot.arena.owner().expect("one connection per slot");
+        let mut acq = slot.pool.acquirer().expect("one connection per slot");
+        let mut deliver = Deliver {
+            limits: self.limits,
+            pool: &mut acq,
+            queue,
+        };
+        let mut decoder = StreamDecoder::new(self.limits);
+        let mut tally = Tally::default();
+        let mut seq = 0u64;
+        let mut last_data = Instant::now();
+        let frame_size = slot.arena.frame_size() as usize;
+        loop {
+            if self.stop.load(Ordering::Relaxed) {
+                break;
+            }
+            let n = match stream.read(decoder.spare()) {
+                Ok(0) => {
+                    if let Err(e) = decoder.finish() {
+                        tally.rejected[e.reason() as usize] += 1;
+                        warn!(%peer, reason = %e, "TCP stream ended mid-frame");
+                    }
+                    break;
+                }
+                Ok(n) => n,
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                    ) =>
+                {
+                    if last_data.elapsed() >= self.read_timeout {
+                        info!(%peer, "TCP connection idle past the read timeout; closing");
+                        break;
+                    }
+                    continue;
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    tally.flush(slot.counters);
+                    return Err(e);
+                }
+            };
+            last_data = Instant::now();
+            decoder.commit(n);
+            tally.bytes += n as u64;
+            let stamp = Stamp {
+                source: Source::Tcp,
+                ingest_ns: monotonic_ns(),
+            };
+            // Complete frames are copied, back to back, into arena frames; each filled frame is
+            // shared and its events minted.
+            let mut current: Option<(OwnedFrame<'a>, usize)> = None;
+            let mut fatal = None;
+            loop {
+                let f = match decoder.next_frame() {
+                    Ok(Some(f)) => f,
+                    Ok(None) => break,
+                    Err(e) if e.is_fatal_for_stream() => {
+                        fatal = Some(e);
+                        break;
+                    }
+                    Err(e) => {
+                        tally.rejected[e.reason() as usize] += 1;
+                        continue;
+                    }
+                };
+                let need = f.wire_len();
+                if current
+                    .as_ref()
+                    .is_some_and(|(_, used)| used + need > frame_size)
+                {
+                    let (frame, used) = current.take().expect("checked");
+                    deliver.frame(&mut frame.share(0..used), stamp, &mut seq, &mut tally);
+                }
+                if current.is_none() {
+                    let Some(frame) = take_frame(&mut owner, self.stop) else {
+                        break;
+                    };
+                    current = Some((frame, 0));
+                }
+                let (frame, used) = current.as_mut().expect("set above");
+                // Cannot fail: the arena's frames hold a maximal frame, and `need` fits.
+                let written = encode_into(
+                    f.priority,
+                    f.topic,
+                    f.payload,
+                    &mut frame.bytes_mut()[*used..],
+                )
+                .map_err(io::Error::other)?;
+                *used += written;
+            }
+            if let Some((frame, used)) = current.take() {
+                deliver.frame(&mut frame.share(0..used), stamp, &mut seq, &mut tally);
+            }
+            tally.flush(slot.counters);
+            if let Some(e) = fatal {
+                slot.counters.rejected[e.reason() as usize].fetch_add(1, Ordering::Relaxed);
+                warn!(%peer, reason = %e, "closing the TCP connection");
+                break;
+            }
+        }
+        tally.flush(slot.counters);
+        Ok(())
+    }
+}
