@@ -512,3 +512,90 @@ fn tcp_stream_rules_and_connection_limit() {
     assert_eq!(r["tcp_refused_connections"], 1, "{r}");
     let _ = std::fs::remove_dir_all(dir);
 }
+
+#[test]
+fn sigterm_under_load_loses_nothing() {
+    let config = "ingest:\n  udp:\n    bind: \"127.0.0.1:0\"\n  tcp:\n    bind: null\nadmin:\n  bind: null\n";
+    let (child, out, addr, dir) = start(config, "drainload");
+    let sending = std::sync::atomic::AtomicBool::new(true);
+    let r = std::thread::scope(|s| {
+        // A bounded sender (at most 20 000 datagrams or 3 s) still running when SIGTERM lands.
+        s.spawn(|| {
+            let sock = UdpSocket::bind("127.0.0.1:0").unwrap();
+            let mut d = Vec::new();
+            for i in 0..8u8 {
+                encode(i, "load.t", &[i; 32], &mut d).unwrap();
+            }
+            let end = Instant::now() + Duration::from_secs(3);
+            for n in 0..20_000 {
+                if !sending.load(std::sync::atomic::Ordering::Relaxed) || Instant::now() > end {
+                    break;
+                }
+                if sock.send_to(&d, &addr).is_err() {
+                    break; // the daemon is gone
+                }
+                if n % 64 == 0 {
+                    std::thread::sleep(Duration::from_micros(200));
+                }
+            }
+        });
+        std::thread::sleep(Duration::from_millis(500));
+        let r = stop(child, out);
+        sending.store(false, std::sync::atomic::Ordering::Relaxed);
+        r
+    });
+    let n = |v: &serde_json::Value| v.as_u64().unwrap();
+    assert!(n(&r["accepted_events"]) > 0, "{r}");
+    assert_eq!(
+        n(&r["accepted_events"]),
+        8 * n(&r["received_datagrams"]),
+        "{r}"
+    );
+    assert_eq!(
+        r["accepted_events"], r["delivered_events"],
+        "every accepted event reached a sink: {r}"
+    );
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+fn the_original_python_client_over_udp_and_tcp() {
+    let config = "ingest:\n  udp:\n    bind: \"127.0.0.1:0\"\n  tcp:\n    bind: \"127.0.0.1:0\"\nadmin:\n  bind: null\n";
+    let (child, mut out, udp, dir) = start(config, "python");
+    let tcp = read_until(&mut out, "listening tcp ");
+    let (uh, up) = udp.rsplit_once(':').unwrap();
+    let (th, tp) = tcp.rsplit_once(':').unwrap();
+    // The original README's client: struct.pack framing, one frame per send.
+    let script = format!(
+        r#"
+import socket, struct
+def frame(topic, payload, prio=5):
+    f = struct.pack(">I", 1 + 2 + len(topic) + len(payload))
+    f += struct.pack("B", prio) + struct.pack(">H", len(topic)) + topic.encode() + payload
+    return f
+u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+for i in range(25):
+    u.sendto(frame("py.udp", b"udp-%d" % i), ("{uh}", {up}))
+t = socket.create_connection(("{th}", {tp}))
+for i in range(25):
+    t.sendall(frame("py.tcp", b"tcp-%d" % i))
+t.close()
+"#
+    );
+    let py = Command::new("python3")
+        .arg("-c")
+        .arg(&script)
+        .output()
+        .expect("python3 runs");
+    assert!(
+        py.status.success(),
+        "{}",
+        String::from_utf8_lossy(&py.stderr)
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    let r = stop(child, out);
+    assert_eq!(r["received_events"]["udp"], 25, "{r}");
+    assert_eq!(r["received_events"]["tcp"], 25, "{r}");
+    assert_eq!(r["delivered_events"], 50, "{r}");
+    let _ = std::fs::remove_dir_all(dir);
+}
