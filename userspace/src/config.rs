@@ -273,6 +273,11 @@ pub struct EngineConfig {
     pub batch_window_ms: u64,
     /// `engine.memory_sink_capacity`: records the in-memory sink keeps for inspection.
     pub memory_sink_capacity: usize,
+    /// `engine.dispatcher_cpu`: pin the dispatcher thread here; null leaves it to the scheduler.
+    pub dispatcher_cpu: Option<u32>,
+    /// `engine.worker_cpus`: worker `k` (realtime first, then transactional, then batch) is
+    /// pinned to `worker_cpus[k % len]`; empty leaves them to the scheduler.
+    pub worker_cpus: Vec<u32>,
 }
 
 impl Default for EngineConfig {
@@ -288,6 +293,8 @@ impl Default for EngineConfig {
             batch_max: 256,
             batch_window_ms: 100,
             memory_sink_capacity: 10_000,
+            dispatcher_cpu: None,
+            worker_cpus: Vec::new(),
         }
     }
 }
@@ -505,6 +512,121 @@ impl Config {
             16 << 20,
             "64..=16777216",
         )?;
+        let t = &self.ingest.tcp;
+        check(
+            "ingest.tcp.max_connections",
+            t.max_connections,
+            1,
+            4096,
+            "1..=4096",
+        )?;
+        check(
+            "ingest.tcp.read_timeout_secs",
+            t.read_timeout_secs,
+            1,
+            86_400,
+            "1..=86400",
+        )?;
+        check(
+            "ingest.tcp.frames_per_connection",
+            t.frames_per_connection,
+            2,
+            4096,
+            "2..=4096",
+        )?;
+        let e = &self.engine;
+        check(
+            "engine.realtime_workers",
+            e.realtime_workers,
+            1,
+            64,
+            "1..=64",
+        )?;
+        check(
+            "engine.transactional_workers",
+            e.transactional_workers,
+            1,
+            64,
+            "1..=64",
+        )?;
+        check("engine.batch_workers", e.batch_workers, 1, 64, "1..=64")?;
+        check(
+            "engine.ring_capacity",
+            e.ring_capacity,
+            64,
+            1 << 24,
+            "64..=16777216",
+        )?;
+        check(
+            "engine.dedup_window_secs",
+            e.dedup_window_secs,
+            1,
+            7 * 24 * 3600,
+            "1..=604800",
+        )?;
+        check(
+            "engine.dedup_capacity",
+            e.dedup_capacity,
+            1024,
+            1 << 28,
+            "1024..=268435456",
+        )?;
+        check("engine.batch_max", e.batch_max, 1, 1 << 20, "1..=1048576")?;
+        check(
+            "engine.batch_window_ms",
+            e.batch_window_ms,
+            1,
+            3_600_000,
+            "1..=3600000",
+        )?;
+        check(
+            "engine.memory_sink_capacity",
+            e.memory_sink_capacity,
+            1,
+            1 << 24,
+            "1..=16777216",
+        )?;
+        let online = crate::numa::online_cpus();
+        for &cpu in e.worker_cpus.iter().chain(&e.dispatcher_cpu) {
+            if !online.contains(&cpu) {
+                return Err(ConfigError::Invalid {
+                    key: "engine.worker_cpus / engine.dispatcher_cpu",
+                    value: cpu.to_string(),
+                    expected: "an online CPU",
+                });
+            }
+        }
+        for r in &self.routes {
+            if let Err(err) = crate::route::Router::new().add(&r.topic, ()) {
+                return Err(ConfigError::Invalid {
+                    key: "routes[].topic",
+                    value: format!("{:?}", r.topic),
+                    expected: err.why,
+                });
+            }
+        }
+        if let Err(why) = self.control.validate() {
+            return Err(ConfigError::Invalid {
+                key: "control",
+                value: format!("{:?}", self.control),
+                expected: why,
+            });
+        }
+        let k = &self.sinks;
+        check(
+            "sinks.segment_bytes",
+            k.segment_bytes,
+            1 << 16,
+            1 << 40,
+            "65536..=1099511627776",
+        )?;
+        check(
+            "sinks.fsync_interval_ms",
+            k.fsync_interval_ms,
+            1,
+            3_600_000,
+            "1..=3600000",
+        )?;
         Ok(())
     }
 }
@@ -560,11 +682,46 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("unknown variant `native`"), "{e}");
+        let e = Config::parse("engine:\n  worker_cpus: [0, 4096]\n", "f")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("4096 is out of range (an online CPU)"), "{e}");
         let c = Config::parse("xdp:\n  iface: eth0\n  queues: 4\n  attach: skb\n", "f").unwrap();
         assert_eq!(
             (c.xdp.iface.as_str(), c.xdp.queues, c.xdp.attach),
             ("eth0", 4, AttachPolicy::Skb)
         );
+    }
+
+    #[test]
+    fn engine_routes_control_sinks_and_tcp_are_checked() {
+        for (yaml, want) in [
+            (
+                "engine:\n  transactional_workers: 0\n",
+                "engine.transactional_workers: 0",
+            ),
+            (
+                "engine:\n  dedup_capacity: 10\n",
+                "engine.dedup_capacity: 10",
+            ),
+            (
+                "routes:\n  - { topic: \"a.>.b\", class: batch }\n",
+                "routes[].topic: \"a.>.b\"",
+            ),
+            ("control:\n  low_watermark: 0.9\n", "control: "),
+            ("sinks:\n  segment_bytes: 10\n", "sinks.segment_bytes: 10"),
+            (
+                "ingest:\n  tcp:\n    max_connections: 0\n",
+                "ingest.tcp.max_connections: 0",
+            ),
+        ] {
+            let e = Config::parse(yaml, "f").unwrap_err().to_string();
+            assert!(e.starts_with(want), "{yaml:?}: {e}");
+        }
+        let e = Config::parse("routes:\n  - { topic: \"x\", class: fast }\n", "f")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("unknown variant `fast`"), "{e}");
     }
 
     #[test]

@@ -322,6 +322,16 @@ fn open_sink(cfg: &Config, dir: &std::path::Path) -> Result<Box<dyn Sink>> {
     })
 }
 
+/// Pins the calling thread to `cpu` if one is configured, logging the outcome.
+fn pin(cpu: Option<u32>, thread: &str) {
+    if let Some(cpu) = cpu {
+        match numa::pin_current_thread(cpu) {
+            Ok(()) => info!(thread, cpu, "thread pinned"),
+            Err(e) => warn!(thread, cpu, reason = %e, "could not pin the thread"),
+        }
+    }
+}
+
 fn run(cfg: &Config, no_xdp: bool, duration: u64) -> Result<()> {
     let x = &cfg.xdp;
     // Decide the ingest path, and say why in one line when it is kernel UDP.
@@ -602,9 +612,14 @@ fn run(cfg: &Config, no_xdp: bool, duration: u64) -> Result<()> {
         };
         let dispatch = std::thread::Builder::new()
             .name("dispatcher".into())
-            .spawn_scoped(s, move || dispatcher.run())?;
+            .spawn_scoped(s, move || {
+                pin(cfg.engine.dispatcher_cpu, "dispatcher");
+                dispatcher.run()
+            })?;
         let mut workers = Vec::new();
-        for ((class, rx), mut sink) in worker_rxs.into_iter().zip(worker_sinks) {
+        for (k, ((class, rx), mut sink)) in worker_rxs.into_iter().zip(worker_sinks).enumerate() {
+            let cpu = (!cfg.engine.worker_cpus.is_empty())
+                .then(|| cfg.engine.worker_cpus[k % cfg.engine.worker_cpus.len()]);
             let e = &cfg.engine;
             let kind = match class {
                 WorkerClass::Realtime => WorkerKind::Realtime,
@@ -620,7 +635,10 @@ fn run(cfg: &Config, no_xdp: bool, duration: u64) -> Result<()> {
             workers.push(
                 std::thread::Builder::new()
                     .name(format!("worker-{}", class.as_str()))
-                    .spawn_scoped(s, move || run_worker(class, kind, rx, &mut *sink, counters))?,
+                    .spawn_scoped(s, move || {
+                        pin(cpu, &format!("worker-{}-{k}", class.as_str()));
+                        run_worker(class, kind, rx, &mut *sink, counters)
+                    })?,
             );
         }
         let dlq = std::thread::Builder::new()
