@@ -7,12 +7,10 @@
 use std::net::IpAddr;
 use std::ops::Range;
 
-const ETH_HLEN: usize = 14;
-const ETH_P_IP: u16 = 0x0800;
-const ETH_P_IPV6: u16 = 0x86dd;
-const ETH_P_8021Q: u16 = 0x8100;
-const ETH_P_8021AD: u16 = 0x88a8;
-const IPPROTO_UDP: u8 = 17;
+use eventstream_common::wire::{
+    ETH_HLEN, ETH_P_8021AD, ETH_P_8021Q, ETH_P_IP, ETH_P_IPV6, IPPROTO_UDP, IPV4_MIN_HLEN,
+    IPV6_HLEN, UDP_HLEN, VLAN_HLEN,
+};
 
 fn be16(b: &[u8], at: usize) -> Option<u16> {
     Some(u16::from_be_bytes([*b.get(at)?, *b.get(at + 1)?]))
@@ -39,13 +37,17 @@ pub fn udp_payload(frame: &[u8]) -> Option<(Range<usize>, UdpMeta)> {
     let mut off = ETH_HLEN;
     if proto == ETH_P_8021Q || proto == ETH_P_8021AD {
         proto = be16(frame, off + 2)?;
-        off += 4;
+        off += VLAN_HLEN;
     }
     let src = match proto {
         ETH_P_IP => {
-            let ip = frame.get(off..off + 20)?;
+            let ip = frame.get(off..off + IPV4_MIN_HLEN)?;
             let ihl = usize::from(ip[0] & 0x0f) * 4;
-            if ip[0] >> 4 != 4 || ihl < 20 || ip[9] != IPPROTO_UDP || be16(ip, 6)? & 0x3fff != 0 {
+            if ip[0] >> 4 != 4
+                || ihl < IPV4_MIN_HLEN
+                || ip[9] != IPPROTO_UDP
+                || be16(ip, 6)? & 0x3fff != 0
+            {
                 return None;
             }
             let src = IpAddr::from([ip[12], ip[13], ip[14], ip[15]]);
@@ -53,20 +55,20 @@ pub fn udp_payload(frame: &[u8]) -> Option<(Range<usize>, UdpMeta)> {
             src
         }
         ETH_P_IPV6 => {
-            let ip = frame.get(off..off + 40)?;
+            let ip = frame.get(off..off + IPV6_HLEN)?;
             if ip[0] >> 4 != 6 || ip[6] != IPPROTO_UDP {
                 return None;
             }
             let mut a = [0u8; 16];
             a.copy_from_slice(&ip[8..24]);
-            off += 40;
+            off += IPV6_HLEN;
             IpAddr::from(a)
         }
         _ => return None,
     };
-    let udp = frame.get(off..off + 8)?;
+    let udp = frame.get(off..off + UDP_HLEN)?;
     let len = usize::from(be16(udp, 4)?);
-    if len < 8 || off + len > frame.len() {
+    if len < UDP_HLEN || off + len > frame.len() {
         return None;
     }
     let meta = UdpMeta {
@@ -74,7 +76,7 @@ pub fn udp_payload(frame: &[u8]) -> Option<(Range<usize>, UdpMeta)> {
         src_port: be16(udp, 0)?,
         dst_port: be16(udp, 2)?,
     };
-    Some((off + 8..off + len, meta))
+    Some((off + UDP_HLEN..off + len, meta))
 }
 
 /// Addressing for building UDP frames.

@@ -22,6 +22,31 @@ pub const DEFAULT_UDP_PORT: u16 = 8082;
 /// Default TCP port of the kernel listener (PROTOCOL.md).
 pub const DEFAULT_TCP_PORT: u16 = 8081;
 
+/// Header sizes and numbers from the Ethernet, IP and UDP specs, shared by the XDP program's
+/// classifier and userspace's parser of the frames it steers, so the two agree by construction.
+pub mod wire {
+    /// Ethernet header.
+    pub const ETH_HLEN: usize = 14;
+    /// One 802.1Q / 802.1ad tag.
+    pub const VLAN_HLEN: usize = 4;
+    /// IPv4 header without options.
+    pub const IPV4_MIN_HLEN: usize = 20;
+    /// IPv6 fixed header.
+    pub const IPV6_HLEN: usize = 40;
+    /// UDP header.
+    pub const UDP_HLEN: usize = 8;
+    /// EtherType IPv4.
+    pub const ETH_P_IP: u16 = 0x0800;
+    /// EtherType IPv6.
+    pub const ETH_P_IPV6: u16 = 0x86dd;
+    /// EtherType 802.1Q.
+    pub const ETH_P_8021Q: u16 = 0x8100;
+    /// EtherType 802.1ad.
+    pub const ETH_P_8021AD: u16 = 0x88a8;
+    /// IP protocol number of UDP.
+    pub const IPPROTO_UDP: u8 = 17;
+}
+
 /// Runtime configuration of the XDP program, written by userspace into [`CONFIG_MAP`].
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

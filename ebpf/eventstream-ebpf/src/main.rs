@@ -13,6 +13,10 @@ use aya_ebpf::bindings::xdp_action;
 use aya_ebpf::macros::{map, xdp};
 use aya_ebpf::maps::{Array, PerCpuArray, XskMap};
 use aya_ebpf::programs::XdpContext;
+use eventstream_common::wire::{
+    ETH_HLEN, ETH_P_8021AD, ETH_P_8021Q, ETH_P_IP, ETH_P_IPV6, IPPROTO_UDP, IPV4_MIN_HLEN,
+    IPV6_HLEN, UDP_HLEN, VLAN_HLEN,
+};
 use eventstream_common::{MAX_QUEUES, VERDICT_COUNT, Verdict, XdpConfig};
 
 /// AF_XDP sockets by RX queue index; filled by userspace.
@@ -26,16 +30,6 @@ static CONFIG: Array<XdpConfig> = Array::with_max_entries(1, 0);
 /// Per-CPU packet counters, one per [`Verdict`].
 #[map(name = "STATS")]
 static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(VERDICT_COUNT, 0);
-
-const ETH_HLEN: usize = 14;
-const VLAN_HLEN: usize = 4;
-const IPV6_HLEN: usize = 40;
-const UDP_HLEN: usize = 8;
-const ETH_P_IP: u16 = 0x0800;
-const ETH_P_IPV6: u16 = 0x86dd;
-const ETH_P_8021Q: u16 = 0x8100;
-const ETH_P_8021AD: u16 = 0x88a8;
-const IPPROTO_UDP: u8 = 17;
 
 #[inline(always)]
 fn count(verdict: Verdict) {
@@ -79,9 +73,9 @@ fn udp_offset(ctx: &XdpContext, cfg: &XdpConfig) -> Result<usize, Verdict> {
     }
     match proto {
         ETH_P_IP => {
-            let ip = bytes::<20>(ctx, off).ok_or(Verdict::PassMalformed)?;
+            let ip = bytes::<IPV4_MIN_HLEN>(ctx, off).ok_or(Verdict::PassMalformed)?;
             let ihl = usize::from(ip[0] & 0x0f) * 4;
-            if ip[0] >> 4 != 4 || ihl < 20 {
+            if ip[0] >> 4 != 4 || ihl < IPV4_MIN_HLEN {
                 return Err(Verdict::PassMalformed);
             }
             if ip[9] != IPPROTO_UDP {
