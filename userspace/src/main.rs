@@ -532,6 +532,14 @@ fn run(cfg: &Config, no_xdp: bool, duration: u64) -> Result<()> {
         refused: &tcp_refused,
         live: &tcp_live,
     };
+    // One total over every ingest thread's counters: the per-second log and the exit report.
+    let sum = |f: fn(&IngestCounters) -> &AtomicU64| {
+        counters
+            .iter()
+            .chain(&tcp_counters)
+            .map(|c| f(c).load(Ordering::Relaxed))
+            .sum::<u64>()
+    };
     std::thread::scope(|s| -> Result<()> {
         let mut ingest = Vec::new();
         if let Some(setup) = xsk {
@@ -667,13 +675,6 @@ fn run(cfg: &Config, no_xdp: bool, duration: u64) -> Result<()> {
 
         let start = Instant::now();
         let mut last = (start, 0u64);
-        let total = |f: fn(&IngestCounters) -> &AtomicU64| {
-            counters
-                .iter()
-                .chain(&tcp_counters)
-                .map(|c| f(c).load(Ordering::Relaxed))
-                .sum::<u64>()
-        };
         while !stop.load(Ordering::Relaxed)
             && ingest_running.load(Ordering::Acquire) == ingest_threads
             && engine_counters.state() != PipelineState::Draining
@@ -684,7 +685,7 @@ fn run(cfg: &Config, no_xdp: bool, duration: u64) -> Result<()> {
             }
             let now = Instant::now();
             if now.duration_since(last.0) >= Duration::from_secs(1) {
-                let ev = total(|c| &c.events);
+                let ev = sum(|c| &c.events);
                 let rate = (ev - last.1) as f64 / now.duration_since(last.0).as_secs_f64();
                 info!(
                     source = source.as_str(),
@@ -725,13 +726,6 @@ fn run(cfg: &Config, no_xdp: bool, duration: u64) -> Result<()> {
         result
     })?;
 
-    let sum = |f: fn(&IngestCounters) -> &AtomicU64| {
-        counters
-            .iter()
-            .chain(&tcp_counters)
-            .map(|c| f(c).load(Ordering::Relaxed))
-            .sum::<u64>()
-    };
     let mut rejected = serde_json::Map::new();
     for r in RejectReason::ALL {
         rejected.insert(

@@ -148,21 +148,27 @@ fn start(
 
 /// SIGTERMs the daemon and returns its JSON report.
 fn stop(
-    mut child: std::process::Child,
-    mut out: BufReader<std::process::ChildStdout>,
+    child: std::process::Child,
+    out: BufReader<std::process::ChildStdout>,
 ) -> serde_json::Value {
     // SAFETY: kill(2) has no memory-safety preconditions; the pid is our own child's.
     let rc = unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
     assert_eq!(rc, 0);
+    exit_report(child, out, "daemon did not exit after SIGTERM")
+}
+
+/// Waits (at most 10 s, else fails with `why`) for the daemon to exit 0; returns its report.
+fn exit_report(
+    mut child: std::process::Child,
+    mut out: BufReader<std::process::ChildStdout>,
+    why: &str,
+) -> serde_json::Value {
     let deadline = Instant::now() + Duration::from_secs(10);
     let status = loop {
         if let Some(s) = child.try_wait().unwrap() {
             break s;
         }
-        assert!(
-            Instant::now() < deadline,
-            "daemon did not exit after SIGTERM"
-        );
+        assert!(Instant::now() < deadline, "{why}");
         std::thread::sleep(Duration::from_millis(20));
     };
     assert!(status.success(), "{status}");
@@ -288,7 +294,7 @@ fn http(addr: &str, method: &str, path: &str, body: &str) -> (u16, String) {
 #[test]
 fn metrics_health_state_and_drain_over_http() {
     let config = "ingest:\n  udp:\n    bind: \"127.0.0.1:0\"\n  tcp:\n    bind: \"127.0.0.1:0\"\nadmin:\n  bind: \"127.0.0.1:0\"\n";
-    let (mut child, mut out, addr, dir) = start(config, "admin");
+    let (child, mut out, addr, dir) = start(config, "admin");
     let admin = read_until(&mut out, "listening admin ");
 
     let sock = UdpSocket::bind("127.0.0.1:0").unwrap();
@@ -324,19 +330,7 @@ fn metrics_health_state_and_drain_over_http() {
     assert_eq!(http(&admin, "POST", "/state", "explode").0, 400);
     assert_eq!(http(&admin, "GET", "/nowhere", "").0, 404);
     assert_eq!(http(&admin, "POST", "/state", "drain").0, 202);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let status = loop {
-        if let Some(s) = child.try_wait().unwrap() {
-            break s;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "POST /state drain did not stop the daemon"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    assert!(status.success());
-    let r = read_report(&mut out);
+    let r = exit_report(child, out, "POST /state drain did not stop the daemon");
     assert_eq!(r["delivered_events"], 200, "{r}");
     assert_eq!(r["state_transitions"]["DRAINING"], 1, "{r}");
     let _ = std::fs::remove_dir_all(dir);
