@@ -230,21 +230,51 @@ pub fn render(v: &MetricsView<'_>) -> String {
         "histogram",
         "Sender to realtime worker latency.",
     );
-    let mut cum = 0;
-    for (i, b) in v.engine.latency_us_log2.iter().enumerate() {
-        cum += ld(b);
-        // Bucket i holds latencies below 2^i microseconds.
-        let le = (1u64 << i) as f64 / 1e6;
+    // Buckets at 2^i µs, 1 µs .. ~16.8 s, from the merged HDR histogram.
+    let bounds: Vec<u64> = (0..25).map(|i| 1_000u64 << i).collect();
+    let (cum, total) = v.engine.latency.cumulative(&bounds);
+    for (b, c) in bounds.iter().zip(&cum) {
+        let le = *b as f64 / 1e9;
         let _ = writeln!(
             out,
-            "eventstream_realtime_latency_seconds_bucket{{le=\"{le}\"}} {cum}"
+            "eventstream_realtime_latency_seconds_bucket{{le=\"{le}\"}} {c}"
         );
     }
     let _ = writeln!(
         out,
-        "eventstream_realtime_latency_seconds_bucket{{le=\"+Inf\"}} {cum}"
+        "eventstream_realtime_latency_seconds_bucket{{le=\"+Inf\"}} {total}"
     );
-    let _ = writeln!(out, "eventstream_realtime_latency_seconds_count {cum}");
+    let _ = writeln!(out, "eventstream_realtime_latency_seconds_count {total}");
+    family(
+        &mut out,
+        "eventstream_realtime_latency_quantile_seconds",
+        "gauge",
+        "Realtime latency percentiles from the HDR histogram (0.1 % precision).",
+    );
+    let q = v.engine.latency.quantiles();
+    for (name, ns) in [
+        ("0.5", q.p50),
+        ("0.99", q.p99),
+        ("0.999", q.p999),
+        ("1", q.max),
+    ] {
+        let _ = writeln!(
+            out,
+            "eventstream_realtime_latency_quantile_seconds{{quantile=\"{name}\"}} {}",
+            ns as f64 / 1e9
+        );
+    }
+    family(
+        &mut out,
+        "eventstream_realtime_unstamped_events_total",
+        "counter",
+        "Realtime events without a sender stamp (engine.latency_from: payload).",
+    );
+    let _ = writeln!(
+        out,
+        "eventstream_realtime_unstamped_events_total {}",
+        ld(&v.engine.unstamped)
+    );
     out
 }
 

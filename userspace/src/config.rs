@@ -278,6 +278,8 @@ pub struct EngineConfig {
     /// `engine.worker_cpus`: worker `k` (realtime first, then transactional, then batch) is
     /// pinned to `worker_cpus[k % len]`; empty leaves them to the scheduler.
     pub worker_cpus: Vec<u32>,
+    /// `engine.latency_from`: where the realtime latency clock starts (`ingest` | `payload`).
+    pub latency_from: crate::latency::LatencyFrom,
 }
 
 impl Default for EngineConfig {
@@ -295,6 +297,7 @@ impl Default for EngineConfig {
             memory_sink_capacity: 10_000,
             dispatcher_cpu: None,
             worker_cpus: Vec::new(),
+            latency_from: crate::latency::LatencyFrom::Ingest,
         }
     }
 }

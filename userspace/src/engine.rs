@@ -23,6 +23,7 @@ use xxhash_rust::xxh3::xxh3_64;
 use crate::control::{Command, ControlPlane, PipelineState};
 use crate::dedup::{DedupWindow, KeyFrom, key};
 use crate::event::{Event, monotonic_ns};
+use crate::latency::{LatencyFrom, LatencyHistogram, LocalLatency, read_stamp, realtime_ns};
 use crate::pool::Pooled;
 use crate::ring::{mpsc, spsc};
 use crate::route::Router;
@@ -112,8 +113,11 @@ pub struct EngineCounters {
     pub paused: AtomicBool,
     /// Transitions into each state.
     pub transitions: [AtomicU64; 5],
-    /// Sender → worker latency of realtime events, in µs: count per power-of-two bucket.
-    pub latency_us_log2: [AtomicU64; 32],
+    /// Latency of realtime events (see [`crate::latency`]), merged from each worker's own
+    /// histogram every [`crate::latency::MERGE_INTERVAL_NS`].
+    pub latency: LatencyHistogram,
+    /// Realtime events with `latency_from: payload` whose payload carried no stamp.
+    pub unstamped: AtomicU64,
 }
 
 impl EngineCounters {
@@ -374,7 +378,10 @@ impl Sink for MemorySink {
 #[derive(Debug)]
 pub enum WorkerKind {
     /// Deliver each event at once and record its latency.
-    Realtime,
+    Realtime {
+        /// Where the latency clock starts.
+        from: LatencyFrom,
+    },
     /// Drop duplicates within the window.
     Transactional {
         /// The window table.
@@ -401,17 +408,28 @@ pub fn run_worker<'p, 'a>(
     counters: &EngineCounters,
 ) -> io::Result<()> {
     let mut pending: HashMap<Box<str>, (u64, Vec<Ev<'p, 'a>>)> = HashMap::new();
+    let mut latency = LocalLatency::default();
     loop {
         let mut n = 0;
         let (mut delivered, mut dups) = (0u64, 0u64);
         let now = monotonic_ns();
+        let wall = match kind {
+            WorkerKind::Realtime {
+                from: LatencyFrom::Payload,
+            } => realtime_ns(),
+            _ => 0,
+        };
         for ev in input.pop_batch(256) {
             n += 1;
             match &mut kind {
-                WorkerKind::Realtime => {
-                    let lat_us = now.saturating_sub(ev.ingest_ns) / 1000;
-                    let bucket = (64 - lat_us.leading_zeros()).min(31) as usize;
-                    counters.latency_us_log2[bucket].fetch_add(1, Ordering::Relaxed);
+                WorkerKind::Realtime { from } => {
+                    match from {
+                        LatencyFrom::Ingest => latency.record(now.saturating_sub(ev.ingest_ns)),
+                        LatencyFrom::Payload => match read_stamp(ev.payload()) {
+                            Some((_, sent)) => latency.record(wall.saturating_sub(sent)),
+                            None => latency.unstamped += 1,
+                        },
+                    }
                     sink.write(core::slice::from_ref(&ev), None)?;
                     delivered += 1;
                 }
@@ -453,6 +471,15 @@ pub fn run_worker<'p, 'a>(
             sink.flush()?;
             counters.delivered[class as usize].fetch_add(delivered, Ordering::Relaxed);
             counters.duplicates.fetch_add(dups, Ordering::Relaxed);
+        }
+        if let WorkerKind::Realtime { .. } = kind {
+            let closing = n == 0 && input.is_abandoned() && input.is_empty();
+            latency.merge_into(&counters.latency, now, closing);
+            if latency.unstamped != 0 {
+                counters
+                    .unstamped
+                    .fetch_add(core::mem::take(&mut latency.unstamped), Ordering::Relaxed);
+            }
         }
         if let WorkerKind::Transactional { dedup, .. } = &kind {
             counters

@@ -15,6 +15,7 @@
 //! - [`ingest`]: kernel UDP ingest (`recvmmsg`).
 //! - [`route`], [`control`], [`dedup`], [`engine`]: topic routing, pipeline state, duplicate
 //!   suppression, and the dispatcher, workers and sinks.
+//! - [`latency`]: the sender's payload stamp and per-worker HDR histograms.
 //! - [`storage`]: the file sink's segment log and the DLQ.
 //! - [`admin`]: `/metrics`, `/healthz`, `/state` over HTTP.
 //! - [`config`]: the YAML configuration.
@@ -33,6 +34,7 @@ pub mod event;
 pub mod frames;
 pub mod ingest;
 pub mod lab;
+pub mod latency;
 pub mod mem;
 pub mod numa;
 pub mod packet;

@@ -30,6 +30,7 @@ use eventstream::engine::{
 use eventstream::event::{Event, Source};
 use eventstream::frames::{FrameArena, FrameOwner};
 use eventstream::ingest::{IngestCounters, Slot, TcpIngest, UdpIngest, XskIngest, bind_udp};
+use eventstream::latency::LatencyFrom;
 use eventstream::mem::RegionOptions;
 use eventstream::numa::{self, Placement};
 use eventstream::pool::{EventPool, Pooled};
@@ -630,7 +631,9 @@ fn run(cfg: &Config, no_xdp: bool, duration: u64) -> Result<()> {
                 .then(|| cfg.engine.worker_cpus[k % cfg.engine.worker_cpus.len()]);
             let e = &cfg.engine;
             let kind = match class {
-                WorkerClass::Realtime => WorkerKind::Realtime,
+                WorkerClass::Realtime => WorkerKind::Realtime {
+                    from: cfg.engine.latency_from,
+                },
                 WorkerClass::Transactional => WorkerKind::Transactional {
                     dedup: DedupWindow::new(e.dedup_capacity, e.dedup_window_secs * 1_000_000_000),
                 },
@@ -738,6 +741,7 @@ fn run(cfg: &Config, no_xdp: bool, duration: u64) -> Result<()> {
                 .into(),
         );
     }
+    let lat = engine_counters.latency.quantiles();
     let mut report = json!({
         "source": source.as_str(),
         "received_datagrams": sum(|c| &c.datagrams),
@@ -754,6 +758,15 @@ fn run(cfg: &Config, no_xdp: bool, duration: u64) -> Result<()> {
             "tcp": tcp_counters.iter().map(|c| c.events.load(Ordering::Relaxed)).sum::<u64>(),
         },
         "tcp_refused_connections": tcp_refused.load(Ordering::Relaxed),
+        "latency": {
+            "from": match cfg.engine.latency_from { LatencyFrom::Ingest => "ingest", LatencyFrom::Payload => "payload" },
+            "count": lat.count,
+            "p50_us": lat.p50 as f64 / 1e3,
+            "p99_us": lat.p99 as f64 / 1e3,
+            "p999_us": lat.p999 as f64 / 1e3,
+            "max_us": lat.max as f64 / 1e3,
+            "unstamped": engine_counters.unstamped.load(Ordering::Relaxed),
+        },
     });
     if let Some(attach) = attach {
         let verdicts = match &program {

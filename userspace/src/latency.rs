@@ -1,0 +1,236 @@
+//! Sender → worker latency: the blaster's payload stamp and an HDR histogram per worker.
+//!
+//! v1 frames carry no timestamp, so the sender's clock travels in the payload when the sender
+//! says so. The layout is the blaster's (and anyone's who wants the same measurement):
+//!
+//! ```text
+//! payload[0..8]   sequence number, u64 BE (usable as the event id of PROTOCOL.md)
+//! payload[8..16]  send time, nanoseconds since the Unix epoch (CLOCK_REALTIME), u64 BE
+//! ```
+//!
+//! With `engine.latency_from: payload` the realtime worker measures `now - send time` on
+//! `CLOCK_REALTIME`; with `ingest` (the default) it measures from the receive stamp on
+//! `CLOCK_MONOTONIC`. Each worker records into its own [`LocalLatency`] (no shared write per
+//! event) and merges it into the shared [`LatencyHistogram`] at most every
+//! [`MERGE_INTERVAL_NS`], with `try_lock`, so a scrape never stalls a worker.
+
+use std::sync::Mutex;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use hdrhistogram::Histogram;
+use serde::Deserialize;
+
+/// Bytes of the payload stamp.
+pub const STAMP_LEN: usize = 16;
+
+/// Largest latency recorded; longer ones saturate here (and show as "≥ 60 s").
+pub const MAX_LATENCY_NS: u64 = 60_000_000_000;
+
+/// Significant decimal digits kept by the histogram (0.1 % relative error).
+const SIGFIG: u8 = 3;
+
+/// How often a worker folds its local histogram into the shared one.
+pub const MERGE_INTERVAL_NS: u64 = 100_000_000;
+
+/// Where the realtime worker's latency clock starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LatencyFrom {
+    /// The ingest thread's receive stamp (`CLOCK_MONOTONIC`): ingest → worker.
+    #[default]
+    Ingest,
+    /// The sender's stamp in payload bytes 8..16 (`CLOCK_REALTIME`): sender → worker. Events
+    /// without a stamp (payload shorter than 16 bytes) are counted as unstamped.
+    Payload,
+}
+
+/// Writes the stamp into the first [`STAMP_LEN`] bytes of `payload`.
+///
+/// # Panics
+/// If `payload` is shorter than [`STAMP_LEN`]; the blaster sizes its payloads first.
+pub fn write_stamp(payload: &mut [u8], seq: u64, send_ns: u64) {
+    payload[..8].copy_from_slice(&seq.to_be_bytes());
+    payload[8..STAMP_LEN].copy_from_slice(&send_ns.to_be_bytes());
+}
+
+/// The `(sequence, send time)` stamp of `payload`, if it is long enough to carry one.
+pub fn read_stamp(payload: &[u8]) -> Option<(u64, u64)> {
+    let seq = u64::from_be_bytes(payload.get(..8)?.try_into().ok()?);
+    let ns = u64::from_be_bytes(payload.get(8..STAMP_LEN)?.try_into().ok()?);
+    Some((seq, ns))
+}
+
+/// `CLOCK_REALTIME` now, in nanoseconds since the Unix epoch (the stamp's clock; vDSO, no
+/// syscall, no allocation).
+pub fn realtime_ns() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64)
+}
+
+fn new_histogram() -> Histogram<u64> {
+    Histogram::new_with_bounds(1, MAX_LATENCY_NS, SIGFIG).expect("constant bounds are valid")
+}
+
+/// Percentiles of a histogram, in nanoseconds.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Quantiles {
+    /// Events recorded.
+    pub count: u64,
+    /// Median.
+    pub p50: u64,
+    /// 99th percentile.
+    pub p99: u64,
+    /// 99.9th percentile.
+    pub p999: u64,
+    /// Largest value.
+    pub max: u64,
+}
+
+/// The merged latency histogram of all realtime workers (read by /metrics and the report).
+#[derive(Debug)]
+pub struct LatencyHistogram {
+    merged: Mutex<Histogram<u64>>,
+}
+
+impl Default for LatencyHistogram {
+    fn default() -> Self {
+        Self {
+            merged: Mutex::new(new_histogram()),
+        }
+    }
+}
+
+impl LatencyHistogram {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Histogram<u64>> {
+        // A worker that panicked mid-merge leaves counts that are still counts.
+        self.merged.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// p50 / p99 / p99.9 / max of everything merged so far.
+    pub fn quantiles(&self) -> Quantiles {
+        let h = self.lock();
+        Quantiles {
+            count: h.len(),
+            p50: h.value_at_quantile(0.5),
+            p99: h.value_at_quantile(0.99),
+            p999: h.value_at_quantile(0.999),
+            max: h.max(),
+        }
+    }
+
+    /// Cumulative counts at each upper bound of `bounds_ns` (ascending), for a Prometheus
+    /// histogram; the last element is the total.
+    pub fn cumulative(&self, bounds_ns: &[u64]) -> (Vec<u64>, u64) {
+        let h = self.lock();
+        let mut out = vec![0u64; bounds_ns.len()];
+        for v in h.iter_recorded() {
+            let value = v.value_iterated_to();
+            let first = bounds_ns.partition_point(|&b| b < value);
+            for slot in &mut out[first..] {
+                *slot += v.count_since_last_iteration();
+            }
+        }
+        (out, h.len())
+    }
+}
+
+/// One worker's private histogram.
+#[derive(Debug)]
+pub struct LocalLatency {
+    hist: Histogram<u64>,
+    last_merge_ns: u64,
+    /// Events that carried no stamp (with [`LatencyFrom::Payload`]).
+    pub unstamped: u64,
+}
+
+impl Default for LocalLatency {
+    fn default() -> Self {
+        Self {
+            hist: new_histogram(),
+            last_merge_ns: 0,
+            unstamped: 0,
+        }
+    }
+}
+
+impl LocalLatency {
+    /// Records one latency (saturating at [`MAX_LATENCY_NS`]; 0 counts as 1 ns).
+    #[inline]
+    pub fn record(&mut self, ns: u64) {
+        self.hist.saturating_record(ns.clamp(1, MAX_LATENCY_NS));
+    }
+
+    /// Folds the local counts into `shared` if [`MERGE_INTERVAL_NS`] has passed (or `force`),
+    /// without waiting for a busy lock unless `force`. Allocation-free: both histograms have the
+    /// same bounds.
+    pub fn merge_into(&mut self, shared: &LatencyHistogram, now_ns: u64, force: bool) {
+        if self.hist.is_empty()
+            || (!force && now_ns.saturating_sub(self.last_merge_ns) < MERGE_INTERVAL_NS)
+        {
+            return;
+        }
+        let guard = if force {
+            Some(shared.lock())
+        } else {
+            shared.merged.try_lock().ok()
+        };
+        if let Some(mut merged) = guard {
+            merged
+                .add(&self.hist)
+                .expect("histograms share their bounds");
+            self.hist.reset();
+            self.last_merge_ns = now_ns;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stamp_round_trips_and_needs_sixteen_bytes() {
+        let mut p = [0u8; 20];
+        write_stamp(&mut p, 7, 1_700_000_000_123_456_789);
+        assert_eq!(read_stamp(&p), Some((7, 1_700_000_000_123_456_789)));
+        assert_eq!(read_stamp(&p[..15]), None);
+        assert_eq!(&p[..8], &7u64.to_be_bytes());
+    }
+
+    #[test]
+    fn quantiles_and_buckets_from_merged_workers() {
+        let shared = LatencyHistogram::default();
+        let mut a = LocalLatency::default();
+        let mut b = LocalLatency::default();
+        for i in 1..=900u64 {
+            a.record(i * 1_000); // 1..900 µs
+        }
+        for _ in 0..100 {
+            b.record(50_000_000); // 50 ms
+        }
+        a.merge_into(&shared, MERGE_INTERVAL_NS, false);
+        b.merge_into(&shared, 0, true);
+        let q = shared.quantiles();
+        assert_eq!(q.count, 1000);
+        assert!((499_000..=501_000).contains(&q.p50), "{q:?}");
+        assert!((49_900_000..=50_100_000).contains(&q.p99), "{q:?}");
+        let (cum, total) = shared.cumulative(&[1_000_000, 100_000_000]);
+        assert_eq!(cum, vec![900, 1000]);
+        assert_eq!(total, 1000);
+    }
+
+    #[test]
+    fn merge_waits_for_its_interval_unless_forced() {
+        let shared = LatencyHistogram::default();
+        let mut a = LocalLatency::default();
+        a.record(10);
+        a.merge_into(&shared, MERGE_INTERVAL_NS, false);
+        a.record(20);
+        a.merge_into(&shared, MERGE_INTERVAL_NS + 1, false);
+        assert_eq!(shared.quantiles().count, 1);
+        a.merge_into(&shared, MERGE_INTERVAL_NS + 1, true);
+        assert_eq!(shared.quantiles().count, 2);
+        assert_eq!(a.hist.len(), 0);
+    }
+}
