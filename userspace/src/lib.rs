@@ -17,6 +17,7 @@
 //!   suppression, and the dispatcher, workers and sinks.
 //! - [`latency`]: the sender's payload stamp and per-worker HDR histograms.
 //! - [`storage`]: the file sink's segment log and the DLQ.
+//! - [`blast`]: the load generator (UDP `sendmmsg`, TCP, live frames).
 //! - [`admin`]: `/metrics`, `/healthz`, `/state` over HTTP.
 //! - [`config`]: the YAML configuration.
 //! - [`lab`]: the netns + veth lab.
@@ -26,6 +27,7 @@
 #![warn(missing_docs)]
 
 pub mod admin;
+pub mod blast;
 pub mod config;
 pub mod control;
 pub mod dedup;

@@ -57,6 +57,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
+    /// Send protocol-v1 events at an appliance (UDP sendmmsg, TCP, or live frames).
+    Blast(Box<eventstream::blast::BlastArgs>),
     /// Run the appliance.
     Run {
         /// Configuration file (YAML).
@@ -159,6 +161,7 @@ fn main() -> Result<()> {
         .with_writer(std::io::stderr)
         .init();
     match Cli::parse().cmd {
+        Cmd::Blast(args) => eventstream::blast::main(&args),
         Cmd::CheckConfig { file } => {
             let config = Config::load(&file)?;
             println!("{config:#?}");

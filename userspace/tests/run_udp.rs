@@ -593,3 +593,65 @@ t.close()
     assert_eq!(r["delivered_events"], 50, "{r}");
     let _ = std::fs::remove_dir_all(dir);
 }
+
+/// Runs `eventstream blast` with `args` and returns its JSON tally.
+fn blast(args: &[&str]) -> serde_json::Value {
+    let out = Command::new(env!("CARGO_BIN_EXE_eventstream"))
+        .arg("blast")
+        .args(args)
+        .args(["--quiet", "--duration", "10"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+#[test]
+fn blaster_over_udp_and_tcp_is_reconciled_with_sender_latency() {
+    let config = "ingest:\n  udp:\n    bind: \"127.0.0.1:0\"\n  tcp:\n    bind: \"127.0.0.1:0\"\nadmin:\n  bind: null\nengine:\n  latency_from: payload\n";
+    let (child, mut out, udp, dir) = start(config, "blast");
+    let tcp = read_until(&mut out, "listening tcp ");
+    // Paced well below what loopback takes, so nothing is lost in the socket buffer.
+    let u = blast(&[
+        "--to",
+        &udp,
+        "--count",
+        "20000",
+        "--rate",
+        "100000",
+        "--events-per-datagram",
+        "4",
+        "--payload-bytes",
+        "48",
+        "--topics",
+        "a.x,b.y",
+    ]);
+    let t = blast(&[
+        "--tcp",
+        "--to",
+        &tcp,
+        "--count",
+        "5000",
+        "--seq-start",
+        "20000",
+    ]);
+    let n = |v: &serde_json::Value| v.as_u64().unwrap();
+    assert_eq!(n(&u["sent_events"]), 20_000, "{u}");
+    assert_eq!(n(&u["sent_packets"]), 5_000, "{u}");
+    assert_eq!(n(&u["send_errors"]), 0, "{u}");
+    assert_eq!(n(&t["sent_events"]), 5_000, "{t}");
+    // Let the TCP connection's last bytes land before the drain.
+    std::thread::sleep(Duration::from_millis(300));
+    let r = stop(child, out);
+    assert_eq!(n(&r["received_events"]["udp"]), 20_000, "{r}");
+    assert_eq!(n(&r["received_events"]["tcp"]), 5_000, "{r}");
+    assert_eq!(n(&r["delivered"]["realtime"]), 25_000, "{r}");
+    assert_eq!(n(&r["latency"]["count"]), 25_000, "{r}");
+    assert_eq!(n(&r["latency"]["unstamped"]), 0, "{r}");
+    assert!(r["latency"]["p50_us"].as_f64().unwrap() > 0.0, "{r}");
+    let _ = std::fs::remove_dir_all(dir);
+}

@@ -4,7 +4,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use anyhow::{Context, Result, bail};
-use eventstream_common::{PROGRAM_NAME, STATS_MAP};
+use eventstream_common::{DROP_PROGRAM_NAME, PROGRAM_NAME, STATS_MAP};
 use object::{Object, ObjectSection, ObjectSymbol};
 
 use crate::run;
@@ -89,6 +89,7 @@ fn verify(path: &Path) -> Result<()> {
         ("section xdp", has_section("xdp")),
         ("section license", has_section("license")),
         ("program symbol", has_symbol(PROGRAM_NAME)),
+        ("drop program symbol", has_symbol(DROP_PROGRAM_NAME)),
         ("STATS map symbol", has_symbol(STATS_MAP)),
     ] {
         if !ok {

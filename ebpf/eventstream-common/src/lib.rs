@@ -13,6 +13,8 @@ pub const CONFIG_MAP: &str = "CONFIG";
 pub const STATS_MAP: &str = "STATS";
 /// Name of the XDP program in the object file.
 pub const PROGRAM_NAME: &str = "eventstream_xdp";
+/// Name of the drop-everything program the lab bench measures the XDP_DROP ceiling with.
+pub const DROP_PROGRAM_NAME: &str = "eventstream_drop";
 
 /// Maximum number of RX queues the `XskMap` can address.
 pub const MAX_QUEUES: u32 = 64;

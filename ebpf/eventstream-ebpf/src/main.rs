@@ -137,6 +137,13 @@ pub fn eventstream_xdp(ctx: XdpContext) -> u32 {
     action
 }
 
+/// The lab's XDP_DROP ceiling: drops every frame, so a `BPF_PROG_TEST_RUN` live-frames run
+/// through it measures what the generator and the driver path cost before any socket.
+#[xdp]
+pub fn eventstream_drop(_ctx: XdpContext) -> u32 {
+    xdp_action::XDP_DROP
+}
+
 #[cfg(not(test))]
 #[panic_handler]
 fn panic(_info: &core::panic::PanicInfo) -> ! {

@@ -20,7 +20,8 @@ use aya::maps::{Array, Map, MapData, PerCpuArray, XskMap};
 use aya::programs::links::{FdLink, PinnedLink};
 use aya::programs::{Xdp, XdpMode};
 use eventstream_common::{
-    AttachMode, CONFIG_MAP, PROGRAM_NAME, STATS_MAP, VERDICT_COUNT, Verdict, XSKS_MAP, XdpConfig,
+    AttachMode, CONFIG_MAP, DROP_PROGRAM_NAME, PROGRAM_NAME, STATS_MAP, VERDICT_COUNT, Verdict,
+    XSKS_MAP, XdpConfig,
 };
 
 /// Where pinned objects live: `<PIN_ROOT>/<iface>/{prog,link,XSKS,CONFIG,STATS}`.
@@ -149,6 +150,39 @@ pub fn if_index(iface: &str) -> Result<u32, XdpError> {
     }
 }
 
+/// The hardware (MAC) address of `iface` in the calling thread's network namespace (asked of
+/// the kernel with `SIOCGIFHWADDR`: `/sys/class/net` shows the namespace /sys was mounted in).
+///
+/// # Errors
+/// [`XdpError::NoInterface`] when there is no such interface.
+pub fn if_hwaddr(iface: &str) -> Result<[u8; 6], XdpError> {
+    let missing = || XdpError::NoInterface(iface.to_owned());
+    if iface.len() >= libc::IFNAMSIZ || iface.contains('\0') {
+        return Err(missing());
+    }
+    let sock = std::net::UdpSocket::bind((std::net::Ipv4Addr::LOCALHOST, 0))
+        .or_else(|_| std::net::UdpSocket::bind((std::net::Ipv6Addr::LOCALHOST, 0)))
+        .map_err(|_| missing())?;
+    // SAFETY: ifreq is plain old data; all-zero is a valid value.
+    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+    for (d, s) in req.ifr_name.iter_mut().zip(iface.bytes()) {
+        *d = s as libc::c_char;
+    }
+    // SAFETY: SIOCGIFHWADDR reads the NUL-terminated name and writes `ifr_hwaddr` of `req`,
+    // which lives for the call; the socket is valid.
+    let rc = unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCGIFHWADDR, &raw mut req) };
+    if rc != 0 {
+        return Err(missing());
+    }
+    // SAFETY: a successful SIOCGIFHWADDR filled the `ifr_hwaddr` member of the union.
+    let data = unsafe { req.ifr_ifru.ifru_hwaddr.sa_data };
+    let mut mac = [0u8; 6];
+    for (m, d) in mac.iter_mut().zip(data) {
+        *m = d as u8;
+    }
+    Ok(mac)
+}
+
 /// Mounts bpffs on `/sys/fs/bpf` if nothing is mounted there (fresh machines have none).
 ///
 /// # Errors
@@ -191,6 +225,51 @@ pub fn ensure_bpffs() -> Result<(), XdpError> {
         });
     }
     Ok(())
+}
+
+/// The object's drop-everything program, loaded (not attached): what the lab bench injects
+/// live frames through for the XDP_DROP ceiling.
+#[derive(Debug)]
+pub struct DropProgram {
+    ebpf: Ebpf,
+}
+
+impl DropProgram {
+    /// Loads the object at `path` and its drop program.
+    ///
+    /// # Errors
+    /// As [`XdpProgram::load`].
+    pub fn load(path: &Path) -> Result<Self, XdpError> {
+        let bytes = std::fs::read(path).map_err(|reason| XdpError::Object {
+            path: path.into(),
+            reason,
+        })?;
+        let mut ebpf =
+            Ebpf::load(&bytes).map_err(|e| XdpError::bpf("loading the XDP object", e))?;
+        let prog: &mut Xdp = ebpf
+            .program_mut(DROP_PROGRAM_NAME)
+            .ok_or_else(|| {
+                XdpError::Missing(format!(
+                    "program {DROP_PROGRAM_NAME} not in {}",
+                    path.display()
+                ))
+            })?
+            .try_into()
+            .map_err(|e| XdpError::bpf("program type", e))?;
+        prog.load()
+            .map_err(|e| XdpError::bpf("loading the drop program", e))?;
+        Ok(Self { ebpf })
+    }
+
+    /// The program's file descriptor.
+    pub fn fd(&self) -> BorrowedFd<'_> {
+        let prog: &Xdp = self
+            .ebpf
+            .program(DROP_PROGRAM_NAME)
+            .and_then(|p| p.try_into().ok())
+            .expect("checked in load");
+        prog.fd().expect("loaded in load").as_fd()
+    }
 }
 
 /// The loaded program and its maps.

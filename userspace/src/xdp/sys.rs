@@ -94,6 +94,118 @@ pub fn prog_test_run(
     })
 }
 
+/// `struct xdp_md` as `BPF_PROG_TEST_RUN` takes it for context (`ctx_in`).
+#[repr(C)]
+#[derive(Default)]
+struct XdpMd {
+    data: u32,
+    data_end: u32,
+    data_meta: u32,
+    ingress_ifindex: u32,
+    rx_queue_index: u32,
+    egress_ifindex: u32,
+}
+
+/// Injects `repeat` copies of `packet` as if received on interface `ifindex`, RX queue `queue`
+/// of the caller's network namespace, through the XDP program `prog` with
+/// `BPF_F_TEST_XDP_LIVE_FRAMES`: each frame really follows the verdict (`XDP_REDIRECT` into an
+/// AF_XDP socket bound to that queue, `XDP_PASS` up the kernel stack, `XDP_DROP`). The kernel
+/// works in batches of `batch_size` (1..=256, 0 = its default of 64) on the calling CPU; a
+/// pending signal ends the run early, so the returned count is what was injected.
+///
+/// # Errors
+/// The kernel's: `EINVAL` for a packet shorter than an Ethernet header, a queue past the
+/// device's, or a kernel before 5.18; `ENODEV` for an unknown ifindex; `EPERM` without
+/// `CAP_BPF`/`CAP_SYS_ADMIN`.
+pub fn prog_test_run_live(
+    prog: BorrowedFd<'_>,
+    packet: &[u8],
+    repeat: u32,
+    ifindex: u32,
+    queue: u32,
+    batch_size: u32,
+) -> io::Result<TestRun> {
+    let len = u32::try_from(packet.len()).map_err(|_| io::ErrorKind::InvalidInput)?;
+    let mut ctx = XdpMd {
+        data_end: len,
+        ingress_ifindex: ifindex,
+        rx_queue_index: queue,
+        ..XdpMd::default()
+    };
+    let mut attr = TestRunAttr {
+        prog_fd: prog.as_raw_fd() as u32,
+        data_size_in: len,
+        data_in: packet.as_ptr() as u64,
+        repeat: repeat.max(1),
+        ctx_size_in: size_of::<XdpMd>() as u32,
+        ctx_in: (&raw mut ctx) as u64,
+        flags: BPF_F_TEST_XDP_LIVE_FRAMES,
+        batch_size,
+        ..TestRunAttr::default()
+    };
+    // SAFETY: `attr` is a valid, fully initialised `bpf_attr.test` of the size passed; the
+    // kernel reads `data_size_in` bytes from `packet` and `ctx_size_in` bytes from `ctx`, both
+    // alive for the call, and writes nothing back through pointers in live mode.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_PROG_TEST_RUN,
+            &raw mut attr,
+            size_of::<TestRunAttr>() as libc::c_uint,
+        )
+    };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(TestRun {
+        retval: attr.retval,
+        data_len: attr.data_size_out,
+        duration_ns: attr.duration,
+    })
+}
+
+const BPF_OBJ_GET: libc::c_long = 7;
+
+/// The `obj` member of `union bpf_attr` for `BPF_OBJ_GET`.
+#[repr(C, align(8))]
+#[derive(Default)]
+struct ObjGetAttr {
+    pathname: u64,
+    bpf_fd: u32,
+    file_flags: u32,
+    path_fd: i32,
+    _pad: u32,
+}
+
+/// Opens the BPF object pinned at `path` (a program, map or link) and returns its descriptor.
+///
+/// # Errors
+/// `ENOENT` when nothing is pinned there, `EPERM` without privileges.
+pub fn obj_get(path: &std::path::Path) -> io::Result<OwnedFd> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| io::ErrorKind::InvalidInput)?;
+    let mut attr = ObjGetAttr {
+        pathname: c.as_ptr() as u64,
+        ..ObjGetAttr::default()
+    };
+    // SAFETY: `attr` is a valid, fully initialised `bpf_attr.obj`; the kernel reads the
+    // NUL-terminated path, alive for the call.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_OBJ_GET,
+            &raw mut attr,
+            size_of::<ObjGetAttr>() as libc::c_uint,
+        )
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: the kernel just returned this descriptor to us; nothing else owns it.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}
+
 // ---- AF_XDP ---------------------------------------------------------------------------------
 
 use std::os::fd::{FromRawFd, OwnedFd};
