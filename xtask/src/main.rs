@@ -5,6 +5,8 @@
 //!   daemon expects.
 //! - `load | unload | status`: the XDP program on an interface, pinned under bpffs.
 //! - `lab up | down`: the netns + veth lab.
+//! - `demo`: the README's first command: the appliance end to end in the lab.
+//! - `bench`: the ingest lab bench (`xdp_drop`, `xsk`, `recvmmsg`, latency), JSON + Markdown.
 //! - `microbench`: runs the criterion benches N times and writes the side-by-side table
 //!   (PERF.md): JSON, Markdown, and optionally the README's performance section.
 
@@ -14,6 +16,9 @@ use std::process::Command;
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
 
+mod appliance;
+mod bench;
+mod demo;
 mod ebpf;
 mod microbench;
 mod xdp;
@@ -40,6 +45,10 @@ enum Cmd {
         #[arg(long)]
         no_install: bool,
     },
+    /// Build everything and run the appliance end to end in the lab: blast, reconcile, tear down.
+    Demo(demo::Args),
+    /// The ingest lab bench: XDP_DROP ceiling, AF_XDP and recvmmsg paths, latency (PERF.md).
+    Bench(bench::Args),
     /// Run the criterion benches several times; write JSON and a Markdown table of ratios.
     Microbench(microbench::Args),
     /// Attach the XDP program to an interface and pin it under /sys/fs/bpf/eventstream/IF.
@@ -73,6 +82,8 @@ fn main() -> Result<()> {
             println!("{}", obj.display());
             Ok(())
         }
+        Cmd::Demo(args) => demo::main(&workspace_root(), &args),
+        Cmd::Bench(args) => bench::main(&workspace_root(), &args),
         Cmd::Microbench(args) => microbench::main(&workspace_root(), &args),
         Cmd::Load(args) => xdp::load(&workspace_root(), &args),
         Cmd::Unload { iface } => xdp::unload(&iface),

@@ -148,7 +148,7 @@ fn row(new_dir: &Path) -> Result<Row> {
     })
 }
 
-fn median(v: &mut [f64]) -> f64 {
+pub fn median(v: &mut [f64]) -> f64 {
     v.sort_by(f64::total_cmp);
     let n = v.len();
     if n % 2 == 1 {
@@ -205,7 +205,7 @@ fn summarize(runs: &[Vec<Row>]) -> Vec<Value> {
     out
 }
 
-fn machine() -> Value {
+pub fn machine() -> Value {
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
         .and_then(|s| {
@@ -306,11 +306,16 @@ const START: &str = "<!-- microbench:start -->";
 const END: &str = "<!-- microbench:end -->";
 
 fn update_readme(path: &Path, table: &str) -> Result<()> {
+    replace_between(path, START, END, table)
+}
+
+/// Replaces what lies between the `start` and `end` markers of the file at `path`.
+pub fn replace_between(path: &Path, start: &str, end: &str, table: &str) -> Result<()> {
     let text = std::fs::read_to_string(path)?;
-    let (Some(a), Some(b)) = (text.find(START), text.find(END)) else {
-        bail!("{} has no {START} ... {END} markers", path.display());
+    let (Some(a), Some(b)) = (text.find(start), text.find(end)) else {
+        bail!("{} has no {start} ... {end} markers", path.display());
     };
-    let new = format!("{}{START}\n{table}{}", &text[..a], &text[b..]);
+    let new = format!("{}{start}\n{table}{}", &text[..a], &text[b..]);
     std::fs::write(path, new)?;
     Ok(())
 }

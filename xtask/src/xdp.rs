@@ -46,29 +46,7 @@ pub fn load(root: &Path, a: &LoadArgs) -> Result<()> {
         Some(p) => p.clone(),
         None => crate::ebpf::build(root, true)?,
     };
-    ensure_bpffs()?;
-    let mut prog = XdpProgram::load(&object)?;
-    let mut attached = None;
-    for &mode in modes {
-        match prog.attach(&a.iface, mode) {
-            Ok(link) => {
-                attached = Some((link, mode));
-                break;
-            }
-            Err(e) if e.is_permission() => return Err(e.into()),
-            Err(e) => eprintln!("{} mode refused on {}: {e}", mode.label(), a.iface),
-        }
-    }
-    let Some((link, mode)) = attached else {
-        bail!("could not attach to {} in any allowed mode", a.iface)
-    };
-    prog.configure(XdpConfig {
-        udp_port: a.port,
-        allow_vlan: u8::from(!a.no_vlan),
-        attach_mode: mode as u8,
-    })?;
-    prog.pin(&a.iface, link)
-        .with_context(|| format!("pinning under {}", pin_dir(&a.iface).display()))?;
+    let mode = attach_and_pin(&object, &a.iface, modes, a.port, !a.no_vlan)?;
     println!(
         "attached to {} in {} mode, steering UDP port {}; pinned under {}",
         a.iface,
@@ -77,6 +55,41 @@ pub fn load(root: &Path, a: &LoadArgs) -> Result<()> {
         pin_dir(&a.iface).display()
     );
     Ok(())
+}
+
+/// Loads `object`, attaches it to `iface` in the first of `modes` the driver takes, configures
+/// it and pins it under [`pin_dir`]; returns the mode.
+pub fn attach_and_pin(
+    object: &Path,
+    iface: &str,
+    modes: &[AttachMode],
+    port: u16,
+    vlan: bool,
+) -> Result<AttachMode> {
+    ensure_bpffs()?;
+    let mut prog = XdpProgram::load(object)?;
+    let mut attached = None;
+    for &mode in modes {
+        match prog.attach(iface, mode) {
+            Ok(link) => {
+                attached = Some((link, mode));
+                break;
+            }
+            Err(e) if e.is_permission() => return Err(e.into()),
+            Err(e) => eprintln!("{} mode refused on {iface}: {e}", mode.label()),
+        }
+    }
+    let Some((link, mode)) = attached else {
+        bail!("could not attach to {iface} in any allowed mode")
+    };
+    prog.configure(XdpConfig {
+        udp_port: port,
+        allow_vlan: u8::from(vlan),
+        attach_mode: mode as u8,
+    })?;
+    prog.pin(iface, link)
+        .with_context(|| format!("pinning under {}", pin_dir(iface).display()))?;
+    Ok(mode)
 }
 
 pub fn unload(iface: &str) -> Result<()> {

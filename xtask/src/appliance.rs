@@ -1,0 +1,232 @@
+//! What `demo` and `bench` share: the lab with the XDP program pinned in its receiving
+//! namespace, and the appliance started there as a child process.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdout, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use eventstream::lab::{Lab, RX_IF, in_netns};
+use eventstream::xdp::Pinned;
+use eventstream_common::AttachMode;
+use serde_json::Value;
+
+/// Says what is missing when not root, before anything is touched.
+pub fn require_root(what: &str) -> Result<()> {
+    // SAFETY: geteuid(2) cannot fail and has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        bail!(
+            "{what} needs root: it creates network namespaces and a veth pair (CAP_NET_ADMIN), \
+             loads and attaches an XDP program (CAP_BPF, CAP_NET_ADMIN), mounts bpffs if needed \
+             (CAP_SYS_ADMIN) and locks AF_XDP memory (CAP_IPC_LOCK). Run it as root, e.g. \
+             `sudo -E cargo xtask {what}`."
+        );
+    }
+    Ok(())
+}
+
+/// Builds the XDP object and the release daemon; returns (object, binary).
+pub fn build_all(root: &Path) -> Result<(PathBuf, PathBuf)> {
+    let object = crate::ebpf::build(root, true)?;
+    crate::run(Command::new("cargo").current_dir(root).args([
+        "build",
+        "--release",
+        "--locked",
+        "-p",
+        "eventstream",
+    ]))?;
+    Ok((object, root.join("target/release/eventstream")))
+}
+
+/// The lab, with the XDP program attached to the receiver's interface and pinned; both are
+/// removed on drop (the program first, then the namespaces).
+#[derive(Debug)]
+pub struct PinnedLab {
+    /// The lab (dropped last).
+    pub lab: Lab,
+    /// The attach mode the program got.
+    pub mode: AttachMode,
+}
+
+impl PinnedLab {
+    /// Brings the lab `name` up and pins the program from `object` on its receiver.
+    pub fn up(name: &str, object: &Path) -> Result<Self> {
+        if Pinned::list().iter().any(|i| i == RX_IF) {
+            if Lab::exists(&format!("{name}-rx")) {
+                bail!(
+                    "lab {name} is up with a program pinned for {RX_IF} (another run?): \
+                     `cargo xtask --netns {name}-rx unload --iface {RX_IF}` and \
+                     `cargo xtask lab down --name {name}` first"
+                );
+            }
+            // Pins left by a lab whose namespaces are gone: the interface went with them.
+            Pinned::remove(RX_IF)?;
+            eprintln!("removed stale pins for {RX_IF} (its lab namespace is gone)");
+        }
+        let lab = Lab::up(name)?;
+        let mode = in_netns(&lab.rx_ns, || {
+            crate::xdp::attach_and_pin(
+                object,
+                RX_IF,
+                &[AttachMode::Driver, AttachMode::Skb],
+                eventstream_common::DEFAULT_UDP_PORT,
+                true,
+            )
+        })??;
+        Ok(Self { lab, mode })
+    }
+}
+
+impl Drop for PinnedLab {
+    fn drop(&mut self) {
+        let _ = in_netns(&self.lab.rx_ns, || Pinned::remove(RX_IF));
+    }
+}
+
+/// The appliance, running in a namespace as a child process.
+#[derive(Debug)]
+pub struct Appliance {
+    child: Child,
+    out: BufReader<ChildStdout>,
+    /// The admin address inside the namespace.
+    pub admin: String,
+    ns: String,
+}
+
+impl Appliance {
+    /// Starts `bin run --config CONFIG --netns NS ARGS...`; waits for its admin address.
+    /// `log` receives its stderr (None: inherit, so its log lines show).
+    pub fn start(
+        bin: &Path,
+        config: &Path,
+        ns: &str,
+        args: &[&str],
+        log: Option<&Path>,
+    ) -> Result<Self> {
+        let stderr = match log {
+            Some(p) => Stdio::from(
+                std::fs::File::create(p).with_context(|| format!("creating {}", p.display()))?,
+            ),
+            None => Stdio::inherit(),
+        };
+        let mut child = Command::new(bin)
+            .arg("run")
+            .arg("--config")
+            .arg(config)
+            .args(["--netns", ns])
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(stderr)
+            .spawn()
+            .with_context(|| format!("starting {}", bin.display()))?;
+        let mut out = BufReader::new(child.stdout.take().expect("piped"));
+        let mut line = String::new();
+        let admin = loop {
+            line.clear();
+            if out.read_line(&mut line)? == 0 {
+                let status = child.wait()?;
+                bail!("the appliance exited before it was ready ({status}); see its log above");
+            }
+            if let Some(a) = line.trim().strip_prefix("listening admin ") {
+                break a.to_owned();
+            }
+        };
+        Ok(Self {
+            child,
+            out,
+            admin,
+            ns: ns.to_owned(),
+        })
+    }
+
+    /// `GET /metrics`, as (series with labels, value) pairs.
+    pub fn metrics(&self) -> Result<Vec<(String, f64)>> {
+        let admin = self.admin.clone();
+        let body = in_netns(&self.ns, move || -> Result<String> {
+            let mut s = TcpStream::connect(&admin)?;
+            s.set_read_timeout(Some(Duration::from_secs(5)))?;
+            write!(
+                s,
+                "GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+            )?;
+            let mut body = String::new();
+            s.read_to_string(&mut body)?;
+            Ok(body)
+        })??;
+        Ok(body
+            .lines()
+            .filter(|l| !l.starts_with('#'))
+            .filter_map(|l| {
+                let (k, v) = l.rsplit_once(' ')?;
+                Some((k.to_owned(), v.parse().ok()?))
+            })
+            .collect())
+    }
+
+    /// Events delivered to worker sinks, and to the DLQ, so far.
+    pub fn delivered(&self) -> Result<(u64, u64)> {
+        let m = self.metrics()?;
+        let sum = |f: &dyn Fn(&str) -> bool| -> u64 {
+            m.iter()
+                .filter(|(k, _)| k.starts_with("eventstream_delivered_events_total{") && f(k))
+                .map(|(_, v)| *v as u64)
+                .sum()
+        };
+        Ok((
+            sum(&|k| !k.contains("sink=\"dlq\"")),
+            sum(&|k| k.contains("sink=\"dlq\"")),
+        ))
+    }
+
+    /// Waits until delivery stops moving (at most `limit`); returns the last totals.
+    pub fn settle(&self, limit: Duration) -> Result<(u64, u64)> {
+        let end = Instant::now() + limit;
+        let mut last = self.delivered()?;
+        let mut still = 0;
+        while Instant::now() < end && still < 3 {
+            std::thread::sleep(Duration::from_millis(100));
+            let now = self.delivered()?;
+            still = if now == last { still + 1 } else { 0 };
+            last = now;
+        }
+        Ok(last)
+    }
+
+    /// SIGTERMs it (a drain) and returns its JSON report.
+    pub fn stop(mut self) -> Result<Value> {
+        // SAFETY: kill(2) has no memory-safety preconditions; the pid is our own child's.
+        unsafe { libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let status = loop {
+            if let Some(s) = self.child.try_wait()? {
+                break s;
+            }
+            if Instant::now() > deadline {
+                let _ = self.child.kill();
+                bail!("the appliance did not drain within 30 s of SIGTERM");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        if !status.success() {
+            bail!("the appliance exited with {status}");
+        }
+        for line in (&mut self.out).lines() {
+            let line = line?;
+            if line.starts_with('{') {
+                return Ok(serde_json::from_str(&line)?);
+            }
+        }
+        bail!("the appliance printed no report")
+    }
+}
+
+impl Drop for Appliance {
+    fn drop(&mut self) {
+        if self.child.try_wait().ok().flatten().is_none() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}

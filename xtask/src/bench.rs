@@ -1,0 +1,513 @@
+//! `cargo xtask bench`: the ingest lab bench of PERF.md, in one invocation.
+//!
+//! In the netns + veth lab, with the XDP program attached to the receiver and pinned:
+//! - **Throughput** for 64 B and 512 B payloads at 1 and 16 events per datagram, on three
+//!   paths: (a) `xdp_drop`, live frames through the object's drop program (the lab's ceiling);
+//!   (b) `xsk`, live frames through the appliance's program into its AF_XDP socket; (c)
+//!   `recvmmsg`, the same frames passed up the kernel stack to the same binary in `--no-xdp`
+//!   mode. The generator is `BPF_PROG_TEST_RUN` with `BPF_F_TEST_XDP_LIVE_FRAMES` in the
+//!   receiving namespace (see `eventstream::blast`). Each run first offers as much as the
+//!   generator can, then, if anything was lost, steps the offered rate down from what was
+//!   delivered until a step loses nothing: that rate is the run's *sustainable* figure. Loss
+//!   counts everything not delivered to a worker sink: dropped by the kernel or the AF_XDP
+//!   rings, shed to the DLQ, or still unread.
+//! - **Latency** sender → worker, p50/p99/p99.9, at fixed offered loads from the `sendmmsg`
+//!   blaster in the sending namespace (stamped payloads, `engine.latency_from: payload`), on
+//!   the `xsk` and `recvmmsg` paths, each run with a fresh appliance.
+//!
+//! Every figure is the median of `--runs` (at least 3) with min and max. Writes
+//! `target/bench/bench.json` (or `--json FILE`) and `target/bench/bench.md`; `--update-readme`
+//! puts the Markdown between the README's bench markers.
+
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use clap::Parser;
+use eventstream::blast::{BlastArgs, Tally};
+use eventstream::lab::{RX_ADDR, RX_IF, in_netns};
+use eventstream_common::DEFAULT_UDP_PORT;
+use serde_json::{Value, json};
+
+use crate::appliance::{Appliance, PinnedLab, build_all, require_root};
+use crate::microbench::{machine, median, replace_between};
+
+/// `cargo xtask bench` flags.
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// Shorter steps and fewer latency loads (a smoke run; still >= 3 runs per figure).
+    #[arg(long)]
+    quick: bool,
+    /// Runs per figure (at least 3).
+    #[arg(long, default_value_t = 3)]
+    runs: usize,
+    /// Where to write the JSON summary (default target/bench/bench.json).
+    #[arg(long)]
+    json: Option<PathBuf>,
+    /// Replace the table between the README's bench markers.
+    #[arg(long)]
+    update_readme: bool,
+    /// Lab name (namespaces `<name>-tx`, `<name>-rx`).
+    #[arg(long, default_value = "esbench")]
+    lab: String,
+}
+
+const PAYLOADS: [usize; 2] = [64, 512];
+const PER_DATAGRAM: [u16; 2] = [1, 16];
+
+#[derive(Parser)]
+struct BlastCli {
+    #[command(flatten)]
+    args: BlastArgs,
+}
+
+/// Runs the blaster with `flags` on a thread in namespace `ns`.
+fn blast(ns: &str, flags: &[String]) -> Result<Tally> {
+    let mut argv = vec!["blast".to_owned(), "--quiet".to_owned()];
+    argv.extend_from_slice(flags);
+    let args = BlastCli::try_parse_from(&argv)
+        .with_context(|| format!("blaster flags {argv:?}"))?
+        .args;
+    let stop = Arc::new(AtomicBool::new(false));
+    Ok(in_netns(ns, move || eventstream::blast::run(&args, stop))??.0)
+}
+
+fn flags(list: &[&str]) -> Vec<String> {
+    list.iter().map(|s| (*s).to_owned()).collect()
+}
+
+/// Live-frames flags for one case.
+fn live(object: &Path, payload: usize, per: u16, secs: f64, rate: u64, drop: bool) -> Vec<String> {
+    let mut f = flags(&["--live-frames", "--iface", RX_IF]);
+    f.extend(flags(&["--to", &format!("{RX_ADDR}:{DEFAULT_UDP_PORT}")]));
+    f.extend([
+        "--payload-bytes".into(),
+        payload.to_string(),
+        "--events-per-datagram".into(),
+        per.to_string(),
+        "--duration".into(),
+        secs.to_string(),
+        "--rate".into(),
+        rate.to_string(),
+    ]);
+    if drop {
+        f.extend([
+            "--xdp-drop".into(),
+            "--object".into(),
+            object.display().to_string(),
+        ]);
+    }
+    f
+}
+
+/// One offered-load step against a running appliance.
+#[derive(Debug, Clone, Copy)]
+struct Step {
+    sent: u64,
+    delivered: u64,
+    secs: f64,
+}
+
+impl Step {
+    fn offered(&self) -> f64 {
+        self.sent as f64 / self.secs
+    }
+    fn delivered_rate(&self) -> f64 {
+        self.delivered as f64 / self.secs
+    }
+    fn loss(&self) -> f64 {
+        1.0 - self.delivered as f64 / self.sent.max(1) as f64
+    }
+}
+
+fn step(app: &Appliance, ns: &str, f: &[String]) -> Result<Step> {
+    let before = app.settle(Duration::from_secs(3))?;
+    let t = blast(ns, f)?;
+    let after = app.settle(Duration::from_secs(5))?;
+    Ok(Step {
+        sent: t.events,
+        delivered: after.0 - before.0,
+        secs: t.elapsed.as_secs_f64().max(1e-9),
+    })
+}
+
+/// One throughput run on a running appliance: full offered load, then down to no loss.
+fn search(
+    app: &Appliance,
+    ns: &str,
+    object: &Path,
+    payload: usize,
+    per: u16,
+    secs: f64,
+) -> Result<Value> {
+    let max = step(app, ns, &live(object, payload, per, secs, 0, false))?;
+    let mut sustainable = (max.loss() <= 0.0).then_some(max);
+    let mut rate = max.delivered_rate() * 0.9;
+    let mut tries = vec![max];
+    while sustainable.is_none() && tries.len() < 5 && rate >= 1000.0 {
+        let s = step(
+            app,
+            ns,
+            &live(object, payload, per, secs, rate as u64, false),
+        )?;
+        tries.push(s);
+        if s.loss() <= 0.0 {
+            sustainable = Some(s);
+        }
+        rate *= 0.7;
+    }
+    Ok(json!({
+        "sustainable_events_per_sec": sustainable.map_or(0.0, |s| s.offered()),
+        "max_offered_events_per_sec": max.offered(),
+        "delivered_at_max_events_per_sec": max.delivered_rate(),
+        "loss_at_max": max.loss(),
+        "steps": tries.iter().map(|s| json!({"offered": s.offered(), "delivered": s.delivered_rate(), "loss": s.loss()})).collect::<Vec<_>>(),
+    }))
+}
+
+/// median, min, max of one field over runs.
+fn stats(runs: &[Value], key: &str) -> (f64, f64, f64) {
+    let mut v: Vec<f64> = runs.iter().filter_map(|r| r[key].as_f64()).collect();
+    if v.is_empty() {
+        return (0.0, 0.0, 0.0);
+    }
+    let min = v.iter().copied().fold(f64::INFINITY, f64::min);
+    let max = v.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    (median(&mut v), min, max)
+}
+
+fn throughput_case(
+    path: &str,
+    payload: usize,
+    per: u16,
+    mode: &str,
+    runs: Vec<Value>,
+    rate_key: &str,
+) -> Value {
+    let (eps, min, max) = stats(&runs, rate_key);
+    let (loss, _, _) = stats(&runs, "loss_at_max");
+    let (offered, _, _) = stats(&runs, "max_offered_events_per_sec");
+    let (at_max, _, _) = stats(&runs, "delivered_at_max_events_per_sec");
+    json!({
+        "kind": "throughput", "path": path, "payload_bytes": payload, "events_per_datagram": per,
+        "events_per_sec": eps, "events_per_sec_min": min, "events_per_sec_max": max,
+        "packets_per_sec": eps / f64::from(per),
+        "max_offered_events_per_sec": offered, "delivered_at_max_events_per_sec": at_max,
+        "loss": loss, "mode": mode,
+        "latency_p50_us": null, "latency_p99_us": null, "latency_p999_us": null,
+        "runs": runs,
+    })
+}
+
+/// Settings by `--quick`.
+struct Plan {
+    runs: usize,
+    secs: f64,
+    loads: Vec<u64>,
+    lat_secs: f64,
+}
+
+fn xsk_mode(report: &Value) -> String {
+    let x = &report["xsk"];
+    format!(
+        "{}/{}",
+        x["attach"].as_str().unwrap_or("?"),
+        x["bind"][0].as_str().unwrap_or("?")
+    )
+}
+
+pub fn main(root: &Path, args: &Args) -> Result<()> {
+    require_root("bench")?;
+    if args.runs < 3 {
+        bail!(
+            "--runs {}: PERF.md asks for medians of at least 3",
+            args.runs
+        );
+    }
+    let plan = if args.quick {
+        Plan {
+            runs: args.runs,
+            secs: 0.5,
+            loads: vec![10_000, 50_000],
+            lat_secs: 1.0,
+        }
+    } else {
+        Plan {
+            runs: args.runs,
+            secs: 2.0,
+            loads: vec![10_000, 50_000, 100_000],
+            lat_secs: 3.0,
+        }
+    };
+    let (object, bin) = build_all(root)?;
+    let out_dir = root.join("target/bench");
+    std::fs::create_dir_all(&out_dir)?;
+    let config = out_dir.join("bench.yaml");
+    std::fs::write(
+        &config,
+        "# Written by cargo xtask bench.\ningest:\n  udp: { bind: \"0.0.0.0:8082\" }\n  tcp: { bind: null }\n\
+         admin: { bind: \"127.0.0.1:0\" }\nengine:\n  latency_from: payload\n",
+    )?;
+    let log = out_dir.join("appliance.log");
+    let lab = PinnedLab::up(&args.lab, &object)?;
+    let (rx, tx) = (lab.lab.rx_ns.clone(), lab.lab.tx_ns.clone());
+    eprintln!(
+        "bench: lab {} up, XDP attached in {} mode",
+        args.lab,
+        lab.mode.label()
+    );
+    let mut cases = Vec::new();
+
+    // (a) the XDP_DROP ceiling: no appliance, the generator alone.
+    for &payload in &PAYLOADS {
+        for &per in &PER_DATAGRAM {
+            let mut runs = Vec::new();
+            for _ in 0..plan.runs {
+                let t = blast(&rx, &live(&object, payload, per, plan.secs, 0, true))?;
+                let eps = t.events as f64 / t.elapsed.as_secs_f64().max(1e-9);
+                runs.push(json!({
+                    "sustainable_events_per_sec": eps, "max_offered_events_per_sec": eps,
+                    "delivered_at_max_events_per_sec": eps, "loss_at_max": 0.0,
+                }));
+            }
+            eprintln!(
+                "bench: xdp_drop {payload} B x{per}: {:.0} events/s",
+                stats(&runs, "sustainable_events_per_sec").0
+            );
+            cases.push(throughput_case(
+                "xdp_drop",
+                payload,
+                per,
+                "test_run",
+                runs,
+                "sustainable_events_per_sec",
+            ));
+        }
+    }
+    // (b) AF_XDP and (c) recvmmsg: one appliance per path for all sizes.
+    let mut xsk_label = String::from("?");
+    for (path, extra) in [
+        ("xsk", &["--iface", RX_IF][..]),
+        ("recvmmsg", &["--no-xdp"][..]),
+    ] {
+        let app = Appliance::start(&bin, &config, &rx, extra, Some(&log))?;
+        let mut results = Vec::new();
+        for &payload in &PAYLOADS {
+            for &per in &PER_DATAGRAM {
+                let mut runs = Vec::new();
+                for _ in 0..plan.runs {
+                    runs.push(search(&app, &rx, &object, payload, per, plan.secs)?);
+                }
+                eprintln!(
+                    "bench: {path} {payload} B x{per}: sustainable {:.0} events/s, at max offered {:.0} delivered ({:.1} % lost)",
+                    stats(&runs, "sustainable_events_per_sec").0,
+                    stats(&runs, "delivered_at_max_events_per_sec").0,
+                    100.0 * stats(&runs, "loss_at_max").0
+                );
+                results.push((payload, per, runs));
+            }
+        }
+        let report = app.stop()?;
+        let mode = if path == "xsk" {
+            xsk_label = xsk_mode(&report);
+            xsk_label.clone()
+        } else {
+            format!("kernel stack ({} XDP_PASS)", lab.mode.label())
+        };
+        for (payload, per, runs) in results {
+            cases.push(throughput_case(
+                path,
+                payload,
+                per,
+                &mode,
+                runs,
+                "sustainable_events_per_sec",
+            ));
+        }
+    }
+    // Latency at fixed offered loads, from the sending namespace through the veth.
+    for path in ["xsk", "recvmmsg"] {
+        let extra: &[&str] = if path == "xsk" {
+            &["--iface", RX_IF]
+        } else {
+            &["--no-xdp"]
+        };
+        for &load in &plan.loads {
+            let mut runs = Vec::new();
+            let mut mode = String::new();
+            for _ in 0..plan.runs {
+                let app = Appliance::start(&bin, &config, &rx, extra, Some(&log))?;
+                let t = blast(
+                    &tx,
+                    &flags(&[
+                        "--to",
+                        &format!("{RX_ADDR}:{DEFAULT_UDP_PORT}"),
+                        "--rate",
+                        &load.to_string(),
+                        "--duration",
+                        &plan.lat_secs.to_string(),
+                        "--payload-bytes",
+                        "64",
+                    ]),
+                )?;
+                let (delivered, _) = app.settle(Duration::from_secs(5))?;
+                let r = app.stop()?;
+                mode = if path == "xsk" {
+                    xsk_mode(&r)
+                } else {
+                    "kernel stack".into()
+                };
+                let secs = t.elapsed.as_secs_f64().max(1e-9);
+                let l = &r["latency"];
+                runs.push(json!({
+                    "offered": t.events as f64 / secs,
+                    "delivered": delivered as f64 / secs,
+                    "loss": 1.0 - delivered as f64 / t.events.max(1) as f64,
+                    "p50_us": l["p50_us"], "p99_us": l["p99_us"], "p999_us": l["p999_us"],
+                }));
+            }
+            let (p50, p50_min, p50_max) = stats(&runs, "p50_us");
+            let (p99, p99_min, p99_max) = stats(&runs, "p99_us");
+            let (p999, p999_min, p999_max) = stats(&runs, "p999_us");
+            let (eps, _, _) = stats(&runs, "delivered");
+            let (loss, _, _) = stats(&runs, "loss");
+            eprintln!(
+                "bench: latency {path} at {load}/s: p50 {p50:.1} us, p99 {p99:.1} us, p99.9 {p999:.1} us"
+            );
+            cases.push(json!({
+                "kind": "latency", "path": path, "payload_bytes": 64, "events_per_datagram": 1,
+                "offered_events_per_sec": load, "events_per_sec": eps, "packets_per_sec": eps,
+                "loss": loss, "mode": mode,
+                "latency_p50_us": p50, "latency_p99_us": p99, "latency_p999_us": p999,
+                "latency_p50_us_min": p50_min, "latency_p50_us_max": p50_max,
+                "latency_p99_us_min": p99_min, "latency_p99_us_max": p99_max,
+                "latency_p999_us_min": p999_min, "latency_p999_us_max": p999_max,
+                "runs": runs,
+            }));
+        }
+    }
+    drop(lab);
+
+    let eps = |path: &str| {
+        cases
+            .iter()
+            .find(|c| {
+                c["kind"] == "throughput"
+                    && c["path"] == path
+                    && c["payload_bytes"] == 64
+                    && c["events_per_datagram"] == 1
+            })
+            .and_then(|c| c["events_per_sec"].as_f64())
+            .filter(|v| *v > 0.0)
+    };
+    let ratio = |a: &str, b: &str| eps(a).zip(eps(b)).map(|(a, b)| a / b);
+    let doc = json!({
+        "machine": machine(),
+        "quick": args.quick,
+        "runs": plan.runs,
+        "step_secs": plan.secs,
+        "latency_secs": plan.lat_secs,
+        "xdp_attach": xsk_label,
+        "cases": cases,
+        "ratios": {
+            "xsk_over_recvmmsg": ratio("xsk", "recvmmsg"),
+            "xsk_over_xdp_drop": ratio("xsk", "xdp_drop"),
+        },
+    });
+    let json_path = args
+        .json
+        .clone()
+        .unwrap_or_else(|| out_dir.join("bench.json"));
+    std::fs::write(&json_path, serde_json::to_string_pretty(&doc)?)?;
+    let table = markdown(&doc);
+    std::fs::write(out_dir.join("bench.md"), &table)?;
+    print!("{table}");
+    eprintln!(
+        "bench: wrote {} and {}",
+        json_path.display(),
+        out_dir.join("bench.md").display()
+    );
+    if args.update_readme {
+        replace_between(&root.join("README.md"), START, END, &table)?;
+        eprintln!("bench: README performance table updated");
+    }
+    Ok(())
+}
+
+const START: &str = "<!-- bench:start -->";
+const END: &str = "<!-- bench:end -->";
+
+fn markdown(doc: &Value) -> String {
+    let m = &doc["machine"];
+    let f = |v: &Value| v.as_f64().unwrap_or(0.0);
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        "Lab bench, measured {} on {} ({} cores), kernel {}; `cargo xtask bench{}`, medians of {} runs \
+         (min–max). Sustainable = the highest offered rate a run delivered without losing one event.\n",
+        m["date"].as_str().unwrap_or("?"),
+        m["cpu"].as_str().unwrap_or("?"),
+        m["cores"],
+        m["kernel"].as_str().unwrap_or("?"),
+        if doc["quick"] == true { " --quick" } else { "" },
+        doc["runs"],
+    );
+    let _ = writeln!(
+        s,
+        "| path | payload | events/datagram | sustainable events/s | packets/s | at max offered: offered → delivered (loss) | mode |"
+    );
+    let _ = writeln!(s, "|---|---:|---:|---:|---:|---|---|");
+    let cases = doc["cases"].as_array().cloned().unwrap_or_default();
+    for c in cases.iter().filter(|c| c["kind"] == "throughput") {
+        let _ = writeln!(
+            s,
+            "| {} | {} B | {} | {:.0} ({:.0}–{:.0}) | {:.0} | {:.0} → {:.0} ({:.1} %) | {} |",
+            c["path"].as_str().unwrap_or("?"),
+            c["payload_bytes"],
+            c["events_per_datagram"],
+            f(&c["events_per_sec"]),
+            f(&c["events_per_sec_min"]),
+            f(&c["events_per_sec_max"]),
+            f(&c["packets_per_sec"]),
+            f(&c["max_offered_events_per_sec"]),
+            f(&c["delivered_at_max_events_per_sec"]),
+            100.0 * f(&c["loss"]),
+            c["mode"].as_str().unwrap_or("?"),
+        );
+    }
+    let r = &doc["ratios"];
+    let ratio = |v: &Value| v.as_f64().map_or("n/a".to_owned(), |x| format!("{x:.2}"));
+    let _ = writeln!(
+        s,
+        "\nRatios (64 B, 1 event/datagram, sustainable events/s): xsk / recvmmsg = **{}**, xsk / xdp_drop = **{}**.\n",
+        ratio(&r["xsk_over_recvmmsg"]),
+        ratio(&r["xsk_over_xdp_drop"]),
+    );
+    let _ = writeln!(
+        s,
+        "| path | offered events/s | sender → worker p50 | p99 | p99.9 | loss |"
+    );
+    let _ = writeln!(s, "|---|---:|---:|---:|---:|---:|");
+    for c in cases.iter().filter(|c| c["kind"] == "latency") {
+        let _ = writeln!(
+            s,
+            "| {} | {} | {:.0} µs ({:.0}–{:.0}) | {:.0} µs ({:.0}–{:.0}) | {:.0} µs ({:.0}–{:.0}) | {:.2} % |",
+            c["path"].as_str().unwrap_or("?"),
+            c["offered_events_per_sec"],
+            f(&c["latency_p50_us"]),
+            f(&c["latency_p50_us_min"]),
+            f(&c["latency_p50_us_max"]),
+            f(&c["latency_p99_us"]),
+            f(&c["latency_p99_us_min"]),
+            f(&c["latency_p99_us_max"]),
+            f(&c["latency_p999_us"]),
+            f(&c["latency_p999_us_min"]),
+            f(&c["latency_p999_us_max"]),
+            100.0 * f(&c["loss"]),
+        );
+    }
+    s
+}
