@@ -280,6 +280,9 @@ pub struct EngineConfig {
     pub worker_cpus: Vec<u32>,
     /// `engine.latency_from`: where the realtime latency clock starts (`ingest` | `payload`).
     pub latency_from: crate::latency::LatencyFrom,
+    /// `engine.auto_placement`: with AF_XDP ingest, put the dispatcher and workers that have no
+    /// configured core on the NIC node's spare cores.
+    pub auto_placement: bool,
 }
 
 impl Default for EngineConfig {
@@ -298,6 +301,7 @@ impl Default for EngineConfig {
             dispatcher_cpu: None,
             worker_cpus: Vec::new(),
             latency_from: crate::latency::LatencyFrom::Ingest,
+            auto_placement: true,
         }
     }
 }

@@ -7,7 +7,8 @@
 //!
 //! Modules, from the wire inwards:
 //! - [`protocol`]: wire protocol v1, parser (datagram and stream) and encoder.
-//! - [`mem`], [`numa`]: page-aligned, hugepage-backed, NUMA-placed memory.
+//! - [`mem`], [`numa`], [`topology`]: page-aligned, hugepage-backed, NUMA-placed memory; the
+//!   host's nodes (hwloc) and the thread placement plan.
 //! - [`frames`]: receive frames with a live-event count, returned to their owner when released.
 //! - [`event`]: the event, a view into its frame.
 //! - [`pool`]: the fixed-capacity `EventPool`.
@@ -45,4 +46,5 @@ pub mod protocol;
 pub mod ring;
 pub mod route;
 pub mod storage;
+pub mod topology;
 pub mod xdp;

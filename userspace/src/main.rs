@@ -38,6 +38,7 @@ use eventstream::protocol::RejectReason;
 use eventstream::ring::{mpsc, spsc};
 use eventstream::route::Router;
 use eventstream::storage::{FileSink, SegmentLog};
+use eventstream::topology::{self, PlanInput, Topology};
 use eventstream::xdp::socket::{XskOptions, XskSocket};
 use eventstream::xdp::{Pinned, XdpProgram, if_index};
 use eventstream_common::{AttachMode, XdpConfig};
@@ -59,6 +60,21 @@ struct Cli {
 enum Cmd {
     /// Send protocol-v1 events at an appliance (UDP sendmmsg, TCP, or live frames).
     Blast(Box<eventstream::blast::BlastArgs>),
+    /// Show the NUMA topology (from hwloc), the NIC's node, and where `run` would put its threads.
+    Topology {
+        /// The configuration whose placement to show.
+        #[arg(long, default_value = "config/eventstream.yaml")]
+        config: PathBuf,
+        /// The interface (default: xdp.iface).
+        #[arg(long)]
+        iface: Option<String>,
+        /// RX queues (default: xdp.queues).
+        #[arg(long)]
+        queues: Option<u32>,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
     /// Run the appliance.
     Run {
         /// Configuration file (YAML).
@@ -162,6 +178,12 @@ fn main() -> Result<()> {
         .init();
     match Cli::parse().cmd {
         Cmd::Blast(args) => eventstream::blast::main(&args),
+        Cmd::Topology {
+            config,
+            iface,
+            queues,
+            json,
+        } => show_topology(&config, iface, queues, json),
         Cmd::CheckConfig { file } => {
             let config = Config::load(&file)?;
             println!("{config:#?}");
@@ -214,7 +236,6 @@ struct XskSetup<'a> {
     program: Program,
     attach: AttachMode,
     queues: Vec<(XskSocket<'a>, FrameOwner<'a>)>,
-    cpus: Vec<u32>,
 }
 
 fn attach_program(x: &XdpSection) -> Result<(Program, AttachMode)> {
@@ -288,21 +309,10 @@ fn setup_xsk<'a>(x: &XdpSection, arenas: &'a [FrameArena]) -> Result<XskSetup<'a
         }
         queues.push((sock, owner));
     }
-    let node = numa::iface_node(&x.iface).ok().flatten();
-    let cpus = node.map_or_else(numa::online_cpus, numa::node_cpus);
-    match node {
-        Some(n) => {
-            info!(iface = %x.iface, node = n, ?cpus, "ingest threads and UMEM on the NIC's NUMA node")
-        }
-        None => {
-            info!(iface = %x.iface, ?cpus, "the NIC reports no NUMA node (one-node machine or virtual device)")
-        }
-    }
     Ok(XskSetup {
         program,
         attach,
         queues,
-        cpus,
     })
 }
 
@@ -324,6 +334,60 @@ fn open_sink(cfg: &Config, dir: &std::path::Path) -> Result<Box<dyn Sink>> {
             Box::new(FileSink::new(log))
         }
     })
+}
+
+/// `eventstream topology`: what `run` would discover and how it would place its threads.
+fn show_topology(
+    config: &std::path::Path,
+    iface: Option<String>,
+    queues: Option<u32>,
+    as_json: bool,
+) -> Result<()> {
+    let cfg = if config.exists() {
+        Config::load(config)?
+    } else {
+        Config::default()
+    };
+    let iface = iface.unwrap_or_else(|| cfg.xdp.iface.clone());
+    let iface = (!iface.is_empty()).then_some(iface);
+    let topo = Topology::discover(iface.as_deref());
+    let e = &cfg.engine;
+    let plan = topology::plan(
+        &topo,
+        &PlanInput {
+            queues: if iface.is_some() {
+                queues.unwrap_or(cfg.xdp.queues)
+            } else {
+                0
+            },
+            dispatcher_cpu: e.dispatcher_cpu,
+            worker_cpus: &e.worker_cpus,
+            workers: e.realtime_workers + e.transactional_workers + e.batch_workers,
+            auto: e.auto_placement,
+        },
+    );
+    if as_json {
+        println!("{}", json!({ "topology": topo, "plan": plan }));
+        return Ok(());
+    }
+    print!("{topo}");
+    if iface.is_none() {
+        println!(
+            "no interface (xdp.iface or --iface): kernel UDP ingest, threads left to the scheduler"
+        );
+    }
+    for (q, cpu) in plan.ingest.iter().enumerate() {
+        println!("ingest queue {q}: cpu {cpu}");
+    }
+    let show = |c: Option<u32>| c.map_or("scheduler".to_owned(), |c| format!("cpu {c}"));
+    println!("dispatcher: {}", show(plan.dispatcher));
+    for (k, c) in plan.workers.iter().enumerate() {
+        println!("worker {k}: {}", show(*c));
+    }
+    for why in &plan.why {
+        println!("  ({why})");
+    }
+    Ok(())
 }
 
 /// Pins the calling thread to `cpu` if one is configured, logging the outcome.
@@ -348,11 +412,11 @@ fn run(cfg: &Config, no_xdp: bool, duration: u64) -> Result<()> {
     } else {
         true
     };
-    let node = if want_xdp {
-        numa::iface_node(&x.iface).ok().flatten()
-    } else {
-        None
-    };
+    let topo = Topology::discover(want_xdp.then_some(x.iface.as_str()));
+    for line in topo.to_string().lines() {
+        info!("topology: {}", line.trim());
+    }
+    let node = topo.nic_node;
     let umem_opts = RegionOptions {
         hugepages: true,
         placement: node.map_or(Placement::Any, Placement::Node),
@@ -380,6 +444,21 @@ fn run(cfg: &Config, no_xdp: bool, duration: u64) -> Result<()> {
     } else {
         None
     };
+
+    let e = &cfg.engine;
+    let plan = topology::plan(
+        &topo,
+        &PlanInput {
+            queues: xsk.as_ref().map_or(0, |s| s.queues.len() as u32),
+            dispatcher_cpu: e.dispatcher_cpu,
+            worker_cpus: &e.worker_cpus,
+            workers: e.realtime_workers + e.transactional_workers + e.batch_workers,
+            auto: e.auto_placement,
+        },
+    );
+    for why in &plan.why {
+        info!("placement: {why}");
+    }
 
     let u = &cfg.ingest.udp;
     let mut udp: Option<(UdpSocket, FrameArena)> = None;
@@ -551,7 +630,7 @@ fn run(cfg: &Config, no_xdp: bool, duration: u64) -> Result<()> {
             for (q, ((mut sock, mut owner), pool)) in
                 setup.queues.into_iter().zip(&pools).enumerate()
             {
-                let cpu = setup.cpus[q % setup.cpus.len()];
+                let cpu = plan.ingest.get(q).copied();
                 let (counters, ingest_stop, ingest_running, tx) =
                     (&counters[q], &ingest_stop, &ingest_running, &tx);
                 let job = XskIngest {
@@ -562,16 +641,15 @@ fn run(cfg: &Config, no_xdp: bool, duration: u64) -> Result<()> {
                     counters,
                     paused: &engine_counters.paused,
                 };
-                let h = std::thread::Builder::new().name(format!("ingest-q{q}")).spawn_scoped(s, move || {
-                    match numa::pin_current_thread(cpu) {
-                        Ok(()) => info!(queue = q, cpu, "ingest thread pinned"),
-                        Err(e) => warn!(queue = q, cpu, reason = %e, "could not pin the ingest thread"),
-                    }
-                    let mut acq = pool.acquirer().expect("one acquirer per pool");
-                    let r = job.run(&mut sock, &mut owner, &mut acq, tx);
-                    ingest_running.fetch_sub(1, Ordering::AcqRel);
-                    r
-                })?;
+                let h = std::thread::Builder::new()
+                    .name(format!("ingest-q{q}"))
+                    .spawn_scoped(s, move || {
+                        pin(cpu, &format!("ingest-q{q}"));
+                        let mut acq = pool.acquirer().expect("one acquirer per pool");
+                        let r = job.run(&mut sock, &mut owner, &mut acq, tx);
+                        ingest_running.fetch_sub(1, Ordering::AcqRel);
+                        r
+                    })?;
                 ingest.push(h);
             }
         }
@@ -622,16 +700,16 @@ fn run(cfg: &Config, no_xdp: bool, duration: u64) -> Result<()> {
             ingest_done: &ingest_done,
             counters: &engine_counters,
         };
+        let dispatcher_cpu = plan.dispatcher;
         let dispatch = std::thread::Builder::new()
             .name("dispatcher".into())
             .spawn_scoped(s, move || {
-                pin(cfg.engine.dispatcher_cpu, "dispatcher");
+                pin(dispatcher_cpu, "dispatcher");
                 dispatcher.run()
             })?;
         let mut workers = Vec::new();
         for (k, ((class, rx), mut sink)) in worker_rxs.into_iter().zip(worker_sinks).enumerate() {
-            let cpu = (!cfg.engine.worker_cpus.is_empty())
-                .then(|| cfg.engine.worker_cpus[k % cfg.engine.worker_cpus.len()]);
+            let cpu = plan.workers.get(k).copied().flatten();
             let e = &cfg.engine;
             let kind = match class {
                 WorkerClass::Realtime => WorkerKind::Realtime {

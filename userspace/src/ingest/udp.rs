@@ -21,8 +21,12 @@ use crate::pool::{Acquirer, Pooled};
 use crate::protocol::{Limits, RejectReason};
 use crate::ring::mpsc;
 
-/// Binds the UDP socket: `SO_RCVBUF` as asked (0 keeps the default), and a receive timeout so
-/// the loop notices a stop request.
+/// Binds the UDP socket: the receive buffer as asked (0 keeps the default), and a receive
+/// timeout so the loop notices a stop request.
+///
+/// The buffer is set with `SO_RCVBUFFORCE` where the process may (`CAP_NET_ADMIN`), so an
+/// operator's size is not silently capped at `net.core.rmem_max`; without the capability it
+/// falls back to `SO_RCVBUF`, which the kernel caps there.
 ///
 /// # Errors
 /// When the address cannot be bound (in use, not local, no permission for a low port).
@@ -30,19 +34,25 @@ pub fn bind_udp(addr: std::net::SocketAddr, rcvbuf: u32) -> io::Result<UdpSocket
     let sock = UdpSocket::bind(addr)?;
     if rcvbuf != 0 {
         let v = libc::c_int::try_from(rcvbuf).unwrap_or(libc::c_int::MAX);
-        // SAFETY: setsockopt reads `size_of::<c_int>()` bytes from a live `c_int`; the fd is open.
-        let rc = unsafe {
-            libc::setsockopt(
-                sock.as_raw_fd(),
-                libc::SOL_SOCKET,
-                libc::SO_RCVBUF,
-                (&raw const v).cast(),
-                size_of::<libc::c_int>() as libc::socklen_t,
-            )
+        let set = |opt| {
+            // SAFETY: setsockopt reads `size_of::<c_int>()` bytes from a live `c_int`; the fd
+            // is open.
+            let rc = unsafe {
+                libc::setsockopt(
+                    sock.as_raw_fd(),
+                    libc::SOL_SOCKET,
+                    opt,
+                    (&raw const v).cast(),
+                    size_of::<libc::c_int>() as libc::socklen_t,
+                )
+            };
+            if rc == 0 {
+                Ok(())
+            } else {
+                Err(io::Error::last_os_error())
+            }
         };
-        if rc != 0 {
-            return Err(io::Error::last_os_error());
-        }
+        set(libc::SO_RCVBUFFORCE).or_else(|_| set(libc::SO_RCVBUF))?;
     }
     sock.set_read_timeout(Some(Duration::from_millis(100)))?;
     Ok(sock)
