@@ -293,9 +293,14 @@ pub fn main(root: &Path, args: &Args) -> Result<()> {
     let out_dir = root.join("target/bench");
     std::fs::create_dir_all(&out_dir)?;
     let config = out_dir.join("bench.yaml");
+    // Both paths get deep buffers, as an operator tuning for bursts would give them: 64 MiB of
+    // UMEM (32 768 frames, 8 192-slot rings) for AF_XDP, a 64 MiB socket buffer and as many
+    // receive frames for recvmmsg.
     std::fs::write(
         &config,
-        "# Written by cargo xtask bench.\ningest:\n  udp: { bind: \"0.0.0.0:8082\" }\n  tcp: { bind: null }\n\
+        "# Written by cargo xtask bench.\n\
+         xdp: { ring_size: 8192, frames: 32768 }\n\
+         ingest:\n  udp: { bind: \"0.0.0.0:8082\", frames: 32768, socket_buffer: 67108864 }\n  tcp: { bind: null }\n\
          admin: { bind: \"127.0.0.1:0\" }\nengine:\n  latency_from: payload\n",
     )?;
     let log = out_dir.join("appliance.log");
