@@ -32,6 +32,8 @@ pub struct MetricsView<'s> {
     pub engine: &'s EngineCounters,
     /// Ingest → dispatcher queue depth and capacity.
     pub queue: Box<dyn Fn() -> (usize, usize) + Send + Sync + 's>,
+    /// The workers' sink kind, for the `sink` label (`memory` or `file`).
+    pub sink: &'static str,
 }
 
 impl std::fmt::Debug for MetricsView<'_> {
@@ -109,7 +111,8 @@ pub fn render(v: &MetricsView<'_>) -> String {
     for c in WorkerClass::ALL {
         let _ = writeln!(
             out,
-            "eventstream_delivered_events_total{{sink=\"memory\",worker=\"{}\"}} {}",
+            "eventstream_delivered_events_total{{sink=\"{}\",worker=\"{}\"}} {}",
+            v.sink,
             c.as_str(),
             ld(&v.engine.delivered[c as usize])
         );

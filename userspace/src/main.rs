@@ -748,6 +748,10 @@ fn run(cfg: &Config, no_xdp: bool, duration: u64) -> Result<()> {
                     let tx = tx.clone();
                     move || (tx.len(), tx.capacity())
                 }),
+                sink: match cfg.sinks.kind {
+                    SinkKind::Memory => "memory",
+                    SinkKind::File => "file",
+                },
             };
             let (cmd_tx, admin_stop) = (cmd_tx.clone(), &admin_stop);
             std::thread::Builder::new()

@@ -56,15 +56,16 @@ pub struct TcpIngest<'s> {
     pub live: &'s AtomicU64,
 }
 
-/// Waits for a free frame, giving up when `stop` is set.
-fn take_frame<'a>(owner: &mut FrameOwner<'a>, stop: &AtomicBool) -> Option<OwnedFrame<'a>> {
+/// The next free receive frame, waiting for one to come back if all are in flight.
+///
+/// It waits through a shutdown too: a frame is only taken for bytes already decoded, and the
+/// pipeline keeps draining (and releasing frames) until every ingest thread has finished, so
+/// giving up here would drop decoded frames without a count.
+fn take_frame<'a>(owner: &mut FrameOwner<'a>) -> OwnedFrame<'a> {
     let mut spins = 0;
     loop {
         if let Some(f) = owner.take() {
-            return Some(f);
-        }
-        if stop.load(Ordering::Relaxed) {
-            return None;
+            return f;
         }
         backoff(&mut spins);
     }
@@ -218,10 +219,7 @@ impl TcpIngest<'_> {
                     deliver.frame(&mut frame.share(0..used), stamp, &mut seq, &mut tally);
                 }
                 if current.is_none() {
-                    let Some(frame) = take_frame(&mut owner, self.stop) else {
-                        break;
-                    };
-                    current = Some((frame, 0));
+                    current = Some((take_frame(&mut owner), 0));
                 }
                 let (frame, used) = current.as_mut().expect("set above");
                 // Cannot fail: the arena's frames hold a maximal frame, and `need` fits.
