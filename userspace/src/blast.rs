@@ -6,6 +6,9 @@
 //!   with `--events-per-datagram` frames. The datagrams are encoded once; each batch only
 //!   patches the stamps in place.
 //! - **TCP** (`--tcp`): the same frames written back to back on one connection.
+//! - **AF_XDP TX** (`--xdp-tx --iface IF`): complete Ethernet frames written into an AF_XDP
+//!   socket's UMEM and queued on `IF`'s TX queue; no socket layer on the way out. The UDP
+//!   checksum is left out (IPv4 allows it), since the stamps change every frame.
 //! - **Live frames** (`--live-frames --iface IF`): complete Ethernet frames injected on `IF`'s
 //!   RX queue with `BPF_PROG_TEST_RUN` and `BPF_F_TEST_XDP_LIVE_FRAMES` (xdp-trafficgen's
 //!   method) through the program pinned for `IF` by `cargo xtask load`, so each frame really
@@ -93,7 +96,14 @@ pub struct BlastArgs {
     /// The BPF object for --xdp-drop.
     #[arg(long, default_value = crate::xdp::DEFAULT_OBJECT)]
     pub object: PathBuf,
-    /// Source IPv4 address of live frames.
+    /// Send through an AF_XDP TX socket on --iface, queue --queue (root): Ethernet frames
+    /// written straight into the socket's UMEM, no kernel socket layer on the way out.
+    #[arg(long, requires = "iface", conflicts_with_all = ["tcp", "live_frames"])]
+    pub xdp_tx: bool,
+    /// Destination MAC for --xdp-tx (default: the kernel's neighbour entry for --to's address).
+    #[arg(long)]
+    pub dst_mac: Option<String>,
+    /// Source IPv4 address of live and AF_XDP TX frames.
     #[arg(long, default_value_t = crate::lab::TX_ADDR)]
     pub from: Ipv4Addr,
     /// No live display.
@@ -535,6 +545,113 @@ impl LiveFrames {
     }
 }
 
+fn parse_mac(s: &str) -> Option<[u8; 6]> {
+    let mut out = [0u8; 6];
+    let mut parts = s.split(':');
+    for b in &mut out {
+        *b = u8::from_str_radix(parts.next()?, 16).ok()?;
+    }
+    parts.next().is_none().then_some(out)
+}
+
+/// The MAC of `ip` from the calling thread's network namespace's neighbour table.
+fn neighbour(ip: Ipv4Addr) -> Result<[u8; 6]> {
+    // /proc/thread-self/net follows this thread's network namespace (--netns).
+    let table = std::fs::read_to_string("/proc/thread-self/net/arp")
+        .context("reading the neighbour table (/proc/thread-self/net/arp)")?;
+    let ip = ip.to_string();
+    table
+        .lines()
+        .skip(1)
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            // IP address, HW type, Flags (0x2 complete, 0x4 permanent), HW address, ...
+            (f.len() >= 4 && f[0] == ip && f[2] != "0x0").then(|| parse_mac(f[3]))
+        })
+        .flatten()
+        .next()
+        .with_context(|| format!("no neighbour entry for {ip}: ping it once, or pass --dst-mac"))
+}
+
+/// Sends Ethernet frames through an AF_XDP TX socket until the pacer says stop.
+fn blast_xdp_tx(args: &BlastArgs, pace: &Pacer, display: &mut Display) -> Result<Tally> {
+    use crate::xdp::tx::{TX_FRAME_SIZE, XskTx};
+    let iface = args.iface.as_deref().context("--xdp-tx needs --iface")?;
+    let IpAddr::V4(dst) = args.to.ip() else {
+        bail!("--xdp-tx: --to must be an IPv4 address");
+    };
+    let ifindex = crate::xdp::if_index(iface)?;
+    let dst_mac = match &args.dst_mac {
+        Some(m) => {
+            parse_mac(m).with_context(|| format!("--dst-mac {m}: expected aa:bb:cc:dd:ee:ff"))?
+        }
+        None => neighbour(dst)?,
+    };
+    let spec = UdpSpec {
+        src_mac: crate::xdp::if_hwaddr(iface)?,
+        dst_mac,
+        vlan: None,
+        src: args.from.into(),
+        dst: dst.into(),
+        src_port: 40_000,
+        dst_port: args.to.port(),
+    };
+    let dgram = encode_datagrams(args, 1)?.remove(0);
+    let mut frame = spec.frame(&dgram.bytes);
+    if frame.len() > TX_FRAME_SIZE as usize {
+        bail!(
+            "--xdp-tx: a {}-byte frame does not fit a {TX_FRAME_SIZE}-byte UMEM chunk",
+            frame.len()
+        );
+    }
+    // The stamps change per frame, so the UDP checksum cannot stay valid: IPv4 allows none.
+    let udp_csum = spec.header_len() - 2;
+    frame[udp_csum..udp_csum + 2].fill(0);
+    let stamps: Vec<usize> = dgram
+        .payloads
+        .iter()
+        .map(|p| spec.header_len() + p)
+        .filter(|p| p + STAMP_LEN <= frame.len())
+        .collect();
+    let mut tx = XskTx::new(ifindex, args.queue, 4096, 2048, true)
+        .with_context(|| format!("AF_XDP TX on {iface} queue {}", args.queue))?;
+    let per = u64::from(args.events_per_datagram);
+    let mut t = Tally::default();
+    let mut seq = args.seq_start;
+    while let Some(ok) = pace.allowance(t.events, u64::from(args.batch) * per) {
+        let n = (ok / per).max(1) as u32;
+        let now = realtime_ns();
+        let sent = tx.send(n, |buf| {
+            buf[..frame.len()].copy_from_slice(&frame);
+            for &p in &stamps {
+                write_stamp(&mut buf[p..p + STAMP_LEN], seq, now);
+                seq += 1;
+            }
+            frame.len()
+        });
+        match sent {
+            Ok(0) => std::thread::yield_now(),
+            Ok(k) => {
+                t.packets += u64::from(k);
+                t.events += u64::from(k) * per;
+                t.bytes += u64::from(k) * frame.len() as u64;
+            }
+            Err(e) => {
+                return Err(e).context(format!("AF_XDP TX on {iface} after {} events", t.events));
+            }
+        }
+        t.elapsed = pace.start.elapsed();
+        display.tick(&t, false);
+    }
+    // Frames the kernel has not completed are not known to be sent: wait for them, and count
+    // any that never come back as not sent.
+    let lost = tx.flush(Duration::from_secs(1))? as u64;
+    t.packets -= lost;
+    t.events -= lost * per;
+    t.bytes -= lost * frame.len() as u64;
+    Ok(t)
+}
+
 /// Runs a blast and returns its tally (the library entry point of `eventstream blast`; the
 /// bench calls it in-process). Stops early when `stop` is set.
 ///
@@ -555,6 +672,11 @@ pub fn run(args: &BlastArgs, stop: Arc<AtomicBool>) -> Result<(Tally, &'static s
     let (t, mode) = if args.live_frames {
         let live = LiveFrames::new(args)?;
         (live.run(&pacer(args, stop), &mut display)?, "live_frames")
+    } else if args.xdp_tx {
+        (
+            blast_xdp_tx(args, &pacer(args, stop), &mut display)?,
+            "xdp_tx",
+        )
     } else if args.tcp {
         (blast_tcp(args, &pacer(args, stop), &mut display)?, "tcp")
     } else {
@@ -633,6 +755,17 @@ mod tests {
         assert!(e.contains("do not fit a UDP datagram"), "{e}");
         let a = args(&["--topics", "a,"]);
         assert!(encode_datagrams(&a, 1).is_err());
+    }
+
+    #[test]
+    fn macs_parse_strictly() {
+        assert_eq!(
+            parse_mac("02:00:c6:12:00:02"),
+            Some([2, 0, 0xc6, 0x12, 0, 2])
+        );
+        assert_eq!(parse_mac("02:00:c6:12:00"), None);
+        assert_eq!(parse_mac("02:00:c6:12:00:02:03"), None);
+        assert_eq!(parse_mac("zz:00:c6:12:00:02"), None);
     }
 
     #[test]

@@ -97,6 +97,8 @@ pub fn main(root: &Path, args: &Args) -> Result<()> {
         queue: 0,
         xdp_drop: false,
         object: object.clone(),
+        xdp_tx: false,
+        dst_mac: None,
         from: eventstream::lab::TX_ADDR,
         quiet: false,
     };

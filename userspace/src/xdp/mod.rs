@@ -10,6 +10,7 @@
 pub mod ring;
 pub mod socket;
 pub mod sys;
+pub mod tx;
 
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd};

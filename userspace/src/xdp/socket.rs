@@ -105,7 +105,8 @@ pub struct XskSocket<'a> {
     umem_len: u64,
 }
 
-fn layout_of(off: &libc::xdp_ring_offset, size: u32) -> Layout {
+/// A ring's layout from the kernel's offsets.
+pub(super) fn layout_of(off: &libc::xdp_ring_offset, size: u32) -> Layout {
     Layout {
         producer: off.producer as usize,
         consumer: off.consumer as usize,

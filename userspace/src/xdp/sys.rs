@@ -258,6 +258,37 @@ pub fn xsk_socket() -> io::Result<OwnedFd> {
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
+/// Kicks the kernel to transmit what is on the TX ring (`sendto` with no data). Returns
+/// `true` when there is no point kicking again now (the ring was processed, or the kernel is
+/// busy or out of completion slots until frames are reclaimed) and `false` when it stopped
+/// early with more to send (`EAGAIN`: copy mode sends a batch per call).
+///
+/// # Errors
+/// Anything else (`ENETDOWN` when the interface is down, `ENXIO` when it is gone).
+pub fn xsk_wakeup_tx(fd: BorrowedFd<'_>) -> io::Result<bool> {
+    // SAFETY: a zero-length, non-blocking send with no buffer and no address is the AF_XDP
+    // TX wake-up call.
+    let rc = unsafe {
+        libc::sendto(
+            fd.as_raw_fd(),
+            core::ptr::null(),
+            0,
+            libc::MSG_DONTWAIT,
+            core::ptr::null(),
+            0,
+        )
+    };
+    if rc >= 0 {
+        return Ok(true);
+    }
+    let e = io::Error::last_os_error();
+    match e.raw_os_error() {
+        Some(libc::EAGAIN | libc::EINTR) => Ok(false),
+        Some(libc::EBUSY | libc::ENOBUFS) => Ok(true),
+        _ => Err(e),
+    }
+}
+
 /// `setsockopt(SOL_XDP, opt, value)`.
 ///
 /// # Safety

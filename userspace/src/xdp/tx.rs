@@ -1,0 +1,290 @@
+//! AF_XDP transmit, for the blaster: frames written straight into a UMEM and handed to the NIC
+//! queue through the TX ring, with no socket layer and no per-packet syscall.
+//!
+//! The UMEM is a locked [`Region`] of `frames` chunks. A chunk is either free (on the free list,
+//! ours to write) or in flight (its descriptor is on the TX ring, or the kernel has not yet
+//! returned it on the COMPLETION ring); only free chunks are ever written, so the kernel never
+//! reads a frame while we change it. The kernel requires a FILL ring for every UMEM; this socket
+//! sizes one and never fills it.
+//!
+//! In copy mode (veth, and NICs without zero-copy) the kernel transmits during the wake-up call,
+//! at most a small batch per call (32 on current kernels), so [`XskTx::send`] kicks until the
+//! ring is drained or the kernel says it is busy.
+
+use std::io;
+use std::os::fd::{AsFd, OwnedFd};
+use std::sync::Arc;
+
+use tracing::{info, warn};
+
+use super::ring::{ConsRing, ProdRing, RingMem};
+use super::socket::{BindMode, XskError};
+use super::sys;
+use crate::mem::{Region, RegionOptions};
+
+/// A TX-only AF_XDP socket bound to one queue of one interface.
+#[derive(Debug)]
+pub struct XskTx {
+    // Field order is drop order: the rings and the socket go before the UMEM they use.
+    tx: ProdRing<libc::xdp_desc>,
+    completion: ConsRing<u64>,
+    _fill: ProdRing<u64>,
+    fd: OwnedFd,
+    umem: Region,
+    free: Vec<u32>,
+    frame_size: u32,
+    mode: BindMode,
+}
+
+/// TX frame size (one UMEM chunk; a full 1 500-byte MTU frame fits).
+pub const TX_FRAME_SIZE: u32 = 2048;
+
+impl XskTx {
+    /// Creates the socket with `frames` UMEM chunks and rings of `ring_size`, and binds it to
+    /// `ifindex`/`queue` (zero-copy first when `try_zero_copy`, then copy).
+    ///
+    /// # Errors
+    /// [`XskError::Setup`] naming the step and the kernel's reason (`EPERM` without
+    /// `CAP_NET_RAW`, `EINVAL` for a queue the interface lacks).
+    pub fn new(
+        ifindex: u32,
+        queue: u32,
+        frames: u32,
+        ring_size: u32,
+        try_zero_copy: bool,
+    ) -> Result<Self, XskError> {
+        let err = |step| {
+            move |reason| XskError::Setup {
+                step,
+                queue,
+                reason,
+            }
+        };
+        if !ring_size.is_power_of_two() || frames < ring_size {
+            return Err(XskError::Invalid(format!(
+                "TX ring size {ring_size} must be a power of two no larger than the {frames} frames"
+            )));
+        }
+        let len = TX_FRAME_SIZE as usize * frames as usize;
+        let umem = Region::new(
+            len,
+            RegionOptions {
+                hugepages: true,
+                lock: true,
+                ..RegionOptions::default()
+            },
+        )
+        .map_err(err("UMEM allocation"))?;
+        let fd = sys::xsk_socket().map_err(err("socket"))?;
+        let reg = libc::xdp_umem_reg {
+            addr: umem.as_ptr() as u64,
+            len: len as u64,
+            chunk_size: TX_FRAME_SIZE,
+            headroom: 0,
+            flags: 0,
+            tx_metadata_len: 0,
+        };
+        // SAFETY: `xdp_umem_reg` is the option's type; the region it names is kept in `self`
+        // and dropped after the socket (field order), and the kernel pins its pages for as long
+        // as the socket exists.
+        unsafe { sys::xdp_setsockopt(fd.as_fd(), libc::XDP_UMEM_REG, &reg) }
+            .map_err(err("UMEM registration"))?;
+        for opt in [
+            libc::XDP_UMEM_FILL_RING,
+            libc::XDP_UMEM_COMPLETION_RING,
+            libc::XDP_TX_RING,
+        ] {
+            // SAFETY: ring-size options take a u32.
+            unsafe { sys::xdp_setsockopt(fd.as_fd(), opt, &ring_size) }
+                .map_err(err("ring sizing"))?;
+        }
+        // SAFETY: `xdp_mmap_offsets` is plain data, valid when zeroed.
+        let (off, got) = unsafe {
+            sys::xdp_getsockopt::<libc::xdp_mmap_offsets>(fd.as_fd(), libc::XDP_MMAP_OFFSETS)
+        }
+        .map_err(err("ring offsets"))?;
+        if got != size_of::<libc::xdp_mmap_offsets>() {
+            return Err(XskError::Invalid(
+                "kernel too old: no ring flags (needs Linux 5.4+)".into(),
+            ));
+        }
+        let n = ring_size as usize;
+        let map = |pgoff: u64, o: &libc::xdp_ring_offset, elem: usize, step| {
+            sys::mmap_ring(fd.as_fd(), pgoff, o.desc as usize + n * elem).map_err(err(step))
+        };
+        let fill_map = map(libc::XDP_UMEM_PGOFF_FILL_RING, &off.fr, 8, "mapping FILL")?;
+        let comp_map = map(
+            libc::XDP_UMEM_PGOFF_COMPLETION_RING,
+            &off.cr,
+            8,
+            "mapping COMPLETION",
+        )?;
+        let tx_map = map(
+            libc::XDP_PGOFF_TX_RING as u64,
+            &off.tx,
+            size_of::<libc::xdp_desc>(),
+            "mapping TX",
+        )?;
+        let (fill_base, comp_base, tx_base) =
+            (fill_map.as_ptr(), comp_map.as_ptr(), tx_map.as_ptr());
+        // SAFETY: each base is the start of its ring's live mapping (kept alive by the Arc),
+        // laid out as the kernel reported in XDP_MMAP_OFFSETS, with `ring_size` entries; one
+        // view per ring.
+        let (fill, completion, tx) = unsafe {
+            (
+                ProdRing::<u64>::new(
+                    Arc::new(RingMem::Mapped(fill_map)),
+                    fill_base,
+                    super::socket::layout_of(&off.fr, ring_size),
+                ),
+                ConsRing::<u64>::new(
+                    Arc::new(RingMem::Mapped(comp_map)),
+                    comp_base,
+                    super::socket::layout_of(&off.cr, ring_size),
+                ),
+                ProdRing::<libc::xdp_desc>::new(
+                    Arc::new(RingMem::Mapped(tx_map)),
+                    tx_base,
+                    super::socket::layout_of(&off.tx, ring_size),
+                ),
+            )
+        };
+        let mut mode = BindMode::Copy;
+        let mut bound = false;
+        if try_zero_copy {
+            match sys::xsk_bind(
+                fd.as_fd(),
+                ifindex,
+                queue,
+                libc::XDP_ZEROCOPY | libc::XDP_USE_NEED_WAKEUP,
+            ) {
+                Ok(()) => {
+                    mode = BindMode::ZeroCopy;
+                    bound = true;
+                }
+                Err(e) => {
+                    warn!(queue, reason = %e, "TX zero-copy bind refused; falling back to copy mode")
+                }
+            }
+        }
+        if !bound {
+            sys::xsk_bind(
+                fd.as_fd(),
+                ifindex,
+                queue,
+                libc::XDP_COPY | libc::XDP_USE_NEED_WAKEUP,
+            )
+            .map_err(err("bind"))?;
+        }
+        info!(
+            queue,
+            mode = mode.label(),
+            ring_size,
+            frames,
+            "AF_XDP TX socket bound"
+        );
+        Ok(Self {
+            umem,
+            fd,
+            tx,
+            completion,
+            _fill: fill,
+            free: (0..frames).rev().collect(),
+            frame_size: TX_FRAME_SIZE,
+            mode,
+        })
+    }
+
+    /// How the socket is bound.
+    pub const fn mode(&self) -> BindMode {
+        self.mode
+    }
+
+    /// Frames the kernel has not returned yet.
+    pub fn in_flight(&self) -> usize {
+        self.umem.len() / self.frame_size as usize - self.free.len()
+    }
+
+    /// Takes back the frames the kernel has finished with.
+    pub fn reclaim(&mut self) -> u32 {
+        let n = self.completion.available(u32::MAX);
+        for i in 0..n {
+            let addr = self.completion.read(i);
+            let idx = (addr / u64::from(self.frame_size)) as u32;
+            // A completion for a frame we did not send would be a kernel bug; never let it
+            // create a second owner.
+            debug_assert!(!self.free.contains(&idx));
+            self.free.push(idx);
+        }
+        self.completion.release(n);
+        n
+    }
+
+    /// Queues up to `n` frames: `fill(buf)` writes each frame into a free UMEM chunk and returns
+    /// its length (at most [`TX_FRAME_SIZE`]). Then kicks the kernel. Returns how many were
+    /// queued: fewer than `n` when the ring or the UMEM is full of frames in flight.
+    ///
+    /// # Errors
+    /// The kernel's, from the wake-up call (other than "busy, try again").
+    pub fn send(&mut self, n: u32, mut fill: impl FnMut(&mut [u8]) -> usize) -> io::Result<u32> {
+        self.reclaim();
+        let k = self.tx.free(n).min(n).min(self.free.len() as u32);
+        for i in 0..k {
+            let idx = self.free.pop().expect("k <= free.len()");
+            let start = idx as usize * self.frame_size as usize;
+            // SAFETY: chunk `idx` lies inside the region (idx < frames) and is free: not on the
+            // TX ring and returned on COMPLETION, so neither the kernel nor anyone else reads or
+            // writes it; this is the only live reference to it.
+            let buf = unsafe {
+                std::slice::from_raw_parts_mut(
+                    self.umem.as_ptr().add(start),
+                    self.frame_size as usize,
+                )
+            };
+            let len = fill(buf).min(self.frame_size as usize);
+            self.tx.write(
+                i,
+                libc::xdp_desc {
+                    addr: start as u64,
+                    len: len as u32,
+                    options: 0,
+                },
+            );
+        }
+        self.tx.submit(k);
+        self.kick()?;
+        Ok(k)
+    }
+
+    /// Kicks and reclaims until every frame is back or `timeout` passes; returns how many are
+    /// still out (frames the kernel has not completed are not known to be sent).
+    ///
+    /// # Errors
+    /// As [`XskTx::send`].
+    pub fn flush(&mut self, timeout: std::time::Duration) -> io::Result<usize> {
+        let end = std::time::Instant::now() + timeout;
+        while self.in_flight() > 0 && std::time::Instant::now() < end {
+            self.kick()?;
+            if self.reclaim() == 0 {
+                std::thread::sleep(std::time::Duration::from_micros(50));
+            }
+        }
+        Ok(self.in_flight())
+    }
+
+    /// Wakes the kernel to transmit: once when it asked (zero-copy), or until the ring is drained
+    /// or it reports itself busy (copy mode transmits inside the call, a batch at a time).
+    fn kick(&mut self) -> io::Result<()> {
+        if self.mode == BindMode::ZeroCopy && !self.tx.needs_wakeup() {
+            return Ok(());
+        }
+        for _ in 0..(self.tx.size() / 16).max(4) {
+            match sys::xsk_wakeup_tx(self.fd.as_fd()) {
+                Ok(true) => return Ok(()),
+                Ok(false) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,159 @@
+//! The blaster's kernel paths against the appliance in the netns + veth lab: AF_XDP TX and
+//! `sendmmsg` from the sending namespace into the appliance's AF_XDP socket, reconciled
+//! exactly against the appliance's report (sent = received + what `XDP_STATISTICS` says the
+//! kernel dropped); live frames through the drop program inject exactly the count asked for.
+//!
+//! Needs root and the XDP object; skips with a message where they are missing, except under
+//! CI, where it fails instead.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use eventstream::lab::{Lab, LabError, RX_ADDR, RX_IF, TX_IF};
+
+const PER: u64 = 2;
+
+fn blast(args: &[&str]) -> serde_json::Value {
+    let out = Command::new(env!("CARGO_BIN_EXE_eventstream"))
+        .arg("blast")
+        .args(args)
+        .args(["--quiet", "--duration", "20"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "blast {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+#[test]
+fn xdp_tx_and_sendmmsg_into_af_xdp_reconcile_and_live_frames_count_exactly() {
+    // SAFETY: geteuid(2) has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        return common::skip("the blaster lab test needs root");
+    }
+    let Some(object) = common::bpf_object() else {
+        return common::skip("no XDP object: run `cargo xtask build-ebpf`");
+    };
+    let lab = match Lab::up(&format!("esbl{}", std::process::id() % 100_000)) {
+        Ok(l) => l,
+        Err(e @ (LabError::NotPermitted(_) | LabError::NoIp)) => {
+            return common::skip(&e.to_string());
+        }
+        Err(e) => panic!("lab: {e}"),
+    };
+    let dir = std::env::temp_dir().join(format!("es-blastlab-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let config = dir.join("eventstream.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "xdp:\n  object: \"{}\"\ningest:\n  udp:\n    bind: \"0.0.0.0:8082\"\n  tcp:\n    bind: null\nadmin:\n  bind: \"127.0.0.1:0\"\n",
+            object.display()
+        ),
+    )
+    .unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_eventstream"))
+        .args(["run", "--netns", &lab.rx_ns, "--iface", RX_IF, "--config"])
+        .arg(&config)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut out = BufReader::new(child.stdout.take().unwrap());
+    // Ready once the admin port is up (after the sockets are bound and registered).
+    let mut line = String::new();
+    while !line.starts_with("listening admin ") {
+        line.clear();
+        assert!(
+            out.read_line(&mut line).unwrap() > 0,
+            "the appliance exited early"
+        );
+    }
+    let to = format!("{RX_ADDR}:8082");
+    let per = PER.to_string();
+    let tx = blast(&[
+        "--netns",
+        &lab.tx_ns,
+        "--xdp-tx",
+        "--iface",
+        TX_IF,
+        "--to",
+        &to,
+        "--count",
+        "20000",
+        "--rate",
+        "100000",
+        "--events-per-datagram",
+        &per,
+    ]);
+    assert_eq!(tx["mode"], "xdp_tx", "{tx}");
+    assert_eq!(tx["sent_events"], 20_000, "{tx}");
+    let mm = blast(&[
+        "--netns",
+        &lab.tx_ns,
+        "--to",
+        &to,
+        "--count",
+        "4000",
+        "--rate",
+        "50000",
+        "--events-per-datagram",
+        &per,
+        "--seq-start",
+        "20000",
+    ]);
+    assert_eq!(mm["sent_events"], 4_000, "{mm}");
+
+    // SAFETY: kill(2) has no memory-safety preconditions; the pid is our own child's.
+    unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while child.try_wait().unwrap().is_none() {
+        assert!(Instant::now() < deadline, "the appliance did not drain");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let report: serde_json::Value = (&mut out)
+        .lines()
+        .map_while(Result::ok)
+        .find(|l| l.starts_with('{'))
+        .map(|l| serde_json::from_str(&l).unwrap())
+        .expect("a report");
+    let n = |v: &serde_json::Value| v.as_u64().unwrap();
+    let x = &report["xsk"];
+    let kernel_dropped = (n(&x["rx_dropped"]) + n(&x["rx_ring_full"])) * PER;
+    assert_eq!(
+        n(&report["received_events"]["xsk"]) + kernel_dropped,
+        24_000,
+        "sent = received + counted kernel drops: {report}"
+    );
+    assert_eq!(n(&x["verdicts"]["redirect"]), 24_000 / PER, "{report}");
+    assert_eq!(
+        report["delivered_events"], report["accepted_events"],
+        "{report}"
+    );
+
+    // Live frames through the drop program: exactly the count asked for.
+    let live = blast(&[
+        "--netns",
+        &lab.rx_ns,
+        "--live-frames",
+        "--xdp-drop",
+        "--object",
+        object.to_str().unwrap(),
+        "--iface",
+        RX_IF,
+        "--to",
+        &to,
+        "--count",
+        "1000",
+    ]);
+    assert_eq!(live["mode"], "live_frames", "{live}");
+    assert_eq!(live["sent_events"], 1_000, "{live}");
+    drop(lab);
+    let _ = std::fs::remove_dir_all(dir);
+}
