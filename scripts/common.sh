@@ -29,6 +29,23 @@ apply() {
     fi
 }
 
+# parse_args USAGE COUNT ARGS...: sets DRY_RUN for --dry-run, leaves the positional arguments
+# in ARGS, and stops with USAGE for -h, an unknown option, or other than COUNT positionals.
+parse_args() {
+    local usage=$1 count=$2 a
+    shift 2
+    ARGS=()
+    for a in "$@"; do
+        case $a in
+        --dry-run) DRY_RUN=1 ;;
+        -h | --help) die "usage: $usage" ;;
+        -*) die "unknown option $a; usage: $usage" ;;
+        *) ARGS+=("$a") ;;
+        esac
+    done
+    [[ ${#ARGS[@]} == "$count" ]] || die "usage: $usage"
+}
+
 need_root() {
     if [[ $DRY_RUN == 0 && $(id -u) != 0 ]]; then
         die "$(basename "$0") changes kernel settings: run it as root (or with --dry-run)"

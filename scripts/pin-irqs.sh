@@ -8,17 +8,8 @@
 # Idempotent: an IRQ already on its core is reported unchanged.
 source "$(dirname "$0")/common.sh"
 
-usage() { die "usage: $(basename "$0") IFACE [--dry-run]"; }
-args=()
-for a in "$@"; do
-    case $a in
-    --dry-run) DRY_RUN=1 ;;
-    -h | --help) usage ;;
-    *) args+=("$a") ;;
-    esac
-done
-[[ ${#args[@]} == 1 ]] || usage
-iface=${args[0]}
+parse_args "$(basename "$0") IFACE [--dry-run]" 1 "$@"
+iface=${ARGS[0]}
 need_iface "$iface"
 need_root
 

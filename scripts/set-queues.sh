@@ -7,17 +7,8 @@
 # Idempotent: prints "unchanged" when the count is already COUNT.
 source "$(dirname "$0")/common.sh"
 
-usage() { die "usage: $(basename "$0") IFACE COUNT [--dry-run]"; }
-args=()
-for a in "$@"; do
-    case $a in
-    --dry-run) DRY_RUN=1 ;;
-    -h | --help) usage ;;
-    *) args+=("$a") ;;
-    esac
-done
-[[ ${#args[@]} == 2 ]] || usage
-iface=${args[0]} count=${args[1]}
+parse_args "$(basename "$0") IFACE COUNT [--dry-run]" 2 "$@"
+iface=${ARGS[0]} count=${ARGS[1]}
 [[ $count =~ ^[1-9][0-9]*$ ]] || die "COUNT must be a positive integer, not '$count'"
 need_cmd ethtool ethtool
 need_iface "$iface"

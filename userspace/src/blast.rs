@@ -459,19 +459,13 @@ impl LiveFrames {
             })?;
             (fd, None)
         };
-        let dst_mac = crate::xdp::if_hwaddr(iface)?;
-        let IpAddr::V4(dst) = args.to.ip() else {
-            bail!("--live-frames: --to must be an IPv4 address");
-        };
-        let spec = UdpSpec {
-            src_mac: [0x02, 0, 0, 0, 0, 0x01],
-            dst_mac,
-            vlan: None,
-            src: args.from.into(),
-            dst: dst.into(),
-            src_port: 40_000,
-            dst_port: args.to.port(),
-        };
+        // Frames arrive on `iface`: addressed to it, from a made-up local sender.
+        let spec = frame_spec(
+            args,
+            "--live-frames",
+            [0x02, 0, 0, 0, 0, 0x01],
+            crate::xdp::if_hwaddr(iface)?,
+        )?;
         let mut dgram = encode_datagrams(args, 1)?;
         stamp(&mut dgram, &mut args.seq_start.clone(), realtime_ns());
         let frame = spec.frame(&dgram[0].bytes);
@@ -545,6 +539,23 @@ impl LiveFrames {
     }
 }
 
+/// Ethernet/IPv4/UDP addressing of the frames `--live-frames` and `--xdp-tx` build: from
+/// `--from` port 40000 to `--to`.
+fn frame_spec(args: &BlastArgs, flag: &str, src_mac: [u8; 6], dst_mac: [u8; 6]) -> Result<UdpSpec> {
+    let IpAddr::V4(dst) = args.to.ip() else {
+        bail!("{flag}: --to must be an IPv4 address");
+    };
+    Ok(UdpSpec {
+        src_mac,
+        dst_mac,
+        vlan: None,
+        src: args.from.into(),
+        dst: dst.into(),
+        src_port: 40_000,
+        dst_port: args.to.port(),
+    })
+}
+
 fn parse_mac(s: &str) -> Option<[u8; 6]> {
     let mut out = [0u8; 6];
     let mut parts = s.split(':');
@@ -577,25 +588,15 @@ fn neighbour(ip: Ipv4Addr) -> Result<[u8; 6]> {
 fn blast_xdp_tx(args: &BlastArgs, pace: &Pacer, display: &mut Display) -> Result<Tally> {
     use crate::xdp::tx::{TX_FRAME_SIZE, XskTx};
     let iface = args.iface.as_deref().context("--xdp-tx needs --iface")?;
-    let IpAddr::V4(dst) = args.to.ip() else {
-        bail!("--xdp-tx: --to must be an IPv4 address");
-    };
     let ifindex = crate::xdp::if_index(iface)?;
-    let dst_mac = match &args.dst_mac {
-        Some(m) => {
+    let dst_mac = match (&args.dst_mac, args.to.ip()) {
+        (Some(m), _) => {
             parse_mac(m).with_context(|| format!("--dst-mac {m}: expected aa:bb:cc:dd:ee:ff"))?
         }
-        None => neighbour(dst)?,
+        (None, IpAddr::V4(dst)) => neighbour(dst)?,
+        (None, IpAddr::V6(_)) => bail!("--xdp-tx: --to must be an IPv4 address"),
     };
-    let spec = UdpSpec {
-        src_mac: crate::xdp::if_hwaddr(iface)?,
-        dst_mac,
-        vlan: None,
-        src: args.from.into(),
-        dst: dst.into(),
-        src_port: 40_000,
-        dst_port: args.to.port(),
-    };
+    let spec = frame_spec(args, "--xdp-tx", crate::xdp::if_hwaddr(iface)?, dst_mac)?;
     let dgram = encode_datagrams(args, 1)?.remove(0);
     let mut frame = spec.frame(&dgram.bytes);
     if frame.len() > TX_FRAME_SIZE as usize {

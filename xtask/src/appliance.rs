@@ -53,18 +53,7 @@ pub struct PinnedLab {
 impl PinnedLab {
     /// Brings the lab `name` up and pins the program from `object` on its receiver.
     pub fn up(name: &str, object: &Path) -> Result<Self> {
-        if Pinned::list().iter().any(|i| i == RX_IF) {
-            if Lab::exists(&format!("{name}-rx")) {
-                bail!(
-                    "lab {name} is up with a program pinned for {RX_IF} (another run?): \
-                     `cargo xtask --netns {name}-rx unload --iface {RX_IF}` and \
-                     `cargo xtask lab down --name {name}` first"
-                );
-            }
-            // Pins left by a lab whose namespaces are gone: the interface went with them.
-            Pinned::remove(RX_IF)?;
-            eprintln!("removed stale pins for {RX_IF} (its lab namespace is gone)");
-        }
+        // Pins are kept per network namespace (`es-rx@netns-INODE`), so labs never share them.
         let lab = Lab::up(name)?;
         let mode = in_netns(&lab.rx_ns, || {
             crate::xdp::attach_and_pin(

@@ -241,36 +241,41 @@ impl DropProgram {
     /// # Errors
     /// As [`XdpProgram::load`].
     pub fn load(path: &Path) -> Result<Self, XdpError> {
-        let bytes = std::fs::read(path).map_err(|reason| XdpError::Object {
-            path: path.into(),
-            reason,
-        })?;
-        let mut ebpf =
-            Ebpf::load(&bytes).map_err(|e| XdpError::bpf("loading the XDP object", e))?;
-        let prog: &mut Xdp = ebpf
-            .program_mut(DROP_PROGRAM_NAME)
-            .ok_or_else(|| {
-                XdpError::Missing(format!(
-                    "program {DROP_PROGRAM_NAME} not in {}",
-                    path.display()
-                ))
-            })?
-            .try_into()
-            .map_err(|e| XdpError::bpf("program type", e))?;
-        prog.load()
-            .map_err(|e| XdpError::bpf("loading the drop program", e))?;
-        Ok(Self { ebpf })
+        Ok(Self {
+            ebpf: load_object(path, DROP_PROGRAM_NAME)?,
+        })
     }
 
     /// The program's file descriptor.
     pub fn fd(&self) -> BorrowedFd<'_> {
-        let prog: &Xdp = self
-            .ebpf
-            .program(DROP_PROGRAM_NAME)
-            .and_then(|p| p.try_into().ok())
-            .expect("checked in load");
-        prog.fd().expect("loaded in load").as_fd()
+        program_fd(&self.ebpf, DROP_PROGRAM_NAME)
     }
+}
+
+/// Reads the object at `path` and loads its XDP program `name` into the kernel (not attached).
+fn load_object(path: &Path, name: &str) -> Result<Ebpf, XdpError> {
+    let bytes = std::fs::read(path).map_err(|reason| XdpError::Object {
+        path: path.into(),
+        reason,
+    })?;
+    let mut ebpf = Ebpf::load(&bytes).map_err(|e| XdpError::bpf("loading the XDP object", e))?;
+    let prog: &mut Xdp = ebpf
+        .program_mut(name)
+        .ok_or_else(|| XdpError::Missing(format!("program {name} not in {}", path.display())))?
+        .try_into()
+        .map_err(|e| XdpError::bpf("program type", e))?;
+    prog.load()
+        .map_err(|e| XdpError::bpf(format!("loading the XDP program {name}"), e))?;
+    Ok(ebpf)
+}
+
+/// The descriptor of program `name`, which [`load_object`] loaded.
+fn program_fd<'e>(ebpf: &'e Ebpf, name: &str) -> BorrowedFd<'e> {
+    let prog: &Xdp = ebpf
+        .program(name)
+        .and_then(|p| p.try_into().ok())
+        .expect("checked in load_object");
+    prog.fd().expect("loaded in load_object").as_fd()
 }
 
 /// The loaded program and its maps.
@@ -286,22 +291,9 @@ impl XdpProgram {
     /// [`XdpError::Object`] when the file is missing, [`XdpError::NotPermitted`] without
     /// privileges, [`XdpError::Bpf`] when the verifier or loader refuses it.
     pub fn load(path: &Path) -> Result<Self, XdpError> {
-        let bytes = std::fs::read(path).map_err(|reason| XdpError::Object {
-            path: path.into(),
-            reason,
-        })?;
-        let mut ebpf =
-            Ebpf::load(&bytes).map_err(|e| XdpError::bpf("loading the XDP object", e))?;
-        let prog: &mut Xdp = ebpf
-            .program_mut(PROGRAM_NAME)
-            .ok_or_else(|| {
-                XdpError::Missing(format!("program {PROGRAM_NAME} not in {}", path.display()))
-            })?
-            .try_into()
-            .map_err(|e| XdpError::bpf("program type", e))?;
-        prog.load()
-            .map_err(|e| XdpError::bpf("loading the XDP program", e))?;
-        Ok(Self { ebpf })
+        Ok(Self {
+            ebpf: load_object(path, PROGRAM_NAME)?,
+        })
     }
 
     fn xdp(&mut self) -> &mut Xdp {
@@ -328,12 +320,7 @@ impl XdpProgram {
 
     /// The program's file descriptor.
     pub fn fd(&self) -> BorrowedFd<'_> {
-        let prog: &Xdp = self
-            .ebpf
-            .program(PROGRAM_NAME)
-            .and_then(|p| p.try_into().ok())
-            .expect("checked in load");
-        prog.fd().expect("loaded in load").as_fd()
+        program_fd(&self.ebpf, PROGRAM_NAME)
     }
 
     /// Runs the program once on `packet` (`BPF_PROG_TEST_RUN`).
@@ -423,9 +410,27 @@ impl XdpProgram {
     }
 }
 
-/// `<PIN_ROOT>/<iface>`.
+/// The directory name of `iface`'s pins in the calling thread's network namespace: the name
+/// itself in the host's namespace (that of PID 1), `<iface>@netns-<inode>` in any other, so
+/// the `eth0`s of two containers or two labs never share pins.
+fn pin_name(iface: &str) -> String {
+    match netns_suffix() {
+        Some(sfx) => format!("{iface}{sfx}"),
+        None => iface.to_owned(),
+    }
+}
+
+/// `@netns-<inode>` when the calling thread is not in the host's network namespace.
+fn netns_suffix() -> Option<String> {
+    use std::os::unix::fs::MetadataExt;
+    let mine = std::fs::metadata("/proc/thread-self/ns/net").ok()?.ino();
+    let host = std::fs::metadata("/proc/1/ns/net").ok().map(|m| m.ino());
+    (host != Some(mine)).then(|| format!("@netns-{mine}"))
+}
+
+/// `<PIN_ROOT>/<iface>` (with the namespace suffix of [`pin_name`] outside the host's).
 pub fn pin_dir(iface: &str) -> PathBuf {
-    Path::new(PIN_ROOT).join(iface)
+    Path::new(PIN_ROOT).join(pin_name(iface))
 }
 
 /// What is pinned for one interface.
@@ -471,13 +476,19 @@ impl Pinned {
         })
     }
 
-    /// Interfaces with something pinned.
+    /// Interfaces of the calling thread's network namespace with something pinned.
     pub fn list() -> Vec<String> {
+        let sfx = netns_suffix();
         let mut v: Vec<String> = std::fs::read_dir(PIN_ROOT)
             .into_iter()
             .flatten()
             .flatten()
             .filter_map(|e| e.file_name().into_string().ok())
+            .filter_map(|name| match (&sfx, name.split_once("@netns-")) {
+                (None, None) => Some(name),
+                (Some(s), Some((iface, _))) if name.ends_with(s.as_str()) => Some(iface.to_owned()),
+                _ => None,
+            })
             .collect();
         v.sort();
         v

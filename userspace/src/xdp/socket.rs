@@ -105,8 +105,116 @@ pub struct XskSocket<'a> {
     umem_len: u64,
 }
 
+/// Registers the UMEM `addr..addr + len` (chunks of `chunk_size`) on the AF_XDP socket `fd`,
+/// sizes its FILL and COMPLETION rings and `data_ring` (`XDP_RX_RING` or `XDP_TX_RING`) to
+/// `ring_size`, and maps FILL and COMPLETION. Returns them with the kernel's ring offsets, for
+/// mapping the data ring with [`map_ring`]. (The kernel wants FILL and COMPLETION for every UMEM,
+/// even where one of them goes unused.)
+///
+/// # Safety
+/// The memory must stay mapped for as long as the socket exists.
+pub(super) unsafe fn setup_umem(
+    fd: BorrowedFd<'_>,
+    addr: *mut u8,
+    len: u64,
+    chunk_size: u32,
+    ring_size: u32,
+    data_ring: libc::c_int,
+    queue: u32,
+) -> Result<(ProdRing<u64>, ConsRing<u64>, libc::xdp_mmap_offsets), XskError> {
+    let err = |step| {
+        move |reason| XskError::Setup {
+            step,
+            queue,
+            reason,
+        }
+    };
+    let reg = libc::xdp_umem_reg {
+        addr: addr as u64,
+        len,
+        chunk_size,
+        headroom: 0,
+        flags: 0,
+        tx_metadata_len: 0,
+    };
+    // SAFETY: `xdp_umem_reg` is the option's type; the caller keeps the memory it names mapped
+    // for the socket's life.
+    unsafe { sys::xdp_setsockopt(fd, libc::XDP_UMEM_REG, &reg) }
+        .map_err(err("UMEM registration"))?;
+    for opt in [
+        libc::XDP_UMEM_FILL_RING,
+        libc::XDP_UMEM_COMPLETION_RING,
+        data_ring,
+    ] {
+        // SAFETY: ring-size options take a u32.
+        unsafe { sys::xdp_setsockopt(fd, opt, &ring_size) }.map_err(err("ring sizing"))?;
+    }
+    // SAFETY: `xdp_mmap_offsets` is plain data, valid when zeroed.
+    let (off, got) =
+        unsafe { sys::xdp_getsockopt::<libc::xdp_mmap_offsets>(fd, libc::XDP_MMAP_OFFSETS) }
+            .map_err(err("ring offsets"))?;
+    if got != size_of::<libc::xdp_mmap_offsets>() {
+        return Err(XskError::Invalid(
+            "kernel too old: no ring flags (needs Linux 5.4+)".into(),
+        ));
+    }
+    // SAFETY: one view per ring, each mapped as the kernel laid it out.
+    let (fill, completion) = unsafe {
+        let (mem, base, layout) = map_ring(
+            fd,
+            libc::XDP_UMEM_PGOFF_FILL_RING,
+            &off.fr,
+            8,
+            ring_size,
+            queue,
+            "mapping FILL",
+        )?;
+        let fill = ProdRing::<u64>::new(mem, base, layout);
+        let (mem, base, layout) = map_ring(
+            fd,
+            libc::XDP_UMEM_PGOFF_COMPLETION_RING,
+            &off.cr,
+            8,
+            ring_size,
+            queue,
+            "mapping COMPLETION",
+        )?;
+        (fill, ConsRing::<u64>::new(mem, base, layout))
+    };
+    Ok((fill, completion, off))
+}
+
+/// Maps one ring of the socket (`ring_size` entries of `elem` bytes at page offset `pgoff`) and
+/// returns the mapping, its base and its layout, ready for one [`ProdRing`] or [`ConsRing`].
+///
+/// # Errors
+/// [`XskError::Setup`] with `step` when the mapping fails.
+pub(super) fn map_ring(
+    fd: BorrowedFd<'_>,
+    pgoff: u64,
+    off: &libc::xdp_ring_offset,
+    elem: usize,
+    ring_size: u32,
+    queue: u32,
+    step: &'static str,
+) -> Result<(Arc<RingMem>, *mut u8, Layout), XskError> {
+    let map = sys::mmap_ring(fd, pgoff, off.desc as usize + ring_size as usize * elem).map_err(
+        |reason| XskError::Setup {
+            step,
+            queue,
+            reason,
+        },
+    )?;
+    let base = map.as_ptr();
+    Ok((
+        Arc::new(RingMem::Mapped(map)),
+        base,
+        layout_of(off, ring_size),
+    ))
+}
+
 /// A ring's layout from the kernel's offsets.
-pub(super) fn layout_of(off: &libc::xdp_ring_offset, size: u32) -> Layout {
+fn layout_of(off: &libc::xdp_ring_offset, size: u32) -> Layout {
     Layout {
         producer: off.producer as usize,
         consumer: off.consumer as usize,
@@ -151,78 +259,31 @@ impl<'a> XskSocket<'a> {
         }
         let fd = sys::xsk_socket().map_err(err("socket"))?;
         let umem_len = u64::from(fs) * u64::from(arena.count());
-        let reg = libc::xdp_umem_reg {
-            addr: arena.region().as_ptr() as u64,
-            len: umem_len,
-            chunk_size: fs,
-            headroom: 0,
-            flags: 0,
-            tx_metadata_len: 0,
-        };
-        // SAFETY: `xdp_umem_reg` is the option's type; the region it names outlives the
-        // registration because the returned socket borrows `arena` (and the kernel pins the
-        // pages for as long as the socket exists).
-        unsafe { sys::xdp_setsockopt(fd.as_fd(), libc::XDP_UMEM_REG, &reg) }
-            .map_err(err("UMEM registration"))?;
-        for opt in [
-            libc::XDP_UMEM_FILL_RING,
-            libc::XDP_UMEM_COMPLETION_RING,
-            libc::XDP_RX_RING,
-        ] {
-            // SAFETY: ring-size options take a u32.
-            unsafe { sys::xdp_setsockopt(fd.as_fd(), opt, &opts.ring_size) }
-                .map_err(err("ring sizing"))?;
-        }
-        // SAFETY: `xdp_mmap_offsets` is plain data, valid when zeroed.
-        let (off, len) = unsafe {
-            sys::xdp_getsockopt::<libc::xdp_mmap_offsets>(fd.as_fd(), libc::XDP_MMAP_OFFSETS)
-        }
-        .map_err(err("ring offsets"))?;
-        if len != size_of::<libc::xdp_mmap_offsets>() {
-            return Err(XskError::Invalid(
-                "kernel too old: no ring flags (needs Linux 5.4+)".into(),
-            ));
-        }
-        let n = opts.ring_size as usize;
-        let map = |pgoff: u64, o: &libc::xdp_ring_offset, elem: usize, step| {
-            sys::mmap_ring(fd.as_fd(), pgoff, o.desc as usize + n * elem).map_err(err(step))
-        };
-        let fill_map = map(libc::XDP_UMEM_PGOFF_FILL_RING, &off.fr, 8, "mapping FILL")?;
-        let comp_map = map(
-            libc::XDP_UMEM_PGOFF_COMPLETION_RING,
-            &off.cr,
-            8,
-            "mapping COMPLETION",
-        )?;
-        let rx_map = map(
-            libc::XDP_PGOFF_RX_RING as u64,
-            &off.rx,
-            size_of::<libc::xdp_desc>(),
-            "mapping RX",
-        )?;
-        let (fill_base, comp_base, rx_base) =
-            (fill_map.as_ptr(), comp_map.as_ptr(), rx_map.as_ptr());
-        // SAFETY: each base is the start of its ring's live mapping (kept alive by the Arc),
-        // laid out as the kernel reported in XDP_MMAP_OFFSETS, with `ring_size` entries; one
-        // view per ring.
-        let (mut fill, completion, rx) = unsafe {
-            (
-                ProdRing::<u64>::new(
-                    Arc::new(RingMem::Mapped(fill_map)),
-                    fill_base,
-                    layout_of(&off.fr, opts.ring_size),
-                ),
-                ConsRing::<u64>::new(
-                    Arc::new(RingMem::Mapped(comp_map)),
-                    comp_base,
-                    layout_of(&off.cr, opts.ring_size),
-                ),
-                ConsRing::<libc::xdp_desc>::new(
-                    Arc::new(RingMem::Mapped(rx_map)),
-                    rx_base,
-                    layout_of(&off.rx, opts.ring_size),
-                ),
+        // SAFETY: the region is the arena's, which the returned socket borrows for its whole
+        // life (and the kernel pins the pages for as long as the socket exists).
+        let (mut fill, completion, off) = unsafe {
+            setup_umem(
+                fd.as_fd(),
+                arena.region().as_ptr(),
+                umem_len,
+                fs,
+                opts.ring_size,
+                libc::XDP_RX_RING,
+                queue,
             )
+        }?;
+        // SAFETY: one view of the RX ring, mapped as the kernel laid it out.
+        let rx = unsafe {
+            let (mem, base, layout) = map_ring(
+                fd.as_fd(),
+                libc::XDP_PGOFF_RX_RING as u64,
+                &off.rx,
+                size_of::<libc::xdp_desc>(),
+                opts.ring_size,
+                queue,
+                "mapping RX",
+            )?;
+            ConsRing::<libc::xdp_desc>::new(mem, base, layout)
         };
 
         // Prefill FILL before bind, so the first packets have somewhere to land.

@@ -73,9 +73,18 @@ pub fn prog_test_run(
         attr.data_out = out.as_mut_ptr() as u64;
         attr.data_size_out = out.len() as u32;
     }
-    // SAFETY: `attr` is a valid, fully initialised `bpf_attr.test` of the size passed; the
-    // kernel reads `data_size_in` bytes from `packet` and writes at most `data_size_out` bytes
-    // into `out`, both alive for the call.
+    // SAFETY: the kernel reads `data_size_in` bytes from `packet` and writes at most
+    // `data_size_out` bytes into `out`, both alive for the call.
+    unsafe { test_run(attr) }
+}
+
+/// Issues `BPF_PROG_TEST_RUN` with `attr`.
+///
+/// # Safety
+/// Every pointer in `attr` must be valid for the size beside it for the duration of the call.
+unsafe fn test_run(mut attr: TestRunAttr) -> io::Result<TestRun> {
+    // SAFETY: `attr` is a fully initialised `bpf_attr.test` of the size passed; the caller
+    // vouches for the buffers it points to.
     let rc = unsafe {
         libc::syscall(
             libc::SYS_bpf,
@@ -132,7 +141,7 @@ pub fn prog_test_run_live(
         rx_queue_index: queue,
         ..XdpMd::default()
     };
-    let mut attr = TestRunAttr {
+    let attr = TestRunAttr {
         prog_fd: prog.as_raw_fd() as u32,
         data_size_in: len,
         data_in: packet.as_ptr() as u64,
@@ -143,25 +152,9 @@ pub fn prog_test_run_live(
         batch_size,
         ..TestRunAttr::default()
     };
-    // SAFETY: `attr` is a valid, fully initialised `bpf_attr.test` of the size passed; the
-    // kernel reads `data_size_in` bytes from `packet` and `ctx_size_in` bytes from `ctx`, both
-    // alive for the call, and writes nothing back through pointers in live mode.
-    let rc = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_PROG_TEST_RUN,
-            &raw mut attr,
-            size_of::<TestRunAttr>() as libc::c_uint,
-        )
-    };
-    if rc < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(TestRun {
-        retval: attr.retval,
-        data_len: attr.data_size_out,
-        duration_ns: attr.duration,
-    })
+    // SAFETY: the kernel reads `data_size_in` bytes from `packet` and `ctx_size_in` bytes from
+    // `ctx`, both alive for the call, and writes nothing back through pointers in live mode.
+    unsafe { test_run(attr) }
 }
 
 const BPF_OBJ_GET: libc::c_long = 7;

@@ -13,12 +13,11 @@
 
 use std::io;
 use std::os::fd::{AsFd, OwnedFd};
-use std::sync::Arc;
 
 use tracing::{info, warn};
 
-use super::ring::{ConsRing, ProdRing, RingMem};
-use super::socket::{BindMode, XskError};
+use super::ring::{ConsRing, ProdRing};
+use super::socket::{BindMode, XskError, map_ring, setup_umem};
 use super::sys;
 use crate::mem::{Region, RegionOptions};
 
@@ -76,78 +75,31 @@ impl XskTx {
         )
         .map_err(err("UMEM allocation"))?;
         let fd = sys::xsk_socket().map_err(err("socket"))?;
-        let reg = libc::xdp_umem_reg {
-            addr: umem.as_ptr() as u64,
-            len: len as u64,
-            chunk_size: TX_FRAME_SIZE,
-            headroom: 0,
-            flags: 0,
-            tx_metadata_len: 0,
-        };
-        // SAFETY: `xdp_umem_reg` is the option's type; the region it names is kept in `self`
-        // and dropped after the socket (field order), and the kernel pins its pages for as long
-        // as the socket exists.
-        unsafe { sys::xdp_setsockopt(fd.as_fd(), libc::XDP_UMEM_REG, &reg) }
-            .map_err(err("UMEM registration"))?;
-        for opt in [
-            libc::XDP_UMEM_FILL_RING,
-            libc::XDP_UMEM_COMPLETION_RING,
-            libc::XDP_TX_RING,
-        ] {
-            // SAFETY: ring-size options take a u32.
-            unsafe { sys::xdp_setsockopt(fd.as_fd(), opt, &ring_size) }
-                .map_err(err("ring sizing"))?;
-        }
-        // SAFETY: `xdp_mmap_offsets` is plain data, valid when zeroed.
-        let (off, got) = unsafe {
-            sys::xdp_getsockopt::<libc::xdp_mmap_offsets>(fd.as_fd(), libc::XDP_MMAP_OFFSETS)
-        }
-        .map_err(err("ring offsets"))?;
-        if got != size_of::<libc::xdp_mmap_offsets>() {
-            return Err(XskError::Invalid(
-                "kernel too old: no ring flags (needs Linux 5.4+)".into(),
-            ));
-        }
-        let n = ring_size as usize;
-        let map = |pgoff: u64, o: &libc::xdp_ring_offset, elem: usize, step| {
-            sys::mmap_ring(fd.as_fd(), pgoff, o.desc as usize + n * elem).map_err(err(step))
-        };
-        let fill_map = map(libc::XDP_UMEM_PGOFF_FILL_RING, &off.fr, 8, "mapping FILL")?;
-        let comp_map = map(
-            libc::XDP_UMEM_PGOFF_COMPLETION_RING,
-            &off.cr,
-            8,
-            "mapping COMPLETION",
-        )?;
-        let tx_map = map(
-            libc::XDP_PGOFF_TX_RING as u64,
-            &off.tx,
-            size_of::<libc::xdp_desc>(),
-            "mapping TX",
-        )?;
-        let (fill_base, comp_base, tx_base) =
-            (fill_map.as_ptr(), comp_map.as_ptr(), tx_map.as_ptr());
-        // SAFETY: each base is the start of its ring's live mapping (kept alive by the Arc),
-        // laid out as the kernel reported in XDP_MMAP_OFFSETS, with `ring_size` entries; one
-        // view per ring.
-        let (fill, completion, tx) = unsafe {
-            (
-                ProdRing::<u64>::new(
-                    Arc::new(RingMem::Mapped(fill_map)),
-                    fill_base,
-                    super::socket::layout_of(&off.fr, ring_size),
-                ),
-                ConsRing::<u64>::new(
-                    Arc::new(RingMem::Mapped(comp_map)),
-                    comp_base,
-                    super::socket::layout_of(&off.cr, ring_size),
-                ),
-                ProdRing::<libc::xdp_desc>::new(
-                    Arc::new(RingMem::Mapped(tx_map)),
-                    tx_base,
-                    super::socket::layout_of(&off.tx, ring_size),
-                ),
+        // SAFETY: the region is kept in `self` and dropped after the socket (field order), and
+        // the kernel pins its pages for as long as the socket exists.
+        let (fill, completion, off) = unsafe {
+            setup_umem(
+                fd.as_fd(),
+                umem.as_ptr(),
+                len as u64,
+                TX_FRAME_SIZE,
+                ring_size,
+                libc::XDP_TX_RING,
+                queue,
             )
+        }?;
+        // SAFETY: one view of the TX ring, mapped as the kernel laid it out.
+        let tx = unsafe {
+            let (mem, base, layout) = map_ring(
+                fd.as_fd(),
+                libc::XDP_PGOFF_TX_RING as u64,
+                &off.tx,
+                size_of::<libc::xdp_desc>(),
+                ring_size,
+                queue,
+                "mapping TX",
+            )?;
+            ProdRing::<libc::xdp_desc>::new(mem, base, layout)
         };
         let mut mode = BindMode::Copy;
         let mut bound = false;
