@@ -19,6 +19,7 @@
 //! - [`latency`]: the sender's payload stamp and per-worker HDR histograms.
 //! - [`storage`]: the file sink's segment log and the DLQ.
 //! - [`blast`]: the load generator (UDP `sendmmsg`, TCP, live frames).
+//! - [`privs`]: dropping capabilities once setup is done.
 //! - [`admin`]: `/metrics`, `/healthz`, `/state` over HTTP.
 //! - [`config`]: the YAML configuration.
 //! - [`lab`]: the netns + veth lab.
@@ -42,6 +43,7 @@ pub mod mem;
 pub mod numa;
 pub mod packet;
 pub mod pool;
+pub mod privs;
 pub mod protocol;
 pub mod ring;
 pub mod route;

@@ -34,6 +34,7 @@ use eventstream::latency::LatencyFrom;
 use eventstream::mem::RegionOptions;
 use eventstream::numa::{self, Placement};
 use eventstream::pool::{EventPool, Pooled};
+use eventstream::privs;
 use eventstream::protocol::RejectReason;
 use eventstream::ring::{mpsc, spsc};
 use eventstream::route::Router;
@@ -390,6 +391,31 @@ fn show_topology(
     Ok(())
 }
 
+/// Drops every capability but the one that reads the XDP program's counters (when AF_XDP is
+/// in use), clears the inheritable set, and sets `no_new_privs`; see [`eventstream::privs`].
+fn drop_privileges(keep_bpf: bool) {
+    let before = match privs::current() {
+        Ok(c) => c,
+        Err(e) => return warn!(reason = %e, "could not read capabilities; keeping them"),
+    };
+    if before.permitted == 0 {
+        return info!("running without capabilities: nothing to drop");
+    }
+    let keep: Vec<u32> = if keep_bpf {
+        vec![privs::bpf_capability()]
+    } else {
+        Vec::new()
+    };
+    match privs::retain_only(&keep) {
+        Ok(after) => info!(
+            kept = ?keep,
+            effective = format!("{:#x}", after.effective),
+            "setup done; capabilities dropped"
+        ),
+        Err(e) => warn!(reason = %e, "could not drop capabilities; running with them"),
+    }
+}
+
 /// Pins the calling thread to `cpu` if one is configured, logging the outcome.
 fn pin(cpu: Option<u32>, thread: &str) {
     if let Some(cpu) = cpu {
@@ -623,6 +649,9 @@ fn run(cfg: &Config, no_xdp: bool, duration: u64) -> Result<()> {
             .map(|c| f(c).load(Ordering::Relaxed))
             .sum::<u64>()
     };
+    // Setup is done: before the first thread starts (they inherit it), keep only what the run
+    // loop needs.
+    drop_privileges(xsk.is_some());
     std::thread::scope(|s| -> Result<()> {
         let mut ingest = Vec::new();
         if let Some(setup) = xsk {

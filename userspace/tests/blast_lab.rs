@@ -75,6 +75,27 @@ fn xdp_tx_and_sendmmsg_into_af_xdp_reconcile_and_live_frames_count_exactly() {
             "the appliance exited early"
         );
     }
+    // Setup done, privileges dropped: only CAP_BPF (CAP_SYS_ADMIN before Linux 5.8) is left,
+    // for reading the XDP program's counters.
+    // (The admin address is printed while setup is still going on: wait, bounded, for the drop.)
+    let bpf = 1u64 << eventstream::privs::bpf_capability();
+    let caps = |status: &str, field: &str| {
+        let line = status.lines().find(|l| l.starts_with(field)).unwrap();
+        u64::from_str_radix(line.split_whitespace().nth(1).unwrap(), 16).unwrap()
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", child.id())).unwrap();
+        if caps(&status, "CapEff:") == bpf || Instant::now() > deadline {
+            break status;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let caps = |field: &str| caps(&status, field);
+    assert_eq!(caps("CapEff:"), bpf, "{status}");
+    assert_eq!(caps("CapPrm:"), bpf, "{status}");
+    assert_eq!(caps("CapInh:"), 0, "{status}");
+    assert!(status.contains("NoNewPrivs:\t1"), "{status}");
     let to = format!("{RX_ADDR}:8082");
     let per = PER.to_string();
     let tx = blast(&[
