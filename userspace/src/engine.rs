@@ -23,6 +23,7 @@ use xxhash_rust::xxh3::xxh3_64;
 use crate::control::{Command, ControlPlane, PipelineState};
 use crate::dedup::{DedupWindow, KeyFrom, key};
 use crate::event::{Event, monotonic_ns};
+use crate::idle::{Idle, backoff};
 use crate::latency::{LatencyFrom, LatencyHistogram, LocalLatency, read_stamp, realtime_ns};
 use crate::pool::Pooled;
 use crate::ring::{mpsc, spsc};
@@ -196,16 +197,6 @@ pub struct Dispatcher<'s, 'p, 'a> {
     pub counters: &'s EngineCounters,
 }
 
-fn wait(spins: &mut u32) {
-    *spins += 1;
-    if *spins < 64 {
-        core::hint::spin_loop();
-    } else {
-        *spins = 0;
-        std::thread::yield_now();
-    }
-}
-
 impl Dispatcher<'_, '_, '_> {
     fn transition(&self, t: Option<(PipelineState, PipelineState)>) {
         if let Some((from, to)) = t {
@@ -227,6 +218,7 @@ impl Dispatcher<'_, '_, '_> {
     /// workers' rings, and they finish what is queued.
     pub fn run(mut self) {
         let mut spins = 0;
+        let mut idle = Idle::new();
         let (mut dispatched, mut dlq) = (0u64, [0u64; 3]);
         loop {
             while let Some(cmd) = self.commands.pop() {
@@ -260,7 +252,7 @@ impl Dispatcher<'_, '_, '_> {
                         }
                         while let Err(back) = self.buses[target.class as usize].push(ev) {
                             ev = back;
-                            wait(&mut spins);
+                            backoff(&mut spins);
                         }
                         dispatched += 1;
                     }
@@ -268,7 +260,7 @@ impl Dispatcher<'_, '_, '_> {
                         let mut entry = (ev, reason);
                         while let Err(back) = self.dlq.push(entry) {
                             entry = back;
-                            wait(&mut spins);
+                            backoff(&mut spins);
                         }
                         dlq[reason as usize] += 1;
                     }
@@ -287,7 +279,9 @@ impl Dispatcher<'_, '_, '_> {
                 if self.ingest_done.load(Ordering::Acquire) && self.input.is_empty() {
                     return;
                 }
-                std::thread::sleep(Duration::from_micros(50));
+                idle.wait();
+            } else {
+                idle.busy();
             }
         }
     }
@@ -409,6 +403,7 @@ pub fn run_worker<'p, 'a>(
 ) -> io::Result<()> {
     let mut pending: HashMap<Box<str>, (u64, Vec<Ev<'p, 'a>>)> = HashMap::new();
     let mut latency = LocalLatency::default();
+    let mut idle = Idle::new();
     loop {
         let mut n = 0;
         let (mut delivered, mut dups) = (0u64, 0u64);
@@ -487,11 +482,13 @@ pub fn run_worker<'p, 'a>(
                 .store(dedup.evictions(), Ordering::Relaxed);
         }
         if n == 0 {
-            let idle = pending.values().all(|(_, g)| g.is_empty());
-            if input.is_abandoned() && input.is_empty() && idle {
+            let drained = pending.values().all(|(_, g)| g.is_empty());
+            if input.is_abandoned() && input.is_empty() && drained {
                 return Ok(());
             }
-            std::thread::sleep(Duration::from_micros(100));
+            idle.wait();
+        } else {
+            idle.busy();
         }
     }
 }
@@ -502,6 +499,7 @@ pub fn run_worker<'p, 'a>(
 /// # Errors
 /// The sink's I/O error.
 pub fn run_dlq(mut input: spsc::Consumer<DlqEntry<'_, '_>>, sink: &mut dyn Sink) -> io::Result<()> {
+    let mut idle = Idle::new();
     loop {
         let mut n = 0;
         for (ev, reason) in input.pop_batch(256) {
@@ -510,10 +508,11 @@ pub fn run_dlq(mut input: spsc::Consumer<DlqEntry<'_, '_>>, sink: &mut dyn Sink)
         }
         if n > 0 {
             sink.flush()?;
+            idle.busy();
         } else if input.is_abandoned() && input.is_empty() {
             return Ok(());
         } else {
-            std::thread::sleep(Duration::from_micros(100));
+            idle.wait();
         }
     }
 }

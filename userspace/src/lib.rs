@@ -12,7 +12,7 @@
 //! - [`frames`]: receive frames with a live-event count, returned to their owner when released.
 //! - [`event`]: the event, a view into its frame.
 //! - [`pool`]: the fixed-capacity `EventPool`.
-//! - [`ring`]: SPSC ring and Vyukov MPSC queue.
+//! - [`ring`]: SPSC ring and Vyukov MPSC queue; [`idle`]: waiting on full and empty rings.
 //! - [`ingest`]: kernel UDP ingest (`recvmmsg`).
 //! - [`route`], [`control`], [`dedup`], [`engine`]: topic routing, pipeline state, duplicate
 //!   suppression, and the dispatcher, workers and sinks.
@@ -36,6 +36,7 @@ pub mod dedup;
 pub mod engine;
 pub mod event;
 pub mod frames;
+pub mod idle;
 pub mod ingest;
 pub mod lab;
 pub mod latency;

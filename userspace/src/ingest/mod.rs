@@ -19,6 +19,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::event::{Event, Stamp};
 use crate::frames::SharedFrame;
+use crate::idle::backoff;
 use crate::pool::{Acquirer, Pooled};
 use crate::protocol::{Limits, RejectReason};
 use crate::ring::mpsc;
@@ -93,18 +94,6 @@ impl Tally {
             add(c, n);
         }
         *self = Self::default();
-    }
-}
-
-/// Waits a moment for the rest of the pipeline to free something.
-#[inline]
-pub(crate) fn backoff(spins: &mut u32) {
-    *spins += 1;
-    if *spins < 64 {
-        core::hint::spin_loop();
-    } else {
-        *spins = 0;
-        std::thread::yield_now();
     }
 }
 

@@ -20,9 +20,10 @@ use std::time::{Duration, Instant};
 
 use tracing::{debug, info, warn};
 
-use super::{Deliver, IngestCounters, Tally, backoff};
+use super::{Deliver, IngestCounters, Tally};
 use crate::event::{Event, Source, Stamp, monotonic_ns};
 use crate::frames::{FrameArena, FrameOwner, OwnedFrame};
+use crate::idle::backoff;
 use crate::pool::{EventPool, Pooled};
 use crate::protocol::{Limits, StreamDecoder, encode_into};
 use crate::ring::mpsc;

@@ -14,9 +14,10 @@ use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use super::{Deliver, IngestCounters, Tally, backoff};
+use super::{Deliver, IngestCounters, Tally};
 use crate::event::{Event, Source, Stamp, monotonic_ns};
 use crate::frames::{FrameOwner, OwnedFrame};
+use crate::idle::backoff;
 use crate::pool::{Acquirer, Pooled};
 use crate::protocol::{Limits, RejectReason};
 use crate::ring::mpsc;
