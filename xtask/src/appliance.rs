@@ -183,6 +183,16 @@ impl Appliance {
         Ok(last)
     }
 
+    /// Its resident set size (`VmRSS`), KiB.
+    pub fn rss_kib(&self) -> Result<u64> {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))?;
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.split_whitespace().next()?.parse().ok())
+            .context("no VmRSS in /proc/PID/status")
+    }
+
     /// SIGTERMs it (a drain) and returns its JSON report.
     pub fn stop(mut self) -> Result<Value> {
         // SAFETY: kill(2) has no memory-safety preconditions; the pid is our own child's.

@@ -452,6 +452,30 @@ pub fn main(root: &Path, args: &Args) -> Result<()> {
             }));
         }
     }
+    // RSS with the shipped configuration (kernel UDP path, as it runs unprivileged), idle after
+    // start: PERF.md's comparison with the original's 100-130 MB.
+    let mut rss_kib = Vec::new();
+    for _ in 0..plan.runs {
+        let app = Appliance::start(
+            &bin,
+            &root.join("config/eventstream.yaml"),
+            &rx,
+            &["--no-xdp"],
+            Some(&log),
+        )?;
+        std::thread::sleep(Duration::from_millis(500));
+        rss_kib.push(app.rss_kib()? as f64);
+        app.stop()?;
+    }
+    let rss = {
+        let min = rss_kib.iter().copied().fold(f64::INFINITY, f64::min);
+        let max = rss_kib.iter().copied().fold(0.0, f64::max);
+        json!({ "config": "config/eventstream.yaml", "median_kib": median(&mut rss_kib), "min_kib": min, "max_kib": max })
+    };
+    eprintln!(
+        "bench: RSS with the default configuration: {} KiB",
+        rss["median_kib"]
+    );
     drop(lab);
 
     let eps = |path: &str| {
@@ -474,6 +498,7 @@ pub fn main(root: &Path, args: &Args) -> Result<()> {
         "step_secs": plan.secs,
         "latency_secs": plan.lat_secs,
         "xdp_attach": xsk_label,
+        "rss": rss,
         "cases": cases,
         "ratios": {
             "xsk_over_recvmmsg": ratio("xsk", "recvmmsg"),
@@ -582,5 +607,13 @@ fn markdown(doc: &Value) -> String {
             100.0 * f(&c["loss"]),
         );
     }
+    let r = &doc["rss"];
+    let _ = writeln!(
+        s,
+        "\nRSS with `config/eventstream.yaml` (kernel UDP path), idle after start: {:.1} MiB median ({:.1}–{:.1}); the original engine: 100-130 MB.",
+        f(&r["median_kib"]) / 1024.0,
+        f(&r["min_kib"]) / 1024.0,
+        f(&r["max_kib"]) / 1024.0,
+    );
     s
 }
