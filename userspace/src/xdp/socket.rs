@@ -184,6 +184,40 @@ pub(super) unsafe fn setup_umem(
     Ok((fill, completion, off))
 }
 
+/// Binds the socket to `ifindex`/`queue`: zero-copy first when `try_zero_copy` (logging the
+/// kernel's reason when it refuses), then copy. `flags` are added to both attempts.
+///
+/// # Errors
+/// [`XskError::Setup`] when the copy-mode bind fails too.
+pub(super) fn bind_ladder(
+    fd: BorrowedFd<'_>,
+    ifindex: u32,
+    queue: u32,
+    try_zero_copy: bool,
+    flags: u16,
+    what: &str,
+) -> Result<BindMode, XskError> {
+    if try_zero_copy {
+        match sys::xsk_bind(fd, ifindex, queue, libc::XDP_ZEROCOPY | flags) {
+            Ok(()) => return Ok(BindMode::ZeroCopy),
+            Err(e) => warn!(
+                queue,
+                socket = what,
+                reason = %e,
+                "zero-copy bind refused; falling back to copy mode"
+            ),
+        }
+    }
+    sys::xsk_bind(fd, ifindex, queue, libc::XDP_COPY | flags).map_err(|reason| {
+        XskError::Setup {
+            step: "bind",
+            queue,
+            reason,
+        }
+    })?;
+    Ok(BindMode::Copy)
+}
+
 /// Maps one ring of the socket (`ring_size` entries of `elem` bytes at page offset `pgoff`) and
 /// returns the mapping, its base and its layout, ready for one [`ProdRing`] or [`ConsRing`].
 ///
@@ -301,23 +335,7 @@ impl<'a> XskSocket<'a> {
         } else {
             0
         };
-        let mut mode = BindMode::Copy;
-        let mut bound = false;
-        if opts.try_zero_copy {
-            match sys::xsk_bind(fd.as_fd(), ifindex, queue, libc::XDP_ZEROCOPY | wake) {
-                Ok(()) => {
-                    mode = BindMode::ZeroCopy;
-                    bound = true;
-                }
-                Err(e) => {
-                    warn!(queue, reason = %e, "zero-copy bind refused; falling back to copy mode")
-                }
-            }
-        }
-        if !bound {
-            sys::xsk_bind(fd.as_fd(), ifindex, queue, libc::XDP_COPY | wake)
-                .map_err(err("bind"))?;
-        }
+        let mode = bind_ladder(fd.as_fd(), ifindex, queue, opts.try_zero_copy, wake, "RX")?;
         info!(
             queue,
             mode = mode.label(),

@@ -14,10 +14,10 @@
 use std::io;
 use std::os::fd::{AsFd, OwnedFd};
 
-use tracing::{info, warn};
+use tracing::info;
 
 use super::ring::{ConsRing, ProdRing};
-use super::socket::{BindMode, XskError, map_ring, setup_umem};
+use super::socket::{BindMode, XskError, bind_ladder, map_ring, setup_umem};
 use super::sys;
 use crate::mem::{Region, RegionOptions};
 
@@ -101,33 +101,14 @@ impl XskTx {
             )?;
             ProdRing::<libc::xdp_desc>::new(mem, base, layout)
         };
-        let mut mode = BindMode::Copy;
-        let mut bound = false;
-        if try_zero_copy {
-            match sys::xsk_bind(
-                fd.as_fd(),
-                ifindex,
-                queue,
-                libc::XDP_ZEROCOPY | libc::XDP_USE_NEED_WAKEUP,
-            ) {
-                Ok(()) => {
-                    mode = BindMode::ZeroCopy;
-                    bound = true;
-                }
-                Err(e) => {
-                    warn!(queue, reason = %e, "TX zero-copy bind refused; falling back to copy mode")
-                }
-            }
-        }
-        if !bound {
-            sys::xsk_bind(
-                fd.as_fd(),
-                ifindex,
-                queue,
-                libc::XDP_COPY | libc::XDP_USE_NEED_WAKEUP,
-            )
-            .map_err(err("bind"))?;
-        }
+        let mode = bind_ladder(
+            fd.as_fd(),
+            ifindex,
+            queue,
+            try_zero_copy,
+            libc::XDP_USE_NEED_WAKEUP,
+            "TX",
+        )?;
         info!(
             queue,
             mode = mode.label(),
