@@ -211,6 +211,9 @@ pub struct UdpConfig {
     pub frames: u32,
     /// `ingest.udp.socket_buffer`
     pub socket_buffer: u32,
+    /// `ingest.udp.beside_xdp`: with AF_XDP ingest, bind this socket too, for what the XDP
+    /// program passes to the kernel (IP fragments, IPv6 with extension headers).
+    pub beside_xdp: bool,
 }
 
 impl Default for UdpConfig {
@@ -221,6 +224,7 @@ impl Default for UdpConfig {
             frame_size: 2048,
             frames: 4096,
             socket_buffer: 4 << 20,
+            beside_xdp: true,
         }
     }
 }

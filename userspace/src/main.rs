@@ -488,7 +488,7 @@ fn run(cfg: &Config, no_xdp: bool, duration: u64) -> Result<()> {
 
     let u = &cfg.ingest.udp;
     let mut udp: Option<(UdpSocket, FrameArena)> = None;
-    if xsk.is_none() {
+    if xsk.is_none() || u.beside_xdp {
         let socket = bind_udp(u.bind, u.socket_buffer)
             .with_context(|| format!("binding UDP {} (ingest.udp.bind)", u.bind))?;
         let arena = FrameArena::new(
@@ -539,7 +539,16 @@ fn run(cfg: &Config, no_xdp: bool, duration: u64) -> Result<()> {
         .collect();
     let (tcp_refused, tcp_live) = (AtomicU64::new(0), AtomicU64::new(0));
 
-    let producers = xsk.as_ref().map_or(1, |s| s.queues.len());
+    // Producers: one per AF_XDP queue, then the kernel UDP socket (alone, or beside AF_XDP).
+    let xsk_queues = xsk.as_ref().map_or(0, |s| s.queues.len());
+    let producers = xsk_queues + usize::from(udp.is_some());
+    let source_of = |i: usize| {
+        if i < xsk_queues {
+            Source::Xsk
+        } else {
+            Source::Udp
+        }
+    };
     let pools: Vec<EventPool<Event<'_>>> = (0..producers)
         .map(|_| EventPool::new(cfg.pool.capacity))
         .collect();
@@ -684,7 +693,7 @@ fn run(cfg: &Config, no_xdp: bool, duration: u64) -> Result<()> {
         }
         let paused = &engine_counters.paused;
         if let Some((socket, arena)) = &udp {
-            let (counters, pool) = (&counters[0], &pools[0]);
+            let (counters, pool) = (&counters[xsk_queues], &pools[xsk_queues]);
             let (ingest_stop, ingest_running, tx) = (&ingest_stop, &ingest_running, &tx);
             ingest.push(
                 std::thread::Builder::new()
@@ -769,7 +778,8 @@ fn run(cfg: &Config, no_xdp: bool, duration: u64) -> Result<()> {
             let view = MetricsView {
                 ingest: counters
                     .iter()
-                    .map(|c| (source, c))
+                    .enumerate()
+                    .map(|(i, c)| (source_of(i), c))
                     .chain(tcp_counters.iter().map(|c| (Source::Tcp, c)))
                     .collect(),
                 engine: &engine_counters,
@@ -868,7 +878,8 @@ fn run(cfg: &Config, no_xdp: bool, duration: u64) -> Result<()> {
         "state_transitions": PipelineState::ALL.iter().map(|st| (st.as_str().to_owned(), json!(engine_counters.transitions[*st as usize].load(Ordering::Relaxed)))).collect::<serde_json::Map<_, _>>(),
         "rejected": rejected,
         "received_events": {
-            source.as_str(): counters.iter().map(|c| c.events.load(Ordering::Relaxed)).sum::<u64>(),
+            "xsk": counters[..xsk_queues].iter().map(|c| c.events.load(Ordering::Relaxed)).sum::<u64>(),
+            "udp": counters[xsk_queues..].iter().map(|c| c.events.load(Ordering::Relaxed)).sum::<u64>(),
             "tcp": tcp_counters.iter().map(|c| c.events.load(Ordering::Relaxed)).sum::<u64>(),
         },
         "tcp_refused_connections": tcp_refused.load(Ordering::Relaxed),

@@ -53,7 +53,7 @@ fn xdp_tx_and_sendmmsg_into_af_xdp_reconcile_and_live_frames_count_exactly() {
     std::fs::write(
         &config,
         format!(
-            "xdp:\n  object: \"{}\"\ningest:\n  udp:\n    bind: \"0.0.0.0:8082\"\n  tcp:\n    bind: null\nadmin:\n  bind: \"127.0.0.1:0\"\n",
+            "xdp:\n  object: \"{}\"\ningest:\n  udp:\n    bind: \"0.0.0.0:8082\"\n    frame_size: 4096\n  tcp:\n    bind: null\nadmin:\n  bind: \"127.0.0.1:0\"\n",
             object.display()
         ),
     )
@@ -130,6 +130,23 @@ fn xdp_tx_and_sendmmsg_into_af_xdp_reconcile_and_live_frames_count_exactly() {
         "20000",
     ]);
     assert_eq!(mm["sent_events"], 4_000, "{mm}");
+    // Datagrams above the MTU arrive as IP fragments: the XDP program passes them, the kernel
+    // reassembles them, and the UDP socket bound beside AF_XDP takes them.
+    let big = blast(&[
+        "--netns",
+        &lab.tx_ns,
+        "--to",
+        &to,
+        "--count",
+        "10",
+        "--rate",
+        "1000",
+        "--payload-bytes",
+        "3000",
+        "--seq-start",
+        "30000",
+    ]);
+    assert_eq!(big["sent_events"], 10, "{big}");
 
     // SAFETY: kill(2) has no memory-safety preconditions; the pid is our own child's.
     unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
@@ -153,6 +170,8 @@ fn xdp_tx_and_sendmmsg_into_af_xdp_reconcile_and_live_frames_count_exactly() {
         "sent = received + counted kernel drops: {report}"
     );
     assert_eq!(n(&x["verdicts"]["redirect"]), 24_000 / PER, "{report}");
+    assert_eq!(n(&report["received_events"]["udp"]), 10, "{report}");
+    assert!(n(&x["verdicts"]["pass_fragment"]) >= 20, "{report}");
     assert_eq!(
         report["delivered_events"], report["accepted_events"],
         "{report}"
