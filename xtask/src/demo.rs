@@ -143,7 +143,8 @@ fn print_reconciliation(sent: &eventstream::blast::Tally, r: &Value, per: u64) {
     println!("latency         {}", r["latency"]);
     // What the kernel counted as dropped on the way into the socket, in events.
     let ring_lost = (n(&x["rx_dropped"]) + n(&x["rx_ring_full"])) * per;
-    let received = n(&r["received_events"]["xsk"]);
+    // AF_XDP, plus what the program passed to the kernel socket beside it (fragments).
+    let received = n(&r["received_events"]["xsk"]) + n(&r["received_events"]["udp"]);
     let rejected: u64 = r["rejected"]
         .as_object()
         .map(|m| m.values().map(n).sum())
