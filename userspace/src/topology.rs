@@ -127,6 +127,12 @@ pub fn cpu_list(cpus: &[u32]) -> String {
     out.join(",")
 }
 
+#[cfg(not(feature = "hwloc"))]
+fn hwloc(_iface: Option<&str>) -> Result<Topology, String> {
+    Err("built without the hwloc feature".into())
+}
+
+#[cfg(feature = "hwloc")]
 fn hwloc(iface: Option<&str>) -> Result<Topology, String> {
     use hwlocality::object::types::ObjectType;
     use hwlocality::topology::builder::TypeFilter;

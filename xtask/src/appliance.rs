@@ -27,8 +27,56 @@ pub fn require_root(what: &str) -> Result<()> {
     Ok(())
 }
 
-/// Builds the XDP object and the release daemon; returns (object, binary).
+/// Installs the Debian packages the lab and the daemon need when they are missing (we are root
+/// here): iproute2 for the namespaces, and pkg-config, libhwloc-dev and libudev-dev for the
+/// daemon's hwloc topology. Elsewhere than Debian/Ubuntu it names what to install.
+fn ensure_packages() -> Result<()> {
+    let ok = |cmd: &str, args: &[&str]| {
+        Command::new(cmd)
+            .args(args)
+            .output()
+            .is_ok_and(|o| o.status.success())
+    };
+    let mut missing = Vec::new();
+    if !ok("ip", &["-V"]) {
+        missing.push("iproute2");
+    }
+    if !ok("pkg-config", &["--version"]) {
+        missing.push("pkg-config");
+    }
+    if !ok("pkg-config", &["--exists", "hwloc"]) {
+        missing.push("libhwloc-dev");
+    }
+    if !ok("pkg-config", &["--exists", "libudev"]) {
+        missing.push("libudev-dev");
+    }
+    if missing.is_empty() {
+        return Ok(());
+    }
+    if !ok("apt-get", &["--version"]) {
+        bail!(
+            "missing: {} (Debian names; install the equivalents and rerun)",
+            missing.join(", ")
+        );
+    }
+    eprintln!("installing {} with apt-get", missing.join(", "));
+    crate::run(
+        Command::new("apt-get")
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .args(["update", "-qq"]),
+    )?;
+    crate::run(
+        Command::new("apt-get")
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .args(["install", "-y", "-qq", "--no-install-recommends"])
+            .args(&missing),
+    )
+}
+
+/// Builds the XDP object and the release daemon, installing what a fresh machine lacks first;
+/// returns (object, binary).
 pub fn build_all(root: &Path) -> Result<(PathBuf, PathBuf)> {
+    ensure_packages()?;
     let object = crate::ebpf::build(root, true)?;
     crate::run(Command::new("cargo").current_dir(root).args([
         "build",
