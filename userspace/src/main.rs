@@ -6,8 +6,9 @@
 //! one, or where XDP cannot be had (no privileges, no interface, no AF_XDP), the kernel UDP
 //! socket with `recvmmsg`, announced in one log line that says why. Events go through the
 //! dispatcher (control plane, routing, DLQ) to realtime, transactional and batch workers.
-//! SIGINT or SIGTERM (or `--duration`) stops ingest, drains the queue, and prints the
-//! reconciliation as one JSON line on stdout.
+//! On stdout it prints one `listening <what> <addr>` line per bound socket, then `ready` once
+//! every thread runs. SIGINT or SIGTERM (or `--duration`) stops ingest, drains the queue, and
+//! prints the reconciliation as one JSON line on stdout.
 
 use std::net::UdpSocket;
 use std::path::PathBuf;
@@ -800,6 +801,9 @@ fn run(cfg: &Config, no_xdp: bool, duration: u64) -> Result<()> {
                 })?;
         }
 
+        // Every thread is running and privileges are dropped: say so, for scripts and tests
+        // that must not send before the appliance takes traffic.
+        println!("ready");
         let start = Instant::now();
         let mut last = (start, 0u64);
         while !stop.load(Ordering::Relaxed)

@@ -170,6 +170,17 @@ impl Appliance {
                 break a.to_owned();
             }
         };
+        // Then wait until every thread runs: traffic sent before would measure start-up.
+        loop {
+            line.clear();
+            if out.read_line(&mut line)? == 0 {
+                let status = child.wait()?;
+                bail!("the appliance exited before it was ready ({status}); see its log above");
+            }
+            if line.trim() == "ready" {
+                break;
+            }
+        }
         Ok(Self {
             child,
             out,
