@@ -525,6 +525,15 @@ impl LiveFrames {
                     t.bytes += n * (self.frame.len() as u64);
                 }
                 Err(e) if e.raw_os_error() == Some(libc::EINTR) => {}
+                // Each call registers a page pool with its own memory-model id, released only
+                // once every page it lent is back (a passed frame's page lives as long as its
+                // skb); the ids can run out (ENOSPC) or the pool's memory (ENOMEM) for a while.
+                // Nothing was sent: wait for the kernel to release them and go on.
+                Err(e) if matches!(e.raw_os_error(), Some(libc::ENOSPC | libc::ENOMEM)) => {
+                    t.errors += 1;
+                    t.last_error = e.raw_os_error();
+                    std::thread::sleep(Duration::from_millis(100));
+                }
                 Err(e) => {
                     return Err(e).context(format!(
                         "BPF_PROG_TEST_RUN live frames on ifindex {} queue {}",
@@ -534,6 +543,12 @@ impl LiveFrames {
             }
             t.elapsed = pace.start.elapsed();
             display.tick(&t, false);
+            if pace.rate != 0 {
+                // Paced: at most one call per 2 ms (each carries what came due), so the kernel's
+                // per-call page pools stay few.
+                let next = began + Duration::from_millis(2);
+                std::thread::sleep(next.saturating_duration_since(Instant::now()));
+            }
         }
         Ok(t)
     }
