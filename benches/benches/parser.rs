@@ -4,7 +4,7 @@
 use std::hint::black_box;
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
-use eventstream::protocol::{Datagram, DatagramSpans, Limits, encode};
+use eventstream::wire::protocol::{Datagram, DatagramSpans, Limits, encode};
 use eventstream_benches::copying_parse;
 
 fn datagram(frames: usize, payload: usize) -> Vec<u8> {

@@ -3,11 +3,11 @@
 use std::hint::black_box;
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
-use eventstream::pool::EventPool;
+use eventstream::mem::pool::EventPool;
 use eventstream::ring::spsc;
 use eventstream_benches::backoff;
 
-/// Stand-in with the size of `eventstream::event::Event` (lease, span, timestamps, source).
+/// Stand-in with the size of `eventstream::wire::event::Event` (lease, span, timestamps, source).
 type Ev = [u64; 7];
 
 fn single_thread(c: &mut Criterion) {

@@ -349,11 +349,11 @@ mod tests {
     fn copying_parser_agrees_with_ours() {
         let mut d = Vec::new();
         for i in 0..16u8 {
-            eventstream::protocol::encode(i, "topic.a", &[i; 40], &mut d).unwrap();
+            eventstream::wire::protocol::encode(i, "topic.a", &[i; 40], &mut d).unwrap();
         }
         let mut out = Vec::new();
         copying_parse(&d, &mut out).unwrap();
-        let ours: Vec<_> = eventstream::protocol::Datagram::new(&d, Default::default())
+        let ours: Vec<_> = eventstream::wire::protocol::Datagram::new(&d, Default::default())
             .map(|f| {
                 f.map(|f| (f.priority, f.topic.to_owned(), f.payload.to_vec()))
                     .unwrap()

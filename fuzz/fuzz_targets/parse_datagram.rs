@@ -2,7 +2,7 @@
 //! in order, and re-encoding the accepted frames gives back exactly their bytes.
 #![no_main]
 
-use eventstream::protocol::{DatagramSpans, Limits, encode_into, parse_frame};
+use eventstream::wire::protocol::{DatagramSpans, Limits, encode_into, parse_frame};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|input: &[u8]| {

@@ -2,7 +2,7 @@
 //! decoded are the same whatever the cut, up to the first fatal error.
 #![no_main]
 
-use eventstream::protocol::{FrameError, Limits, StreamDecoder};
+use eventstream::wire::protocol::{FrameError, Limits, StreamDecoder};
 use libfuzzer_sys::fuzz_target;
 
 type Item = Result<(u8, String, Vec<u8>), FrameError>;

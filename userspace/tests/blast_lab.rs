@@ -12,7 +12,7 @@ use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use eventstream::lab::{Lab, LabError, RX_ADDR, RX_IF, TX_IF};
+use eventstream::tools::lab::{Lab, LabError, RX_ADDR, RX_IF, TX_IF};
 
 const PER: u64 = 2;
 
@@ -78,7 +78,7 @@ fn xdp_tx_and_sendmmsg_into_af_xdp_reconcile_and_live_frames_count_exactly() {
     // Setup done, privileges dropped: only CAP_BPF (CAP_SYS_ADMIN before Linux 5.8) is left,
     // for reading the XDP program's counters.
     // (The admin address is printed while setup is still going on: wait, bounded, for the drop.)
-    let bpf = 1u64 << eventstream::privs::bpf_capability();
+    let bpf = 1u64 << eventstream::ops::privs::bpf_capability();
     let caps = |status: &str, field: &str| {
         let line = status.lines().find(|l| l.starts_with(field)).unwrap();
         u64::from_str_radix(line.split_whitespace().nth(1).unwrap(), 16).unwrap()

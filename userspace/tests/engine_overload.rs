@@ -6,18 +6,18 @@
 
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use eventstream::control::{Command, ControlConfig, ControlPlane, PipelineState};
-use eventstream::dedup::KeyFrom;
+use eventstream::engine::control::{Command, ControlConfig, ControlPlane, PipelineState};
+use eventstream::engine::dedup::KeyFrom;
+use eventstream::engine::route::Router;
 use eventstream::engine::{
     Bus, Dispatcher, DlqEntry, DlqReason, EngineCounters, Ev, Target, WorkerClass,
 };
-use eventstream::event::{Source, Stamp};
-use eventstream::frames::FrameArena;
 use eventstream::mem::RegionOptions;
-use eventstream::pool::EventPool;
-use eventstream::protocol::{Limits, encode};
+use eventstream::mem::frames::FrameArena;
+use eventstream::mem::pool::EventPool;
 use eventstream::ring::{mpsc, spsc};
-use eventstream::route::Router;
+use eventstream::wire::event::{Source, Stamp};
+use eventstream::wire::protocol::{Limits, encode};
 
 const QUEUE: usize = 64;
 

@@ -6,7 +6,7 @@ use std::net::UdpSocket;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use eventstream::protocol::encode;
+use eventstream::wire::protocol::encode;
 
 #[test]
 fn udp_events_are_reconciled_and_sigterm_drains() {

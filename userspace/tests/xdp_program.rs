@@ -7,7 +7,7 @@ mod common;
 
 use std::net::{IpAddr, Ipv6Addr};
 
-use eventstream::packet::UdpSpec;
+use eventstream::wire::packet::UdpSpec;
 use eventstream::xdp::{XdpError, XdpProgram};
 use eventstream_common::{Verdict, XdpConfig};
 

@@ -12,13 +12,13 @@ use std::io;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
-use eventstream::event::Event;
-use eventstream::frames::FrameArena;
 use eventstream::ingest::{IngestCounters, XskIngest};
 use eventstream::mem::RegionOptions;
-use eventstream::pool::{EventPool, Pooled};
-use eventstream::protocol::{Limits, encode};
+use eventstream::mem::frames::FrameArena;
+use eventstream::mem::pool::{EventPool, Pooled};
 use eventstream::ring::mpsc;
+use eventstream::wire::event::Event;
+use eventstream::wire::protocol::{Limits, encode};
 use eventstream::xdp::ring::{ConsRing, ProdRing, fake_pair};
 use eventstream::xdp::socket::{XskRings, XskStats};
 

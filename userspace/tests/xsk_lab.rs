@@ -1,4 +1,4 @@
-//! The AF_XDP path end to end in a netns + veth lab (see `eventstream::lab`): UDP frames sent
+//! The AF_XDP path end to end in a netns + veth lab (see `eventstream::tools::lab`): UDP frames sent
 //! from the sender namespace arrive through the XDP program and the AF_XDP socket with exact
 //! bytes and in sequence; ping and a TCP connection to the receiver still work through the
 //! kernel; detaching and tearing down leave nothing behind.
@@ -15,14 +15,14 @@ use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use eventstream::event::Event;
-use eventstream::frames::FrameArena;
 use eventstream::ingest::{IngestCounters, XskIngest};
-use eventstream::lab::{self, Lab, LabError, RX_ADDR, RX_IF};
 use eventstream::mem::RegionOptions;
-use eventstream::pool::{EventPool, Pooled};
-use eventstream::protocol::{Limits, encode};
+use eventstream::mem::frames::FrameArena;
+use eventstream::mem::pool::{EventPool, Pooled};
 use eventstream::ring::mpsc;
+use eventstream::tools::lab::{self, Lab, LabError, RX_ADDR, RX_IF};
+use eventstream::wire::event::Event;
+use eventstream::wire::protocol::{Limits, encode};
 use eventstream::xdp::socket::{BindMode, XskOptions, XskSocket};
 use eventstream::xdp::{XdpError, XdpProgram, if_index};
 use eventstream_common::{AttachMode, Verdict, XdpConfig};
@@ -270,7 +270,7 @@ fn udp_through_af_xdp_and_kernel_traffic_still_flows() {
     let want: Vec<_> = (0..DATAGRAMS)
         .flat_map(|d| {
             let bytes = datagram(d);
-            eventstream::protocol::Datagram::new(&bytes, Limits::default())
+            eventstream::wire::protocol::Datagram::new(&bytes, Limits::default())
                 .map(|f| {
                     f.map(|f| (f.priority, f.topic.to_owned(), f.payload.to_vec()))
                         .unwrap()

@@ -11,12 +11,12 @@ mod common;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use eventstream::event::{Event, Source, Stamp, monotonic_ns};
-use eventstream::frames::FrameArena;
 use eventstream::mem::RegionOptions;
-use eventstream::pool::{EventPool, Pooled};
-use eventstream::protocol::{Limits, encode};
+use eventstream::mem::frames::FrameArena;
+use eventstream::mem::pool::{EventPool, Pooled};
 use eventstream::ring::{mpsc, spsc};
+use eventstream::wire::event::{Event, Source, Stamp, monotonic_ns};
+use eventstream::wire::protocol::{Limits, encode};
 
 #[global_allocator]
 static GLOBAL: common::counting::Counting = common::counting::Counting;

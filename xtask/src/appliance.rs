@@ -8,7 +8,7 @@ use std::process::{Child, ChildStdout, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-use eventstream::lab::{Lab, RX_IF, in_netns};
+use eventstream::tools::lab::{Lab, RX_IF, in_netns};
 use eventstream::xdp::Pinned;
 use eventstream_common::AttachMode;
 use serde_json::Value;

@@ -6,7 +6,7 @@
 //!   (b) `xsk`, live frames through the appliance's program into its AF_XDP socket; (c)
 //!   `recvmmsg`, the same frames passed up the kernel stack to the same binary in `--no-xdp`
 //!   mode. The generator is `BPF_PROG_TEST_RUN` with `BPF_F_TEST_XDP_LIVE_FRAMES` in the
-//!   receiving namespace (see `eventstream::blast`). Each run first offers as much as the
+//!   receiving namespace (see `eventstream::tools::blast`). Each run first offers as much as the
 //!   generator can, then, if anything was lost, steps the offered rate down from what was
 //!   delivered until a step loses nothing: that rate is the run's *sustainable* figure. Loss
 //!   counts everything not delivered to a worker sink: dropped by the kernel or the AF_XDP
@@ -27,8 +27,8 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use clap::Parser;
-use eventstream::blast::{BlastArgs, Tally};
-use eventstream::lab::{RX_ADDR, RX_IF, in_netns};
+use eventstream::tools::blast::{BlastArgs, Tally};
+use eventstream::tools::lab::{RX_ADDR, RX_IF, in_netns};
 use eventstream_common::DEFAULT_UDP_PORT;
 use serde_json::{Value, json};
 
@@ -72,7 +72,7 @@ fn blast(ns: &str, flags: &[String]) -> Result<Tally> {
         .with_context(|| format!("blaster flags {argv:?}"))?
         .args;
     let stop = Arc::new(AtomicBool::new(false));
-    Ok(in_netns(ns, move || eventstream::blast::run(&args, stop))??.0)
+    Ok(in_netns(ns, move || eventstream::tools::blast::run(&args, stop))??.0)
 }
 
 fn flags(list: &[&str]) -> Vec<String> {
@@ -197,7 +197,7 @@ fn unfit(payload: usize, per: u16) -> Option<String> {
     let frame = 14
         + 20
         + 8
-        + usize::from(per) * (eventstream::protocol::HEADER_LEN + "blast".len() + payload);
+        + usize::from(per) * (eventstream::wire::protocol::HEADER_LEN + "blast".len() + payload);
     (frame > 1514).then(|| {
         format!(
             "a {frame}-byte frame is above the lab's 1500-byte MTU: the datagram would be \

@@ -11,7 +11,7 @@ use std::sync::atomic::AtomicBool;
 use std::time::Duration;
 
 use anyhow::{Result, bail};
-use eventstream::lab::{RX_ADDR, RX_IF, in_netns};
+use eventstream::tools::lab::{RX_ADDR, RX_IF, in_netns};
 use eventstream_common::DEFAULT_UDP_PORT;
 use serde_json::Value;
 
@@ -77,7 +77,7 @@ pub fn main(root: &Path, args: &Args) -> Result<()> {
         "demo: appliance up on AF_XDP; blasting for {} s",
         args.seconds
     );
-    let blast = eventstream::blast::BlastArgs {
+    let blast = eventstream::tools::blast::BlastArgs {
         to: (RX_ADDR, DEFAULT_UDP_PORT).into(),
         tcp: false,
         rate: args.rate,
@@ -99,12 +99,12 @@ pub fn main(root: &Path, args: &Args) -> Result<()> {
         object: object.clone(),
         xdp_tx: false,
         dst_mac: None,
-        from: eventstream::lab::TX_ADDR,
+        from: eventstream::tools::lab::TX_ADDR,
         quiet: false,
     };
     let stop = Arc::new(AtomicBool::new(false));
     let (sent, _) = in_netns(&lab.lab.tx_ns, move || {
-        eventstream::blast::run(&blast, stop)
+        eventstream::tools::blast::run(&blast, stop)
     })??;
     app.settle(Duration::from_secs(5))?;
     let r = app.stop()?;
@@ -118,7 +118,7 @@ pub fn main(root: &Path, args: &Args) -> Result<()> {
     Ok(())
 }
 
-fn print_reconciliation(sent: &eventstream::blast::Tally, r: &Value, per: u64) {
+fn print_reconciliation(sent: &eventstream::tools::blast::Tally, r: &Value, per: u64) {
     let x = &r["xsk"];
     println!(
         "sent            {} events in {} datagrams ({:.0} events/s)",

@@ -74,7 +74,7 @@ enum Cmd {
 fn main() -> Result<()> {
     let cli = Cli::parse();
     if let Some(ns) = &cli.netns {
-        eventstream::lab::enter_netns(ns)?;
+        eventstream::tools::lab::enter_netns(ns)?;
     }
     match cli.cmd {
         Cmd::BuildEbpf { no_install } => {
@@ -93,7 +93,7 @@ fn main() -> Result<()> {
 }
 
 fn lab(action: &str, name: &str) -> Result<()> {
-    use eventstream::lab::{Lab, RX_ADDR, RX_IF, TX_ADDR, TX_IF};
+    use eventstream::tools::lab::{Lab, RX_ADDR, RX_IF, TX_ADDR, TX_IF};
     match action {
         "up" => {
             let lab = Lab::up(name)?;

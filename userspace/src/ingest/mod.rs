@@ -17,12 +17,12 @@ pub mod xsk;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use crate::event::{Event, Stamp};
-use crate::frames::SharedFrame;
-use crate::idle::backoff;
-use crate::pool::{Acquirer, Pooled};
-use crate::protocol::{Limits, RejectReason};
+use crate::engine::idle::backoff;
+use crate::mem::frames::SharedFrame;
+use crate::mem::pool::{Acquirer, Pooled};
 use crate::ring::mpsc;
+use crate::wire::event::{Event, Stamp};
+use crate::wire::protocol::{Limits, RejectReason};
 
 pub use tcp::{Slot, TcpIngest};
 pub use udp::{UdpIngest, bind_udp};

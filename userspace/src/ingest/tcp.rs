@@ -21,12 +21,12 @@ use std::time::{Duration, Instant};
 use tracing::{debug, info, warn};
 
 use super::{Deliver, IngestCounters, Tally};
-use crate::event::{Event, Source, Stamp, monotonic_ns};
-use crate::frames::{FrameArena, FrameOwner, OwnedFrame};
-use crate::idle::backoff;
-use crate::pool::{EventPool, Pooled};
-use crate::protocol::{Limits, StreamDecoder, encode_into};
+use crate::engine::idle::backoff;
+use crate::mem::frames::{FrameArena, FrameOwner, OwnedFrame};
+use crate::mem::pool::{EventPool, Pooled};
 use crate::ring::mpsc;
+use crate::wire::event::{Event, Source, Stamp, monotonic_ns};
+use crate::wire::protocol::{Limits, StreamDecoder, encode_into};
 
 /// How often a blocked read wakes to check for shutdown and idleness.
 const READ_TICK: Duration = Duration::from_millis(200);

@@ -3,7 +3,7 @@
 //!
 //! Each call receives up to `batch` datagrams, each into its own free [`FrameArena`] frame (no
 //! intermediate buffer, so the only copy is the kernel's). Each datagram is then frozen as a
-//! [`SharedFrame`](crate::frames::SharedFrame), its frames parsed into pooled events that borrow
+//! [`SharedFrame`](crate::mem::frames::SharedFrame), its frames parsed into pooled events that borrow
 //! it, and the events pushed to the ingest → dispatcher queue. The frame returns to this thread
 //! when the last of its events is released.
 //!
@@ -15,12 +15,12 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use super::{Deliver, IngestCounters, Tally};
-use crate::event::{Event, Source, Stamp, monotonic_ns};
-use crate::frames::{FrameOwner, OwnedFrame};
-use crate::idle::backoff;
-use crate::pool::{Acquirer, Pooled};
-use crate::protocol::{Limits, RejectReason};
+use crate::engine::idle::backoff;
+use crate::mem::frames::{FrameOwner, OwnedFrame};
+use crate::mem::pool::{Acquirer, Pooled};
 use crate::ring::mpsc;
+use crate::wire::event::{Event, Source, Stamp, monotonic_ns};
+use crate::wire::protocol::{Limits, RejectReason};
 
 /// Binds the UDP socket: the receive buffer as asked (0 keeps the default), and a receive
 /// timeout so the loop notices a stop request.

@@ -13,12 +13,12 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use super::{Deliver, IngestCounters, Tally};
-use crate::event::{Event, Source, Stamp, monotonic_ns};
-use crate::frames::FrameOwner;
-use crate::packet::udp_payload;
-use crate::pool::{Acquirer, Pooled};
-use crate::protocol::Limits;
+use crate::mem::frames::FrameOwner;
+use crate::mem::pool::{Acquirer, Pooled};
 use crate::ring::mpsc;
+use crate::wire::event::{Event, Source, Stamp, monotonic_ns};
+use crate::wire::packet::udp_payload;
+use crate::wire::protocol::Limits;
 use crate::xdp::socket::XskRings;
 
 /// How often the kernel's `XDP_STATISTICS` are read into the counters.

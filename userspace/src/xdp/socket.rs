@@ -14,7 +14,7 @@ use tracing::{info, warn};
 
 use super::ring::{ConsRing, Layout, ProdRing, RingMem};
 use super::sys;
-use crate::frames::{FrameArena, FrameOwner};
+use crate::mem::frames::{FrameArena, FrameOwner};
 
 /// How the socket ended up bound.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

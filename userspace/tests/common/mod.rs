@@ -30,8 +30,8 @@ pub fn bpf_object() -> Option<PathBuf> {
 }
 
 /// UDP from 198.18.0.1:40000 to 198.18.0.2:8082 over IPv4, the fixtures' and fake kernel's frame.
-pub fn udp_v4() -> eventstream::packet::UdpSpec {
-    eventstream::packet::UdpSpec {
+pub fn udp_v4() -> eventstream::wire::packet::UdpSpec {
+    eventstream::wire::packet::UdpSpec {
         src_mac: [2, 0, 0, 0, 0, 1],
         dst_mac: [2, 0, 0, 0, 0, 2],
         vlan: None,

@@ -7,8 +7,8 @@
 
 use core::fmt;
 
-use crate::frames::{FrameLease, SharedFrame};
-use crate::protocol::{DatagramSpans, FrameError, FrameSpan, Limits};
+use crate::mem::frames::{FrameLease, SharedFrame};
+use crate::wire::protocol::{DatagramSpans, FrameError, FrameSpan, Limits};
 
 /// Where an event came in.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -194,10 +194,10 @@ pub fn monotonic_ns() -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::frames::FrameArena;
     use crate::mem::RegionOptions;
-    use crate::pool::EventPool;
-    use crate::protocol::{RejectReason, encode};
+    use crate::mem::frames::FrameArena;
+    use crate::mem::pool::EventPool;
+    use crate::wire::protocol::{RejectReason, encode};
 
     #[test]
     fn events_view_the_frame_without_copying() {

@@ -27,7 +27,7 @@ use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 
 use crossbeam_utils::CachePadded;
 
-use crate::numa::{self, Placement};
+use crate::mem::numa::{self, Placement};
 
 /// Default capacity (the original engine's 65 536-event pool).
 pub const DEFAULT_CAPACITY: usize = 65_536;

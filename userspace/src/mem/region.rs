@@ -8,7 +8,7 @@ use core::fmt;
 use core::ptr::NonNull;
 use std::io;
 
-use crate::numa::{self, Placement};
+use crate::mem::numa::{self, Placement};
 
 /// Size of a huge page on x86-64 and aarch64 (the default hugetlbfs size).
 pub const HUGE_PAGE: usize = 2 << 20;

@@ -8,7 +8,7 @@ use std::path::Path;
 
 use serde::Deserialize;
 
-use crate::protocol::Limits;
+use crate::wire::protocol::Limits;
 
 /// Why a configuration was rejected.
 #[derive(Debug, thiserror::Error)]
@@ -58,7 +58,7 @@ pub struct Config {
     /// Topic routes, tried in order after exact matches.
     pub routes: Vec<RouteConfig>,
     /// Pipeline state thresholds.
-    pub control: crate::control::ControlConfig,
+    pub control: crate::engine::control::ControlConfig,
     /// Metrics and admin HTTP.
     pub admin: AdminConfig,
     /// Where workers and the DLQ write.
@@ -283,7 +283,7 @@ pub struct EngineConfig {
     /// pinned to `worker_cpus[k % len]`; empty leaves them to the scheduler.
     pub worker_cpus: Vec<u32>,
     /// `engine.latency_from`: where the realtime latency clock starts (`ingest` | `payload`).
-    pub latency_from: crate::latency::LatencyFrom,
+    pub latency_from: crate::engine::latency::LatencyFrom,
     /// `engine.auto_placement`: with AF_XDP ingest, put the dispatcher and workers that have no
     /// configured core on the NIC node's spare cores.
     pub auto_placement: bool,
@@ -304,7 +304,7 @@ impl Default for EngineConfig {
             memory_sink_capacity: 10_000,
             dispatcher_cpu: None,
             worker_cpus: Vec::new(),
-            latency_from: crate::latency::LatencyFrom::Ingest,
+            latency_from: crate::engine::latency::LatencyFrom::Ingest,
             auto_placement: true,
         }
     }
@@ -334,7 +334,7 @@ pub struct SinksConfig {
     /// `sinks.segment_bytes`
     pub segment_bytes: u64,
     /// `sinks.fsync`
-    pub fsync: crate::storage::Fsync,
+    pub fsync: crate::sink::file::Fsync,
     /// `sinks.fsync_interval_ms`
     pub fsync_interval_ms: u64,
 }
@@ -346,7 +346,7 @@ impl Default for SinksConfig {
             dir: "data/log".into(),
             dlq_dir: "data/dlq".into(),
             segment_bytes: 64 << 20,
-            fsync: crate::storage::Fsync::Interval,
+            fsync: crate::sink::file::Fsync::Interval,
             fsync_interval_ms: 1000,
         }
     }
@@ -379,7 +379,7 @@ pub struct PoolConfig {
 impl Default for PoolConfig {
     fn default() -> Self {
         Self {
-            capacity: crate::pool::DEFAULT_CAPACITY,
+            capacity: crate::mem::pool::DEFAULT_CAPACITY,
         }
     }
 }
@@ -597,7 +597,7 @@ impl Config {
             1 << 24,
             "1..=16777216",
         )?;
-        let online = crate::numa::online_cpus();
+        let online = crate::mem::numa::online_cpus();
         for &cpu in e.worker_cpus.iter().chain(&e.dispatcher_cpu) {
             if !online.contains(&cpu) {
                 return Err(ConfigError::Invalid {
@@ -608,7 +608,7 @@ impl Config {
             }
         }
         for r in &self.routes {
-            if let Err(err) = crate::route::Router::new().add(&r.topic, ()) {
+            if let Err(err) = crate::engine::route::Router::new().add(&r.topic, ()) {
                 return Err(ConfigError::Invalid {
                     key: "routes[].topic",
                     value: format!("{:?}", r.topic),
@@ -648,7 +648,7 @@ mod tests {
 
     #[test]
     fn shipped_file_is_the_default() {
-        let text = include_str!("../../config/eventstream.yaml");
+        let text = include_str!("../../../config/eventstream.yaml");
         assert_eq!(
             Config::parse(text, "eventstream.yaml").unwrap(),
             Config::default()

@@ -1,7 +1,7 @@
 //! `eventstream blast`: the load generator.
 //!
 //! Three ways to offer load, all sending protocol-v1 frames whose payload starts with the
-//! [`crate::latency`] stamp (sequence number, send time) when it has room for one:
+//! [`crate::engine::latency`] stamp (sequence number, send time) when it has room for one:
 //! - **UDP** (default): `sendmmsg` batches of up to 64 datagrams on a connected socket, each
 //!   with `--events-per-datagram` frames. The datagrams are encoded once; each batch only
 //!   patches the stamps in place.
@@ -34,9 +34,9 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use serde_json::json;
 
-use crate::latency::{STAMP_LEN, realtime_ns, write_stamp};
-use crate::packet::UdpSpec;
-use crate::protocol;
+use crate::engine::latency::{STAMP_LEN, realtime_ns, write_stamp};
+use crate::wire::packet::UdpSpec;
+use crate::wire::protocol;
 
 /// Most datagrams one `sendmmsg` call carries, and the kernel's batch for live frames.
 pub const MAX_BATCH: usize = 64;
@@ -104,7 +104,7 @@ pub struct BlastArgs {
     #[arg(long)]
     pub dst_mac: Option<String>,
     /// Source IPv4 address of live and AF_XDP TX frames.
-    #[arg(long, default_value_t = crate::lab::TX_ADDR)]
+    #[arg(long, default_value_t = crate::tools::lab::TX_ADDR)]
     pub from: Ipv4Addr,
     /// No live display.
     #[arg(long)]
@@ -675,7 +675,7 @@ fn blast_xdp_tx(args: &BlastArgs, pace: &Pacer, display: &mut Display) -> Result
 /// Bad flags, a socket or program that cannot be opened, or (TCP) a refused connection.
 pub fn run(args: &BlastArgs, stop: Arc<AtomicBool>) -> Result<(Tally, &'static str)> {
     if let Some(ns) = &args.netns {
-        crate::lab::enter_netns(ns)?;
+        crate::tools::lab::enter_netns(ns)?;
     }
     if args.payload_bytes < STAMP_LEN {
         tracing::warn!(
@@ -753,7 +753,7 @@ mod tests {
             for f in protocol::Datagram::new(&dg.bytes, protocol::Limits::default()) {
                 let f = f.unwrap();
                 topics.push(f.topic.to_owned());
-                let (s, ns) = crate::latency::read_stamp(f.payload).unwrap();
+                let (s, ns) = crate::engine::latency::read_stamp(f.payload).unwrap();
                 assert_eq!(ns, 99);
                 assert_eq!(f.payload.len(), 20);
                 assert_eq!(&f.payload[16..], &[16, 17, 18, 19]);

@@ -17,12 +17,12 @@ use std::time::Duration;
 
 use tracing::{info, warn};
 
-use crate::control::{Command, PipelineState};
+use crate::engine::control::{Command, PipelineState};
 use crate::engine::{DlqReason, EngineCounters, WorkerClass};
-use crate::event::Source;
 use crate::ingest::IngestCounters;
-use crate::protocol::RejectReason;
 use crate::ring::mpsc;
+use crate::wire::event::Source;
+use crate::wire::protocol::RejectReason;
 
 /// What `/metrics` reads.
 pub struct MetricsView<'s> {

@@ -51,7 +51,7 @@ impl Topology {
         if t.nic_node.is_none()
             && let Some(i) = iface
         {
-            t.nic_node = crate::numa::iface_node(i).ok().flatten();
+            t.nic_node = crate::mem::numa::iface_node(i).ok().flatten();
         }
         t
     }
@@ -186,11 +186,11 @@ fn hwloc(iface: Option<&str>) -> Result<Topology, String> {
 }
 
 fn sysfs() -> Topology {
-    let mut nodes: Vec<Node> = crate::numa::online_nodes()
+    let mut nodes: Vec<Node> = crate::mem::numa::online_nodes()
         .into_iter()
         .map(|id| Node {
             id,
-            cpus: crate::numa::node_cpus(id),
+            cpus: crate::mem::numa::node_cpus(id),
             memory_bytes: 0,
         })
         .collect();
@@ -198,7 +198,7 @@ fn sysfs() -> Topology {
         // Kernels without NUMA: one node holding every online core.
         nodes = vec![Node {
             id: 0,
-            cpus: crate::numa::online_cpus(),
+            cpus: crate::mem::numa::online_cpus(),
             memory_bytes: 0,
         }];
     }

@@ -21,8 +21,9 @@ use std::time::{Duration, Instant};
 
 use serde::Deserialize;
 
-use crate::engine::{Ev, Record, Sink};
-use crate::event::Source;
+use crate::engine::Ev;
+use crate::sink::{Record, Sink};
+use crate::wire::event::Source;
 
 const HEADER: usize = 16;
 /// Largest body accepted when reading (a frame is at most 16 MiB plus metadata).

@@ -1,0 +1,690 @@
+//! The assembly: builds the appliance from a [`Config`] and runs it until it is told to stop.
+//!
+//! With an interface, one AF_XDP socket and pinned ingest thread per RX queue (UMEM on the NIC's
+//! NUMA node, the XDP program reused from `cargo xtask load` or loaded and owned here); without
+//! one, or where XDP cannot be had (no privileges, no interface, no AF_XDP), the kernel UDP
+//! socket with `recvmmsg`, announced in one log line that says why. On stdout it prints one
+//! `listening <what> <addr>` line per bound socket, then `ready` once every thread runs. A stop
+//! (SIGINT, SIGTERM, `duration`, or `POST /state drain`) closes ingest, drains what is queued
+//! into the sinks, and prints the reconciliation as one JSON line on stdout.
+
+use std::net::UdpSocket;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, anyhow};
+use aya::programs::links::FdLink;
+use serde_json::json;
+use tracing::{info, warn};
+
+use crate::engine::control::{Command, ControlPlane, PipelineState};
+use crate::engine::dedup::{DedupWindow, KeyFrom};
+use crate::engine::latency::LatencyFrom;
+use crate::engine::route::Router;
+use crate::engine::{
+    Bus, Dispatcher, DlqEntry, DlqReason, EngineCounters, Target, WorkerClass, WorkerKind, run_dlq,
+    run_worker,
+};
+use crate::ingest::{IngestCounters, Slot, TcpIngest, UdpIngest, XskIngest, bind_udp};
+use crate::mem::RegionOptions;
+use crate::mem::frames::{FrameArena, FrameOwner};
+use crate::mem::numa::{self, Placement};
+use crate::mem::pool::{EventPool, Pooled};
+use crate::mem::topology::{self, PlanInput, Topology};
+use crate::ops::admin::MetricsView;
+use crate::ops::config::{AttachPolicy, Config, KeyConfig, SinkKind, XdpConfig as XdpSection};
+use crate::ops::privs;
+use crate::ring::{mpsc, spsc};
+use crate::sink::file::{FileSink, SegmentLog};
+use crate::sink::{MemorySink, Sink};
+use crate::wire::event::{Event, Source};
+use crate::wire::protocol::RejectReason;
+use crate::xdp::socket::{XskOptions, XskSocket};
+use crate::xdp::{Pinned, XdpProgram, if_index};
+use eventstream_common::{AttachMode, XdpConfig};
+
+/// The XDP program this daemon steers with: pinned by `cargo xtask load` (left in place at
+/// exit), or loaded here and owned through its `bpf_link` (detached by the kernel at exit).
+enum Program {
+    Pinned,
+    Owned { program: XdpProgram, _link: FdLink },
+}
+
+/// The AF_XDP data path, set up before any thread starts (privileged work first).
+struct XskSetup<'a> {
+    program: Program,
+    attach: AttachMode,
+    queues: Vec<(XskSocket<'a>, FrameOwner<'a>)>,
+}
+
+fn attach_program(x: &XdpSection) -> Result<(Program, AttachMode)> {
+    if Pinned::list().contains(&x.iface) {
+        let pinned = Pinned::open(&x.iface)?;
+        if !pinned.attached {
+            return Err(anyhow!(
+                "a program is pinned for {} but not attached: `cargo xtask unload --iface {0}`",
+                x.iface
+            ));
+        }
+        let mode = AttachMode::from_u8(pinned.config.attach_mode);
+        info!(iface = %x.iface, mode = mode.label(), port = pinned.config.udp_port, "reusing the XDP program pinned by `cargo xtask load`");
+        return Ok((Program::Pinned, mode));
+    }
+    let mut program = XdpProgram::load(&x.object)?;
+    let modes: &[AttachMode] = match x.attach {
+        AttachPolicy::Auto => &[AttachMode::Driver, AttachMode::Skb],
+        AttachPolicy::Drv => &[AttachMode::Driver],
+        AttachPolicy::Skb => &[AttachMode::Skb],
+    };
+    let mut last = None;
+    for &mode in modes {
+        match program.attach(&x.iface, mode) {
+            Ok(link) => {
+                program.configure(XdpConfig {
+                    udp_port: x.port,
+                    allow_vlan: u8::from(x.allow_vlan),
+                    attach_mode: mode as u8,
+                })?;
+                info!(iface = %x.iface, mode = mode.label(), port = x.port, "XDP program attached (owned by this process)");
+                return Ok((
+                    Program::Owned {
+                        program,
+                        _link: link,
+                    },
+                    mode,
+                ));
+            }
+            Err(e) => {
+                if e.is_permission() {
+                    return Err(e.into());
+                }
+                warn!(iface = %x.iface, mode = mode.label(), reason = %e, "XDP attach refused");
+                last = Some(e);
+            }
+        }
+    }
+    Err(last.map_or_else(|| anyhow!("no attach mode allowed"), Into::into))
+}
+
+fn setup_xsk<'a>(x: &XdpSection, arenas: &'a [FrameArena]) -> Result<XskSetup<'a>> {
+    let ifindex = if_index(&x.iface)?;
+    let (mut program, attach) = attach_program(x)?;
+    let opts = XskOptions {
+        ring_size: x.ring_size,
+        need_wakeup: x.need_wakeup,
+        try_zero_copy: x.zero_copy,
+    };
+    let mut queues = Vec::with_capacity(arenas.len());
+    for (q, arena) in arenas.iter().enumerate() {
+        let mut owner = arena.owner().expect("fresh arena");
+        let sock = XskSocket::new(arena, &mut owner, ifindex, q as u32, opts)?;
+        match &mut program {
+            Program::Pinned => {
+                Pinned::register_socket(&x.iface, q as u32, std::os::fd::AsRawFd::as_raw_fd(&sock))?
+            }
+            Program::Owned { program, .. } => {
+                program.register_socket(q as u32, std::os::fd::AsRawFd::as_raw_fd(&sock))?
+            }
+        }
+        queues.push((sock, owner));
+    }
+    Ok(XskSetup {
+        program,
+        attach,
+        queues,
+    })
+}
+
+/// A worker's or the DLQ's sink, per `sinks.kind`.
+fn open_sink(cfg: &Config, dir: &std::path::Path) -> Result<Box<dyn Sink>> {
+    let s = &cfg.sinks;
+    Ok(match s.kind {
+        SinkKind::Memory => Box::new(MemorySink::new(cfg.engine.memory_sink_capacity)),
+        SinkKind::File => {
+            let interval = Duration::from_millis(s.fsync_interval_ms);
+            let (log, rec) = SegmentLog::open(dir, s.segment_bytes, s.fsync, interval)
+                .with_context(|| {
+                    format!(
+                        "opening the log in {} (sinks.dir / sinks.dlq_dir)",
+                        dir.display()
+                    )
+                })?;
+            info!(dir = %dir.display(), records = rec.records, truncated_bytes = rec.truncated_bytes, next_id = rec.next_id, "file log opened");
+            Box::new(FileSink::new(log))
+        }
+    })
+}
+
+/// Drops every capability but the one that reads the XDP program's counters (when AF_XDP is
+/// in use), clears the inheritable set, and sets `no_new_privs`; see [`crate::ops::privs`].
+fn drop_privileges(keep_bpf: bool) {
+    let before = match privs::current() {
+        Ok(c) => c,
+        Err(e) => return warn!(reason = %e, "could not read capabilities; keeping them"),
+    };
+    if before.permitted == 0 {
+        return info!("running without capabilities: nothing to drop");
+    }
+    let keep: Vec<u32> = if keep_bpf {
+        vec![privs::bpf_capability()]
+    } else {
+        Vec::new()
+    };
+    match privs::retain_only(&keep) {
+        Ok(after) => info!(
+            kept = ?keep,
+            effective = format!("{:#x}", after.effective),
+            "setup done; capabilities dropped"
+        ),
+        Err(e) => warn!(reason = %e, "could not drop capabilities; running with them"),
+    }
+}
+
+/// Pins the calling thread to `cpu` if one is configured, logging the outcome.
+fn pin(cpu: Option<u32>, thread: &str) {
+    if let Some(cpu) = cpu {
+        match numa::pin_current_thread(cpu) {
+            Ok(()) => info!(thread, cpu, "thread pinned"),
+            Err(e) => warn!(thread, cpu, reason = %e, "could not pin the thread"),
+        }
+    }
+}
+
+/// Runs the appliance described by `cfg` (already validated) until a signal, a drain command,
+/// or `duration` seconds (0: no limit).
+///
+/// # Errors
+/// Setup failures (a socket that cannot be bound, a sink directory that cannot be opened, the
+/// XDP program refused where it was required), and an ingest or sink failure during the run.
+pub fn run(cfg: &Config, no_xdp: bool, duration: u64) -> Result<()> {
+    let x = &cfg.xdp;
+    // Decide the ingest path, and say why in one line when it is kernel UDP.
+    let want_xdp = if no_xdp {
+        info!("--no-xdp: kernel UDP ingest (recvmmsg)");
+        false
+    } else if x.iface.is_empty() {
+        info!("xdp.iface is not set: kernel UDP ingest (recvmmsg)");
+        false
+    } else {
+        true
+    };
+    let topo = Topology::discover(want_xdp.then_some(x.iface.as_str()));
+    for line in topo.to_string().lines() {
+        info!("topology: {}", line.trim());
+    }
+    let node = topo.nic_node;
+    let umem_opts = RegionOptions {
+        hugepages: true,
+        placement: node.map_or(Placement::Any, Placement::Node),
+        lock: true,
+    };
+    let arenas: Vec<FrameArena> = if want_xdp {
+        (0..x.queues)
+            .map(|_| FrameArena::new(x.frame_size, x.frames, umem_opts))
+            .collect::<Result<_, _>>()?
+    } else {
+        Vec::new()
+    };
+    if let Some(a) = arenas.first() {
+        let r = a.region();
+        info!(queues = arenas.len(), bytes_each = r.len(), pages = ?r.pages(), numa = ?r.numa(), locked = ?r.locked(), "UMEM mapped");
+    }
+    let xsk = if want_xdp {
+        match setup_xsk(x, &arenas) {
+            Ok(s) => Some(s),
+            Err(e) => {
+                warn!("AF_XDP unavailable ({e:#}); falling back to kernel UDP ingest (recvmmsg)");
+                None
+            }
+        }
+    } else {
+        None
+    };
+
+    let e = &cfg.engine;
+    let plan = topology::plan(
+        &topo,
+        &PlanInput {
+            queues: xsk.as_ref().map_or(0, |s| s.queues.len() as u32),
+            dispatcher_cpu: e.dispatcher_cpu,
+            worker_cpus: &e.worker_cpus,
+            workers: e.realtime_workers + e.transactional_workers + e.batch_workers,
+            auto: e.auto_placement,
+        },
+    );
+    for why in &plan.why {
+        info!("placement: {why}");
+    }
+
+    let u = &cfg.ingest.udp;
+    let mut udp: Option<(UdpSocket, FrameArena)> = None;
+    if xsk.is_none() || u.beside_xdp {
+        let socket = bind_udp(u.bind, u.socket_buffer)
+            .with_context(|| format!("binding UDP {} (ingest.udp.bind)", u.bind))?;
+        let arena = FrameArena::new(
+            u.frame_size,
+            u.frames,
+            RegionOptions {
+                hugepages: true,
+                ..Default::default()
+            },
+        )?;
+        info!(addr = %socket.local_addr()?, frames = u.frames, pages = ?arena.region().pages(), "kernel UDP ingest bound");
+        println!("listening udp {}", socket.local_addr()?);
+        udp = Some((socket, arena));
+    }
+    // The kernel TCP listener: connection slots made now, so the events they mint can outlive
+    // any one connection inside the thread scope.
+    let t = &cfg.ingest.tcp;
+    let tcp_listener = match t.bind {
+        Some(addr) => {
+            let l = std::net::TcpListener::bind(addr)
+                .with_context(|| format!("binding TCP {addr} (ingest.tcp.bind)"))?;
+            println!("listening tcp {}", l.local_addr()?);
+            Some(l)
+        }
+        None => None,
+    };
+    let tcp_slots_n = if tcp_listener.is_some() {
+        t.max_connections
+    } else {
+        0
+    };
+    let tcp_frame = (4 + cfg.protocol.max_frame_len).max(16 * 1024);
+    let tcp_arenas: Vec<FrameArena> = (0..tcp_slots_n)
+        .map(|_| FrameArena::new(tcp_frame, t.frames_per_connection, RegionOptions::default()))
+        .collect::<Result<_, _>>()?;
+    let tcp_pools: Vec<EventPool<Event<'_>>> = (0..tcp_slots_n)
+        .map(|_| EventPool::new(cfg.pool.capacity.min(4096)))
+        .collect();
+    let tcp_counters: Vec<IngestCounters> = (0..tcp_slots_n)
+        .map(|_| IngestCounters::default())
+        .collect();
+    let tcp_slots: Vec<Slot<'_, '_, '_>> = (0..tcp_slots_n)
+        .map(|i| Slot {
+            arena: &tcp_arenas[i],
+            pool: &tcp_pools[i],
+            counters: &tcp_counters[i],
+        })
+        .collect();
+    let (tcp_refused, tcp_live) = (AtomicU64::new(0), AtomicU64::new(0));
+
+    // Producers: one per AF_XDP queue, then the kernel UDP socket (alone, or beside AF_XDP).
+    let xsk_queues = xsk.as_ref().map_or(0, |s| s.queues.len());
+    let producers = xsk_queues + usize::from(udp.is_some());
+    let source_of = |i: usize| {
+        if i < xsk_queues {
+            Source::Xsk
+        } else {
+            Source::Udp
+        }
+    };
+    let pools: Vec<EventPool<Event<'_>>> = (0..producers)
+        .map(|_| EventPool::new(cfg.pool.capacity))
+        .collect();
+    let counters: Vec<IngestCounters> = (0..producers).map(|_| IngestCounters::default()).collect();
+    let (tx, rx) = mpsc::channel::<Pooled<'_, Event<'_>>>(cfg.queue.capacity);
+    let mut router = Router::new();
+    for r in &cfg.routes {
+        let key = match r.key {
+            KeyConfig::Hash => KeyFrom::TopicAndPayload,
+            KeyConfig::PayloadId => KeyFrom::PayloadId,
+        };
+        router.add(
+            &r.topic,
+            Target {
+                class: r.class,
+                key,
+            },
+        )?;
+    }
+    if let Some(class) = cfg.engine.default_route {
+        router.set_default(Target {
+            class,
+            key: KeyFrom::TopicAndPayload,
+        });
+    }
+    let e = &cfg.engine;
+    let mut worker_rxs = Vec::new();
+    let buses = WorkerClass::ALL.map(|class| {
+        let n = match class {
+            WorkerClass::Realtime => e.realtime_workers,
+            WorkerClass::Transactional => e.transactional_workers,
+            WorkerClass::Batch => e.batch_workers,
+        };
+        let mut producers = Vec::with_capacity(n);
+        for _ in 0..n {
+            let (p, c) = spsc::channel(e.ring_capacity);
+            producers.push(p);
+            worker_rxs.push((class, c));
+        }
+        // Transactional: one key always meets the same dedup window. Batch: one topic, one group.
+        Bus::new(producers, class != WorkerClass::Realtime)
+    });
+    let (dlq_tx, dlq_rx) = spsc::channel::<DlqEntry<'_, '_>>(e.ring_capacity);
+    let (cmd_tx, cmd_rx) = mpsc::channel::<Command>(64);
+    let ingest_done = AtomicBool::new(false);
+    let engine_counters = EngineCounters::default();
+    let admin = match cfg.admin.bind {
+        Some(addr) => {
+            let (server, bound) = crate::ops::admin::bind(addr)
+                .with_context(|| format!("binding admin {addr} (admin.bind)"))?;
+            println!("listening admin {bound}");
+            Some(server)
+        }
+        None => None,
+    };
+    let admin_stop = AtomicBool::new(false);
+    // Sinks are opened (and file logs recovered) before any thread starts, so a bad directory
+    // is a clean error at start, not a failure mid-run.
+    let mut per_class = [0usize; 3];
+    let mut worker_sinks = Vec::with_capacity(worker_rxs.len());
+    for (class, _) in &worker_rxs {
+        let n = &mut per_class[*class as usize];
+        worker_sinks.push(open_sink(
+            cfg,
+            &cfg.sinks.dir.join(format!("{}-{n}", class.as_str())),
+        )?);
+        *n += 1;
+    }
+    let mut dlq_sink = open_sink(cfg, &cfg.sinks.dlq_dir)?;
+
+    let stop = Arc::new(AtomicBool::new(false));
+    for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
+        signal_hook::flag::register(sig, Arc::clone(&stop))
+            .context("installing signal handlers")?;
+    }
+    let ingest_stop = AtomicBool::new(false);
+    let ingest_threads = producers as u64 + u64::from(tcp_listener.is_some());
+    let ingest_running = AtomicU64::new(ingest_threads);
+    let source = if xsk.is_some() {
+        Source::Xsk
+    } else {
+        Source::Udp
+    };
+    let (attach, bind_modes) = xsk.as_ref().map_or((None, Vec::new()), |s| {
+        (
+            Some(s.attach),
+            s.queues
+                .iter()
+                .map(|(sock, _)| sock.mode().label())
+                .collect(),
+        )
+    });
+
+    let mut program = None;
+    let tcp = TcpIngest {
+        limits: cfg.protocol.limits(),
+        read_timeout: Duration::from_secs(t.read_timeout_secs),
+        stop: &ingest_stop,
+        refused: &tcp_refused,
+        live: &tcp_live,
+    };
+    // One total over every ingest thread's counters: the per-second log and the exit report.
+    let sum = |f: fn(&IngestCounters) -> &AtomicU64| {
+        counters
+            .iter()
+            .chain(&tcp_counters)
+            .map(|c| f(c).load(Ordering::Relaxed))
+            .sum::<u64>()
+    };
+    // Setup is done: before the first thread starts (they inherit it), keep only what the run
+    // loop needs.
+    drop_privileges(xsk.is_some());
+    std::thread::scope(|s| -> Result<()> {
+        let mut ingest = Vec::new();
+        if let Some(setup) = xsk {
+            program = Some(setup.program);
+            for (q, ((mut sock, mut owner), pool)) in
+                setup.queues.into_iter().zip(&pools).enumerate()
+            {
+                let cpu = plan.ingest.get(q).copied();
+                let (counters, ingest_stop, ingest_running, tx) =
+                    (&counters[q], &ingest_stop, &ingest_running, &tx);
+                let job = XskIngest {
+                    batch: x.batch,
+                    limits: cfg.protocol.limits(),
+                    stop: ingest_stop,
+                    idle_poll: Duration::from_millis(100),
+                    counters,
+                    paused: &engine_counters.paused,
+                };
+                let h = std::thread::Builder::new()
+                    .name(format!("ingest-q{q}"))
+                    .spawn_scoped(s, move || {
+                        pin(cpu, &format!("ingest-q{q}"));
+                        let mut acq = pool.acquirer().expect("one acquirer per pool");
+                        let r = job.run(&mut sock, &mut owner, &mut acq, tx);
+                        ingest_running.fetch_sub(1, Ordering::AcqRel);
+                        r
+                    })?;
+                ingest.push(h);
+            }
+        }
+        let paused = &engine_counters.paused;
+        if let Some((socket, arena)) = &udp {
+            let (counters, pool) = (&counters[xsk_queues], &pools[xsk_queues]);
+            let (ingest_stop, ingest_running, tx) = (&ingest_stop, &ingest_running, &tx);
+            ingest.push(
+                std::thread::Builder::new()
+                    .name("ingest-udp".into())
+                    .spawn_scoped(s, move || {
+                        let mut frames = arena.owner().expect("one owner");
+                        let mut acq = pool.acquirer().expect("one acquirer");
+                        let job = UdpIngest {
+                            socket,
+                            batch: u.batch,
+                            limits: cfg.protocol.limits(),
+                            stop: ingest_stop,
+                            counters,
+                            paused,
+                        };
+                        let r = job.run(&mut frames, &mut acq, tx);
+                        ingest_running.fetch_sub(1, Ordering::AcqRel);
+                        r
+                    })?,
+            );
+        }
+        if let Some(listener) = &tcp_listener {
+            let (tcp, slots, tx, ingest_running) = (&tcp, &tcp_slots, &tx, &ingest_running);
+            ingest.push(
+                std::thread::Builder::new()
+                    .name("tcp-accept".into())
+                    .spawn_scoped(s, move || {
+                        let r = tcp.run(s, listener, slots, tx);
+                        ingest_running.fetch_sub(1, Ordering::AcqRel);
+                        r
+                    })?,
+            );
+        }
+        // The engine: dispatcher, workers per class, DLQ.
+        let dispatcher = Dispatcher {
+            input: rx,
+            router,
+            buses,
+            dlq: dlq_tx,
+            control: ControlPlane::new(cfg.control),
+            commands: cmd_rx,
+            ingest_done: &ingest_done,
+            counters: &engine_counters,
+        };
+        let dispatcher_cpu = plan.dispatcher;
+        let dispatch = std::thread::Builder::new()
+            .name("dispatcher".into())
+            .spawn_scoped(s, move || {
+                pin(dispatcher_cpu, "dispatcher");
+                dispatcher.run()
+            })?;
+        let mut workers = Vec::new();
+        for (k, ((class, rx), mut sink)) in worker_rxs.into_iter().zip(worker_sinks).enumerate() {
+            let cpu = plan.workers.get(k).copied().flatten();
+            let e = &cfg.engine;
+            let kind = match class {
+                WorkerClass::Realtime => WorkerKind::Realtime {
+                    from: cfg.engine.latency_from,
+                },
+                WorkerClass::Transactional => WorkerKind::Transactional {
+                    dedup: DedupWindow::new(e.dedup_capacity, e.dedup_window_secs * 1_000_000_000),
+                },
+                WorkerClass::Batch => WorkerKind::Batch {
+                    max: e.batch_max,
+                    window: Duration::from_millis(e.batch_window_ms),
+                },
+            };
+            let counters = &engine_counters;
+            workers.push(
+                std::thread::Builder::new()
+                    .name(format!("worker-{}", class.as_str()))
+                    .spawn_scoped(s, move || {
+                        pin(cpu, &format!("worker-{}-{k}", class.as_str()));
+                        run_worker(class, kind, rx, &mut *sink, counters)
+                    })?,
+            );
+        }
+        let dlq = std::thread::Builder::new()
+            .name("dlq".into())
+            .spawn_scoped(s, move || run_dlq(dlq_rx, &mut *dlq_sink))?;
+        if let Some(server) = &admin {
+            let view = MetricsView {
+                ingest: counters
+                    .iter()
+                    .enumerate()
+                    .map(|(i, c)| (source_of(i), c))
+                    .chain(tcp_counters.iter().map(|c| (Source::Tcp, c)))
+                    .collect(),
+                engine: &engine_counters,
+                queue: Box::new({
+                    let tx = tx.clone();
+                    move || (tx.len(), tx.capacity())
+                }),
+                sink: match cfg.sinks.kind {
+                    SinkKind::Memory => "memory",
+                    SinkKind::File => "file",
+                },
+            };
+            let (cmd_tx, admin_stop) = (cmd_tx.clone(), &admin_stop);
+            std::thread::Builder::new()
+                .name("admin".into())
+                .spawn_scoped(s, move || {
+                    crate::ops::admin::serve(server, &view, &cmd_tx, admin_stop)
+                })?;
+        }
+
+        // Every thread is running and privileges are dropped: say so, for scripts and tests
+        // that must not send before the appliance takes traffic.
+        println!("ready");
+        let start = Instant::now();
+        let mut last = (start, 0u64);
+        while !stop.load(Ordering::Relaxed)
+            && ingest_running.load(Ordering::Acquire) == ingest_threads
+            && engine_counters.state() != PipelineState::Draining
+        {
+            std::thread::sleep(Duration::from_millis(100));
+            if duration > 0 && start.elapsed() >= Duration::from_secs(duration) {
+                break;
+            }
+            let now = Instant::now();
+            if now.duration_since(last.0) >= Duration::from_secs(1) {
+                let ev = sum(|c| &c.events);
+                let rate = (ev - last.1) as f64 / now.duration_since(last.0).as_secs_f64();
+                info!(
+                    source = source.as_str(),
+                    events = ev,
+                    rate = format!("{rate:.0}/s"),
+                    queue = tx.len(),
+                    "ingest"
+                );
+                last = (now, ev);
+            }
+        }
+        info!("stopping: ingest closes, queues drain into the sinks");
+        let _ = cmd_tx.push(Command::Drain);
+        ingest_stop.store(true, Ordering::Relaxed);
+        let mut result = Ok(());
+        for h in ingest {
+            match h.join() {
+                Ok(r) => {
+                    if let Err(e) = r {
+                        result = Err(anyhow::Error::from(e).context("ingest"));
+                    }
+                }
+                Err(_) => warn!("an ingest thread panicked"),
+            }
+        }
+        ingest_done.store(true, Ordering::Release);
+        if dispatch.join().is_err() {
+            warn!("the dispatcher panicked");
+        }
+        for h in workers.into_iter().chain([dlq]) {
+            match h.join() {
+                Ok(Err(e)) => result = Err(anyhow::Error::from(e).context("a sink failed")),
+                Err(_) => warn!("a worker panicked"),
+                Ok(Ok(())) => {}
+            }
+        }
+        admin_stop.store(true, Ordering::Relaxed);
+        result
+    })?;
+
+    let mut rejected = serde_json::Map::new();
+    for r in RejectReason::ALL {
+        rejected.insert(
+            r.as_str().to_owned(),
+            counters
+                .iter()
+                .chain(&tcp_counters)
+                .map(|c| c.rejected(r))
+                .sum::<u64>()
+                .into(),
+        );
+    }
+    let lat = engine_counters.latency.quantiles();
+    let mut report = json!({
+        "source": source.as_str(),
+        "received_datagrams": sum(|c| &c.datagrams),
+        "received_bytes": sum(|c| &c.bytes),
+        "accepted_events": sum(|c| &c.events),
+        "delivered_events": engine_counters.delivered_total(),
+        "delivered": WorkerClass::ALL.iter().map(|c| (c.as_str().to_owned(), json!(engine_counters.delivered[*c as usize].load(Ordering::Relaxed)))).collect::<serde_json::Map<_, _>>(),
+        "dlq": DlqReason::ALL.iter().map(|r| (r.as_str().to_owned(), json!(engine_counters.dlq[*r as usize].load(Ordering::Relaxed)))).collect::<serde_json::Map<_, _>>(),
+        "duplicates": engine_counters.duplicates.load(Ordering::Relaxed),
+        "state_transitions": PipelineState::ALL.iter().map(|st| (st.as_str().to_owned(), json!(engine_counters.transitions[*st as usize].load(Ordering::Relaxed)))).collect::<serde_json::Map<_, _>>(),
+        "rejected": rejected,
+        "received_events": {
+            "xsk": counters[..xsk_queues].iter().map(|c| c.events.load(Ordering::Relaxed)).sum::<u64>(),
+            "udp": counters[xsk_queues..].iter().map(|c| c.events.load(Ordering::Relaxed)).sum::<u64>(),
+            "tcp": tcp_counters.iter().map(|c| c.events.load(Ordering::Relaxed)).sum::<u64>(),
+        },
+        "tcp_refused_connections": tcp_refused.load(Ordering::Relaxed),
+        "latency": {
+            "from": match cfg.engine.latency_from { LatencyFrom::Ingest => "ingest", LatencyFrom::Payload => "payload" },
+            "count": lat.count,
+            "p50_us": lat.p50 as f64 / 1e3,
+            "p99_us": lat.p99 as f64 / 1e3,
+            "p999_us": lat.p999 as f64 / 1e3,
+            "max_us": lat.max as f64 / 1e3,
+            "unstamped": engine_counters.unstamped.load(Ordering::Relaxed),
+        },
+    });
+    if let Some(attach) = attach {
+        let verdicts = match &program {
+            Some(Program::Owned { program, .. }) => program.stats().ok(),
+            _ => Pinned::open(&x.iface).ok().map(|p| p.stats),
+        };
+        report["xsk"] = json!({
+            "iface": x.iface,
+            "attach": attach.label(),
+            "bind": bind_modes,
+            "invalid_descs": sum(|c| &c.invalid_descs),
+            "bad_packets": sum(|c| &c.bad_packets),
+            "rx_dropped": sum(|c| &c.xsk_rx_dropped),
+            "rx_invalid_descs": sum(|c| &c.xsk_rx_invalid_descs),
+            "rx_ring_full": sum(|c| &c.xsk_rx_ring_full),
+            "rx_fill_ring_empty_descs": sum(|c| &c.xsk_rx_fill_ring_empty_descs),
+            "verdicts": verdicts.map(|v| v.labelled().map(|(k, n)| (k.to_owned(), json!(n))).collect::<serde_json::Map<_, _>>()),
+        });
+    }
+    println!("{report}");
+    Ok(())
+}

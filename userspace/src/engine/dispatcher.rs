@@ -1,0 +1,163 @@
+//! The pipelined mode's dispatcher: pops the ingest queue in batches, feeds its depth to the
+//! [`ControlPlane`], sheds by priority in `DROPPING`/`EMERGENCY`, routes by topic, and pushes
+//! each event into one worker's SPSC ring ([`Bus`]: round-robin across a class's workers, or by
+//! topic hash where per-topic order or dedup needs it). Events it turns away go to the DLQ
+//! worker with their reason.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use tracing::info;
+use xxhash_rust::xxh3::xxh3_64;
+
+use super::{DlqReason, EngineCounters, Ev, Target, WorkerClass};
+use crate::engine::control::{Command, ControlPlane, PipelineState};
+use crate::engine::dedup::key;
+use crate::engine::idle::{Idle, backoff};
+use crate::engine::route::Router;
+use crate::ring::{mpsc, spsc};
+
+/// One class's fan-out over its workers' rings (EventBusMulti).
+#[derive(Debug)]
+pub struct Bus<'p, 'a> {
+    rings: Vec<spsc::Producer<Ev<'p, 'a>>>,
+    by_topic: bool,
+    next: usize,
+}
+
+impl<'p, 'a> Bus<'p, 'a> {
+    /// A bus over `rings`; `by_topic` picks a ring by topic hash instead of round-robin.
+    pub fn new(rings: Vec<spsc::Producer<Ev<'p, 'a>>>, by_topic: bool) -> Self {
+        Self {
+            rings,
+            by_topic,
+            next: 0,
+        }
+    }
+
+    /// Pushes `ev` to its ring, handing it back when that ring is full.
+    #[inline]
+    fn push(&mut self, ev: Ev<'p, 'a>) -> Result<(), Ev<'p, 'a>> {
+        let n = self.rings.len();
+        let i = if self.by_topic {
+            (xxh3_64(ev.topic().as_bytes()) % n as u64) as usize
+        } else {
+            self.next = (self.next + 1) % n;
+            self.next
+        };
+        self.rings[i].push(ev)
+    }
+}
+
+/// What a DLQ record carries.
+pub type DlqEntry<'p, 'a> = (Ev<'p, 'a>, DlqReason);
+
+/// The dispatcher thread's state.
+#[derive(Debug)]
+pub struct Dispatcher<'s, 'p, 'a> {
+    /// The ingest → dispatcher queue.
+    pub input: mpsc::Consumer<Ev<'p, 'a>>,
+    /// Topic routes.
+    pub router: Router<Target>,
+    /// One bus per [`WorkerClass`], in `WorkerClass::ALL` order.
+    pub buses: [Bus<'p, 'a>; 3],
+    /// To the DLQ worker.
+    pub dlq: spsc::Producer<DlqEntry<'p, 'a>>,
+    /// The state machine.
+    pub control: ControlPlane,
+    /// Operator commands (pause, resume, drain), from the admin endpoint or a signal.
+    pub commands: mpsc::Consumer<Command>,
+    /// Set when every ingest thread has stopped.
+    pub ingest_done: &'s AtomicBool,
+    /// Totals.
+    pub counters: &'s EngineCounters,
+}
+
+impl Dispatcher<'_, '_, '_> {
+    fn transition(&self, t: Option<(PipelineState, PipelineState)>) {
+        if let Some((from, to)) = t {
+            info!(
+                from = from.as_str(),
+                to = to.as_str(),
+                depth = self.input.len(),
+                "pipeline state"
+            );
+            self.counters.state.store(to as u8, Ordering::Relaxed);
+            self.counters
+                .paused
+                .store(to == PipelineState::Paused, Ordering::Relaxed);
+            self.counters.transitions[to as usize].fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Runs until ingest is done and the input queue is empty; dropping `self` then closes the
+    /// workers' rings, and they finish what is queued.
+    pub fn run(mut self) {
+        let mut spins = 0;
+        let mut idle = Idle::new();
+        let (mut dispatched, mut dlq) = (0u64, [0u64; 3]);
+        loop {
+            while let Some(cmd) = self.commands.pop() {
+                let t = self.control.command(cmd);
+                self.transition(t);
+            }
+            let t = self
+                .control
+                .observe(self.input.len(), self.input.capacity());
+            self.transition(t);
+            let mut n = 0;
+            while n < 256 {
+                let Some(ev) = self.input.pop() else { break };
+                n += 1;
+                let routed = match self.control.admit(ev.priority()) {
+                    Err(shed) => Err(match shed {
+                        crate::engine::control::Shed::Dropping => DlqReason::Dropping,
+                        crate::engine::control::Shed::Emergency => DlqReason::Emergency,
+                    }),
+                    Ok(()) => self
+                        .router
+                        .route(ev.topic())
+                        .copied()
+                        .ok_or(DlqReason::NoRoute),
+                };
+                match routed {
+                    Ok(target) => {
+                        let mut ev = ev;
+                        if target.class == WorkerClass::Transactional {
+                            ev.key = key(target.key, ev.topic(), ev.payload());
+                        }
+                        while let Err(back) = self.buses[target.class as usize].push(ev) {
+                            ev = back;
+                            backoff(&mut spins);
+                        }
+                        dispatched += 1;
+                    }
+                    Err(reason) => {
+                        let mut entry = (ev, reason);
+                        while let Err(back) = self.dlq.push(entry) {
+                            entry = back;
+                            backoff(&mut spins);
+                        }
+                        dlq[reason as usize] += 1;
+                    }
+                }
+            }
+            if dispatched != 0 || dlq.iter().any(|&d| d != 0) {
+                self.counters
+                    .dispatched
+                    .fetch_add(dispatched, Ordering::Relaxed);
+                for (c, d) in self.counters.dlq.iter().zip(dlq) {
+                    c.fetch_add(d, Ordering::Relaxed);
+                }
+                (dispatched, dlq) = (0, [0; 3]);
+            }
+            if n == 0 {
+                if self.ingest_done.load(Ordering::Acquire) && self.input.is_empty() {
+                    return;
+                }
+                idle.wait();
+            } else {
+                idle.busy();
+            }
+        }
+    }
+}

@@ -1,0 +1,142 @@
+//! The engine: what happens to an event between ingest and its sink.
+//!
+//! - [`stage`]: the one loop contract every data-plane and housekeeping thread runs under.
+//! - [`route`]: topic routes (exact, `*`, `>`/`#`) to a [`Target`].
+//! - [`control`]: the pipeline state machine (watermarks, hysteresis, priority shedding).
+//! - [`dedup`]: the transactional class's duplicate window.
+//! - [`latency`]: the sender's payload stamp and HDR histograms.
+//! - [`dispatcher`]: the pipelined mode's router thread and its fan-out over SPSC rings.
+//! - [`worker`]: the three worker classes (realtime, transactional, batch) and the DLQ.
+//!
+//! Counting follows the ingest rule: per-thread locals flushed once per batch.
+
+pub mod control;
+pub mod dedup;
+pub mod dispatcher;
+pub mod idle;
+pub mod latency;
+pub mod route;
+pub mod worker;
+
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
+
+use crate::engine::control::PipelineState;
+use crate::engine::dedup::KeyFrom;
+use crate::engine::latency::LatencyHistogram;
+use crate::mem::pool::Pooled;
+use crate::wire::event::Event;
+
+pub use dispatcher::{Bus, Dispatcher, DlqEntry};
+pub use worker::{WorkerKind, run_dlq, run_worker};
+
+/// An event on its way through the engine.
+pub type Ev<'p, 'a> = Pooled<'p, Event<'a>>;
+
+/// The worker classes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum WorkerClass {
+    /// Lowest latency.
+    Realtime,
+    /// Exactly once within the dedup window.
+    Transactional,
+    /// Grouped per topic, written in batches.
+    Batch,
+}
+
+impl WorkerClass {
+    /// All classes, in index order.
+    pub const ALL: [WorkerClass; 3] = [Self::Realtime, Self::Transactional, Self::Batch];
+
+    /// The label.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::Realtime => "realtime",
+            Self::Transactional => "transactional",
+            Self::Batch => "batch",
+        }
+    }
+}
+
+/// Where a route sends its events.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Target {
+    /// The worker class.
+    pub class: WorkerClass,
+    /// How the transactional worker identifies events.
+    pub key: KeyFrom,
+}
+
+/// Why the engine turned an event away (the DLQ record's reason and the counter label).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+pub enum DlqReason {
+    /// No route matched and there is no default.
+    NoRoute = 0,
+    /// Shed in `DROPPING`.
+    Dropping = 1,
+    /// Shed in `EMERGENCY`.
+    Emergency = 2,
+}
+
+impl DlqReason {
+    /// All reasons.
+    pub const ALL: [DlqReason; 3] = [Self::NoRoute, Self::Dropping, Self::Emergency];
+
+    /// The label.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::NoRoute => "no_route",
+            Self::Dropping => "dropping",
+            Self::Emergency => "emergency",
+        }
+    }
+}
+
+/// Engine totals, flushed once per batch by each thread.
+#[derive(Debug, Default)]
+pub struct EngineCounters {
+    /// Events the dispatcher handed to a worker.
+    pub dispatched: AtomicU64,
+    /// Events sent to the DLQ, by [`DlqReason`].
+    pub dlq: [AtomicU64; 3],
+    /// Events delivered by each worker class's sink.
+    pub delivered: [AtomicU64; 3],
+    /// Duplicates dropped by the transactional workers.
+    pub duplicates: AtomicU64,
+    /// Dedup keys evicted before their window ended.
+    pub dedup_evictions: AtomicU64,
+    /// Batch flushes.
+    pub batch_flushes: AtomicU64,
+    /// The pipeline state (`PipelineState as u8`).
+    pub state: AtomicU8,
+    /// Set while `PAUSED`: ingest threads stop receiving (checked once per batch).
+    pub paused: AtomicBool,
+    /// Transitions into each state.
+    pub transitions: [AtomicU64; 5],
+    /// Latency of realtime events (see [`crate::engine::latency`]), merged from each worker's own
+    /// histogram every [`crate::engine::latency::MERGE_INTERVAL_NS`].
+    pub latency: LatencyHistogram,
+    /// Realtime events with `latency_from: payload` whose payload carried no stamp.
+    pub unstamped: AtomicU64,
+}
+
+impl EngineCounters {
+    /// The current pipeline state.
+    pub fn state(&self) -> PipelineState {
+        PipelineState::from_u8(self.state.load(Ordering::Relaxed)).unwrap_or(PipelineState::Running)
+    }
+
+    /// Events delivered by all workers.
+    pub fn delivered_total(&self) -> u64 {
+        self.delivered
+            .iter()
+            .map(|c| c.load(Ordering::Relaxed))
+            .sum()
+    }
+
+    /// Events sent to the DLQ for every reason.
+    pub fn dlq_total(&self) -> u64 {
+        self.dlq.iter().map(|c| c.load(Ordering::Relaxed)).sum()
+    }
+}
