@@ -71,6 +71,10 @@ enum Cmd {
         /// Run in this network namespace (keeps the host's /sys/fs/bpf, unlike `ip netns exec`).
         #[arg(long)]
         netns: Option<String>,
+        /// Bench probe of the AF_XDP path's limits: `bare` returns every RX descriptor straight
+        /// to FILL, `parse` parses and releases; neither runs the engine.
+        #[arg(long, hide = true, value_enum)]
+        probe: Option<eventstream::daemon::Probe>,
     },
     /// Validate a configuration file and print it with defaults filled in.
     CheckConfig {
@@ -177,6 +181,7 @@ fn main() -> Result<()> {
             udp_bind,
             duration,
             netns,
+            probe,
         } => {
             let mut cfg = Config::load(&config)?;
             if let Some(ns) = &netns {
@@ -192,7 +197,7 @@ fn main() -> Result<()> {
                 cfg.xdp.queues = q;
             }
             cfg.validate()?;
-            eventstream::daemon::run(&cfg, no_xdp, duration)
+            eventstream::daemon::run(&cfg, no_xdp, duration, probe)
         }
     }
 }

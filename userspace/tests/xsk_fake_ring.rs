@@ -12,7 +12,7 @@ use std::io;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
-use eventstream::ingest::{IngestCounters, XskIngest};
+use eventstream::ingest::{Enqueue, IngestCounters, XskIngest};
 use eventstream::mem::RegionOptions;
 use eventstream::mem::frames::FrameArena;
 use eventstream::mem::pool::{EventPool, Pooled};
@@ -184,10 +184,16 @@ fn xsk_ingest_allocates_nothing_and_refuses_bad_descriptors() {
             limits: Limits::default(),
             stop: &stop,
             idle_poll: Duration::from_millis(1),
+            busy_spin: Duration::from_micros(20),
+            bare: false,
             counters: &counters,
             paused: &AtomicBool::new(false),
         };
-        job.run(&mut sock, &mut owner, &mut acq, &tx).unwrap();
+        let handoff = Enqueue {
+            pool: &mut acq,
+            queue: &tx,
+        };
+        job.run(&mut sock, &mut owner, handoff).unwrap();
         drop(acq);
     });
     let allocs = common::counting::stop();

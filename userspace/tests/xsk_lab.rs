@@ -15,7 +15,7 @@ use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use eventstream::ingest::{IngestCounters, XskIngest};
+use eventstream::ingest::{Enqueue, IngestCounters, XskIngest};
 use eventstream::mem::RegionOptions;
 use eventstream::mem::frames::FrameArena;
 use eventstream::mem::pool::{EventPool, Pooled};
@@ -142,10 +142,19 @@ fn receiver(
                 limits: Limits::default(),
                 stop: &stop,
                 idle_poll: Duration::from_millis(20),
+                busy_spin: Duration::from_micros(20),
+                bare: false,
                 counters: &counters,
                 paused: &AtomicBool::new(false),
             };
-            job.run(&mut sock, &mut owner, &mut acq, &tx)
+            job.run(
+                &mut sock,
+                &mut owner,
+                Enqueue {
+                    pool: &mut acq,
+                    queue: &tx,
+                },
+            )
         });
         ready.store(true, Ordering::Release);
         let deadline = Instant::now() + Duration::from_secs(20);

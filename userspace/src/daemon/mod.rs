@@ -10,7 +10,7 @@
 
 use std::net::UdpSocket;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow};
@@ -19,21 +19,26 @@ use serde_json::json;
 use tracing::{info, warn};
 
 use crate::engine::control::{Command, ControlPlane, PipelineState};
-use crate::engine::dedup::{DedupWindow, KeyFrom};
+use crate::engine::dedup::{DedupWindow, KeyFrom, SharedDedupWindow};
+use crate::engine::inline::DEPTH_ONE;
 use crate::engine::latency::LatencyFrom;
 use crate::engine::route::Router;
 use crate::engine::{
-    Bus, Dispatcher, DlqEntry, DlqReason, EngineCounters, Target, WorkerClass, WorkerKind, run_dlq,
-    run_worker,
+    Bus, ClassStep, Dedup, Dispatcher, DlqEntry, DlqReason, DlqStep, EngineCounters, Inline,
+    Target, WorkerClass, WorkerKind, run_dlq, run_worker,
 };
-use crate::ingest::{IngestCounters, Slot, TcpIngest, UdpIngest, XskIngest, bind_udp};
+use crate::ingest::{
+    Discard, Enqueue, IngestCounters, RunInline, Slot, TcpIngest, UdpIngest, XskIngest, bind_udp,
+};
 use crate::mem::RegionOptions;
 use crate::mem::frames::{FrameArena, FrameOwner};
 use crate::mem::numa::{self, Placement};
 use crate::mem::pool::{EventPool, Pooled};
 use crate::mem::topology::{self, PlanInput, Topology};
 use crate::ops::admin::MetricsView;
-use crate::ops::config::{AttachPolicy, Config, KeyConfig, SinkKind, XdpConfig as XdpSection};
+use crate::ops::config::{
+    AttachPolicy, Config, EngineMode, KeyConfig, SinkKind, XdpConfig as XdpSection,
+};
 use crate::ops::privs;
 use crate::ring::{mpsc, spsc};
 use crate::sink::file::{FileSink, SegmentLog};
@@ -140,7 +145,10 @@ fn setup_xsk<'a>(x: &XdpSection, arenas: &'a [FrameArena]) -> Result<XskSetup<'a
 fn open_sink(cfg: &Config, dir: &std::path::Path) -> Result<Box<dyn Sink>> {
     let s = &cfg.sinks;
     Ok(match s.kind {
-        SinkKind::Memory => Box::new(MemorySink::new(cfg.engine.memory_sink_capacity)),
+        SinkKind::Memory => {
+            let n = cfg.engine.memory_sink_capacity;
+            Box::new(MemorySink::new(n, n.saturating_mul(256)))
+        }
         SinkKind::File => {
             let interval = Duration::from_millis(s.fsync_interval_ms);
             let (log, rec) = SegmentLog::open(dir, s.segment_bytes, s.fsync, interval)
@@ -181,6 +189,30 @@ fn drop_privileges(keep_bpf: bool) {
     }
 }
 
+/// The inline control plane's tick: operator commands, then the watermarks over the deepest
+/// input (any data-plane thread's receive ring, or the side queue), and the state published.
+fn housekeeping_tick(
+    plane: &mut ControlPlane,
+    commands: &mut mpsc::Consumer<Command>,
+    depths: &[AtomicU32],
+    side: &mpsc::Producer<Pooled<'_, Event<'_>>>,
+    counters: &EngineCounters,
+) {
+    while let Some(cmd) = commands.pop() {
+        let t = plane.command(cmd);
+        counters.publish_transition(t, side.len());
+    }
+    let deepest = depths
+        .iter()
+        .map(|d| d.load(Ordering::Relaxed))
+        .max()
+        .unwrap_or(0);
+    let side_depth = (side.len() as u64 * u64::from(DEPTH_ONE)) / side.capacity().max(1) as u64;
+    let depth = u64::from(deepest).max(side_depth) as usize;
+    let t = plane.observe(depth, DEPTH_ONE as usize);
+    counters.publish_transition(t, depth);
+}
+
 /// Pins the calling thread to `cpu` if one is configured, logging the outcome.
 fn pin(cpu: Option<u32>, thread: &str) {
     if let Some(cpu) = cpu {
@@ -191,13 +223,22 @@ fn pin(cpu: Option<u32>, thread: &str) {
     }
 }
 
+/// The bench's probes of the AF_XDP path's own limits (`eventstream run --probe`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Probe {
+    /// `xsk_bare`: RX descriptors straight back to FILL, nothing parsed.
+    Bare,
+    /// `xsk_parse`: parse every event and release it, no engine.
+    Parse,
+}
+
 /// Runs the appliance described by `cfg` (already validated) until a signal, a drain command,
 /// or `duration` seconds (0: no limit).
 ///
 /// # Errors
 /// Setup failures (a socket that cannot be bound, a sink directory that cannot be opened, the
 /// XDP program refused where it was required), and an ingest or sink failure during the run.
-pub fn run(cfg: &Config, no_xdp: bool, duration: u64) -> Result<()> {
+pub fn run(cfg: &Config, no_xdp: bool, duration: u64, probe: Option<Probe>) -> Result<()> {
     let x = &cfg.xdp;
     // Decide the ingest path, and say why in one line when it is kernel UDP.
     let want_xdp = if no_xdp {
@@ -346,26 +387,109 @@ pub fn run(cfg: &Config, no_xdp: bool, duration: u64) -> Result<()> {
         });
     }
     let e = &cfg.engine;
-    let mut worker_rxs = Vec::new();
-    let buses = WorkerClass::ALL.map(|class| {
-        let n = match class {
-            WorkerClass::Realtime => e.realtime_workers,
-            WorkerClass::Transactional => e.transactional_workers,
-            WorkerClass::Batch => e.batch_workers,
-        };
-        let mut producers = Vec::with_capacity(n);
-        for _ in 0..n {
-            let (p, c) = spsc::channel(e.ring_capacity);
-            producers.push(p);
-            worker_rxs.push((class, c));
+    // Where the engine runs: inline, in each receive queue's thread (run to completion), unless
+    // the machine has a core for every thread of the pipelined mode (receive threads,
+    // dispatcher, workers, DLQ).
+    let data_plane = if xsk.is_some() { xsk_queues } else { 1 };
+    let cores = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
+    let pipelined_threads =
+        data_plane + 2 + e.realtime_workers + e.transactional_workers + e.batch_workers;
+    let inline = match e.mode {
+        EngineMode::Inline => true,
+        EngineMode::Pipelined => false,
+        EngineMode::Auto => cores < pipelined_threads,
+    };
+    info!(
+        mode = if inline { "inline" } else { "pipelined" },
+        cores,
+        data_plane_threads = data_plane,
+        "engine"
+    );
+    let window_ns = e.dedup_window_secs * 1_000_000_000;
+    // Inline: one dedup window shared by every queue's thread, lock-free.
+    let shared_dedup = SharedDedupWindow::new(if inline { e.dedup_capacity } else { 1 }, window_ns);
+    let kind_of = |class: WorkerClass, shared: bool| -> WorkerKind<'_> {
+        match class {
+            WorkerClass::Realtime => WorkerKind::Realtime {
+                from: e.latency_from,
+            },
+            WorkerClass::Transactional => WorkerKind::Transactional {
+                dedup: if shared {
+                    Dedup::Shared(&shared_dedup)
+                } else {
+                    Dedup::Own(DedupWindow::new(e.dedup_capacity, window_ns))
+                },
+            },
+            WorkerClass::Batch => WorkerKind::Batch {
+                max: e.batch_max,
+                window: Duration::from_millis(e.batch_window_ms),
+                max_topics: e.batch_max_topics,
+            },
         }
-        // Transactional: one key always meets the same dedup window. Batch: one topic, one group.
-        Bus::new(producers, class != WorkerClass::Realtime)
-    });
-    let (dlq_tx, dlq_rx) = spsc::channel::<DlqEntry<'_, '_>>(e.ring_capacity);
+    };
     let (cmd_tx, cmd_rx) = mpsc::channel::<Command>(64);
     let ingest_done = AtomicBool::new(false);
     let engine_counters = EngineCounters::default();
+    let depths: Vec<AtomicU32> = (0..data_plane).map(|_| AtomicU32::new(0)).collect();
+    // Sinks are opened (and file logs recovered) before any thread starts, so a bad directory
+    // is a clean error at start, not a failure mid-run.
+    let mut engines = Vec::new();
+    let mut worker_rxs = Vec::new();
+    let mut worker_steps = Vec::new();
+    let mut buses = None;
+    let mut dlq_ring = None;
+    let mut dlq_step = None;
+    if inline {
+        for (q, depth) in depths.iter().enumerate() {
+            let mut steps = Vec::with_capacity(3);
+            for class in WorkerClass::ALL {
+                let dir = cfg.sinks.dir.join(format!("{}-{q}", class.as_str()));
+                steps.push(ClassStep::new(kind_of(class, true), open_sink(cfg, &dir)?));
+            }
+            let dlq_dir = if q == 0 {
+                cfg.sinks.dlq_dir.clone()
+            } else {
+                cfg.sinks.dlq_dir.join(format!("q{q}"))
+            };
+            engines.push(Inline::new(
+                router.clone(),
+                cfg.control,
+                steps.try_into().expect("one step per class"),
+                DlqStep::new(open_sink(cfg, &dlq_dir)?),
+                &engine_counters,
+                depth,
+            ));
+        }
+    } else {
+        buses = Some(WorkerClass::ALL.map(|class| {
+            let n = match class {
+                WorkerClass::Realtime => e.realtime_workers,
+                WorkerClass::Transactional => e.transactional_workers,
+                WorkerClass::Batch => e.batch_workers,
+            };
+            let mut producers = Vec::with_capacity(n);
+            for _ in 0..n {
+                let (p, c) = spsc::channel(e.ring_capacity);
+                producers.push(p);
+                worker_rxs.push((class, c));
+            }
+            // Transactional: one key always meets the same dedup window. Batch: one topic, one
+            // group.
+            Bus::new(producers, class != WorkerClass::Realtime)
+        }));
+        let mut per_class = [0usize; 3];
+        for (class, _) in &worker_rxs {
+            let n = &mut per_class[*class as usize];
+            let dir = cfg.sinks.dir.join(format!("{}-{n}", class.as_str()));
+            worker_steps.push(ClassStep::new(
+                kind_of(*class, false),
+                open_sink(cfg, &dir)?,
+            ));
+            *n += 1;
+        }
+        dlq_ring = Some(spsc::channel::<DlqEntry<'_, '_>>(e.ring_capacity));
+        dlq_step = Some(DlqStep::new(open_sink(cfg, &cfg.sinks.dlq_dir)?));
+    }
     let admin = match cfg.admin.bind {
         Some(addr) => {
             let (server, bound) = crate::ops::admin::bind(addr)
@@ -376,26 +500,17 @@ pub fn run(cfg: &Config, no_xdp: bool, duration: u64) -> Result<()> {
         None => None,
     };
     let admin_stop = AtomicBool::new(false);
-    // Sinks are opened (and file logs recovered) before any thread starts, so a bad directory
-    // is a clean error at start, not a failure mid-run.
-    let mut per_class = [0usize; 3];
-    let mut worker_sinks = Vec::with_capacity(worker_rxs.len());
-    for (class, _) in &worker_rxs {
-        let n = &mut per_class[*class as usize];
-        worker_sinks.push(open_sink(
-            cfg,
-            &cfg.sinks.dir.join(format!("{}-{n}", class.as_str())),
-        )?);
-        *n += 1;
-    }
-    let mut dlq_sink = open_sink(cfg, &cfg.sinks.dlq_dir)?;
 
     let stop = Arc::new(AtomicBool::new(false));
     for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
         signal_hook::flag::register(sig, Arc::clone(&stop))
             .context("installing signal handlers")?;
     }
+    // Ingest threads that feed others (TCP connections, the beside-XDP socket, pipelined
+    // receive threads) stop first; data-plane threads (inline) stop after them, having served
+    // what those queued.
     let ingest_stop = AtomicBool::new(false);
+    let dataplane_stop = AtomicBool::new(false);
     let ingest_threads = producers as u64 + u64::from(tcp_listener.is_some());
     let ingest_running = AtomicU64::new(ingest_threads);
     let source = if xsk.is_some() {
@@ -432,59 +547,143 @@ pub fn run(cfg: &Config, no_xdp: bool, duration: u64) -> Result<()> {
     // Setup is done: before the first thread starts (they inherit it), keep only what the run
     // loop needs.
     drop_privileges(xsk.is_some());
+    let mut side_rx = Some(rx);
+    let mut engines = engines.into_iter();
+    let busy_spin = Duration::from_micros(u64::from(x.busy_spin_us));
+    // Inline receive threads come back from `poll`/`recvmmsg` at least this often, to serve the
+    // side queue and close batch windows.
+    let idle_poll = if inline {
+        Duration::from_millis(1)
+    } else {
+        Duration::from_millis(100)
+    };
     std::thread::scope(|s| -> Result<()> {
         let mut ingest = Vec::new();
+        let mut dataplane = Vec::new();
         if let Some(setup) = xsk {
             program = Some(setup.program);
             for (q, ((mut sock, mut owner), pool)) in
                 setup.queues.into_iter().zip(&pools).enumerate()
             {
                 let cpu = plan.ingest.get(q).copied();
-                let (counters, ingest_stop, ingest_running, tx) =
-                    (&counters[q], &ingest_stop, &ingest_running, &tx);
+                let (counters, ingest_running, tx) = (&counters[q], &ingest_running, &tx);
                 let job = XskIngest {
                     batch: x.batch,
                     limits: cfg.protocol.limits(),
-                    stop: ingest_stop,
-                    idle_poll: Duration::from_millis(100),
+                    stop: if inline {
+                        &dataplane_stop
+                    } else {
+                        &ingest_stop
+                    },
+                    idle_poll,
+                    busy_spin,
+                    bare: probe == Some(Probe::Bare),
                     counters,
                     paused: &engine_counters.paused,
+                };
+                let mut engine = engines.next();
+                let side = if q == 0 && engine.is_some() {
+                    side_rx.take()
+                } else {
+                    None
                 };
                 let h = std::thread::Builder::new()
                     .name(format!("ingest-q{q}"))
                     .spawn_scoped(s, move || {
                         pin(cpu, &format!("ingest-q{q}"));
-                        let mut acq = pool.acquirer().expect("one acquirer per pool");
-                        let r = job.run(&mut sock, &mut owner, &mut acq, tx);
+                        let r = match &mut engine {
+                            _ if probe == Some(Probe::Parse) => {
+                                job.run(&mut sock, &mut owner, Discard)
+                            }
+                            Some(engine) => job.run(
+                                &mut sock,
+                                &mut owner,
+                                RunInline {
+                                    engine,
+                                    side,
+                                    ring_depth: (0, 1),
+                                },
+                            ),
+                            None => {
+                                let mut acq = pool.acquirer().expect("one acquirer per pool");
+                                job.run(
+                                    &mut sock,
+                                    &mut owner,
+                                    Enqueue {
+                                        pool: &mut acq,
+                                        queue: tx,
+                                    },
+                                )
+                            }
+                        };
                         ingest_running.fetch_sub(1, Ordering::AcqRel);
                         r
                     })?;
-                ingest.push(h);
+                if inline {
+                    dataplane.push(h)
+                } else {
+                    ingest.push(h)
+                }
             }
         }
         let paused = &engine_counters.paused;
         if let Some((socket, arena)) = &udp {
             let (counters, pool) = (&counters[xsk_queues], &pools[xsk_queues]);
-            let (ingest_stop, ingest_running, tx) = (&ingest_stop, &ingest_running, &tx);
-            ingest.push(
-                std::thread::Builder::new()
-                    .name("ingest-udp".into())
-                    .spawn_scoped(s, move || {
-                        let mut frames = arena.owner().expect("one owner");
-                        let mut acq = pool.acquirer().expect("one acquirer");
-                        let job = UdpIngest {
-                            socket,
-                            batch: u.batch,
-                            limits: cfg.protocol.limits(),
-                            stop: ingest_stop,
-                            counters,
-                            paused,
-                        };
-                        let r = job.run(&mut frames, &mut acq, tx);
-                        ingest_running.fetch_sub(1, Ordering::AcqRel);
-                        r
-                    })?,
-            );
+            let (ingest_running, tx) = (&ingest_running, &tx);
+            // Without AF_XDP and inline, this socket's thread is the data plane.
+            let mut engine = if xsk_queues == 0 {
+                engines.next()
+            } else {
+                None
+            };
+            let side = engine.as_ref().and_then(|_| side_rx.take());
+            let is_dataplane = engine.is_some();
+            let (ingest_stop, dataplane_stop) = (&ingest_stop, &dataplane_stop);
+            let h = std::thread::Builder::new()
+                .name("ingest-udp".into())
+                .spawn_scoped(s, move || {
+                    let mut frames = arena.owner().expect("one owner");
+                    let job = UdpIngest {
+                        socket,
+                        batch: u.batch,
+                        limits: cfg.protocol.limits(),
+                        stop: if is_dataplane {
+                            dataplane_stop
+                        } else {
+                            ingest_stop
+                        },
+                        counters,
+                        idle_poll,
+                        paused,
+                    };
+                    let r = match &mut engine {
+                        Some(engine) => job.run(
+                            &mut frames,
+                            RunInline {
+                                engine,
+                                side,
+                                ring_depth: (0, 1),
+                            },
+                        ),
+                        None => {
+                            let mut acq = pool.acquirer().expect("one acquirer");
+                            job.run(
+                                &mut frames,
+                                Enqueue {
+                                    pool: &mut acq,
+                                    queue: tx,
+                                },
+                            )
+                        }
+                    };
+                    ingest_running.fetch_sub(1, Ordering::AcqRel);
+                    r
+                })?;
+            if is_dataplane {
+                dataplane.push(h)
+            } else {
+                ingest.push(h)
+            }
         }
         if let Some(listener) = &tcp_listener {
             let (tcp, slots, tx, ingest_running) = (&tcp, &tcp_slots, &tx, &ingest_running);
@@ -498,53 +697,53 @@ pub fn run(cfg: &Config, no_xdp: bool, duration: u64) -> Result<()> {
                     })?,
             );
         }
-        // The engine: dispatcher, workers per class, DLQ.
-        let dispatcher = Dispatcher {
-            input: rx,
-            router,
-            buses,
-            dlq: dlq_tx,
-            control: ControlPlane::new(cfg.control),
-            commands: cmd_rx,
-            ingest_done: &ingest_done,
-            counters: &engine_counters,
-        };
-        let dispatcher_cpu = plan.dispatcher;
-        let dispatch = std::thread::Builder::new()
-            .name("dispatcher".into())
-            .spawn_scoped(s, move || {
-                pin(dispatcher_cpu, "dispatcher");
-                dispatcher.run()
-            })?;
-        let mut workers = Vec::new();
-        for (k, ((class, rx), mut sink)) in worker_rxs.into_iter().zip(worker_sinks).enumerate() {
-            let cpu = plan.workers.get(k).copied().flatten();
-            let e = &cfg.engine;
-            let kind = match class {
-                WorkerClass::Realtime => WorkerKind::Realtime {
-                    from: cfg.engine.latency_from,
-                },
-                WorkerClass::Transactional => WorkerKind::Transactional {
-                    dedup: DedupWindow::new(e.dedup_capacity, e.dedup_window_secs * 1_000_000_000),
-                },
-                WorkerClass::Batch => WorkerKind::Batch {
-                    max: e.batch_max,
-                    window: Duration::from_millis(e.batch_window_ms),
-                },
+        // Pipelined: the dispatcher, the workers per class, and the DLQ, each a thread.
+        let mut engine_threads = Vec::new();
+        let mut cmd_rx = Some(cmd_rx);
+        if let (Some(buses), Some((dlq_tx, dlq_rx)), Some(dlq_step)) =
+            (buses.take(), dlq_ring.take(), dlq_step.take())
+        {
+            let dispatcher = Dispatcher {
+                input: side_rx.take().expect("the queue's consumer"),
+                router,
+                buses,
+                dlq: dlq_tx,
+                control: ControlPlane::new(cfg.control),
+                commands: cmd_rx.take().expect("the command queue"),
+                ingest_done: &ingest_done,
+                counters: &engine_counters,
             };
-            let counters = &engine_counters;
-            workers.push(
+            let dispatcher_cpu = plan.dispatcher;
+            engine_threads.push(
                 std::thread::Builder::new()
-                    .name(format!("worker-{}", class.as_str()))
+                    .name("dispatcher".into())
                     .spawn_scoped(s, move || {
-                        pin(cpu, &format!("worker-{}-{k}", class.as_str()));
-                        run_worker(class, kind, rx, &mut *sink, counters)
+                        pin(dispatcher_cpu, "dispatcher");
+                        dispatcher.run();
+                        Ok(())
                     })?,
             );
+            for (k, ((class, rx), step)) in worker_rxs.into_iter().zip(worker_steps).enumerate() {
+                let cpu = plan.workers.get(k).copied().flatten();
+                let counters = &engine_counters;
+                engine_threads.push(
+                    std::thread::Builder::new()
+                        .name(format!("worker-{}", class.as_str()))
+                        .spawn_scoped(s, move || {
+                            pin(cpu, &format!("worker-{}-{k}", class.as_str()));
+                            run_worker(step, rx, counters)
+                        })?,
+                );
+            }
+            let counters = &engine_counters;
+            engine_threads.push(
+                std::thread::Builder::new()
+                    .name("dlq".into())
+                    .spawn_scoped(s, move || run_dlq(dlq_step, dlq_rx, counters))?,
+            );
         }
-        let dlq = std::thread::Builder::new()
-            .name("dlq".into())
-            .spawn_scoped(s, move || run_dlq(dlq_rx, &mut *dlq_sink))?;
+        // Inline: the control plane runs here, on the housekeeping tick.
+        let mut control = cmd_rx.map(|rx| (ControlPlane::new(cfg.control), rx));
         if let Some(server) = &admin {
             let view = MetricsView {
                 ingest: counters
@@ -576,11 +775,19 @@ pub fn run(cfg: &Config, no_xdp: bool, duration: u64) -> Result<()> {
         println!("ready");
         let start = Instant::now();
         let mut last = (start, 0u64);
+        let tick = if inline {
+            Duration::from_millis(1)
+        } else {
+            Duration::from_millis(100)
+        };
         while !stop.load(Ordering::Relaxed)
             && ingest_running.load(Ordering::Acquire) == ingest_threads
             && engine_counters.state() != PipelineState::Draining
         {
-            std::thread::sleep(Duration::from_millis(100));
+            std::thread::sleep(tick);
+            if let Some((plane, commands)) = &mut control {
+                housekeeping_tick(plane, commands, &depths, &tx, &engine_counters);
+            }
             if duration > 0 && start.elapsed() >= Duration::from_secs(duration) {
                 break;
             }
@@ -600,6 +807,9 @@ pub fn run(cfg: &Config, no_xdp: bool, duration: u64) -> Result<()> {
         }
         info!("stopping: ingest closes, queues drain into the sinks");
         let _ = cmd_tx.push(Command::Drain);
+        if let Some((plane, commands)) = &mut control {
+            housekeeping_tick(plane, commands, &depths, &tx, &engine_counters);
+        }
         ingest_stop.store(true, Ordering::Relaxed);
         let mut result = Ok(());
         for h in ingest {
@@ -612,11 +822,16 @@ pub fn run(cfg: &Config, no_xdp: bool, duration: u64) -> Result<()> {
                 Err(_) => warn!("an ingest thread panicked"),
             }
         }
-        ingest_done.store(true, Ordering::Release);
-        if dispatch.join().is_err() {
-            warn!("the dispatcher panicked");
+        dataplane_stop.store(true, Ordering::Relaxed);
+        for h in dataplane {
+            match h.join() {
+                Ok(Err(e)) => result = Err(anyhow::Error::from(e).context("data plane")),
+                Err(_) => warn!("a data-plane thread panicked"),
+                Ok(Ok(())) => {}
+            }
         }
-        for h in workers.into_iter().chain([dlq]) {
+        ingest_done.store(true, Ordering::Release);
+        for h in engine_threads {
             match h.join() {
                 Ok(Err(e)) => result = Err(anyhow::Error::from(e).context("a sink failed")),
                 Err(_) => warn!("a worker panicked"),

@@ -230,15 +230,21 @@ impl ControlPlane {
     /// The [`Shed`] reason when it goes to the DLQ instead.
     #[inline]
     pub fn admit(&self, priority: u8) -> Result<(), Shed> {
-        match self.state {
-            PipelineState::Dropping if priority < self.cfg.dropping_min_priority => {
-                Err(Shed::Dropping)
-            }
-            PipelineState::Emergency if priority < self.cfg.emergency_min_priority => {
-                Err(Shed::Emergency)
-            }
-            _ => Ok(()),
-        }
+        admit(&self.cfg, self.state, priority)
+    }
+}
+
+/// What `state` does with an event of `priority`, by `cfg`'s floors: the rule that
+/// [`ControlPlane::admit`] applies, for threads that only read the published state.
+///
+/// # Errors
+/// The [`Shed`] reason when it goes to the DLQ instead.
+#[inline]
+pub fn admit(cfg: &ControlConfig, state: PipelineState, priority: u8) -> Result<(), Shed> {
+    match state {
+        PipelineState::Dropping if priority < cfg.dropping_min_priority => Err(Shed::Dropping),
+        PipelineState::Emergency if priority < cfg.emergency_min_priority => Err(Shed::Emergency),
+        _ => Ok(()),
     }
 }
 

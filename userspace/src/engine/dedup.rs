@@ -1,9 +1,13 @@
 //! Duplicate suppression for the transactional worker.
 //!
 //! The key is a 64-bit hash of (topic, payload) by default, or the first 8 payload bytes (u64 BE)
-//! for routes that say events carry their id there (PROTOCOL.md). The dispatcher routes the
-//! transactional class by topic hash, so a key always reaches the same worker, and each worker
-//! owns its own [`DedupWindow`]: no sharing, no locks, no allocation after start.
+//! for routes that say events carry their id there (PROTOCOL.md). In pipelined mode the
+//! dispatcher routes the transactional class by topic hash, so a key always reaches the same
+//! worker, and each worker owns its own [`DedupWindow`]: no sharing, no locks. In inline mode
+//! every receive queue's thread runs the transactional step itself, so they share one
+//! [`SharedDedupWindow`]: the same table, each slot one 128-bit word `(key, last_seen)` changed
+//! only by compare-and-swap (the original engine's CAS deduplicator), so a key always meets the
+//! same window whichever queue it arrives on. Neither allocates after start.
 //!
 //! The window is an open-addressing table of `(key, last_seen)` with linear probing over a short
 //! run of slots. A slot whose time is older than the window is free. When every slot of a run is
@@ -102,6 +106,95 @@ impl DedupWindow {
     }
 }
 
+/// [`DedupWindow`]'s table shared by every thread that runs the transactional step, lock-free.
+///
+/// Each slot is one `AtomicU128` holding `(key << 64) | last_seen`, so a key and its time change
+/// together. A lookup walks the same probe run as [`DedupWindow`]; a live slot with the key is a
+/// duplicate (its time is moved forward by CAS), the first free slot is claimed by CAS from
+/// exactly the value that was read. A lost race re-reads that slot and decides again, so two
+/// threads inserting one key concurrently both see it in the same slot: one inserts, the other
+/// finds a duplicate.
+#[derive(Debug)]
+pub struct SharedDedupWindow {
+    slots: Box<[portable_atomic::AtomicU128]>,
+    mask: usize,
+    window_ns: u64,
+    evictions: portable_atomic::AtomicU64,
+}
+
+impl SharedDedupWindow {
+    /// A table of at least `capacity` slots (a power of two), allocated now.
+    ///
+    /// # Panics
+    /// If `capacity` is zero.
+    pub fn new(capacity: usize, window_ns: u64) -> Self {
+        assert!(capacity > 0);
+        let n = capacity.next_power_of_two().max(PROBE);
+        Self {
+            slots: (0..n)
+                .map(|_| portable_atomic::AtomicU128::new(0))
+                .collect(),
+            mask: n - 1,
+            window_ns,
+            evictions: portable_atomic::AtomicU64::new(0),
+        }
+    }
+
+    /// Live keys evicted because their run was full.
+    pub fn evictions(&self) -> u64 {
+        self.evictions.load(core::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// As [`DedupWindow::check_and_insert`], from any thread.
+    #[inline]
+    pub fn check_and_insert(&self, key: u64, now_ns: u64) -> bool {
+        use core::sync::atomic::Ordering::{AcqRel, Acquire, Relaxed};
+        let now = now_ns.max(1);
+        let pack = |seen: u64| (u128::from(key) << 64) | u128::from(seen);
+        let start = (key.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 7) as usize;
+        'retry: loop {
+            let mut oldest: Option<(usize, u128)> = None;
+            for i in 0..PROBE {
+                let s = (start + i) & self.mask;
+                let mut cur = self.slots[s].load(Acquire);
+                loop {
+                    let (k, seen) = ((cur >> 64) as u64, cur as u64);
+                    let live = seen != EMPTY && now - seen.min(now) < self.window_ns;
+                    if live && k == key {
+                        // Seen again: move its time forward (a later time from another thread
+                        // may already be there; either keeps it inside the window).
+                        if seen < now {
+                            let _ = self.slots[s].compare_exchange(cur, pack(now), AcqRel, Relaxed);
+                        }
+                        return true;
+                    }
+                    if live {
+                        if oldest.is_none_or(|(_, o)| (o as u64) > seen) {
+                            oldest = Some((s, cur));
+                        }
+                        break;
+                    }
+                    // Free (never used or expired): claim it from exactly what was read.
+                    match self.slots[s].compare_exchange(cur, pack(now), AcqRel, Acquire) {
+                        Ok(_) => return false,
+                        Err(now_there) => cur = now_there, // decide again on the new value
+                    }
+                }
+            }
+            // The whole run is live: evict the oldest, unless it changed meanwhile.
+            let (s, cur) = oldest.expect("PROBE > 0");
+            if self.slots[s]
+                .compare_exchange(cur, pack(now), AcqRel, Relaxed)
+                .is_ok()
+            {
+                self.evictions.fetch_add(1, Relaxed);
+                return false;
+            }
+            continue 'retry;
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -162,6 +255,46 @@ mod tests {
                 "key {k} is still remembered"
             );
         }
+    }
+
+    #[test]
+    fn the_shared_window_agrees_with_the_owned_one() {
+        let mut own = DedupWindow::new(64, 10 * SEC);
+        let shared = SharedDedupWindow::new(64, 10 * SEC);
+        let mut x = 0x1234_5678_u64;
+        for t in 0..2_000u64 {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            let k = x % 97;
+            let now = SEC + t * (SEC / 50);
+            assert_eq!(
+                own.check_and_insert(k, now),
+                shared.check_and_insert(k, now),
+                "key {k} at {t}"
+            );
+        }
+        assert_eq!(own.evictions(), shared.evictions());
+    }
+
+    #[test]
+    fn the_shared_window_admits_a_key_once_across_threads() {
+        let w = SharedDedupWindow::new(1 << 12, 60 * SEC);
+        let keys = if cfg!(miri) { 50u64 } else { 1_000 };
+        let firsts = std::sync::atomic::AtomicU64::new(0);
+        std::thread::scope(|s| {
+            for _ in 0..4 {
+                s.spawn(|| {
+                    for k in 0..keys {
+                        if !w.check_and_insert(k, SEC) {
+                            firsts.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        }
+                    }
+                });
+            }
+        });
+        assert_eq!(firsts.into_inner(), keys, "each key admitted exactly once");
+        assert_eq!(w.evictions(), 0);
     }
 
     #[test]

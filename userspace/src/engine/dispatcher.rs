@@ -6,7 +6,6 @@
 
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use tracing::info;
 use xxhash_rust::xxh3::xxh3_64;
 
 use super::{DlqReason, EngineCounters, Ev, Target, WorkerClass};
@@ -74,19 +73,7 @@ pub struct Dispatcher<'s, 'p, 'a> {
 
 impl Dispatcher<'_, '_, '_> {
     fn transition(&self, t: Option<(PipelineState, PipelineState)>) {
-        if let Some((from, to)) = t {
-            info!(
-                from = from.as_str(),
-                to = to.as_str(),
-                depth = self.input.len(),
-                "pipeline state"
-            );
-            self.counters.state.store(to as u8, Ordering::Relaxed);
-            self.counters
-                .paused
-                .store(to == PipelineState::Paused, Ordering::Relaxed);
-            self.counters.transitions[to as usize].fetch_add(1, Ordering::Relaxed);
-        }
+        self.counters.publish_transition(t, self.input.len());
     }
 
     /// Runs until ingest is done and the input queue is empty; dropping `self` then closes the

@@ -5,8 +5,10 @@
 //! - [`control`]: the pipeline state machine (watermarks, hysteresis, priority shedding).
 //! - [`dedup`]: the transactional class's duplicate window.
 //! - [`latency`]: the sender's payload stamp and HDR histograms.
-//! - [`dispatcher`]: the pipelined mode's router thread and its fan-out over SPSC rings.
-//! - [`worker`]: the three worker classes (realtime, transactional, batch) and the DLQ.
+//! - [`worker`]: the three worker classes (realtime, transactional, batch) and the DLQ, as steps.
+//! - [`inline`]: inline mode, the engine run to completion in each receive queue's thread.
+//! - [`dispatcher`]: pipelined mode's router thread and its fan-out over SPSC rings to worker
+//!   threads, for machines with cores to spare.
 //!
 //! Counting follows the ingest rule: per-thread locals flushed once per batch.
 
@@ -14,6 +16,7 @@ pub mod control;
 pub mod dedup;
 pub mod dispatcher;
 pub mod idle;
+pub mod inline;
 pub mod latency;
 pub mod route;
 pub mod worker;
@@ -27,7 +30,8 @@ use crate::mem::pool::Pooled;
 use crate::wire::event::Event;
 
 pub use dispatcher::{Bus, Dispatcher, DlqEntry};
-pub use worker::{WorkerKind, run_dlq, run_worker};
+pub use inline::Inline;
+pub use worker::{BatchClock, ClassStep, Dedup, DlqStep, WorkerKind, run_dlq, run_worker};
 
 /// An event on its way through the engine.
 pub type Ev<'p, 'a> = Pooled<'p, Event<'a>>;
@@ -108,6 +112,10 @@ pub struct EngineCounters {
     pub dedup_evictions: AtomicU64,
     /// Batch flushes.
     pub batch_flushes: AtomicU64,
+    /// Batch groups flushed early because a new topic needed the slot (`max_topics`).
+    pub batch_evicted_groups: AtomicU64,
+    /// Records a sink discarded by design (the memory sink's oldest, to make room).
+    pub sink_evicted: AtomicU64,
     /// The pipeline state (`PipelineState as u8`).
     pub state: AtomicU8,
     /// Set while `PAUSED`: ingest threads stop receiving (checked once per batch).
@@ -133,6 +141,22 @@ impl EngineCounters {
             .iter()
             .map(|c| c.load(Ordering::Relaxed))
             .sum()
+    }
+
+    /// Publishes a state change from the control plane (logged and counted), if there was one.
+    pub fn publish_transition(&self, t: Option<(PipelineState, PipelineState)>, depth: usize) {
+        if let Some((from, to)) = t {
+            tracing::info!(
+                from = from.as_str(),
+                to = to.as_str(),
+                depth,
+                "pipeline state"
+            );
+            self.state.store(to as u8, Ordering::Relaxed);
+            self.paused
+                .store(to == PipelineState::Paused, Ordering::Relaxed);
+            self.transitions[to as usize].fetch_add(1, Ordering::Relaxed);
+        }
     }
 
     /// Events sent to the DLQ for every reason.

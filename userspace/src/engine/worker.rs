@@ -1,25 +1,120 @@
-//! Workers ([`run_worker`]) deliver to a [`Sink`]:
-//! - **realtime**: one event at a time, recording sender→worker latency;
+//! The worker classes as steps: what each does with one event, and at the end of a batch.
+//!
+//! - **realtime** ([`ClassStep::Realtime`]): delivers each event as it comes, recording its
+//!   latency (ingest → worker, or sender → worker from the payload stamp);
 //! - **transactional**: drops duplicates within the dedup window (counted, not delivered);
-//! - **batch**: groups events per topic and flushes a group when it reaches `batch_max` events or
-//!   `batch_window` age, as one sink write.
+//! - **batch**: groups events per topic, copied out of their receive frames so no window pins a
+//!   frame (and starves the FILL ring), and flushes a group when it reaches `batch_max` events
+//!   or `batch_window` age, as one sink batch. The number of groups is bounded: a new topic past
+//!   `max_topics` flushes the least recently opened group and takes its place (counted).
+//! - **DLQ** ([`DlqStep`]): writes each turned-away event with its reason.
+//!
+//! The same steps run in both engine modes: in the queue's own thread (inline, see
+//! [`super::inline`]) or in a worker thread fed by an SPSC ring ([`run_worker`], pipelined).
+//! An event counts as delivered only when the sink's flush that covers it has returned.
 
 use std::collections::HashMap;
 use std::io;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use super::{DlqEntry, EngineCounters, Ev, WorkerClass};
-use crate::engine::dedup::DedupWindow;
+use xxhash_rust::xxh3::xxh3_64;
+
+use super::{DlqEntry, DlqReason, EngineCounters, Ev, WorkerClass};
+use crate::engine::dedup::{DedupWindow, SharedDedupWindow};
 use crate::engine::idle::Idle;
 use crate::engine::latency::{LatencyFrom, LocalLatency, read_stamp, realtime_ns};
 use crate::ring::spsc;
-use crate::sink::Sink;
-use crate::wire::event::monotonic_ns;
+use crate::sink::{EventRef, Sink};
+use crate::wire::event::{Event, Source, monotonic_ns};
 
-/// How a worker treats its events.
+/// The clocks a batch is stamped with, read once per batch.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct BatchClock {
+    /// `CLOCK_MONOTONIC` ns.
+    pub mono: u64,
+    /// `CLOCK_REALTIME` ns, read only where a step needs it (payload latency), else 0.
+    pub wall: u64,
+}
+
+/// A sink with the count of what was appended since its last flush.
+struct Out {
+    sink: Box<dyn Sink>,
+    pending: u64,
+    evicted: u64,
+}
+
+impl Out {
+    fn new(sink: Box<dyn Sink>) -> Self {
+        Self {
+            sink,
+            pending: 0,
+            evicted: 0,
+        }
+    }
+
+    #[inline]
+    fn append(&mut self, ev: &EventRef<'_>, reason: Option<&'static str>) -> io::Result<()> {
+        self.sink.append(ev, reason)?;
+        self.pending += 1;
+        Ok(())
+    }
+
+    /// Flushes if anything is pending; returns how many events that made durable.
+    fn flush(&mut self, counters: &EngineCounters) -> io::Result<u64> {
+        if self.pending == 0 {
+            return Ok(0);
+        }
+        self.sink.flush()?;
+        let evicted = self.sink.evicted();
+        if evicted != self.evicted {
+            counters
+                .sink_evicted
+                .fetch_add(evicted - self.evicted, Ordering::Relaxed);
+            self.evicted = evicted;
+        }
+        Ok(core::mem::take(&mut self.pending))
+    }
+}
+
+impl core::fmt::Debug for Out {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_struct("Out")
+            .field("sink", &self.sink.kind())
+            .field("pending", &self.pending)
+            .finish()
+    }
+}
+
+/// The transactional class's window: owned by one worker, or shared by every queue's thread.
 #[derive(Debug)]
-pub enum WorkerKind {
+pub enum Dedup<'s> {
+    /// One worker's own table (pipelined mode: keys reach it by topic hash).
+    Own(DedupWindow),
+    /// One table for every thread (inline mode).
+    Shared(&'s SharedDedupWindow),
+}
+
+impl Dedup<'_> {
+    #[inline]
+    fn check_and_insert(&mut self, key: u64, now: u64) -> bool {
+        match self {
+            Self::Own(w) => w.check_and_insert(key, now),
+            Self::Shared(w) => w.check_and_insert(key, now),
+        }
+    }
+
+    fn evictions(&self) -> u64 {
+        match self {
+            Self::Own(w) => w.evictions(),
+            Self::Shared(w) => w.evictions(),
+        }
+    }
+}
+
+/// How a worker treats its events (what [`ClassStep::new`] builds from).
+#[derive(Debug)]
+pub enum WorkerKind<'s> {
     /// Deliver each event at once and record its latency.
     Realtime {
         /// Where the latency clock starts.
@@ -28,7 +123,7 @@ pub enum WorkerKind {
     /// Drop duplicates within the window.
     Transactional {
         /// The window table.
-        dedup: DedupWindow,
+        dedup: Dedup<'s>,
     },
     /// Group per topic; flush at `max` events or `window` age.
     Batch {
@@ -36,103 +131,372 @@ pub enum WorkerKind {
         max: usize,
         /// Oldest event's age before a flush.
         window: Duration,
+        /// Most topics grouped at once.
+        max_topics: usize,
     },
 }
 
-/// Runs one worker until its ring is closed (the dispatcher is gone) and empty.
+/// Bytes before a copied event's payload in a batch group: `seq u64`, `ingest_ns u64`,
+/// `source u8`, `priority u8`, `payload_len u32`.
+const COPY_HEADER: usize = 22;
+
+/// One topic's open group: its events copied out, back to back.
+#[derive(Debug)]
+struct Group {
+    topic: String,
+    opened_ns: u64,
+    events: usize,
+    bytes: Vec<u8>,
+}
+
+/// The batch class's groups.
+#[derive(Debug)]
+struct Groups {
+    max: usize,
+    window_ns: u64,
+    max_topics: usize,
+    groups: Vec<Group>,
+    /// Topic hash → index in `groups`.
+    index: HashMap<u64, usize>,
+    flushes: u64,
+    evicted_groups: u64,
+}
+
+impl Groups {
+    fn new(max: usize, window: Duration, max_topics: usize) -> Self {
+        let max_topics = max_topics.max(1);
+        Self {
+            max: max.max(1),
+            window_ns: window.as_nanos() as u64,
+            max_topics,
+            groups: Vec::with_capacity(max_topics),
+            index: HashMap::with_capacity(max_topics),
+            flushes: 0,
+            evicted_groups: 0,
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.groups.iter().all(|g| g.events == 0)
+    }
+
+    /// Writes group `i` to `out` and empties it.
+    fn write(&mut self, i: usize, out: &mut Out) -> io::Result<()> {
+        let g = &mut self.groups[i];
+        let mut at = 0;
+        while at < g.bytes.len() {
+            let b = &g.bytes[at..];
+            let len = u32::from_le_bytes(b[18..22].try_into().expect("4 bytes")) as usize;
+            let ev = EventRef {
+                seq: u64::from_le_bytes(b[0..8].try_into().expect("8 bytes")),
+                ingest_ns: u64::from_le_bytes(b[8..16].try_into().expect("8 bytes")),
+                source: Source::ALL
+                    .get(b[16] as usize)
+                    .copied()
+                    .unwrap_or(Source::Udp),
+                priority: b[17],
+                topic: &g.topic,
+                payload: &b[COPY_HEADER..COPY_HEADER + len],
+            };
+            out.append(&ev, None)?;
+            at += COPY_HEADER + len;
+        }
+        g.bytes.clear();
+        g.events = 0;
+        self.flushes += 1;
+        Ok(())
+    }
+
+    /// The group for `topic`, opening (or, past `max_topics`, taking over) one if needed.
+    fn group_for(&mut self, topic: &str, now: u64, out: &mut Out) -> io::Result<usize> {
+        let h = xxh3_64(topic.as_bytes());
+        if let Some(&i) = self.index.get(&h) {
+            if self.groups[i].topic == topic {
+                return Ok(i);
+            }
+            // A 64-bit hash collision: the newcomer takes the slot over.
+            self.take_over(i, h, topic, out)?;
+            return Ok(i);
+        }
+        if self.groups.len() < self.max_topics {
+            self.groups.push(Group {
+                topic: topic.to_owned(),
+                opened_ns: now,
+                events: 0,
+                bytes: Vec::new(),
+            });
+            self.index.insert(h, self.groups.len() - 1);
+            return Ok(self.groups.len() - 1);
+        }
+        // Full: the group opened longest ago is flushed and reused for this topic.
+        let i = (0..self.groups.len())
+            .min_by_key(|&i| (self.groups[i].events != 0, self.groups[i].opened_ns))
+            .expect("max_topics >= 1");
+        self.index.remove(&xxh3_64(self.groups[i].topic.as_bytes()));
+        self.take_over(i, h, topic, out)?;
+        Ok(i)
+    }
+
+    fn take_over(&mut self, i: usize, h: u64, topic: &str, out: &mut Out) -> io::Result<()> {
+        if self.groups[i].events != 0 {
+            self.write(i, out)?;
+        }
+        self.evicted_groups += 1;
+        let g = &mut self.groups[i];
+        g.topic.clear();
+        g.topic.push_str(topic);
+        self.index.insert(h, i);
+        Ok(())
+    }
+
+    #[inline]
+    fn push(&mut self, ev: &Event<'_>, now: u64, out: &mut Out) -> io::Result<()> {
+        let i = self.group_for(ev.topic(), now, out)?;
+        let g = &mut self.groups[i];
+        if g.events == 0 {
+            g.opened_ns = now;
+        }
+        let p = ev.payload();
+        g.bytes.extend_from_slice(&ev.seq.to_le_bytes());
+        g.bytes.extend_from_slice(&ev.ingest_ns.to_le_bytes());
+        g.bytes.push(ev.source as u8);
+        g.bytes.push(ev.priority());
+        g.bytes.extend_from_slice(&(p.len() as u32).to_le_bytes());
+        g.bytes.extend_from_slice(p);
+        g.events += 1;
+        if g.events >= self.max {
+            self.write(i, out)?;
+        }
+        Ok(())
+    }
+
+    /// Writes every group that is due (full, old, or `closing`).
+    fn due(&mut self, now: u64, closing: bool, out: &mut Out) -> io::Result<()> {
+        for i in 0..self.groups.len() {
+            let g = &self.groups[i];
+            if g.events != 0 && (closing || now.saturating_sub(g.opened_ns) >= self.window_ns) {
+                self.write(i, out)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// What a class does with its events.
+#[derive(Debug)]
+enum Kind<'s> {
+    Realtime {
+        from: LatencyFrom,
+        latency: LocalLatency,
+    },
+    Transactional {
+        dedup: Dedup<'s>,
+        duplicates: u64,
+    },
+    Batch(Groups),
+}
+
+/// One worker class's step over its sink.
+#[derive(Debug)]
+pub struct ClassStep<'s> {
+    class: WorkerClass,
+    kind: Kind<'s>,
+    out: Out,
+}
+
+impl<'s> ClassStep<'s> {
+    /// The step for `kind`, delivering to `sink`.
+    pub fn new(kind: WorkerKind<'s>, sink: Box<dyn Sink>) -> Self {
+        let (class, kind) = match kind {
+            WorkerKind::Realtime { from } => (
+                WorkerClass::Realtime,
+                Kind::Realtime {
+                    from,
+                    latency: LocalLatency::default(),
+                },
+            ),
+            WorkerKind::Transactional { dedup } => (
+                WorkerClass::Transactional,
+                Kind::Transactional {
+                    dedup,
+                    duplicates: 0,
+                },
+            ),
+            WorkerKind::Batch {
+                max,
+                window,
+                max_topics,
+            } => (
+                WorkerClass::Batch,
+                Kind::Batch(Groups::new(max, window, max_topics)),
+            ),
+        };
+        Self {
+            class,
+            kind,
+            out: Out::new(sink),
+        }
+    }
+
+    /// The class.
+    pub const fn class(&self) -> WorkerClass {
+        self.class
+    }
+
+    /// Whether the batch's clock needs the wall time (payload latency).
+    pub const fn wants_wall(&self) -> bool {
+        matches!(
+            self.kind,
+            Kind::Realtime {
+                from: LatencyFrom::Payload,
+                ..
+            }
+        )
+    }
+
+    /// Handles one event (its dedup key already in `ev.key` for the transactional class).
+    ///
+    /// # Errors
+    /// The sink's.
+    #[inline]
+    pub fn event(&mut self, ev: &Event<'_>, clock: BatchClock) -> io::Result<()> {
+        match &mut self.kind {
+            Kind::Realtime { from, latency } => {
+                match from {
+                    LatencyFrom::Ingest => latency.record(clock.mono.saturating_sub(ev.ingest_ns)),
+                    LatencyFrom::Payload => match read_stamp(ev.payload()) {
+                        Some((_, sent)) => latency.record(clock.wall.saturating_sub(sent)),
+                        None => latency.unstamped += 1,
+                    },
+                }
+                self.out.append(&EventRef::of(ev), None)
+            }
+            Kind::Transactional { dedup, duplicates } => {
+                if dedup.check_and_insert(ev.key, clock.mono) {
+                    *duplicates += 1;
+                    Ok(())
+                } else {
+                    self.out.append(&EventRef::of(ev), None)
+                }
+            }
+            Kind::Batch(groups) => groups.push(ev, clock.mono, &mut self.out),
+        }
+    }
+
+    /// Ends a batch: writes due groups, flushes the sink, and publishes the counts. `closing`
+    /// writes every group (shutdown).
+    ///
+    /// # Errors
+    /// The sink's.
+    pub fn end(&mut self, now: u64, closing: bool, counters: &EngineCounters) -> io::Result<()> {
+        if let Kind::Batch(groups) = &mut self.kind {
+            groups.due(now, closing, &mut self.out)?;
+        }
+        let delivered = self.out.flush(counters)?;
+        if delivered != 0 {
+            counters.delivered[self.class as usize].fetch_add(delivered, Ordering::Relaxed);
+        }
+        match &mut self.kind {
+            Kind::Realtime { latency, .. } => {
+                latency.merge_into(&counters.latency, now, closing);
+                if latency.unstamped != 0 {
+                    counters
+                        .unstamped
+                        .fetch_add(core::mem::take(&mut latency.unstamped), Ordering::Relaxed);
+                }
+            }
+            Kind::Transactional { dedup, duplicates } => {
+                if *duplicates != 0 {
+                    counters
+                        .duplicates
+                        .fetch_add(core::mem::take(duplicates), Ordering::Relaxed);
+                }
+                counters
+                    .dedup_evictions
+                    .store(dedup.evictions(), Ordering::Relaxed);
+            }
+            Kind::Batch(groups) => {
+                if groups.flushes != 0 {
+                    counters
+                        .batch_flushes
+                        .fetch_add(core::mem::take(&mut groups.flushes), Ordering::Relaxed);
+                }
+                if groups.evicted_groups != 0 {
+                    counters.batch_evicted_groups.fetch_add(
+                        core::mem::take(&mut groups.evicted_groups),
+                        Ordering::Relaxed,
+                    );
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether nothing is held (no open batch group).
+    pub fn is_drained(&self) -> bool {
+        match &self.kind {
+            Kind::Batch(groups) => groups.is_empty(),
+            _ => true,
+        }
+    }
+}
+
+/// The DLQ's step: each turned-away event with its reason.
+#[derive(Debug)]
+pub struct DlqStep {
+    out: Out,
+}
+
+impl DlqStep {
+    /// Writing to `sink`.
+    pub fn new(sink: Box<dyn Sink>) -> Self {
+        Self {
+            out: Out::new(sink),
+        }
+    }
+
+    /// Appends one event with its reason (counted by the caller, at the turn-away).
+    ///
+    /// # Errors
+    /// The sink's.
+    #[inline]
+    pub fn event(&mut self, ev: &Event<'_>, reason: DlqReason) -> io::Result<()> {
+        self.out.append(&EventRef::of(ev), Some(reason.as_str()))
+    }
+
+    /// Flushes what was appended.
+    ///
+    /// # Errors
+    /// The sink's.
+    pub fn end(&mut self, counters: &EngineCounters) -> io::Result<()> {
+        self.out.flush(counters).map(drop)
+    }
+}
+
+/// Runs one pipelined worker until its ring is closed (the dispatcher is gone) and empty.
 ///
 /// # Errors
 /// The sink's I/O error (the worker stops; the caller logs it).
-pub fn run_worker<'p, 'a>(
-    class: WorkerClass,
-    mut kind: WorkerKind,
-    mut input: spsc::Consumer<Ev<'p, 'a>>,
-    sink: &mut dyn Sink,
+pub fn run_worker(
+    mut step: ClassStep<'_>,
+    mut input: spsc::Consumer<Ev<'_, '_>>,
     counters: &EngineCounters,
 ) -> io::Result<()> {
-    let mut pending: HashMap<Box<str>, (u64, Vec<Ev<'p, 'a>>)> = HashMap::new();
-    let mut latency = LocalLatency::default();
     let mut idle = Idle::new();
     loop {
-        let mut n = 0;
-        let (mut delivered, mut dups) = (0u64, 0u64);
-        let now = monotonic_ns();
-        let wall = match kind {
-            WorkerKind::Realtime {
-                from: LatencyFrom::Payload,
-            } => realtime_ns(),
-            _ => 0,
+        let clock = BatchClock {
+            mono: monotonic_ns(),
+            wall: if step.wants_wall() { realtime_ns() } else { 0 },
         };
+        let mut n = 0;
         for ev in input.pop_batch(256) {
             n += 1;
-            match &mut kind {
-                WorkerKind::Realtime { from } => {
-                    match from {
-                        LatencyFrom::Ingest => latency.record(now.saturating_sub(ev.ingest_ns)),
-                        LatencyFrom::Payload => match read_stamp(ev.payload()) {
-                            Some((_, sent)) => latency.record(wall.saturating_sub(sent)),
-                            None => latency.unstamped += 1,
-                        },
-                    }
-                    sink.write(core::slice::from_ref(&ev), None)?;
-                    delivered += 1;
-                }
-                WorkerKind::Transactional { dedup } => {
-                    if dedup.check_and_insert(ev.key, now) {
-                        dups += 1;
-                    } else {
-                        sink.write(core::slice::from_ref(&ev), None)?;
-                        delivered += 1;
-                    }
-                }
-                WorkerKind::Batch { .. } => {
-                    // The group key allocates once per topic (the map keeps it), not per event.
-                    if !pending.contains_key(ev.topic()) {
-                        pending.insert(ev.topic().into(), (now, Vec::new()));
-                    }
-                    let group = pending.get_mut(ev.topic()).expect("inserted above");
-                    if group.1.is_empty() {
-                        group.0 = now;
-                    }
-                    group.1.push(ev);
-                }
-            }
+            step.event(&ev, clock)?;
         }
-        if let WorkerKind::Batch { max, window } = &kind {
-            let closing = n == 0 && input.is_abandoned() && input.is_empty();
-            for (_, (opened, group)) in pending.iter_mut() {
-                let due =
-                    group.len() >= *max || now.saturating_sub(*opened) >= window.as_nanos() as u64;
-                if !group.is_empty() && (due || closing) {
-                    sink.write(group, None)?;
-                    delivered += group.len() as u64;
-                    group.clear();
-                    counters.batch_flushes.fetch_add(1, Ordering::Relaxed);
-                }
-            }
-        }
-        if delivered != 0 || dups != 0 {
-            sink.flush()?;
-            counters.delivered[class as usize].fetch_add(delivered, Ordering::Relaxed);
-            counters.duplicates.fetch_add(dups, Ordering::Relaxed);
-        }
-        if let WorkerKind::Realtime { .. } = kind {
-            let closing = n == 0 && input.is_abandoned() && input.is_empty();
-            latency.merge_into(&counters.latency, now, closing);
-            if latency.unstamped != 0 {
-                counters
-                    .unstamped
-                    .fetch_add(core::mem::take(&mut latency.unstamped), Ordering::Relaxed);
-            }
-        }
-        if let WorkerKind::Transactional { dedup, .. } = &kind {
-            counters
-                .dedup_evictions
-                .store(dedup.evictions(), Ordering::Relaxed);
-        }
+        let closing = n == 0 && input.is_abandoned() && input.is_empty();
+        step.end(clock.mono, closing, counters)?;
         if n == 0 {
-            let drained = pending.values().all(|(_, g)| g.is_empty());
-            if input.is_abandoned() && input.is_empty() && drained {
+            if closing && step.is_drained() {
                 return Ok(());
             }
             idle.wait();
@@ -142,21 +506,24 @@ pub fn run_worker<'p, 'a>(
     }
 }
 
-/// Runs the DLQ worker: writes each turned-away event with its reason, until the dispatcher
-/// is gone and the ring is empty.
+/// Runs the pipelined DLQ worker until the dispatcher is gone and the ring is empty.
 ///
 /// # Errors
 /// The sink's I/O error.
-pub fn run_dlq(mut input: spsc::Consumer<DlqEntry<'_, '_>>, sink: &mut dyn Sink) -> io::Result<()> {
+pub fn run_dlq(
+    mut step: DlqStep,
+    mut input: spsc::Consumer<DlqEntry<'_, '_>>,
+    counters: &EngineCounters,
+) -> io::Result<()> {
     let mut idle = Idle::new();
     loop {
         let mut n = 0;
         for (ev, reason) in input.pop_batch(256) {
-            sink.write(core::slice::from_ref(&ev), Some(reason.as_str()))?;
+            step.event(&ev, reason)?;
             n += 1;
         }
         if n > 0 {
-            sink.flush()?;
+            step.end(counters)?;
             idle.busy();
         } else if input.is_abandoned() && input.is_empty() {
             return Ok(());

@@ -4,18 +4,23 @@
 //! - [`udp`]: a kernel UDP socket with `recvmmsg`, where XDP cannot attach;
 //! - [`tcp`]: the kernel TCP listener, for clients that cannot use UDP.
 //!
-//! Both share [`Deliver`], the per-datagram step: parse the frame's events, put each in the
-//! pool, push it to the queue, and count each rejected frame by reason. Counting is in plain
-//! locals ([`Tally`]) flushed to the shared [`IngestCounters`] once per batch, never a shared
-//! atomic per event. Backpressure (no free frame, pool slot or queue slot) makes the thread
-//! wait, spinning briefly and then yielding; the kernel's ring or socket buffer absorbs the
-//! burst, and what it drops is counted there (`XDP_STATISTICS`, `RcvbufErrors`).
+//! All share [`Deliver`], the per-datagram step: parse the frame's events, hand each to a
+//! [`Handoff`] (the engine inline, or a pool slot and the dispatcher's queue), and count each
+//! rejected frame by reason. Counting is in plain locals ([`Tally`]) flushed to the shared
+//! [`IngestCounters`] once per batch, never a shared atomic per event. Backpressure (no free
+//! frame, a slow sink, no pool or queue slot) makes the thread wait; the kernel's ring or
+//! socket buffer absorbs the burst, and what it drops is counted there (`XDP_STATISTICS`,
+//! `RcvbufErrors`).
 
 pub mod tcp;
 pub mod udp;
 pub mod xsk;
 
+use core::fmt;
+use std::io;
 use std::sync::atomic::{AtomicU64, Ordering};
+
+use crate::engine::Inline;
 
 use crate::engine::idle::backoff;
 use crate::mem::frames::SharedFrame;
@@ -97,56 +102,198 @@ impl Tally {
     }
 }
 
-/// The per-datagram step shared by every ingest path.
-pub struct Deliver<'d, 'a, 'p> {
-    /// Frame limits.
-    pub limits: Limits,
+/// What an ingest loop does with each event it parses, and around each batch.
+///
+/// - [`Enqueue`]: into a pool slot and onto the dispatcher's MPSC queue (pipelined mode, and
+///   the kernel TCP connections in every mode);
+/// - [`RunInline`]: straight through the engine in this thread (inline mode), which also
+///   serves the side queue that TCP connections feed;
+/// - [`Discard`]: parse and release, nothing else (the bench's `xsk_parse`).
+pub trait Handoff<'a> {
+    /// Before a batch.
+    #[inline]
+    fn begin(&mut self) {}
+    /// One parsed event.
+    ///
+    /// # Errors
+    /// A sink's (inline mode).
+    fn event(&mut self, ev: Event<'a>) -> io::Result<()>;
+    /// After a batch, and on every idle pass (batch windows close on time). `closing` at exit.
+    ///
+    /// # Errors
+    /// A sink's (inline mode).
+    #[inline]
+    fn end(&mut self, _closing: bool) -> io::Result<()> {
+        Ok(())
+    }
+    /// Serves events queued by other threads for this one; returns how many.
+    ///
+    /// # Errors
+    /// A sink's (inline mode).
+    #[inline]
+    fn side(&mut self) -> io::Result<usize> {
+        Ok(0)
+    }
+    /// The receive ring's fill (`used` of `capacity`), for the control plane.
+    #[inline]
+    fn depth(&mut self, _used: usize, _capacity: usize) {}
+    /// Whether everything handed over has reached its sink (nothing held in batch windows, the
+    /// side queue empty).
+    fn is_drained(&self) -> bool {
+        true
+    }
+}
+
+/// Pipelined hand-off: a pool slot, then the dispatcher's queue (waiting while either is
+/// full: that is the backpressure).
+pub struct Enqueue<'d, 'a, 'p> {
     /// This thread's pool.
     pub pool: &'d mut Acquirer<'p, Event<'a>>,
     /// The ingest → dispatcher queue.
     pub queue: &'d mpsc::Producer<Pooled<'p, Event<'a>>>,
 }
 
-impl<'a> Deliver<'_, 'a, '_> {
-    /// Parses `frame` as one datagram; each event goes into the pool and onto the queue
-    /// (waiting while either is full), each rejected frame into `tally` by reason.
+impl<'a> Handoff<'a> for Enqueue<'_, 'a, '_> {
     #[inline]
-    pub fn frame(
+    fn event(&mut self, mut ev: Event<'a>) -> io::Result<()> {
+        let mut spins = 0;
+        let mut pooled = loop {
+            match self.pool.acquire(ev) {
+                Ok(p) => break p,
+                Err(back) => {
+                    ev = back;
+                    backoff(&mut spins);
+                }
+            }
+        };
+        while let Err(back) = self.queue.push(pooled) {
+            pooled = back;
+            backoff(&mut spins);
+        }
+        Ok(())
+    }
+}
+
+impl fmt::Debug for Enqueue<'_, '_, '_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Enqueue").finish_non_exhaustive()
+    }
+}
+
+/// Inline hand-off: the engine runs in this thread. `side` is the queue other ingest threads
+/// (TCP connections, the beside-XDP socket) feed; this thread serves it between its own
+/// batches.
+#[derive(Debug)]
+pub struct RunInline<'i, 's, 'p, 'a> {
+    /// The engine.
+    pub engine: &'i mut Inline<'s>,
+    /// Events from other ingest threads, served here.
+    pub side: Option<mpsc::Consumer<Pooled<'p, Event<'a>>>>,
+    /// Depth of the receive ring last published.
+    pub ring_depth: (usize, usize),
+}
+
+impl<'a> Handoff<'a> for RunInline<'_, '_, '_, 'a> {
+    #[inline]
+    fn begin(&mut self) {
+        self.engine.begin();
+    }
+    #[inline]
+    fn event(&mut self, ev: Event<'a>) -> io::Result<()> {
+        self.engine.event(ev)
+    }
+    fn end(&mut self, closing: bool) -> io::Result<()> {
+        self.engine.end(closing)
+    }
+    fn side(&mut self) -> io::Result<usize> {
+        let Some(side) = &mut self.side else {
+            return Ok(0);
+        };
+        let (used, cap) = (side.len(), side.capacity());
+        // The deeper of the two inputs is what the control plane sees.
+        let (r_used, r_cap) = self.ring_depth;
+        if used * r_cap.max(1) >= r_used * cap.max(1) {
+            self.engine.publish_depth(used, cap);
+        } else {
+            self.engine.publish_depth(r_used, r_cap);
+        }
+        if used == 0 {
+            return Ok(0);
+        }
+        self.engine.begin();
+        let mut n = 0;
+        while n < 256 {
+            let Some(ev) = side.pop() else { break };
+            self.engine.event(ev.into_inner())?;
+            n += 1;
+        }
+        self.engine.end(false)?;
+        Ok(n)
+    }
+    #[inline]
+    fn depth(&mut self, used: usize, capacity: usize) {
+        self.ring_depth = (used, capacity);
+        if self.side.is_none() {
+            self.engine.publish_depth(used, capacity);
+        }
+    }
+    fn is_drained(&self) -> bool {
+        self.side.as_ref().is_none_or(|s| s.is_empty())
+    }
+}
+
+/// Parse-only hand-off (the bench's `xsk_parse`): every event is released at once.
+#[derive(Debug, Default)]
+pub struct Discard;
+
+impl<'a> Handoff<'a> for Discard {
+    #[inline]
+    fn event(&mut self, ev: Event<'a>) -> io::Result<()> {
+        drop(ev);
+        Ok(())
+    }
+}
+
+/// The per-datagram step shared by every ingest path.
+pub struct Deliver<H> {
+    /// Frame limits.
+    pub limits: Limits,
+    /// Where events go.
+    pub handoff: H,
+}
+
+impl<H> Deliver<H> {
+    /// Parses `frame` as one datagram; each event goes to the hand-off, each rejected frame into
+    /// `tally` by reason.
+    ///
+    /// # Errors
+    /// The hand-off's (a sink's, inline).
+    #[inline]
+    pub fn frame<'a>(
         &mut self,
         frame: &mut SharedFrame<'a>,
         stamp: Stamp,
         seq: &mut u64,
         tally: &mut Tally,
-    ) {
-        let mut spins = 0;
+    ) -> io::Result<()>
+    where
+        H: Handoff<'a>,
+    {
         for parsed in frame.events(self.limits, stamp, seq) {
-            let mut ev = match parsed {
-                Ok(ev) => ev,
-                Err(e) => {
-                    tally.rejected[e.reason() as usize] += 1;
-                    continue;
+            match parsed {
+                Ok(ev) => {
+                    self.handoff.event(ev)?;
+                    tally.events += 1;
                 }
-            };
-            let mut pooled = loop {
-                match self.pool.acquire(ev) {
-                    Ok(p) => break p,
-                    Err(back) => {
-                        ev = back;
-                        backoff(&mut spins);
-                    }
-                }
-            };
-            while let Err(back) = self.queue.push(pooled) {
-                pooled = back;
-                backoff(&mut spins);
+                Err(e) => tally.rejected[e.reason() as usize] += 1,
             }
-            tally.events += 1;
         }
+        Ok(())
     }
 }
 
-impl std::fmt::Debug for Deliver<'_, '_, '_> {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+impl<H> fmt::Debug for Deliver<H> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Deliver")
             .field("limits", &self.limits)
             .finish()

@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 
 use tracing::{debug, info, warn};
 
-use super::{Deliver, IngestCounters, Tally};
+use super::{Deliver, Enqueue, IngestCounters, Tally};
 use crate::engine::idle::backoff;
 use crate::mem::frames::{FrameArena, FrameOwner, OwnedFrame};
 use crate::mem::pool::{EventPool, Pooled};
@@ -148,8 +148,10 @@ impl TcpIngest<'_> {
         let mut acq = slot.pool.acquirer().expect("one connection per slot");
         let mut deliver = Deliver {
             limits: self.limits,
-            pool: &mut acq,
-            queue,
+            handoff: Enqueue {
+                pool: &mut acq,
+                queue,
+            },
         };
         let mut decoder = StreamDecoder::new(self.limits);
         let mut tally = Tally::default();
@@ -217,7 +219,7 @@ impl TcpIngest<'_> {
                     .is_some_and(|(_, used)| used + need > frame_size)
                 {
                     let (frame, used) = current.take().expect("checked");
-                    deliver.frame(&mut frame.share(0..used), stamp, &mut seq, &mut tally);
+                    deliver.frame(&mut frame.share(0..used), stamp, &mut seq, &mut tally)?;
                 }
                 if current.is_none() {
                     current = Some((take_frame(&mut owner), 0));
@@ -234,7 +236,7 @@ impl TcpIngest<'_> {
                 *used += written;
             }
             if let Some((frame, used)) = current.take() {
-                deliver.frame(&mut frame.share(0..used), stamp, &mut seq, &mut tally);
+                deliver.frame(&mut frame.share(0..used), stamp, &mut seq, &mut tally)?;
             }
             tally.flush(slot.counters);
             if let Some(e) = fatal {

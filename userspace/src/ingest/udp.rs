@@ -14,12 +14,10 @@ use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use super::{Deliver, IngestCounters, Tally};
+use super::{Deliver, Handoff, IngestCounters, Tally};
 use crate::engine::idle::backoff;
 use crate::mem::frames::{FrameOwner, OwnedFrame};
-use crate::mem::pool::{Acquirer, Pooled};
-use crate::ring::mpsc;
-use crate::wire::event::{Event, Source, Stamp, monotonic_ns};
+use crate::wire::event::{Source, Stamp, monotonic_ns};
 use crate::wire::protocol::{Limits, RejectReason};
 
 /// Binds the UDP socket: the receive buffer as asked (0 keeps the default), and a receive
@@ -72,6 +70,9 @@ pub struct UdpIngest<'s> {
     pub stop: &'s AtomicBool,
     /// Where totals go.
     pub counters: &'s IngestCounters,
+    /// Longest wait in `recvmmsg` when nothing arrives (the socket's receive timeout): short
+    /// in inline mode, where the side queue and batch windows are served between calls.
+    pub idle_poll: Duration,
     /// While set (the pipeline is `PAUSED`), stop receiving: the kernel holds what arrives,
     /// and counts what it must drop. Checked once per batch, so a pause takes effect within
     /// one receive timeout (a batch already being received is still delivered).
@@ -83,12 +84,13 @@ impl UdpIngest<'_> {
     ///
     /// # Errors
     /// A receive error other than a timeout or an interrupted call.
-    pub fn run<'a, 'p>(
+    pub fn run<'a>(
         &self,
         frames: &mut FrameOwner<'a>,
-        pool: &mut Acquirer<'p, Event<'a>>,
-        queue: &mpsc::Producer<Pooled<'p, Event<'a>>>,
+        handoff: impl Handoff<'a>,
     ) -> io::Result<()> {
+        self.socket
+            .set_read_timeout(Some(self.idle_poll.max(Duration::from_micros(100))))?;
         let batch = self.batch.max(1);
         let mut held: Vec<OwnedFrame<'a>> = Vec::with_capacity(batch);
         let mut iovecs: Vec<libc::iovec> = Vec::with_capacity(batch);
@@ -99,12 +101,18 @@ impl UdpIngest<'_> {
         let mut spins = 0;
         let mut deliver = Deliver {
             limits: self.limits,
-            pool,
-            queue,
+            handoff,
         };
         while !self.stop.load(Ordering::Relaxed) {
             if self.paused.load(Ordering::Relaxed) {
-                std::thread::sleep(Duration::from_millis(5));
+                // Queued work continues: the side queue is still served.
+                if deliver.handoff.side()? == 0 {
+                    deliver.handoff.end(false)?;
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+                continue;
+            }
+            if deliver.handoff.side()? > 0 {
                 continue;
             }
             while held.len() < batch {
@@ -151,7 +159,10 @@ impl UdpIngest<'_> {
                 match e.kind() {
                     io::ErrorKind::WouldBlock
                     | io::ErrorKind::TimedOut
-                    | io::ErrorKind::Interrupted => continue,
+                    | io::ErrorKind::Interrupted => {
+                        deliver.handoff.end(false)?;
+                        continue;
+                    }
                     _ => return Err(e),
                 }
             }
@@ -159,6 +170,7 @@ impl UdpIngest<'_> {
                 source: Source::Udp,
                 ingest_ns: monotonic_ns(),
             };
+            deliver.handoff.begin();
             for (frame, msg) in held.drain(..n as usize).zip(&msgs) {
                 let len = msg.msg_len as usize;
                 tally.datagrams += 1;
@@ -169,10 +181,15 @@ impl UdpIngest<'_> {
                     continue; // `frame` drops here and goes back to the owner
                 }
                 let mut shared = frame.share(0..len);
-                deliver.frame(&mut shared, stamp, &mut seq, &mut tally);
+                deliver.frame(&mut shared, stamp, &mut seq, &mut tally)?;
             }
+            deliver.handoff.end(false)?;
             tally.flush(self.counters);
         }
+        // Stopped: what other threads queued for this one is served, then windows close.
+        while deliver.handoff.side()? > 0 {}
+        deliver.handoff.end(true)?;
+        tally.flush(self.counters);
         Ok(())
     }
 }

@@ -12,11 +12,9 @@ use std::io;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use super::{Deliver, IngestCounters, Tally};
+use super::{Deliver, Handoff, IngestCounters, Tally};
 use crate::mem::frames::FrameOwner;
-use crate::mem::pool::{Acquirer, Pooled};
-use crate::ring::mpsc;
-use crate::wire::event::{Event, Source, Stamp, monotonic_ns};
+use crate::wire::event::{Source, Stamp, monotonic_ns};
 use crate::wire::packet::udp_payload;
 use crate::wire::protocol::Limits;
 use crate::xdp::socket::XskRings;
@@ -33,8 +31,14 @@ pub struct XskIngest<'s> {
     pub limits: Limits,
     /// Set to stop the loop (checked every pass; an idle pass waits at most `idle_poll`).
     pub stop: &'s AtomicBool,
-    /// Longest wait in `poll` when there is nothing to read.
+    /// Longest wait in `poll` when there is nothing to read (inline mode keeps it short: the
+    /// side queue and batch windows are served between polls).
     pub idle_poll: Duration,
+    /// How long an empty RX ring is re-checked before sleeping in `poll` (`xdp.busy_spin_us`).
+    pub busy_spin: Duration,
+    /// `xsk_bare` (the bench's probe of the socket's own limit): descriptors go straight back to
+    /// FILL, nothing is parsed.
+    pub bare: bool,
     /// Where totals go.
     pub counters: &'s IngestCounters,
     /// While set (the pipeline is `PAUSED`), stop receiving: the kernel holds what arrives,
@@ -44,31 +48,41 @@ pub struct XskIngest<'s> {
 }
 
 impl XskIngest<'_> {
-    /// Receives until `stop` is set.
+    /// Receives until `stop` is set, handing each event to `handoff`; then serves what the
+    /// hand-off still holds and closes it.
+    ///
+    /// Waiting: an empty RX ring is re-checked for up to `busy_spin` (no syscall), then the
+    /// thread sleeps in `poll` for at most `idle_poll`. The kernel is kicked only when it set
+    /// `need_wakeup` on the FILL ring.
     ///
     /// # Errors
-    /// A wake-up or poll error from the kernel.
-    pub fn run<'a, 'p>(
+    /// A wake-up or poll error from the kernel, or the hand-off's (a sink's, inline).
+    pub fn run<'a>(
         &self,
         sock: &mut impl XskRings,
         frames: &mut FrameOwner<'a>,
-        pool: &mut Acquirer<'p, Event<'a>>,
-        queue: &mpsc::Producer<Pooled<'p, Event<'a>>>,
+        handoff: impl Handoff<'a>,
     ) -> io::Result<()> {
         let fs = u64::from(sock.frame_size());
         let umem_len = sock.umem_len();
+        let ring = sock.rings().1.size() as usize;
         let idle_ms = i32::try_from(self.idle_poll.as_millis()).unwrap_or(i32::MAX);
+        let spin_ns = self.busy_spin.as_nanos() as u64;
         let mut deliver = Deliver {
             limits: self.limits,
-            pool,
-            queue,
+            handoff,
         };
         let mut tally = Tally::default();
         let mut seq = 0u64;
         let mut next_stats = monotonic_ns();
+        let mut empty_since: Option<u64> = None;
         while !self.stop.load(Ordering::Relaxed) {
             if self.paused.load(Ordering::Relaxed) {
-                std::thread::sleep(Duration::from_millis(5));
+                // Queued work continues: the side queue is still served.
+                if deliver.handoff.side()? == 0 {
+                    deliver.handoff.end(false)?;
+                    std::thread::sleep(Duration::from_millis(1));
+                }
                 continue;
             }
             // Refill: released frames first, then as many as FILL has room for.
@@ -87,16 +101,41 @@ impl XskIngest<'_> {
                 sock.wakeup_rx()?;
             }
 
-            let ready = sock.rings().1.available(self.batch);
+            let rx = sock.rings().1;
+            let ready = rx.available(self.batch);
             if ready == 0 {
+                let served = deliver.handoff.side()?;
+                deliver.handoff.end(false)?;
+                if served > 0 {
+                    continue;
+                }
+                let now = monotonic_ns();
+                let since = *empty_since.get_or_insert(now);
+                if now - since < spin_ns {
+                    core::hint::spin_loop();
+                    continue;
+                }
                 sock.poll_rx(idle_ms)?;
                 self.read_stats(sock, &mut next_stats);
                 continue;
             }
+            empty_since = None;
+            if self.bare {
+                // The socket's own limit: every descriptor straight back to FILL, unread.
+                self.bare_batch(sock, ready, fs, umem_len, &mut tally);
+                tally.flush(self.counters);
+                self.read_stats(sock, &mut next_stats);
+                continue;
+            }
+            // How deep the ring is, for the control plane (once per batch).
+            deliver
+                .handoff
+                .depth(rx.available(ring as u32) as usize, ring);
             let stamp = Stamp {
                 source: Source::Xsk,
                 ingest_ns: monotonic_ns(),
             };
+            deliver.handoff.begin();
             for i in 0..ready {
                 let desc = sock.rings().1.read(i);
                 let len = u64::from(desc.len);
@@ -124,14 +163,49 @@ impl XskIngest<'_> {
                     continue; // `frame` drops here and returns to the free list
                 };
                 let mut shared = frame.share(start + payload.start..start + payload.end);
-                deliver.frame(&mut shared, stamp, &mut seq, &mut tally);
+                deliver.frame(&mut shared, stamp, &mut seq, &mut tally)?;
             }
             sock.rings().1.release(ready);
+            deliver.handoff.end(false)?;
             tally.flush(self.counters);
             self.read_stats(sock, &mut next_stats);
         }
+        // Stopped: what other threads queued for this one is served, then windows close.
+        while deliver.handoff.side()? > 0 {}
+        deliver.handoff.end(true)?;
         tally.flush(self.counters);
         Ok(())
+    }
+
+    /// `xsk_bare`: returns `ready` RX descriptors to FILL as they are (bounds-checked, never
+    /// read), counting datagrams and bytes.
+    fn bare_batch(
+        &self,
+        sock: &mut impl XskRings,
+        ready: u32,
+        fs: u64,
+        umem_len: u64,
+        tally: &mut Tally,
+    ) {
+        // Each RX descriptor used up one FILL entry, so FILL has room for all of them.
+        let room = sock.rings().0.free(ready);
+        let mut n = 0;
+        for i in 0..ready.min(room) {
+            let desc = sock.rings().1.read(i);
+            let len = u64::from(desc.len);
+            if desc.addr.checked_add(len).is_none_or(|end| end > umem_len)
+                || desc.addr % fs + len > fs
+            {
+                tally.invalid_descs += 1;
+                continue;
+            }
+            tally.datagrams += 1;
+            tally.bytes += len;
+            sock.rings().0.write(n, desc.addr - desc.addr % fs);
+            n += 1;
+        }
+        sock.rings().0.submit(n);
+        sock.rings().1.release(ready.min(room));
     }
 
     /// Copies `XDP_STATISTICS` into the counters every [`STATS_EVERY`].

@@ -138,6 +138,9 @@ pub struct XdpConfig {
     pub batch: u32,
     /// `xdp.allow_vlan`
     pub allow_vlan: bool,
+    /// `xdp.busy_spin_us`: how long an empty RX ring is re-checked before the thread sleeps in
+    /// `poll`.
+    pub busy_spin_us: u32,
 }
 
 impl Default for XdpConfig {
@@ -155,6 +158,7 @@ impl Default for XdpConfig {
             frames: 8192,
             batch: 64,
             allow_vlan: true,
+            busy_spin_us: 50,
         }
     }
 }
@@ -287,6 +291,23 @@ pub struct EngineConfig {
     /// `engine.auto_placement`: with AF_XDP ingest, put the dispatcher and workers that have no
     /// configured core on the NIC node's spare cores.
     pub auto_placement: bool,
+    /// `engine.mode`: where the engine runs (`auto` | `inline` | `pipelined`).
+    pub mode: EngineMode,
+    /// `engine.batch_max_topics`: topics a batch worker groups at once.
+    pub batch_max_topics: usize,
+}
+
+/// `engine.mode`.
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum EngineMode {
+    /// `inline` unless the machine has a core for every pipelined thread.
+    #[default]
+    Auto,
+    /// Each receive queue's thread runs the whole engine (run to completion).
+    Inline,
+    /// A dispatcher thread and worker threads joined by SPSC rings.
+    Pipelined,
 }
 
 impl Default for EngineConfig {
@@ -306,6 +327,8 @@ impl Default for EngineConfig {
             worker_cpus: Vec::new(),
             latency_from: crate::engine::latency::LatencyFrom::Ingest,
             auto_placement: true,
+            mode: EngineMode::Auto,
+            batch_max_topics: 1024,
         }
     }
 }
@@ -492,6 +515,13 @@ impl Config {
             "ring_size..=1048576",
         )?;
         check("xdp.batch", x.batch, 1, 1024, "1..=1024")?;
+        check(
+            "xdp.busy_spin_us",
+            x.busy_spin_us,
+            0,
+            1_000_000,
+            "0..=1000000",
+        )?;
         let u = &self.ingest.udp;
         check("ingest.udp.batch", u.batch, 1, 1024, "1..=1024")?;
         check(
@@ -583,6 +613,13 @@ impl Config {
             "1024..=268435456",
         )?;
         check("engine.batch_max", e.batch_max, 1, 1 << 20, "1..=1048576")?;
+        check(
+            "engine.batch_max_topics",
+            e.batch_max_topics,
+            1,
+            1 << 20,
+            "1..=1048576",
+        )?;
         check(
             "engine.batch_window_ms",
             e.batch_window_ms,

@@ -15,14 +15,13 @@
 //! `fsync_interval`), `never` (the OS decides).
 
 use std::fs::{self, File, OpenOptions};
-use std::io::{self, BufWriter, Read, Seek, SeekFrom, Write};
+use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use serde::Deserialize;
 
-use crate::engine::Ev;
-use crate::sink::{Record, Sink};
+use crate::sink::{EventRef, Record, Sink};
 use crate::wire::event::Source;
 
 const HEADER: usize = 16;
@@ -225,15 +224,22 @@ pub struct Entry<'e> {
 #[derive(Debug)]
 pub struct SegmentLog {
     dir: PathBuf,
-    out: BufWriter<File>,
+    /// The segment being appended to.
+    file: File,
+    /// The batch being built: whole records, written with one `write` per flush (or when it
+    /// passes [`BATCH_BYTES`]). An event's bytes are copied once, into here.
+    batch: Vec<u8>,
+    /// Bytes of the segment, counting what is still in `batch`.
     segment_len: u64,
     segment_bytes: u64,
     next_id: u64,
     fsync: Fsync,
     fsync_interval: Duration,
     last_sync: Instant,
-    body: Vec<u8>,
 }
+
+/// A batch buffer past this size is written out before the batch ends.
+const BATCH_BYTES: usize = 256 * 1024;
 
 impl SegmentLog {
     /// Opens (creating) the log in `dir`, recovering its last segment.
@@ -276,14 +282,14 @@ impl SegmentLog {
         f.seek(SeekFrom::End(0))?;
         let log = Self {
             dir: dir.to_owned(),
-            out: BufWriter::with_capacity(256 * 1024, f),
+            file: f,
+            batch: Vec::with_capacity(BATCH_BYTES + 64 * 1024),
             segment_len: len,
             segment_bytes: segment_bytes.max(4096),
             next_id: rec.next_id,
             fsync,
             fsync_interval,
             last_sync: Instant::now(),
-            body: Vec::with_capacity(4096),
         };
         Ok((log, rec))
     }
@@ -294,14 +300,24 @@ impl SegmentLog {
     }
 
     fn roll(&mut self) -> io::Result<()> {
-        self.out.flush()?;
-        self.out.get_ref().sync_all()?;
-        let f = OpenOptions::new()
+        self.write_out()?;
+        self.file.sync_all()?;
+        self.file = OpenOptions::new()
             .create(true)
             .append(true)
             .open(self.dir.join(segment_name(self.next_id)))?;
-        self.out = BufWriter::with_capacity(256 * 1024, f);
         self.segment_len = 0;
+        Ok(())
+    }
+
+    /// Writes the batch buffer to the segment (no sync).
+    fn write_out(&mut self) -> io::Result<()> {
+        if !self.batch.is_empty() {
+            let r = self.file.write_all(&self.batch);
+            // On error the records stay buffered: the caller retries or gives up on them.
+            r?;
+            self.batch.clear();
+        }
         Ok(())
     }
 
@@ -319,33 +335,36 @@ impl SegmentLog {
             topic,
             payload,
         } = *e;
-        let b = &mut self.body;
-        b.clear();
-        b.push(priority);
-        b.push(source as u8);
-        b.extend_from_slice(&seq.to_le_bytes());
-        b.extend_from_slice(&ingest_ns.to_le_bytes());
         let reason = &reason.as_bytes()[..reason.len().min(255)];
-        b.push(reason.len() as u8);
-        b.extend_from_slice(reason);
         let topic_len = u16::try_from(topic.len())
             .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "topic too long"))?;
-        b.extend_from_slice(&topic_len.to_le_bytes());
-        b.extend_from_slice(topic.as_bytes());
-        b.extend_from_slice(payload);
-        let len = HEADER as u64 + b.len() as u64;
+        let body_len = 2 + 8 + 8 + 1 + reason.len() + 2 + topic.len() + payload.len();
+        let len = (HEADER + body_len) as u64;
         if self.segment_len > 0 && self.segment_len + len > self.segment_bytes {
             self.roll()?;
         }
         let id = self.next_id;
-        let crc = crc32c::crc32c_append(crc32c::crc32c(&id.to_le_bytes()), &self.body);
-        self.out
-            .write_all(&(self.body.len() as u32).to_le_bytes())?;
-        self.out.write_all(&crc.to_le_bytes())?;
-        self.out.write_all(&id.to_le_bytes())?;
-        self.out.write_all(&self.body)?;
+        let b = &mut self.batch;
+        let start = b.len();
+        b.extend_from_slice(&(body_len as u32).to_le_bytes());
+        b.extend_from_slice(&[0; 4]); // the CRC, filled in below
+        b.extend_from_slice(&id.to_le_bytes());
+        b.push(priority);
+        b.push(source as u8);
+        b.extend_from_slice(&seq.to_le_bytes());
+        b.extend_from_slice(&ingest_ns.to_le_bytes());
+        b.push(reason.len() as u8);
+        b.extend_from_slice(reason);
+        b.extend_from_slice(&topic_len.to_le_bytes());
+        b.extend_from_slice(topic.as_bytes());
+        b.extend_from_slice(payload);
+        let crc = crc32c::crc32c(&b[start + 8..]);
+        b[start + 4..start + 8].copy_from_slice(&crc.to_le_bytes());
         self.segment_len += len;
         self.next_id += 1;
+        if self.batch.len() >= BATCH_BYTES {
+            self.write_out()?;
+        }
         Ok(id)
     }
 
@@ -354,14 +373,14 @@ impl SegmentLog {
     /// # Errors
     /// The file system's.
     pub fn flush(&mut self) -> io::Result<()> {
-        self.out.flush()?;
+        self.write_out()?;
         let sync = match self.fsync {
             Fsync::Always => true,
             Fsync::Interval => self.last_sync.elapsed() >= self.fsync_interval,
             Fsync::Never => false,
         };
         if sync {
-            self.out.get_ref().sync_data()?;
+            self.file.sync_data()?;
             self.last_sync = Instant::now();
         }
         Ok(())
@@ -372,8 +391,8 @@ impl SegmentLog {
     /// # Errors
     /// The file system's.
     pub fn sync(&mut self) -> io::Result<()> {
-        self.out.flush()?;
-        self.out.get_ref().sync_all()
+        self.write_out()?;
+        self.file.sync_all()
     }
 }
 
@@ -391,23 +410,26 @@ impl FileSink {
 }
 
 impl Sink for FileSink {
-    fn write(&mut self, events: &[Ev<'_, '_>], reason: Option<&'static str>) -> io::Result<()> {
-        for ev in events {
-            self.log.append(&Entry {
+    fn append(&mut self, ev: &EventRef<'_>, reason: Option<&'static str>) -> io::Result<()> {
+        self.log
+            .append(&Entry {
                 source: ev.source,
                 seq: ev.seq,
                 ingest_ns: ev.ingest_ns,
-                priority: ev.priority(),
+                priority: ev.priority,
                 reason: reason.unwrap_or(""),
-                topic: ev.topic(),
-                payload: ev.payload(),
-            })?;
-        }
-        Ok(())
+                topic: ev.topic,
+                payload: ev.payload,
+            })
+            .map(drop)
     }
 
     fn flush(&mut self) -> io::Result<()> {
         self.log.flush()
+    }
+
+    fn kind(&self) -> &'static str {
+        "file"
     }
 }
 

@@ -1,13 +1,51 @@
 //! Where delivered events go: the [`Sink`] contract, the bounded in-memory sink, and the file
 //! segment log ([`file`]) that also backs the DLQ.
+//!
+//! A sink takes a batch in two calls: [`Sink::append`] once per event (buffered, nothing durable
+//! yet), then [`Sink::flush`] once per batch, which writes and makes the batch durable per the
+//! sink's policy. An event counts as delivered when the flush that covers it returns `Ok`.
+//! Sinks see an [`EventRef`], a borrowed view, so a sink works the same whether the event still
+//! points into its receive frame or was copied out by a batch window.
 
 pub mod file;
 
 use std::io;
 
-use crate::engine::Ev;
+use crate::wire::event::{Event, Source};
 
-/// A stored copy of an event, as sinks keep it.
+/// One event as a sink sees it, borrowed for the call.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct EventRef<'e> {
+    /// Ingest sequence (per receive queue).
+    pub seq: u64,
+    /// Where it came in.
+    pub source: Source,
+    /// Receive time, `CLOCK_MONOTONIC` ns.
+    pub ingest_ns: u64,
+    /// Priority.
+    pub priority: u8,
+    /// Topic.
+    pub topic: &'e str,
+    /// Payload.
+    pub payload: &'e [u8],
+}
+
+impl<'e> EventRef<'e> {
+    /// The view of a parsed event.
+    #[inline]
+    pub fn of(ev: &'e Event<'_>) -> Self {
+        Self {
+            seq: ev.seq,
+            source: ev.source,
+            ingest_ns: ev.ingest_ns,
+            priority: ev.priority(),
+            topic: ev.topic(),
+            payload: ev.payload(),
+        }
+    }
+}
+
+/// A stored copy of an event, as sinks keep it and readers return it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Record {
     /// Ingest sequence.
@@ -24,66 +62,265 @@ pub struct Record {
 
 /// Where workers deliver.
 pub trait Sink: Send {
-    /// Writes a group of events (one topic for the batch worker; one event otherwise).
+    /// Adds one event to the current batch. Buffered: nothing is durable until
+    /// [`Sink::flush`]. `reason` is set for DLQ records.
     ///
     /// # Errors
     /// The sink's I/O error.
-    fn write(&mut self, events: &[Ev<'_, '_>], reason: Option<&'static str>) -> io::Result<()>;
-    /// Makes what was written durable, per the sink's policy.
+    fn append(&mut self, ev: &EventRef<'_>, reason: Option<&'static str>) -> io::Result<()>;
+
+    /// Ends the batch: writes what was appended and makes it durable per the sink's policy.
     ///
     /// # Errors
     /// The sink's I/O error.
     fn flush(&mut self) -> io::Result<()>;
+
+    /// Records this sink discarded by design since it was made (the memory sink's evictions).
+    fn evicted(&self) -> u64 {
+        0
+    }
+
+    /// The label in metrics and logs.
+    fn kind(&self) -> &'static str;
 }
 
-/// A bounded in-memory sink for tests and inspection: keeps the newest `capacity` records.
-#[derive(Debug, Clone)]
+/// Bytes of a memory-sink record before its topic and payload: `len u32` (the whole record,
+/// padded to 8), `seq u64`, `priority u8`, `reason u8`, `topic_len u16`, `payload_len u32`.
+const MEM_HEADER: usize = 20;
+
+/// DLQ reasons the memory sink can store (index + 1 in the record; 0 is none).
+const MEM_REASONS: [&str; 4] = ["no_route", "dropping", "emergency", "other"];
+
+/// A bounded in-memory sink: a ring of bytes allocated once, holding the newest records.
+///
+/// No lock and no allocation per event: a record is copied once into the ring, and the oldest
+/// records are evicted (and counted) to make room, by bytes and by count. It belongs to the one
+/// thread that writes it; [`MemorySink::records`] decodes what it holds, for tests and
+/// inspection.
+#[derive(Debug)]
 pub struct MemorySink {
-    inner: std::sync::Arc<std::sync::Mutex<std::collections::VecDeque<Record>>>,
-    capacity: usize,
+    buf: Box<[u8]>,
+    /// Offset of the oldest record.
+    head: usize,
+    /// Offset where the next record goes.
+    tail: usize,
+    /// Bytes in use, wrap padding included.
+    used: usize,
+    /// Records held.
+    len: usize,
+    /// Most records kept.
+    max_records: usize,
+    evicted: u64,
 }
 
 impl MemorySink {
-    /// Keeps at most `capacity` records.
-    pub fn new(capacity: usize) -> Self {
+    /// Keeps at most `records` records in a ring of `bytes` bytes (at least 4 KiB).
+    pub fn new(records: usize, bytes: usize) -> Self {
         Self {
-            inner: std::sync::Arc::default(),
-            capacity,
+            buf: vec![0u8; bytes.max(4096) & !7].into_boxed_slice(),
+            head: 0,
+            tail: 0,
+            used: 0,
+            len: 0,
+            max_records: records.max(1),
+            evicted: 0,
         }
     }
 
-    /// A copy of what it holds, oldest first.
+    /// Records held now.
+    pub const fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether it holds nothing.
+    pub const fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    fn rec_len(&self, at: usize) -> usize {
+        u32::from_le_bytes(self.buf[at..at + 4].try_into().expect("4 bytes")) as usize
+    }
+
+    /// Drops the oldest record (a zero length marks wrap padding up to the end of the ring).
+    fn evict_oldest(&mut self) {
+        if self.head + 4 > self.buf.len() || self.rec_len(self.head) == 0 {
+            self.used -= self.buf.len() - self.head;
+            self.head = 0;
+        }
+        let n = self.rec_len(self.head);
+        self.head += n;
+        self.used -= n;
+        self.len -= 1;
+        self.evicted += 1;
+        if self.len == 0 {
+            (self.head, self.tail, self.used) = (0, 0, 0);
+        }
+    }
+
+    /// Every record held, oldest first.
     pub fn records(&self) -> Vec<Record> {
-        self.inner
-            .lock()
-            .map(|g| g.iter().cloned().collect())
-            .unwrap_or_default()
+        let mut out = Vec::with_capacity(self.len);
+        let mut at = self.head;
+        for _ in 0..self.len {
+            if at + 4 > self.buf.len() || self.rec_len(at) == 0 {
+                at = 0;
+            }
+            let n = self.rec_len(at);
+            let r = &self.buf[at..at + n];
+            let topic_len = u16::from_le_bytes([r[14], r[15]]) as usize;
+            let payload_len = u32::from_le_bytes(r[16..20].try_into().expect("4 bytes")) as usize;
+            out.push(Record {
+                seq: u64::from_le_bytes(r[4..12].try_into().expect("8 bytes")),
+                priority: r[12],
+                reason: r[13].checked_sub(1).map(|i| MEM_REASONS[i as usize]),
+                topic: String::from_utf8_lossy(&r[MEM_HEADER..MEM_HEADER + topic_len]).into_owned(),
+                payload: r[MEM_HEADER + topic_len..][..payload_len].to_vec(),
+            });
+            at += n;
+        }
+        out
     }
 }
 
 impl Sink for MemorySink {
-    fn write(&mut self, events: &[Ev<'_, '_>], reason: Option<&'static str>) -> io::Result<()> {
-        // One lock per write call (a batch), off the dispatcher's path; this sink is for tests.
-        let mut g = self
-            .inner
-            .lock()
-            .map_err(|_| io::Error::other("memory sink poisoned"))?;
-        for ev in events {
-            if g.len() == self.capacity {
-                g.pop_front();
-            }
-            g.push_back(Record {
-                seq: ev.seq,
-                priority: ev.priority(),
-                topic: ev.topic().to_owned(),
-                payload: ev.payload().to_vec(),
-                reason,
-            });
+    fn append(&mut self, ev: &EventRef<'_>, reason: Option<&'static str>) -> io::Result<()> {
+        let topic = &ev.topic.as_bytes()[..ev.topic.len().min(usize::from(u16::MAX))];
+        // Records are 8-byte aligned so a header never straddles the end of the ring.
+        let n = (MEM_HEADER + topic.len() + ev.payload.len() + 7) & !7;
+        let cap = self.buf.len();
+        if n > cap {
+            // Larger than the whole ring: kept by nobody, counted as evicted.
+            self.evicted += 1;
+            return Ok(());
         }
+        while self.len >= self.max_records {
+            self.evict_oldest();
+        }
+        loop {
+            // Where it would go: at the tail, or at 0 after padding to the end.
+            let pad = if self.tail + n > cap {
+                cap - self.tail
+            } else {
+                0
+            };
+            if self.used + pad + n <= cap {
+                if pad > 0 {
+                    if pad >= 4 {
+                        self.buf[self.tail..self.tail + 4].fill(0);
+                    }
+                    self.used += pad;
+                    self.tail = 0;
+                }
+                break;
+            }
+            self.evict_oldest();
+        }
+        let r = &mut self.buf[self.tail..self.tail + n];
+        r[0..4].copy_from_slice(&(n as u32).to_le_bytes());
+        r[4..12].copy_from_slice(&ev.seq.to_le_bytes());
+        r[12] = ev.priority;
+        r[13] = reason.map_or(0, |why| {
+            MEM_REASONS
+                .iter()
+                .position(|r| *r == why)
+                .unwrap_or(MEM_REASONS.len() - 1) as u8
+                + 1
+        });
+        r[14..16].copy_from_slice(&(topic.len() as u16).to_le_bytes());
+        r[16..20].copy_from_slice(&(ev.payload.len() as u32).to_le_bytes());
+        r[MEM_HEADER..MEM_HEADER + topic.len()].copy_from_slice(topic);
+        let p = MEM_HEADER + topic.len();
+        r[p..p + ev.payload.len()].copy_from_slice(ev.payload);
+        self.tail += n;
+        if self.tail == cap {
+            self.tail = 0;
+        }
+        self.used += n;
+        self.len += 1;
         Ok(())
     }
 
     fn flush(&mut self) -> io::Result<()> {
         Ok(())
+    }
+
+    fn evicted(&self) -> u64 {
+        self.evicted
+    }
+
+    fn kind(&self) -> &'static str {
+        "memory"
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ev<'e>(seq: u64, topic: &'e str, payload: &'e [u8]) -> EventRef<'e> {
+        EventRef {
+            seq,
+            source: Source::Udp,
+            ingest_ns: 0,
+            priority: (seq % 7) as u8,
+            topic,
+            payload,
+        }
+    }
+
+    #[test]
+    fn keeps_the_newest_records_by_count_and_counts_evictions() {
+        let mut s = MemorySink::new(10, 1 << 16);
+        for i in 0..25u64 {
+            s.append(&ev(i, "a/b", &i.to_be_bytes()), None).unwrap();
+        }
+        let r = s.records();
+        assert_eq!(r.len(), 10);
+        assert_eq!(s.evicted(), 15);
+        for (k, rec) in r.iter().enumerate() {
+            let i = 15 + k as u64;
+            assert_eq!((rec.seq, rec.priority), (i, (i % 7) as u8));
+            assert_eq!(
+                (rec.topic.as_str(), &rec.payload[..]),
+                ("a/b", &i.to_be_bytes()[..])
+            );
+        }
+    }
+
+    #[test]
+    fn wraps_by_bytes_with_mixed_sizes_and_keeps_reasons() {
+        let mut s = MemorySink::new(1_000_000, 4096);
+        let big = [7u8; 700];
+        let mut held = std::collections::VecDeque::new();
+        for i in 0..500u64 {
+            let len = (i as usize * 37) % big.len();
+            let reason = (i % 3 == 0).then_some("dropping");
+            s.append(&ev(i, "t", &big[..len]), reason).unwrap();
+            held.push_back((i, len, reason));
+            let r = s.records();
+            while held.len() > r.len() {
+                held.pop_front();
+            }
+            // What is held always fits, and decoding gives exactly the newest records.
+            let bytes: usize = held
+                .iter()
+                .map(|(_, l, _)| (MEM_HEADER + 1 + l + 7) & !7)
+                .sum();
+            assert!(bytes <= 4096);
+            for (rec, (i, len, reason)) in r.iter().zip(&held) {
+                assert_eq!(
+                    (rec.seq, rec.payload.len(), rec.reason),
+                    (*i, *len, *reason)
+                );
+            }
+        }
+        assert_eq!(s.evicted() + s.len() as u64, 500);
+        let huge = vec![1u8; 8192];
+        s.append(&ev(9, "t", &huge), None).unwrap();
+        assert_eq!(
+            s.evicted() + s.len() as u64,
+            501,
+            "a record larger than the ring is counted"
+        );
     }
 }
