@@ -203,6 +203,14 @@ fn read_report(out: &mut impl BufRead) -> serde_json::Value {
 
 #[test]
 fn routes_dedup_batches_and_no_route_are_accounted_exactly() {
+    // The same traffic through both engine modes: run to completion in the receive thread, and
+    // over rings to worker threads.
+    for mode in ["inline", "pipelined"] {
+        routes_dedup_batches_and_no_route_in(mode);
+    }
+}
+
+fn routes_dedup_batches_and_no_route_in(mode: &str) {
     let config = r#"
 ingest:
   udp:
@@ -218,8 +226,9 @@ routes:
   - { topic: "orders.>", class: transactional, key: payload_id }
   - { topic: "metrics/#", class: batch }
   - { topic: "rt.*", class: realtime }
-"#;
-    let (child, out, addr, dir) = start(config, "engine");
+"#
+    .replace("engine:\n", &format!("engine:\n  mode: {mode}\n"));
+    let (child, out, addr, dir) = start(&config, &format!("engine-{mode}"));
     let sock = UdpSocket::bind("127.0.0.1:0").unwrap();
     let send = |frames: &[(&str, Vec<u8>)]| {
         let mut d = Vec::new();
@@ -248,6 +257,7 @@ routes:
     }
     std::thread::sleep(Duration::from_millis(300));
     let r = stop(child, out);
+    assert_eq!(r["engine_mode"], mode, "{r}");
     assert_eq!(r["accepted_events"], 200 + 100 + 30 + 40, "{r}");
     assert_eq!(r["delivered"]["transactional"], 100, "{r}");
     assert_eq!(r["duplicates"], 100, "{r}");

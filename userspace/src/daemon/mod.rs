@@ -857,6 +857,7 @@ pub fn run(cfg: &Config, no_xdp: bool, duration: u64, probe: Option<Probe>) -> R
     let lat = engine_counters.latency.quantiles();
     let mut report = json!({
         "source": source.as_str(),
+        "engine_mode": if inline { "inline" } else { "pipelined" },
         "received_datagrams": sum(|c| &c.datagrams),
         "received_bytes": sum(|c| &c.bytes),
         "accepted_events": sum(|c| &c.events),
