@@ -125,11 +125,23 @@ impl Drop for PinnedLab {
 /// The appliance, running in a namespace as a child process.
 #[derive(Debug)]
 pub struct Appliance {
+    measure: std::cell::Cell<Measure>,
     child: Child,
     out: BufReader<ChildStdout>,
     /// The admin address inside the namespace.
     pub admin: String,
     ns: String,
+}
+
+/// What a throughput step counts as delivered.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Measure {
+    /// Events delivered to worker sinks (the whole pipeline).
+    Delivered,
+    /// Events parsed on the AF_XDP path (`--probe parse`).
+    Received,
+    /// AF_XDP datagrams times events per datagram (`--probe bare`: nothing is parsed).
+    Datagrams(u16),
 }
 
 impl Appliance {
@@ -182,6 +194,7 @@ impl Appliance {
             }
         }
         Ok(Self {
+            measure: std::cell::Cell::new(Measure::Delivered),
             child,
             out,
             admin,
@@ -213,9 +226,34 @@ impl Appliance {
             .collect())
     }
 
-    /// Events delivered to worker sinks, and to the DLQ, so far.
+    /// What [`Appliance::delivered`] counts from now on.
+    pub fn measure(&self, m: Measure) {
+        self.measure.set(m);
+    }
+
+    /// Events delivered to worker sinks (or, for a probe, what it measures), and to the DLQ,
+    /// so far.
     pub fn delivered(&self) -> Result<(u64, u64)> {
         let m = self.metrics()?;
+        let series = |name: &str| -> u64 {
+            m.iter()
+                .filter(|(k, _)| k.starts_with(name))
+                .map(|(_, v)| *v as u64)
+                .sum()
+        };
+        match self.measure.get() {
+            Measure::Delivered => {}
+            Measure::Received => {
+                return Ok((
+                    series("eventstream_received_events_total{source=\"xsk\"}"),
+                    0,
+                ));
+            }
+            Measure::Datagrams(per) => {
+                let d = series("eventstream_received_datagrams_total{source=\"xsk\"}");
+                return Ok((d * u64::from(per), 0));
+            }
+        }
         let sum = |f: &dyn Fn(&str) -> bool| -> u64 {
             m.iter()
                 .filter(|(k, _)| k.starts_with("eventstream_delivered_events_total{") && f(k))

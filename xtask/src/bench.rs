@@ -32,7 +32,16 @@ use eventstream::tools::lab::{RX_ADDR, RX_IF, in_netns};
 use eventstream_common::DEFAULT_UDP_PORT;
 use serde_json::{Value, json};
 
-use crate::appliance::{Appliance, PinnedLab, build_all, require_root};
+use crate::appliance::{Appliance, Measure, PinnedLab, build_all, require_root};
+
+/// The appliance's `XDP_STATISTICS` counters now, by reason.
+fn xsk_drops(app: &Appliance) -> Result<std::collections::BTreeMap<String, f64>> {
+    Ok(app
+        .metrics()?
+        .into_iter()
+        .filter(|(k, _)| k.starts_with("eventstream_xsk_kernel_drops_total"))
+        .collect())
+}
 use crate::microbench::{machine, median, replace_between};
 
 /// `cargo xtask bench` flags.
@@ -56,6 +65,9 @@ pub struct Args {
 }
 
 const PAYLOADS: [usize; 2] = [64, 512];
+/// Where the generator runs; the appliance's data-plane thread is pinned to CPU 0.
+const GENERATOR_CPU: u32 = 1;
+const APPLIANCE_CPU: u32 = 0;
 const PER_DATAGRAM: [u16; 2] = [1, 16];
 
 #[derive(Parser)]
@@ -72,7 +84,12 @@ fn blast(ns: &str, flags: &[String]) -> Result<Tally> {
         .with_context(|| format!("blaster flags {argv:?}"))?
         .args;
     let stop = Arc::new(AtomicBool::new(false));
-    Ok(in_netns(ns, move || eventstream::tools::blast::run(&args, stop))??.0)
+    Ok(in_netns(ns, move || {
+        // The generator on one CPU, the appliance's data plane on the other (PERF.md).
+        let _ = eventstream::mem::numa::pin_current_thread(GENERATOR_CPU);
+        eventstream::tools::blast::run(&args, stop)
+    })??
+    .0)
 }
 
 fn flags(list: &[&str]) -> Vec<String> {
@@ -300,8 +317,8 @@ pub fn main(root: &Path, args: &Args) -> Result<()> {
         &config,
         "# Written by cargo xtask bench.\n\
          xdp: { ring_size: 8192, frames: 32768 }\n\
-         ingest:\n  udp: { bind: \"0.0.0.0:8082\", frames: 32768, socket_buffer: 67108864 }\n  tcp: { bind: null }\n\
-         admin: { bind: \"127.0.0.1:0\" }\nengine:\n  latency_from: payload\n",
+         ingest:\n  udp: { bind: \"0.0.0.0:8082\", frames: 32768, socket_buffer: 67108864, cpu: 0 }\n  tcp: { bind: null }\n\
+         admin: { bind: \"127.0.0.1:0\" }\nengine:\n  latency_from: payload\n  worker_cpus: [0]\n  dispatcher_cpu: 0\n",
     )?;
     let log = out_dir.join("appliance.log");
     let lab = PinnedLab::up(&args.lab, &object)?;
@@ -346,6 +363,8 @@ pub fn main(root: &Path, args: &Args) -> Result<()> {
     // (b) AF_XDP and (c) recvmmsg: one appliance per path for all sizes.
     let mut xsk_label = String::from("?");
     for (path, extra) in [
+        ("xsk_bare", &["--iface", RX_IF, "--probe", "bare"][..]),
+        ("xsk_parse", &["--iface", RX_IF, "--probe", "parse"][..]),
         ("xsk", &["--iface", RX_IF][..]),
         ("recvmmsg", &["--no-xdp"][..]),
     ] {
@@ -358,8 +377,22 @@ pub fn main(root: &Path, args: &Args) -> Result<()> {
                     continue;
                 }
                 let mut runs = Vec::new();
+                app.measure(match path {
+                    "xsk_bare" => Measure::Datagrams(per),
+                    "xsk_parse" => Measure::Received,
+                    _ => Measure::Delivered,
+                });
+                let before = xsk_drops(&app)?;
                 for _ in 0..plan.runs {
                     runs.push(search(&app, &rx, &object, payload, per, plan.secs)?);
+                }
+                let after = xsk_drops(&app)?;
+                let drops: serde_json::Map<String, Value> = after
+                    .iter()
+                    .map(|(k, v)| (k.clone(), json!(v - before.get(k).copied().unwrap_or(0.0))))
+                    .collect();
+                if let Some(r) = runs.first_mut() {
+                    r["xdp_statistics_delta"] = Value::Object(drops);
                 }
                 eprintln!(
                     "bench: {path} {payload} B x{per}: sustainable {:.0} events/s, at max offered {:.0} delivered ({:.1} % lost)",
@@ -371,9 +404,12 @@ pub fn main(root: &Path, args: &Args) -> Result<()> {
             }
         }
         let report = app.stop()?;
-        let mode = if path == "xsk" {
+        let mode = if path.starts_with("xsk") {
             xsk_label = xsk_mode(&report);
-            xsk_label.clone()
+            format!(
+                "{xsk_label}, {}",
+                report["engine_mode"].as_str().unwrap_or("?")
+            )
         } else {
             format!("kernel stack ({} XDP_PASS)", lab.mode.label())
         };
@@ -478,19 +514,20 @@ pub fn main(root: &Path, args: &Args) -> Result<()> {
     );
     drop(lab);
 
-    let eps = |path: &str| {
+    let eps = |path: (&str, u16)| {
         cases
             .iter()
             .find(|c| {
                 c["kind"] == "throughput"
-                    && c["path"] == path
+                    && c["path"] == path.0
                     && c["payload_bytes"] == 64
-                    && c["events_per_datagram"] == 1
+                    && c["events_per_datagram"] == path.1
             })
             .and_then(|c| c["events_per_sec"].as_f64())
             .filter(|v| *v > 0.0)
     };
-    let ratio = |a: &str, b: &str| eps(a).zip(eps(b)).map(|(a, b)| a / b);
+    let ratio = |a: &str, b: &str| eps((a, 1)).zip(eps((b, 1))).map(|(a, b)| a / b);
+    let ratio16 = |a: &str, b: &str| eps((a, 16)).zip(eps((b, 16))).map(|(a, b)| a / b);
     let doc = json!({
         "machine": machine(),
         "quick": args.quick,
@@ -500,8 +537,13 @@ pub fn main(root: &Path, args: &Args) -> Result<()> {
         "xdp_attach": xsk_label,
         "rss": rss,
         "cases": cases,
+        "generator_cpu": GENERATOR_CPU,
+        "appliance_cpu": APPLIANCE_CPU,
         "ratios": {
+            "xsk_over_xsk_bare": ratio("xsk", "xsk_bare"),
+            "xsk_over_xsk_parse": ratio("xsk", "xsk_parse"),
             "xsk_over_recvmmsg": ratio("xsk", "recvmmsg"),
+            "xsk_over_recvmmsg_16": ratio16("xsk", "recvmmsg"),
             "xsk_over_xdp_drop": ratio("xsk", "xdp_drop"),
         },
     });
@@ -580,8 +622,12 @@ fn markdown(doc: &Value) -> String {
     let ratio = |v: &Value| v.as_f64().map_or("n/a".to_owned(), |x| format!("{x:.2}"));
     let _ = writeln!(
         s,
-        "\nRatios (64 B, 1 event/datagram, sustainable events/s): xsk / recvmmsg = **{}**, xsk / xdp_drop = **{}**.\n",
+        "\nRatios (64 B, sustainable events/s, 1 event/datagram unless said): xsk / xsk_bare = **{}**, \
+         xsk / xsk_parse = **{}**, xsk / recvmmsg = **{}** (16 per datagram: **{}**), xsk / xdp_drop = **{}**.\n",
+        ratio(&r["xsk_over_xsk_bare"]),
+        ratio(&r["xsk_over_xsk_parse"]),
         ratio(&r["xsk_over_recvmmsg"]),
+        ratio(&r["xsk_over_recvmmsg_16"]),
         ratio(&r["xsk_over_xdp_drop"]),
     );
     let _ = writeln!(

@@ -642,6 +642,7 @@ pub fn run(cfg: &Config, no_xdp: bool, duration: u64, probe: Option<Probe>) -> R
             let h = std::thread::Builder::new()
                 .name("ingest-udp".into())
                 .spawn_scoped(s, move || {
+                    pin(u.cpu, "ingest-udp");
                     let mut frames = arena.owner().expect("one owner");
                     let job = UdpIngest {
                         socket,

@@ -104,6 +104,20 @@ pub fn render(v: &MetricsView<'_>) -> String {
     }
     family(
         &mut out,
+        "eventstream_received_datagrams_total",
+        "counter",
+        "Datagrams received (UDP and AF_XDP) or TCP reads, by ingest path.",
+    );
+    for s in Source::ALL {
+        let _ = writeln!(
+            out,
+            "eventstream_received_datagrams_total{{source=\"{}\"}} {}",
+            s.as_str(),
+            by_source(|c| ld(&c.datagrams), s)
+        );
+    }
+    family(
+        &mut out,
         "eventstream_delivered_events_total",
         "counter",
         "Events written to a sink, by sink.",

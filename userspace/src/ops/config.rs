@@ -218,6 +218,8 @@ pub struct UdpConfig {
     /// `ingest.udp.beside_xdp`: with AF_XDP ingest, bind this socket too, for what the XDP
     /// program passes to the kernel (IP fragments, IPv6 with extension headers).
     pub beside_xdp: bool,
+    /// `ingest.udp.cpu`: pin this socket's receive thread here; null leaves it to the scheduler.
+    pub cpu: Option<u32>,
 }
 
 impl Default for UdpConfig {
@@ -229,6 +231,7 @@ impl Default for UdpConfig {
             frames: 4096,
             socket_buffer: 4 << 20,
             beside_xdp: true,
+            cpu: None,
         }
     }
 }
