@@ -122,7 +122,7 @@ impl XskIngest<'_> {
             empty_since = None;
             if self.bare {
                 // The socket's own limit: every descriptor straight back to FILL, unread.
-                self.bare_batch(sock, ready, fs, umem_len, &mut tally);
+                self.bare_batch(sock, frames, ready, fs, umem_len, &mut tally);
                 tally.flush(self.counters);
                 self.read_stats(sock, &mut next_stats);
                 continue;
@@ -178,19 +178,20 @@ impl XskIngest<'_> {
     }
 
     /// `xsk_bare`: returns `ready` RX descriptors to FILL as they are (bounds-checked, never
-    /// read), counting datagrams and bytes.
-    fn bare_batch(
+    /// read), counting datagrams and bytes. Where FILL has no room (the refill above keeps it
+    /// stocked from spare frames), the frame goes back to the free list instead.
+    fn bare_batch<'a>(
         &self,
         sock: &mut impl XskRings,
+        frames: &mut FrameOwner<'a>,
         ready: u32,
         fs: u64,
         umem_len: u64,
         tally: &mut Tally,
     ) {
-        // Each RX descriptor used up one FILL entry, so FILL has room for all of them.
         let room = sock.rings().0.free(ready);
         let mut n = 0;
-        for i in 0..ready.min(room) {
+        for i in 0..ready {
             let desc = sock.rings().1.read(i);
             let len = u64::from(desc.len);
             if desc.addr.checked_add(len).is_none_or(|end| end > umem_len)
@@ -201,11 +202,17 @@ impl XskIngest<'_> {
             }
             tally.datagrams += 1;
             tally.bytes += len;
-            sock.rings().0.write(n, desc.addr - desc.addr % fs);
-            n += 1;
+            if n < room {
+                sock.rings().0.write(n, desc.addr - desc.addr % fs);
+                n += 1;
+            } else if let Some(frame) = frames.claim((desc.addr / fs) as u32) {
+                drop(frame); // back to the free list
+            } else {
+                tally.invalid_descs += 1;
+            }
         }
         sock.rings().0.submit(n);
-        sock.rings().1.release(ready.min(room));
+        sock.rings().1.release(ready);
     }
 
     /// Copies `XDP_STATISTICS` into the counters every [`STATS_EVERY`].

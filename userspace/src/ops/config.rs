@@ -158,7 +158,7 @@ impl Default for XdpConfig {
             frames: 8192,
             batch: 64,
             allow_vlan: true,
-            busy_spin_us: 50,
+            busy_spin_us: 200,
         }
     }
 }
