@@ -128,7 +128,7 @@ impl<'s> Inline<'s> {
         for step in &mut self.steps {
             step.end(now, closing, self.counters)?;
         }
-        self.dlq.end(self.counters)?;
+        self.dlq.end(self.counters, closing)?;
         if self.dispatched != 0 {
             self.counters
                 .dispatched

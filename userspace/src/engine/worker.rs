@@ -60,12 +60,17 @@ impl Out {
         Ok(())
     }
 
-    /// Flushes if anything is pending; returns how many events that made durable.
-    fn flush(&mut self, counters: &EngineCounters) -> io::Result<u64> {
-        if self.pending == 0 {
-            return Ok(0);
-        }
+    /// Ends the batch (flushing if anything is pending, and at `closing` waiting until
+    /// everything is durable); returns how many events the sink acknowledged meanwhile.
+    fn flush(&mut self, counters: &EngineCounters, closing: bool) -> io::Result<u64> {
+        // Every pass, not only after appends: a sink may hold a coalesced buffer until its
+        // I/O is free to take it.
         self.sink.flush()?;
+        self.pending = 0;
+        if closing {
+            self.sink.close()?;
+        }
+        let acked = self.sink.acked()?;
         let evicted = self.sink.evicted();
         if evicted != self.evicted {
             counters
@@ -73,7 +78,7 @@ impl Out {
                 .fetch_add(evicted - self.evicted, Ordering::Relaxed);
             self.evicted = evicted;
         }
-        Ok(core::mem::take(&mut self.pending))
+        Ok(acked)
     }
 }
 
@@ -392,7 +397,7 @@ impl<'s> ClassStep<'s> {
         if let Kind::Batch(groups) = &mut self.kind {
             groups.due(now, closing, &mut self.out)?;
         }
-        let delivered = self.out.flush(counters)?;
+        let delivered = self.out.flush(counters, closing)?;
         if delivered != 0 {
             counters.delivered[self.class as usize].fetch_add(delivered, Ordering::Relaxed);
         }
@@ -468,8 +473,8 @@ impl DlqStep {
     ///
     /// # Errors
     /// The sink's.
-    pub fn end(&mut self, counters: &EngineCounters) -> io::Result<()> {
-        self.out.flush(counters).map(drop)
+    pub fn end(&mut self, counters: &EngineCounters, closing: bool) -> io::Result<()> {
+        self.out.flush(counters, closing).map(drop)
     }
 }
 
@@ -523,10 +528,10 @@ pub fn run_dlq(
             n += 1;
         }
         if n > 0 {
-            step.end(counters)?;
+            step.end(counters, false)?;
             idle.busy();
         } else if input.is_abandoned() && input.is_empty() {
-            return Ok(());
+            return step.end(counters, true);
         } else {
             idle.wait();
         }

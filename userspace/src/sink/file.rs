@@ -11,16 +11,20 @@
 //!
 //! Ids increase by one per record across segments. Opening a log recovers it: the last segment
 //! is scanned, and a torn or corrupt tail (a crash mid-write) is truncated and reported, never
-//! silently kept. `fsync` follows the policy: `always` (every flush), `interval` (at most every
-//! `fsync_interval`), `never` (the OS decides).
+//! silently kept. `fsync` follows the policy: `always` (every flush, in the appending thread),
+//! `interval` (every `fsync_interval`, by a background thread, so a slow sync never stalls the
+//! receive path), `never` (the OS decides).
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
 
 use serde::Deserialize;
 
+use crate::ring::spsc;
 use crate::sink::{EventRef, Record, Sink};
 use crate::wire::event::Source;
 
@@ -221,25 +225,214 @@ pub struct Entry<'e> {
 }
 
 /// An open log, appending.
+///
+/// Records are encoded by the appending thread into a batch buffer (an event's bytes are copied
+/// once); [`SegmentLog::flush`] hands the buffer to the log's writer thread over an SPSC ring
+/// and takes an empty one back from another, so `write`, segment rolls and `fsync` never stall
+/// the appender (in inline mode, the receive thread). The writer acknowledges records once they
+/// are durable by the policy ([`SegmentLog::acked`]): after the sync that covers them for
+/// `always` and `interval`, after the write for `never`. A fixed set of buffers is in flight at
+/// most; with all of them queued the appender waits (backpressure: the receive rings fill).
 #[derive(Debug)]
 pub struct SegmentLog {
-    dir: PathBuf,
-    /// The segment being appended to.
-    file: File,
-    /// The batch being built: whole records, written with one `write` per flush (or when it
-    /// passes [`BATCH_BYTES`]). An event's bytes are copied once, into here.
-    batch: Vec<u8>,
-    /// Bytes of the segment, counting what is still in `batch`.
+    /// Bytes of the segment, counting what is still buffered.
     segment_len: u64,
     segment_bytes: u64,
     next_id: u64,
-    fsync: Fsync,
-    fsync_interval: Duration,
-    last_sync: Instant,
+    /// The batch being built.
+    batch: Chunk,
+    to_writer: spsc::Producer<Chunk>,
+    from_writer: spsc::Consumer<Chunk>,
+    shared: Arc<WriterShared>,
+    writer: Option<std::thread::JoinHandle<()>>,
+    /// Records handed to the writer (the writer's `durable` counts up to this).
+    handed: u64,
+    /// `durable` as last read.
+    acked: u64,
 }
 
-/// A batch buffer past this size is written out before the batch ends.
+/// A batch of whole records on its way to the writer.
+#[derive(Debug, Default)]
+struct Chunk {
+    bytes: Vec<u8>,
+    records: u64,
+    /// Before writing: close the segment (synced) and start one whose first record has this id.
+    roll_to: Option<u64>,
+    /// After writing: sync everything now, whatever the policy (shutdown, `sync`).
+    sync: bool,
+}
+
+/// What the appender and the writer share.
+#[derive(Debug, Default)]
+struct WriterShared {
+    /// Records durable by the policy.
+    durable: AtomicU64,
+    /// The writer sleeps (parked) and wants an unpark.
+    parked: AtomicBool,
+    stop: AtomicBool,
+    /// The writer's first error; it stops writing after one.
+    error: std::sync::Mutex<Option<io::Error>>,
+    failed: AtomicBool,
+}
+
+/// Buffers per log: one being built, the rest queued or being written.
+const BUFFERS: usize = 8;
+/// A batch buffer past this size is handed over before the batch ends.
 const BATCH_BYTES: usize = 256 * 1024;
+/// A buffer grows up to this while the writer is behind, before the appender waits.
+const MAX_CHUNK: usize = 8 << 20;
+
+/// Files an `interval` log still has to sync: the segment being written (a clone of the
+/// writer's handle) and segments rolled away since the last sync.
+#[derive(Debug, Default)]
+struct Unsynced {
+    current: Option<File>,
+    rolled: Vec<File>,
+}
+
+/// Syncs `u`'s files: rolled segments whole, then the current one's data.
+fn sync_files(u: &mut Unsynced) -> io::Result<()> {
+    for f in u.rolled.drain(..) {
+        f.sync_all()?;
+    }
+    u.current.as_ref().map_or(Ok(()), File::sync_data)
+}
+
+/// The writer thread: writes chunks in order, rolls segments, and publishes how many records
+/// are durable: after the write for `never`, after its own sync for `always` (and for a
+/// chunk that asks), and for `interval` through a companion syncer thread, so a slow sync
+/// never holds up the writes behind it.
+fn writer(
+    dir: PathBuf,
+    file: File,
+    fsync: Fsync,
+    interval: Duration,
+    mut from: spsc::Consumer<Chunk>,
+    mut back: spsc::Producer<Chunk>,
+    shared: Arc<WriterShared>,
+) {
+    // Below the data plane's priority: on a box with fewer cores than threads, a write never
+    // preempts a receive thread (it runs when one waits, or on a spare core).
+    // SAFETY: setpriority has no memory-safety preconditions; `who` 0 is the calling thread.
+    let _ = unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, 10) };
+    let fail = |e: io::Error| {
+        tracing::error!(dir = %dir.display(), reason = %e, "the file log failed");
+        shared
+            .error
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get_or_insert(e);
+        shared.failed.store(true, Ordering::Release);
+    };
+    let unsynced = std::sync::Mutex::new(Unsynced {
+        current: file.try_clone().ok(),
+        rolled: Vec::new(),
+    });
+    // Records written; for `interval` the syncer turns them durable.
+    let written = AtomicU64::new(0);
+    let writing_done = AtomicBool::new(false);
+    std::thread::scope(|scope| {
+        let mut syncer = None;
+        if fsync == Fsync::Interval {
+            let (unsynced, written, done, shared) = (&unsynced, &written, &writing_done, &shared);
+            let fail = &fail;
+            syncer = Some(scope.spawn(move || {
+                // SAFETY: as above.
+                let _ = unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, 10) };
+                loop {
+                    let last = done.load(Ordering::Acquire);
+                    let w = written.load(Ordering::Acquire);
+                    if w > shared.durable.load(Ordering::Acquire) {
+                        // What was written before this sync is durable after it.
+                        let mut u = core::mem::take(
+                            &mut *unsynced.lock().unwrap_or_else(|p| p.into_inner()),
+                        );
+                        let r = sync_files(&mut u);
+                        unsynced
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .current
+                            .get_or_insert_with(|| u.current.take().expect("kept"));
+                        match r {
+                            Ok(()) => shared.durable.fetch_max(w, Ordering::AcqRel),
+                            Err(e) => return fail(e),
+                        };
+                    }
+                    if last || shared.failed.load(Ordering::Acquire) {
+                        return;
+                    }
+                    std::thread::park_timeout(interval);
+                }
+            }));
+        }
+        let mut file = file;
+        let mut count = 0u64;
+        loop {
+            let Some(mut chunk) = from.pop() else {
+                if shared.stop.load(Ordering::Acquire) && from.is_empty() {
+                    break;
+                }
+                shared.parked.store(true, Ordering::SeqCst);
+                if from.is_empty() && !shared.stop.load(Ordering::Acquire) {
+                    std::thread::park_timeout(Duration::from_millis(5));
+                }
+                shared.parked.store(false, Ordering::SeqCst);
+                continue;
+            };
+            let r = (|| -> io::Result<()> {
+                if let Some(first) = chunk.roll_to {
+                    let next = OpenOptions::new()
+                        .create(true)
+                        .append(true)
+                        .open(dir.join(segment_name(first)))?;
+                    sync_dir(&dir)?;
+                    let old = core::mem::replace(&mut file, next);
+                    match fsync {
+                        Fsync::Always => old.sync_all()?,
+                        Fsync::Interval => {
+                            let mut u = unsynced.lock().unwrap_or_else(|p| p.into_inner());
+                            u.rolled.push(old);
+                            u.current = Some(file.try_clone()?);
+                        }
+                        Fsync::Never => {}
+                    }
+                }
+                file.write_all(&chunk.bytes)?;
+                count += chunk.records;
+                if chunk.sync || fsync == Fsync::Always {
+                    if fsync == Fsync::Interval {
+                        sync_files(&mut unsynced.lock().unwrap_or_else(|p| p.into_inner()))?;
+                    }
+                    file.sync_data()?;
+                    shared.durable.fetch_max(count, Ordering::AcqRel);
+                } else if fsync == Fsync::Never {
+                    shared.durable.store(count, Ordering::Release);
+                }
+                written.store(count, Ordering::Release);
+                Ok(())
+            })();
+            if let Err(e) = r {
+                fail(e);
+                break;
+            }
+            chunk.bytes.clear();
+            chunk.records = 0;
+            chunk.roll_to = None;
+            chunk.sync = false;
+            // Cannot fail: at most BUFFERS chunks exist, and the ring back holds them all.
+            let _ = back.push(chunk);
+        }
+        writing_done.store(true, Ordering::Release);
+        if let Some(s) = &syncer {
+            s.thread().unpark();
+        }
+    });
+}
+
+/// Makes a directory's entries durable (a new segment's name).
+fn sync_dir(dir: &Path) -> io::Result<()> {
+    File::open(dir)?.sync_all()
+}
 
 impl SegmentLog {
     /// Opens (creating) the log in `dir`, recovering its last segment.
@@ -280,16 +473,36 @@ impl SegmentLog {
         };
         let mut f = OpenOptions::new().create(true).append(true).open(&path)?;
         f.seek(SeekFrom::End(0))?;
+        sync_dir(dir)?;
+        let (to_writer, from_appender) = spsc::channel::<Chunk>(BUFFERS);
+        let (mut spare, from_writer) = spsc::channel::<Chunk>(BUFFERS);
+        for _ in 1..BUFFERS {
+            let _ = spare.push(Chunk {
+                bytes: Vec::with_capacity(BATCH_BYTES + 64 * 1024),
+                ..Chunk::default()
+            });
+        }
+        let shared = Arc::new(WriterShared::default());
+        let w = Arc::clone(&shared);
+        let wdir = dir.to_owned();
+        let interval = fsync_interval.max(Duration::from_millis(1));
+        let writer = std::thread::Builder::new()
+            .name("log-writer".into())
+            .spawn(move || writer(wdir, f, fsync, interval, from_appender, spare, w))?;
         let log = Self {
-            dir: dir.to_owned(),
-            file: f,
-            batch: Vec::with_capacity(BATCH_BYTES + 64 * 1024),
             segment_len: len,
             segment_bytes: segment_bytes.max(4096),
             next_id: rec.next_id,
-            fsync,
-            fsync_interval,
-            last_sync: Instant::now(),
+            batch: Chunk {
+                bytes: Vec::with_capacity(BATCH_BYTES + 64 * 1024),
+                ..Chunk::default()
+            },
+            to_writer,
+            from_writer,
+            shared,
+            writer: Some(writer),
+            handed: 0,
+            acked: 0,
         };
         Ok((log, rec))
     }
@@ -299,25 +512,86 @@ impl SegmentLog {
         self.next_id
     }
 
-    fn roll(&mut self) -> io::Result<()> {
-        self.write_out()?;
-        self.file.sync_all()?;
-        self.file = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.dir.join(segment_name(self.next_id)))?;
-        self.segment_len = 0;
+    /// The writer's error, once it has failed.
+    fn check(&self) -> io::Result<()> {
+        if !self.shared.failed.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        let g = self.shared.error.lock().unwrap_or_else(|p| p.into_inner());
+        Err(match &*g {
+            Some(e) => io::Error::new(e.kind(), e.to_string()),
+            None => io::Error::other("the file log's writer failed"),
+        })
+    }
+
+    /// Hands the batch being built to the writer, if it holds anything (or must sync).
+    ///
+    /// Batches coalesce while the writer is busy: a buffer goes over when the writer has
+    /// nothing queued (it is idle, or on its last chunk), when it passes [`BATCH_BYTES`], or
+    /// when `must`. A full buffer with no free one to swap in grows up to [`MAX_CHUNK`] (once:
+    /// its capacity is kept) before the appender waits: that wait is the backpressure.
+    fn hand_over(&mut self, must: bool) -> io::Result<()> {
+        self.check()?;
+        let len = self.batch.bytes.len();
+        if len == 0 && self.batch.roll_to.is_none() && !must {
+            return Ok(());
+        }
+        if !must && len < BATCH_BYTES && self.to_writer.slots() < self.to_writer.capacity() {
+            return Ok(()); // the writer has work queued: keep filling this one
+        }
+        let mut spins = 0u32;
+        let next = loop {
+            if let Some(c) = self.from_writer.pop() {
+                break c;
+            }
+            if !must && len < MAX_CHUNK {
+                return Ok(()); // no buffer free yet: keep filling this one
+            }
+            self.check()?;
+            crate::engine::idle::backoff(&mut spins);
+        };
+        let mut full = core::mem::replace(&mut self.batch, next);
+        full.sync = must;
+        self.handed += full.records;
+        if self.to_writer.push(full).is_err() {
+            return Err(io::Error::other("the file log's writer is gone"));
+        }
+        if self.shared.parked.load(Ordering::SeqCst)
+            && let Some(w) = &self.writer
+        {
+            w.thread().unpark();
+        }
         Ok(())
     }
 
-    /// Writes the batch buffer to the segment (no sync).
-    fn write_out(&mut self) -> io::Result<()> {
-        if !self.batch.is_empty() {
-            let r = self.file.write_all(&self.batch);
-            // On error the records stay buffered: the caller retries or gives up on them.
-            r?;
-            self.batch.clear();
+    /// Hands the buffer over now, waiting for a free one if need be (a segment boundary).
+    fn hand_over_now(&mut self) -> io::Result<()> {
+        if self.batch.bytes.is_empty() && self.batch.roll_to.is_none() {
+            return Ok(());
         }
+        let mut spins = 0u32;
+        let next = loop {
+            if let Some(c) = self.from_writer.pop() {
+                break c;
+            }
+            self.check()?;
+            crate::engine::idle::backoff(&mut spins);
+        };
+        let full = core::mem::replace(&mut self.batch, next);
+        self.handed += full.records;
+        if self.to_writer.push(full).is_err() {
+            return Err(io::Error::other("the file log's writer is gone"));
+        }
+        if let Some(w) = &self.writer {
+            w.thread().unpark();
+        }
+        Ok(())
+    }
+
+    fn roll(&mut self) -> io::Result<()> {
+        self.hand_over_now()?;
+        self.batch.roll_to = Some(self.next_id);
+        self.segment_len = 0;
         Ok(())
     }
 
@@ -344,7 +618,7 @@ impl SegmentLog {
             self.roll()?;
         }
         let id = self.next_id;
-        let b = &mut self.batch;
+        let b = &mut self.batch.bytes;
         let start = b.len();
         b.extend_from_slice(&(body_len as u32).to_le_bytes());
         b.extend_from_slice(&[0; 4]); // the CRC, filled in below
@@ -362,37 +636,69 @@ impl SegmentLog {
         b[start + 4..start + 8].copy_from_slice(&crc.to_le_bytes());
         self.segment_len += len;
         self.next_id += 1;
-        if self.batch.len() >= BATCH_BYTES {
-            self.write_out()?;
+        self.batch.records += 1;
+        if self.batch.bytes.len() >= BATCH_BYTES {
+            self.hand_over(false)?;
         }
         Ok(id)
     }
 
-    /// Writes buffered records to the file, and syncs per the policy.
+    /// Ends a batch: hands what was appended to the writer. Durability follows later, by the
+    /// policy ([`SegmentLog::acked`]).
     ///
     /// # Errors
-    /// The file system's.
+    /// The writer's, once it has failed (the log then takes nothing more).
     pub fn flush(&mut self) -> io::Result<()> {
-        self.write_out()?;
-        let sync = match self.fsync {
-            Fsync::Always => true,
-            Fsync::Interval => self.last_sync.elapsed() >= self.fsync_interval,
-            Fsync::Never => false,
-        };
-        if sync {
-            self.file.sync_data()?;
-            self.last_sync = Instant::now();
-        }
-        Ok(())
+        self.hand_over(false)
     }
 
-    /// Flushes and syncs regardless of policy (at shutdown).
+    /// Records made durable since the last call.
+    ///
+    /// # Errors
+    /// The writer's, once it has failed.
+    pub fn acked(&mut self) -> io::Result<u64> {
+        let durable = self.shared.durable.load(Ordering::Acquire);
+        let n = durable - self.acked;
+        self.acked = durable;
+        if n == 0 {
+            self.check()?;
+        }
+        Ok(n)
+    }
+
+    /// Records handed over and not yet durable.
+    pub fn in_flight(&self) -> u64 {
+        self.handed + self.batch.records - self.shared.durable.load(Ordering::Acquire)
+    }
+
+    /// Writes and syncs everything appended so far, regardless of policy, and waits for it
+    /// (shutdown, tests).
     ///
     /// # Errors
     /// The file system's.
     pub fn sync(&mut self) -> io::Result<()> {
-        self.write_out()?;
-        self.file.sync_all()
+        self.hand_over(true)?;
+        while self.shared.durable.load(Ordering::Acquire) < self.handed {
+            self.check()?;
+            if let Some(w) = &self.writer {
+                w.thread().unpark();
+            }
+            std::thread::sleep(Duration::from_micros(100));
+        }
+        Ok(())
+    }
+}
+
+impl Drop for SegmentLog {
+    fn drop(&mut self) {
+        // What was appended but never flushed is still handed over, then the writer syncs
+        // what it wrote and stops.
+        let _ = self.hand_over(false);
+        self.shared.stop.store(true, Ordering::Release);
+        if let Some(w) = self.writer.take() {
+            w.thread().unpark();
+            let _ = w.join();
+        }
     }
 }
 
@@ -426,6 +732,18 @@ impl Sink for FileSink {
 
     fn flush(&mut self) -> io::Result<()> {
         self.log.flush()
+    }
+
+    fn acked(&mut self) -> io::Result<u64> {
+        self.log.acked()
+    }
+
+    fn in_flight(&self) -> u64 {
+        self.log.in_flight()
+    }
+
+    fn close(&mut self) -> io::Result<()> {
+        self.log.sync()
     }
 
     fn kind(&self) -> &'static str {
@@ -499,6 +817,43 @@ mod tests {
         assert_eq!(rec.truncated_bytes, 0);
         assert_eq!(log.next_id(), 500, "reopening continues the ids");
         let _ = fs::remove_dir_all(&d);
+    }
+
+    #[test]
+    fn records_are_acknowledged_once_durable_by_each_policy() {
+        for (tag, fsync) in [
+            ("ack-always", Fsync::Always),
+            ("ack-interval", Fsync::Interval),
+            ("ack-never", Fsync::Never),
+        ] {
+            let d = tmp(tag);
+            let (mut log, _) =
+                SegmentLog::open(&d, 8192, fsync, Duration::from_millis(20)).unwrap();
+            let mut acked = 0;
+            for i in 0..300 {
+                append(&mut log, i);
+                if i % 50 == 49 {
+                    log.flush().unwrap();
+                }
+                acked += log.acked().unwrap();
+            }
+            log.flush().unwrap();
+            let deadline = std::time::Instant::now() + Duration::from_secs(10);
+            while acked < 300 && std::time::Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(5));
+                log.flush().unwrap();
+                acked += log.acked().unwrap();
+            }
+            assert_eq!(acked, 300, "{tag}: every record acknowledged, none twice");
+            assert_eq!(log.in_flight(), 0, "{tag}");
+            assert!(
+                segments(&d).unwrap().len() > 2,
+                "{tag}: segments rolled meanwhile"
+            );
+            drop(log);
+            assert_eq!(read_log(&d).unwrap().len(), 300, "{tag}");
+            let _ = fs::remove_dir_all(&d);
+        }
     }
 
     #[test]

@@ -69,11 +69,31 @@ pub trait Sink: Send {
     /// The sink's I/O error.
     fn append(&mut self, ev: &EventRef<'_>, reason: Option<&'static str>) -> io::Result<()>;
 
-    /// Ends the batch: writes what was appended and makes it durable per the sink's policy.
+    /// Ends the batch: hands what was appended to the sink's I/O. Durability may follow later
+    /// ([`Sink::acked`]).
     ///
     /// # Errors
     /// The sink's I/O error.
     fn flush(&mut self) -> io::Result<()>;
+
+    /// Events the sink made durable since the last call: these count as delivered.
+    ///
+    /// # Errors
+    /// The sink's I/O error.
+    fn acked(&mut self) -> io::Result<u64>;
+
+    /// Events flushed and not yet acknowledged.
+    fn in_flight(&self) -> u64 {
+        0
+    }
+
+    /// Waits until everything flushed is durable (shutdown).
+    ///
+    /// # Errors
+    /// The sink's I/O error.
+    fn close(&mut self) -> io::Result<()> {
+        Ok(())
+    }
 
     /// Records this sink discarded by design since it was made (the memory sink's evictions).
     fn evicted(&self) -> u64 {
@@ -111,6 +131,8 @@ pub struct MemorySink {
     /// Most records kept.
     max_records: usize,
     evicted: u64,
+    /// Appended since the last [`Sink::acked`] (memory is durable at once).
+    unacked: u64,
 }
 
 impl MemorySink {
@@ -124,6 +146,7 @@ impl MemorySink {
             len: 0,
             max_records: records.max(1),
             evicted: 0,
+            unacked: 0,
         }
     }
 
@@ -188,6 +211,7 @@ impl Sink for MemorySink {
         // Records are 8-byte aligned so a header never straddles the end of the ring.
         let n = (MEM_HEADER + topic.len() + ev.payload.len() + 7) & !7;
         let cap = self.buf.len();
+        self.unacked += 1;
         if n > cap {
             // Larger than the whole ring: kept by nobody, counted as evicted.
             self.evicted += 1;
@@ -242,6 +266,10 @@ impl Sink for MemorySink {
 
     fn flush(&mut self) -> io::Result<()> {
         Ok(())
+    }
+
+    fn acked(&mut self) -> io::Result<u64> {
+        Ok(core::mem::take(&mut self.unacked))
     }
 
     fn evicted(&self) -> u64 {
