@@ -298,7 +298,11 @@ pub fn parse_frame(buf: &[u8], limits: &Limits) -> Result<FrameSpan, FrameError>
         });
     }
     let topic_end = HEADER_LEN + usize::from(topic_len);
-    if let Err(e) = core::str::from_utf8(&buf[HEADER_LEN..topic_end]) {
+    let topic = &buf[HEADER_LEN..topic_end];
+    // Topics are almost always ASCII: checked inline, without the general validator's call.
+    if !topic.is_ascii()
+        && let Err(e) = core::str::from_utf8(topic)
+    {
         return Err(FrameError::TopicNotUtf8 {
             valid_up_to: e.valid_up_to(),
             length,
