@@ -52,6 +52,53 @@ fn udp_events_are_reconciled_and_sigterm_drains() {
 }
 
 #[test]
+fn reuseport_sockets_share_the_load_and_the_tcp_side_queue_is_served() {
+    let config = "ingest:\n  udp:\n    bind: \"127.0.0.1:0\"\n    sockets: 2\n  tcp:\n    bind: \"127.0.0.1:0\"\nadmin:\n  bind: \"127.0.0.1:0\"\nengine:\n  mode: inline\n";
+    let (child, mut out, addr, dir) = start(config, "reuseport");
+    let tcp = read_until(&mut out, "listening tcp ");
+    // 32 flows (source ports): the kernel hashes them across both sockets.
+    let senders: Vec<UdpSocket> = (0..32)
+        .map(|_| UdpSocket::bind("127.0.0.1:0").unwrap())
+        .collect();
+    let mut datagram = Vec::new();
+    for i in 0..4u8 {
+        encode(i, "orders.eu", &[i; 16], &mut datagram).unwrap();
+    }
+    for round in 0..50 {
+        for s in &senders {
+            s.send_to(&datagram, &addr).unwrap();
+        }
+        if round % 5 == 0 {
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+    let mut frames = Vec::new();
+    for i in 0..100u8 {
+        encode(i, "orders.tcp", &[i; 8], &mut frames).unwrap();
+    }
+    let mut conn = std::net::TcpStream::connect(&tcp).unwrap();
+    std::io::Write::write_all(&mut conn, &frames).unwrap();
+    drop(conn);
+    std::thread::sleep(Duration::from_millis(300));
+    let r = stop(child, out);
+    assert_eq!(r["received_events"]["udp"], 32 * 50 * 4, "{r}");
+    assert_eq!(r["received_events"]["tcp"], 100, "{r}");
+    assert_eq!(r["delivered_events"], 32 * 50 * 4 + 100, "{r}");
+    let per: Vec<u64> = r["udp_sockets"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_u64().unwrap())
+        .collect();
+    assert_eq!(per.len(), 2, "{r}");
+    assert!(
+        per.iter().all(|&n| n > 0),
+        "both sockets took flows: {per:?}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
 fn bad_config_and_busy_port_are_clear_errors() {
     let dir = std::env::temp_dir().join(format!("es-cfg-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();

@@ -299,10 +299,19 @@ pub fn run(cfg: &Config, no_xdp: bool, duration: u64, probe: Option<Probe>) -> R
     }
 
     let u = &cfg.ingest.udp;
-    let mut udp: Option<(UdpSocket, FrameArena)> = None;
-    if xsk.is_none() || u.beside_xdp {
-        let socket = bind_udp(u.bind, u.socket_buffer)
-            .with_context(|| format!("binding UDP {} (ingest.udp.bind)", u.bind))?;
+    // Kernel UDP sockets: `ingest.udp.sockets` of them without AF_XDP, one beside it.
+    let mut udp: Vec<(UdpSocket, FrameArena)> = Vec::new();
+    let n_udp = match (&xsk, u.beside_xdp) {
+        (None, _) => u.sockets,
+        (Some(_), true) => 1,
+        (Some(_), false) => 0,
+    };
+    let mut addr = u.bind;
+    for k in 0..n_udp {
+        let socket = bind_udp(addr, u.socket_buffer, n_udp > 1)
+            .with_context(|| format!("binding UDP {addr} (ingest.udp.bind)"))?;
+        // The rest share the port the first one got (when it asked for port 0).
+        addr = socket.local_addr()?;
         let arena = FrameArena::new(
             u.frame_size,
             u.frames,
@@ -311,9 +320,11 @@ pub fn run(cfg: &Config, no_xdp: bool, duration: u64, probe: Option<Probe>) -> R
                 ..Default::default()
             },
         )?;
-        info!(addr = %socket.local_addr()?, frames = u.frames, pages = ?arena.region().pages(), "kernel UDP ingest bound");
-        println!("listening udp {}", socket.local_addr()?);
-        udp = Some((socket, arena));
+        info!(addr = %addr, socket = k, frames = u.frames, pages = ?arena.region().pages(), "kernel UDP ingest bound");
+        if k == 0 {
+            println!("listening udp {addr}");
+        }
+        udp.push((socket, arena));
     }
     // The kernel TCP listener: connection slots made now, so the events they mint can outlive
     // any one connection inside the thread scope.
@@ -353,7 +364,7 @@ pub fn run(cfg: &Config, no_xdp: bool, duration: u64, probe: Option<Probe>) -> R
 
     // Producers: one per AF_XDP queue, then the kernel UDP socket (alone, or beside AF_XDP).
     let xsk_queues = xsk.as_ref().map_or(0, |s| s.queues.len());
-    let producers = xsk_queues + usize::from(udp.is_some());
+    let producers = xsk_queues + udp.len();
     let source_of = |i: usize| {
         if i < xsk_queues {
             Source::Xsk
@@ -390,7 +401,7 @@ pub fn run(cfg: &Config, no_xdp: bool, duration: u64, probe: Option<Probe>) -> R
     // Where the engine runs: inline, in each receive queue's thread (run to completion), unless
     // the machine has a core for every thread of the pipelined mode (receive threads,
     // dispatcher, workers, DLQ).
-    let data_plane = if xsk.is_some() { xsk_queues } else { 1 };
+    let data_plane = if xsk.is_some() { xsk_queues } else { udp.len() };
     let cores = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
     let pipelined_threads =
         data_plane + 2 + e.realtime_workers + e.transactional_workers + e.batch_workers;
@@ -627,8 +638,9 @@ pub fn run(cfg: &Config, no_xdp: bool, duration: u64, probe: Option<Probe>) -> R
             }
         }
         let paused = &engine_counters.paused;
-        if let Some((socket, arena)) = &udp {
-            let (counters, pool) = (&counters[xsk_queues], &pools[xsk_queues]);
+        for (k, (socket, arena)) in udp.iter().enumerate() {
+            let (counters, pool) = (&counters[xsk_queues + k], &pools[xsk_queues + k]);
+            let cpu = u.cpu.map(|c| c + k as u32);
             let (ingest_running, tx) = (&ingest_running, &tx);
             // Without AF_XDP and inline, this socket's thread is the data plane.
             let mut engine = if xsk_queues == 0 {
@@ -640,9 +652,9 @@ pub fn run(cfg: &Config, no_xdp: bool, duration: u64, probe: Option<Probe>) -> R
             let is_dataplane = engine.is_some();
             let (ingest_stop, dataplane_stop) = (&ingest_stop, &dataplane_stop);
             let h = std::thread::Builder::new()
-                .name("ingest-udp".into())
+                .name(format!("ingest-udp{k}"))
                 .spawn_scoped(s, move || {
-                    pin(u.cpu, "ingest-udp");
+                    pin(cpu, &format!("ingest-udp{k}"));
                     let mut frames = arena.owner().expect("one owner");
                     let job = UdpIngest {
                         socket,
@@ -873,6 +885,7 @@ pub fn run(cfg: &Config, no_xdp: bool, duration: u64, probe: Option<Probe>) -> R
             "udp": counters[xsk_queues..].iter().map(|c| c.events.load(Ordering::Relaxed)).sum::<u64>(),
             "tcp": tcp_counters.iter().map(|c| c.events.load(Ordering::Relaxed)).sum::<u64>(),
         },
+        "udp_sockets": counters[xsk_queues..].iter().map(|c| c.events.load(Ordering::Relaxed)).collect::<Vec<_>>(),
         "tcp_refused_connections": tcp_refused.load(Ordering::Relaxed),
         "latency": {
             "from": match cfg.engine.latency_from { LatencyFrom::Ingest => "ingest", LatencyFrom::Payload => "payload" },

@@ -20,8 +20,9 @@ use crate::mem::frames::{FrameOwner, OwnedFrame};
 use crate::wire::event::{Source, Stamp, monotonic_ns};
 use crate::wire::protocol::{Limits, RejectReason};
 
-/// Binds the UDP socket: the receive buffer as asked (0 keeps the default), and a receive
-/// timeout so the loop notices a stop request.
+/// Binds a UDP socket: `SO_REUSEPORT` when several share the address (`ingest.udp.sockets`),
+/// the receive buffer as asked (0 keeps the default), and a receive timeout so the loop
+/// notices a stop request.
 ///
 /// The buffer is set with `SO_RCVBUFFORCE` where the process may (`CAP_NET_ADMIN`), so an
 /// operator's size is not silently capped at `net.core.rmem_max`; without the capability it
@@ -29,8 +30,21 @@ use crate::wire::protocol::{Limits, RejectReason};
 ///
 /// # Errors
 /// When the address cannot be bound (in use, not local, no permission for a low port).
-pub fn bind_udp(addr: std::net::SocketAddr, rcvbuf: u32) -> io::Result<UdpSocket> {
-    let sock = UdpSocket::bind(addr)?;
+pub fn bind_udp(
+    addr: std::net::SocketAddr,
+    rcvbuf: u32,
+    reuse_port: bool,
+) -> io::Result<UdpSocket> {
+    let s = socket2::Socket::new(
+        socket2::Domain::for_address(addr),
+        socket2::Type::DGRAM,
+        Some(socket2::Protocol::UDP),
+    )?;
+    if reuse_port {
+        s.set_reuse_port(true)?;
+    }
+    s.bind(&addr.into())?;
+    let sock = UdpSocket::from(s);
     if rcvbuf != 0 {
         let v = libc::c_int::try_from(rcvbuf).unwrap_or(libc::c_int::MAX);
         let set = |opt| {

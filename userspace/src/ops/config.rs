@@ -218,8 +218,12 @@ pub struct UdpConfig {
     /// `ingest.udp.beside_xdp`: with AF_XDP ingest, bind this socket too, for what the XDP
     /// program passes to the kernel (IP fragments, IPv6 with extension headers).
     pub beside_xdp: bool,
-    /// `ingest.udp.cpu`: pin this socket's receive thread here; null leaves it to the scheduler.
+    /// `ingest.udp.cpu`: pin socket `k`'s receive thread to CPU `cpu + k`; null leaves them
+    /// to the scheduler.
     pub cpu: Option<u32>,
+    /// `ingest.udp.sockets`: `SO_REUSEPORT` sockets bound to `bind` (without AF_XDP), each with
+    /// its own receive thread; the kernel spreads flows across them by 4-tuple hash.
+    pub sockets: usize,
 }
 
 impl Default for UdpConfig {
@@ -232,6 +236,7 @@ impl Default for UdpConfig {
             socket_buffer: 4 << 20,
             beside_xdp: true,
             cpu: None,
+            sockets: 1,
         }
     }
 }
@@ -518,6 +523,13 @@ impl Config {
             "ring_size..=1048576",
         )?;
         check("xdp.batch", x.batch, 1, 1024, "1..=1024")?;
+        check(
+            "ingest.udp.sockets",
+            self.ingest.udp.sockets,
+            1,
+            64,
+            "1..=64",
+        )?;
         check(
             "xdp.busy_spin_us",
             x.busy_spin_us,
