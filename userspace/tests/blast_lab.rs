@@ -197,3 +197,109 @@ fn xdp_tx_and_sendmmsg_into_af_xdp_reconcile_and_live_frames_count_exactly() {
     drop(lab);
     let _ = std::fs::remove_dir_all(dir);
 }
+
+/// Two RX queues on the lab's veth, one AF_XDP socket and data-plane thread each: AF_XDP TX on
+/// the sender's queue `q` lands on the appliance's RX queue `q`, and each queue's accounting
+/// is exact on its own (sent to q = received on q + q's counted kernel drops).
+#[test]
+fn two_rx_queues_each_get_a_socket_and_exact_accounting() {
+    // SAFETY: geteuid(2) has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        return common::skip("the two-queue lab test needs root");
+    }
+    let Some(object) = common::bpf_object() else {
+        return common::skip("no XDP object: run `cargo xtask build-ebpf`");
+    };
+    let lab = match Lab::up_with_queues(&format!("es2q{}", std::process::id() % 100_000), 2) {
+        Ok(l) => l,
+        Err(e @ (LabError::NotPermitted(_) | LabError::NoIp)) => {
+            return common::skip(&e.to_string());
+        }
+        Err(e) => panic!("lab: {e}"),
+    };
+    let dir = std::env::temp_dir().join(format!("es-2q-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let config = dir.join("eventstream.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "xdp:\n  object: \"{}\"\n  queues: 2\ningest:\n  udp:\n    bind: \"0.0.0.0:8082\"\n  tcp:\n    bind: null\nadmin:\n  bind: \"127.0.0.1:0\"\nengine:\n  mode: inline\n",
+            object.display()
+        ),
+    )
+    .unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_eventstream"))
+        .args(["run", "--netns", &lab.rx_ns, "--iface", RX_IF, "--config"])
+        .arg(&config)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut out = BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    while line.trim() != "ready" {
+        line.clear();
+        assert!(
+            out.read_line(&mut line).unwrap() > 0,
+            "the appliance exited early"
+        );
+    }
+    let to = format!("{RX_ADDR}:8082");
+    let per = PER.to_string();
+    let sent = [12_000u64, 6_000];
+    for (q, count) in sent.iter().enumerate() {
+        let tx = blast(&[
+            "--netns",
+            &lab.tx_ns,
+            "--xdp-tx",
+            "--iface",
+            TX_IF,
+            "--queue",
+            &q.to_string(),
+            "--to",
+            &to,
+            "--count",
+            &count.to_string(),
+            "--rate",
+            "100000",
+            "--events-per-datagram",
+            &per,
+        ]);
+        assert_eq!(tx["sent_events"], *count, "{tx}");
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    // SAFETY: kill(2) has no memory-safety preconditions; the pid is our own child's.
+    unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while child.try_wait().unwrap().is_none() {
+        assert!(Instant::now() < deadline, "the appliance did not drain");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let report: serde_json::Value = (&mut out)
+        .lines()
+        .map_while(Result::ok)
+        .find(|l| l.starts_with('{'))
+        .map(|l| serde_json::from_str(&l).unwrap())
+        .expect("a report");
+    let n = |v: &serde_json::Value| v.as_u64().unwrap();
+    let queues = report["xsk"]["queues"]
+        .as_array()
+        .expect("per-queue counts");
+    assert_eq!(queues.len(), 2, "{report}");
+    for (q, (c, sent)) in queues.iter().zip(sent).enumerate() {
+        let dropped = (n(&c["rx_dropped"]) + n(&c["rx_ring_full"])) * PER;
+        assert!(n(&c["events"]) > 0, "queue {q} took its traffic: {report}");
+        assert_eq!(
+            n(&c["events"]) + dropped,
+            sent,
+            "queue {q}: sent = received + counted kernel drops: {report}"
+        );
+    }
+    assert_eq!(report["engine_mode"], "inline", "{report}");
+    assert_eq!(
+        report["delivered_events"], report["accepted_events"],
+        "{report}"
+    );
+    drop(lab);
+    let _ = std::fs::remove_dir_all(dir);
+}

@@ -912,6 +912,14 @@ pub fn run(cfg: &Config, no_xdp: bool, duration: u64, probe: Option<Probe>) -> R
             "rx_invalid_descs": sum(|c| &c.xsk_rx_invalid_descs),
             "rx_ring_full": sum(|c| &c.xsk_rx_ring_full),
             "rx_fill_ring_empty_descs": sum(|c| &c.xsk_rx_fill_ring_empty_descs),
+            "queues": counters[..xsk_queues].iter().map(|c| json!({
+                "events": c.events.load(Ordering::Relaxed),
+                "datagrams": c.datagrams.load(Ordering::Relaxed),
+                "rx_dropped": c.xsk_rx_dropped.load(Ordering::Relaxed),
+                "rx_ring_full": c.xsk_rx_ring_full.load(Ordering::Relaxed),
+                "rx_fill_ring_empty_descs": c.xsk_rx_fill_ring_empty_descs.load(Ordering::Relaxed),
+                "rx_invalid_descs": c.xsk_rx_invalid_descs.load(Ordering::Relaxed),
+            })).collect::<Vec<_>>(),
             "verdicts": verdicts.map(|v| v.labelled().map(|(k, n)| (k.to_owned(), json!(n))).collect::<serde_json::Map<_, _>>()),
         });
     }

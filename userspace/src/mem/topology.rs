@@ -134,7 +134,6 @@ fn hwloc(_iface: Option<&str>) -> Result<Topology, String> {
 
 #[cfg(feature = "hwloc")]
 fn hwloc(iface: Option<&str>) -> Result<Topology, String> {
-    use hwlocality::object::types::ObjectType;
     use hwlocality::topology::builder::TypeFilter;
 
     let topo = hwlocality::Topology::builder()
@@ -142,6 +141,32 @@ fn hwloc(iface: Option<&str>) -> Result<Topology, String> {
         .map_err(|e| e.to_string())?
         .build()
         .map_err(|e| e.to_string())?;
+    from_hwloc(&topo, iface)
+}
+
+impl Topology {
+    /// The topology hwloc builds from a synthetic description (`"node:2 core:2 pu:1"`, hwloc's
+    /// syntax), through the same reading as [`Topology::discover`]: for tests of the placement
+    /// on machines this one is not.
+    ///
+    /// # Errors
+    /// hwloc's, for a description it refuses.
+    #[cfg(feature = "hwloc")]
+    pub fn synthetic(description: &str) -> Result<Self, String> {
+        let topo = hwlocality::Topology::builder()
+            .from_synthetic(description)
+            .map_err(|e| e.to_string())?
+            .build()
+            .map_err(|e| e.to_string())?;
+        from_hwloc(&topo, None)
+    }
+}
+
+/// Reads nodes, their cores and memory, and the NIC's node from an hwloc topology.
+#[cfg(feature = "hwloc")]
+fn from_hwloc(topo: &hwlocality::Topology, iface: Option<&str>) -> Result<Topology, String> {
+    use hwlocality::object::types::ObjectType;
+
     let mut nodes: Vec<Node> = topo
         .objects_with_type(ObjectType::NUMANode)
         .filter_map(|n| {
@@ -409,6 +434,30 @@ mod tests {
         );
         assert_eq!(off.ingest, vec![0, 1, 2, 3]);
         assert_eq!(off.dispatcher, None);
+    }
+
+    #[cfg(feature = "hwloc")]
+    #[test]
+    fn a_synthetic_two_node_machine_through_hwloc_places_ingest_on_the_nic_node() {
+        let mut topo = Topology::synthetic("node:2 core:4 pu:1").expect("hwloc synthetic");
+        assert_eq!(topo.source, "hwloc");
+        assert_eq!(topo.nodes.len(), 2, "{topo}");
+        assert_eq!(topo.node_cpus(0), Some(&[0, 1, 2, 3][..]), "{topo}");
+        assert_eq!(topo.node_cpus(1), Some(&[4, 5, 6, 7][..]), "{topo}");
+        topo.nic_node = Some(1);
+        let p = plan(
+            &topo,
+            &PlanInput {
+                queues: 2,
+                dispatcher_cpu: None,
+                worker_cpus: &[],
+                workers: 3,
+                auto: true,
+            },
+        );
+        assert_eq!(p.ingest, vec![4, 5], "one queue per core of the NIC's node");
+        assert_eq!(p.dispatcher, Some(6), "{p:?}");
+        assert_eq!(p.workers.first().copied().flatten(), Some(7), "{p:?}");
     }
 
     #[test]

@@ -107,6 +107,17 @@ impl Lab {
     /// [`LabError::NotPermitted`] without root, [`LabError::NoIp`] without iproute2, or the
     /// failing command.
     pub fn up(name: &str) -> Result<Self, LabError> {
+        Self::up_with_queues(name, 1)
+    }
+
+    /// As [`Lab::up`], with `queues` RX and TX queues on each end of the veth pair: the veth
+    /// hands a frame sent on TX queue `q` to the peer's RX queue `q`, so a sender picks the
+    /// receiving queue by its own (an AF_XDP TX socket's queue id, or live frames'
+    /// `rx_queue_index`).
+    ///
+    /// # Errors
+    /// As [`Lab::up`].
+    pub fn up_with_queues(name: &str, queues: u32) -> Result<Self, LabError> {
         let lab = Self {
             tx_ns: format!("{name}-tx"),
             rx_ns: format!("{name}-rx"),
@@ -116,8 +127,27 @@ impl Lab {
         ip(&["netns", "add", &lab.tx_ns])?;
         ip(&["netns", "add", &lab.rx_ns])?;
         // From here on, dropping `lab` cleans up whatever was made.
+        let q = queues.max(1).to_string();
         ip(&[
-            "-n", &lab.tx_ns, "link", "add", TX_IF, "type", "veth", "peer", "name", RX_IF, "netns",
+            "-n",
+            &lab.tx_ns,
+            "link",
+            "add",
+            TX_IF,
+            "numtxqueues",
+            &q,
+            "numrxqueues",
+            &q,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            RX_IF,
+            "numtxqueues",
+            &q,
+            "numrxqueues",
+            &q,
+            "netns",
             &lab.rx_ns,
         ])?;
         for (ns, dev, addr, m, peer, peer_mac) in [
