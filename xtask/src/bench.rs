@@ -364,6 +364,10 @@ pub fn main(root: &Path, args: &Args) -> Result<()> {
     let mut xsk_label = String::from("?");
     for (path, extra) in [
         ("xsk_bare", &["--iface", RX_IF, "--probe", "bare"][..]),
+        (
+            "xsk_bare_crate",
+            &["--iface", RX_IF, "--probe", "bare-crate"][..],
+        ),
         ("xsk_parse", &["--iface", RX_IF, "--probe", "parse"][..]),
         ("xsk", &["--iface", RX_IF][..]),
         ("recvmmsg", &["--no-xdp"][..]),
@@ -378,7 +382,7 @@ pub fn main(root: &Path, args: &Args) -> Result<()> {
                 }
                 let mut runs = Vec::new();
                 app.measure(match path {
-                    "xsk_bare" => Measure::Datagrams(per),
+                    "xsk_bare" | "xsk_bare_crate" => Measure::Datagrams(per),
                     "xsk_parse" => Measure::Received,
                     _ => Measure::Delivered,
                 });
@@ -541,6 +545,7 @@ pub fn main(root: &Path, args: &Args) -> Result<()> {
         "appliance_cpu": APPLIANCE_CPU,
         "ratios": {
             "xsk_over_xsk_bare": ratio("xsk", "xsk_bare"),
+            "xsk_bare_over_xsk_bare_crate": ratio("xsk_bare", "xsk_bare_crate"),
             "xsk_over_xsk_parse": ratio("xsk", "xsk_parse"),
             "xsk_over_recvmmsg": ratio("xsk", "recvmmsg"),
             "xsk_over_recvmmsg_16": ratio16("xsk", "recvmmsg"),
@@ -622,8 +627,9 @@ fn markdown(doc: &Value) -> String {
     let ratio = |v: &Value| v.as_f64().map_or("n/a".to_owned(), |x| format!("{x:.2}"));
     let _ = writeln!(
         s,
-        "\nRatios (64 B, sustainable events/s, 1 event/datagram unless said): xsk / xsk_bare = **{}**, \
+        "\nRatios (64 B, sustainable events/s, 1 event/datagram unless said): xsk_bare (ours) / xsk_bare_crate (xdpilone) = **{}**, xsk / xsk_bare = **{}**, \
          xsk / xsk_parse = **{}**, xsk / recvmmsg = **{}** (16 per datagram: **{}**), xsk / xdp_drop = **{}**.\n",
+        ratio(&r["xsk_bare_over_xsk_bare_crate"]),
         ratio(&r["xsk_over_xsk_bare"]),
         ratio(&r["xsk_over_xsk_parse"]),
         ratio(&r["xsk_over_recvmmsg"]),

@@ -61,6 +61,8 @@ struct XskSetup<'a> {
     program: Program,
     attach: AttachMode,
     queues: Vec<(XskSocket<'a>, FrameOwner<'a>)>,
+    /// `--probe bare-crate`: the queues' sockets are xdpilone's instead of ours.
+    crate_queues: Vec<crate::tools::xsk_crate::CrateXsk>,
 }
 
 fn attach_program(x: &XdpSection) -> Result<(Program, AttachMode)> {
@@ -112,9 +114,40 @@ fn attach_program(x: &XdpSection) -> Result<(Program, AttachMode)> {
     Err(last.map_or_else(|| anyhow!("no attach mode allowed"), Into::into))
 }
 
-fn setup_xsk<'a>(x: &XdpSection, arenas: &'a [FrameArena]) -> Result<XskSetup<'a>> {
+fn setup_xsk<'a>(
+    x: &XdpSection,
+    arenas: &'a [FrameArena],
+    probe: Option<Probe>,
+) -> Result<XskSetup<'a>> {
     let ifindex = if_index(&x.iface)?;
     let (mut program, attach) = attach_program(x)?;
+    let register = |program: &mut Program, q: u32, fd| -> Result<()> {
+        match program {
+            Program::Pinned => Pinned::register_socket(&x.iface, q, fd)?,
+            Program::Owned { program, .. } => program.register_socket(q, fd)?,
+        }
+        Ok(())
+    };
+    if probe == Some(Probe::BareCrate) {
+        let mut crate_queues = Vec::with_capacity(arenas.len());
+        for q in 0..arenas.len() as u32 {
+            let sock = crate::tools::xsk_crate::CrateXsk::new(
+                ifindex,
+                q,
+                x.frame_size,
+                x.frames,
+                x.ring_size,
+            )?;
+            register(&mut program, q, sock.fd())?;
+            crate_queues.push(sock);
+        }
+        return Ok(XskSetup {
+            program,
+            attach,
+            queues: Vec::new(),
+            crate_queues,
+        });
+    }
     let opts = XskOptions {
         ring_size: x.ring_size,
         need_wakeup: x.need_wakeup,
@@ -124,20 +157,18 @@ fn setup_xsk<'a>(x: &XdpSection, arenas: &'a [FrameArena]) -> Result<XskSetup<'a
     for (q, arena) in arenas.iter().enumerate() {
         let mut owner = arena.owner().expect("fresh arena");
         let sock = XskSocket::new(arena, &mut owner, ifindex, q as u32, opts)?;
-        match &mut program {
-            Program::Pinned => {
-                Pinned::register_socket(&x.iface, q as u32, std::os::fd::AsRawFd::as_raw_fd(&sock))?
-            }
-            Program::Owned { program, .. } => {
-                program.register_socket(q as u32, std::os::fd::AsRawFd::as_raw_fd(&sock))?
-            }
-        }
+        register(
+            &mut program,
+            q as u32,
+            std::os::fd::AsRawFd::as_raw_fd(&sock),
+        )?;
         queues.push((sock, owner));
     }
     Ok(XskSetup {
         program,
         attach,
         queues,
+        crate_queues: Vec::new(),
     })
 }
 
@@ -230,6 +261,8 @@ pub enum Probe {
     Bare,
     /// `xsk_parse`: parse every event and release it, no engine.
     Parse,
+    /// `xsk_bare_crate`: `bare` on xdpilone's socket code instead of ours.
+    BareCrate,
 }
 
 /// Runs the appliance described by `cfg` (already validated) until a signal, a drain command,
@@ -272,7 +305,7 @@ pub fn run(cfg: &Config, no_xdp: bool, duration: u64, probe: Option<Probe>) -> R
         info!(queues = arenas.len(), bytes_each = r.len(), pages = ?r.pages(), numa = ?r.numa(), locked = ?r.locked(), "UMEM mapped");
     }
     let xsk = if want_xdp {
-        match setup_xsk(x, &arenas) {
+        match setup_xsk(x, &arenas, probe) {
             Ok(s) => Some(s),
             Err(e) => {
                 warn!("AF_XDP unavailable ({e:#}); falling back to kernel UDP ingest (recvmmsg)");
@@ -363,7 +396,9 @@ pub fn run(cfg: &Config, no_xdp: bool, duration: u64, probe: Option<Probe>) -> R
     let (tcp_refused, tcp_live) = (AtomicU64::new(0), AtomicU64::new(0));
 
     // Producers: one per AF_XDP queue, then the kernel UDP socket (alone, or beside AF_XDP).
-    let xsk_queues = xsk.as_ref().map_or(0, |s| s.queues.len());
+    let xsk_queues = xsk
+        .as_ref()
+        .map_or(0, |s| s.queues.len() + s.crate_queues.len());
     let producers = xsk_queues + udp.len();
     let source_of = |i: usize| {
         if i < xsk_queues {
@@ -571,8 +606,23 @@ pub fn run(cfg: &Config, no_xdp: bool, duration: u64, probe: Option<Probe>) -> R
     std::thread::scope(|s| -> Result<()> {
         let mut ingest = Vec::new();
         let mut dataplane = Vec::new();
-        if let Some(setup) = xsk {
+        if let Some(mut setup) = xsk {
             program = Some(setup.program);
+            for (q, mut sock) in setup.crate_queues.drain(..).enumerate() {
+                let cpu = plan.ingest.get(q).copied();
+                let (counters, ingest_running, stop) =
+                    (&counters[q], &ingest_running, &ingest_stop);
+                ingest.push(
+                    std::thread::Builder::new()
+                        .name(format!("ingest-q{q}"))
+                        .spawn_scoped(s, move || {
+                            pin(cpu, &format!("ingest-q{q}"));
+                            let r = sock.run(x.batch, busy_spin, stop, counters);
+                            ingest_running.fetch_sub(1, Ordering::AcqRel);
+                            r
+                        })?,
+                );
+            }
             for (q, ((mut sock, mut owner), pool)) in
                 setup.queues.into_iter().zip(&pools).enumerate()
             {

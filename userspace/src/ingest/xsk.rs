@@ -85,9 +85,10 @@ impl XskIngest<'_> {
                 }
                 continue;
             }
-            // Refill: released frames first, then as many as FILL has room for.
+            // Refill: released frames first, then as many as FILL has room for. (The bare probe
+            // recycles the frames FILL was stocked with, as a bare loop does.)
             let (fill, _) = sock.rings();
-            let room = fill.free(self.batch);
+            let room = if self.bare { 0 } else { fill.free(self.batch) };
             let mut n = 0;
             while n < room {
                 let Some(frame) = frames.take() else { break };

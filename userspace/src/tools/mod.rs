@@ -3,3 +3,4 @@
 
 pub mod blast;
 pub mod lab;
+pub mod xsk_crate;
