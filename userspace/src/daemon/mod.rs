@@ -603,7 +603,7 @@ pub fn run(cfg: &Config, no_xdp: bool, duration: u64, probe: Option<Probe>) -> R
     } else {
         Duration::from_millis(100)
     };
-    std::thread::scope(|s| -> Result<()> {
+    let outcome = std::thread::scope(|s| -> Result<()> {
         let mut ingest = Vec::new();
         let mut dataplane = Vec::new();
         if let Some(mut setup) = xsk {
@@ -903,7 +903,9 @@ pub fn run(cfg: &Config, no_xdp: bool, duration: u64, probe: Option<Probe>) -> R
         }
         admin_stop.store(true, Ordering::Relaxed);
         result
-    })?;
+    });
+    // The report is printed whatever ended the run (a failed sink included), so what was
+    // accepted and what was delivered can still be reconciled from outside.
 
     let mut rejected = serde_json::Map::new();
     for r in RejectReason::ALL {
@@ -973,6 +975,9 @@ pub fn run(cfg: &Config, no_xdp: bool, duration: u64, probe: Option<Probe>) -> R
             "verdicts": verdicts.map(|v| v.labelled().map(|(k, n)| (k.to_owned(), json!(n))).collect::<serde_json::Map<_, _>>()),
         });
     }
+    if let Err(e) = &outcome {
+        report["error"] = json!(format!("{e:#}"));
+    }
     println!("{report}");
-    Ok(())
+    outcome
 }
