@@ -37,36 +37,28 @@ pub struct BatchClock {
     pub wall: u64,
 }
 
-/// A sink with the count of what was appended since its last flush.
+/// A sink, with the evictions it last reported.
 struct Out {
     sink: Box<dyn Sink>,
-    pending: u64,
     evicted: u64,
 }
 
 impl Out {
     fn new(sink: Box<dyn Sink>) -> Self {
-        Self {
-            sink,
-            pending: 0,
-            evicted: 0,
-        }
+        Self { sink, evicted: 0 }
     }
 
     #[inline]
     fn append(&mut self, ev: &EventRef<'_>, reason: Option<&'static str>) -> io::Result<()> {
-        self.sink.append(ev, reason)?;
-        self.pending += 1;
-        Ok(())
+        self.sink.append(ev, reason)
     }
 
-    /// Ends the batch (flushing if anything is pending, and at `closing` waiting until
+    /// Ends the batch (flushing what was appended, and at `closing` waiting until
     /// everything is durable); returns how many events the sink acknowledged meanwhile.
     fn flush(&mut self, counters: &EngineCounters, closing: bool) -> io::Result<u64> {
         // Every pass, not only after appends: a sink may hold a coalesced buffer until its
         // I/O is free to take it.
         self.sink.flush()?;
-        self.pending = 0;
         if closing {
             self.sink.close()?;
         }
@@ -86,7 +78,6 @@ impl core::fmt::Debug for Out {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
         f.debug_struct("Out")
             .field("sink", &self.sink.kind())
-            .field("pending", &self.pending)
             .finish()
     }
 }
