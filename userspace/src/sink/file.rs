@@ -539,29 +539,11 @@ impl SegmentLog {
         if !must && len < BATCH_BYTES && self.to_writer.slots() < self.to_writer.capacity() {
             return Ok(()); // the writer has work queued: keep filling this one
         }
-        let mut spins = 0u32;
-        let next = loop {
-            if let Some(c) = self.from_writer.pop() {
-                break c;
-            }
-            if !must && len < MAX_CHUNK {
-                return Ok(()); // no buffer free yet: keep filling this one
-            }
-            self.check()?;
-            crate::engine::idle::backoff(&mut spins);
+        // Past MAX_CHUNK (or when it must), wait for a free buffer: the backpressure.
+        let Some(next) = self.free_buffer(must || len >= MAX_CHUNK)? else {
+            return Ok(()); // no buffer free yet: keep filling this one
         };
-        let mut full = core::mem::replace(&mut self.batch, next);
-        full.sync = must;
-        self.handed += full.records;
-        if self.to_writer.push(full).is_err() {
-            return Err(io::Error::other("the file log's writer is gone"));
-        }
-        if self.shared.parked.load(Ordering::SeqCst)
-            && let Some(w) = &self.writer
-        {
-            w.thread().unpark();
-        }
-        Ok(())
+        self.send(next, must)
     }
 
     /// Hands the buffer over now, waiting for a free one if need be (a segment boundary).
@@ -569,20 +551,36 @@ impl SegmentLog {
         if self.batch.bytes.is_empty() && self.batch.roll_to.is_none() {
             return Ok(());
         }
+        let next = self.free_buffer(true)?.expect("waited for one");
+        self.send(next, false)
+    }
+
+    /// An empty buffer back from the writer: `None` at once if there is none and not `wait`.
+    fn free_buffer(&mut self, wait: bool) -> io::Result<Option<Chunk>> {
         let mut spins = 0u32;
-        let next = loop {
+        loop {
             if let Some(c) = self.from_writer.pop() {
-                break c;
+                return Ok(Some(c));
+            }
+            if !wait {
+                return Ok(None);
             }
             self.check()?;
             crate::engine::idle::backoff(&mut spins);
-        };
-        let full = core::mem::replace(&mut self.batch, next);
+        }
+    }
+
+    /// Queues the batch being built for the writer (`next` takes its place) and wakes it.
+    fn send(&mut self, next: Chunk, sync: bool) -> io::Result<()> {
+        let mut full = core::mem::replace(&mut self.batch, next);
+        full.sync = sync;
         self.handed += full.records;
         if self.to_writer.push(full).is_err() {
             return Err(io::Error::other("the file log's writer is gone"));
         }
-        if let Some(w) = &self.writer {
+        if self.shared.parked.load(Ordering::SeqCst)
+            && let Some(w) = &self.writer
+        {
             w.thread().unpark();
         }
         Ok(())
