@@ -120,10 +120,9 @@ fn a_full_queue_sheds_below_the_emergency_floor_and_recovers() {
         PipelineState::Running,
         "back to RUNNING once the queue emptied"
     );
-    assert_eq!(
-        c.dlq[DlqReason::Emergency as usize].load(Ordering::Relaxed),
-        dead.len() as u64
-    );
+    // `dlq{reason}` is counted by the DLQ's step once its sink made the record durable (no
+    // step runs here: the test drains the ring itself).
+    assert_eq!(c.dlq_total(), 0);
     assert_eq!(c.dispatched.load(Ordering::Relaxed), delivered.len() as u64);
 }
 

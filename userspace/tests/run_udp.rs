@@ -1,12 +1,14 @@
 //! `eventstream run` end to end on loopback: frames sent over UDP are accepted, delivered and
 //! reconciled exactly, bad input is counted by reason, and SIGTERM drains before exit.
 
-use std::io::{BufRead, BufReader};
 use std::net::UdpSocket;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use eventstream::wire::protocol::encode;
+
+mod common;
+use common::daemon::{blast, exit_report, http, read_until, series, start, stop};
 
 #[test]
 fn udp_events_are_reconciled_and_sigterm_drains() {
@@ -167,87 +169,6 @@ fn missing_interface_falls_back_to_kernel_udp_with_one_clear_line() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-/// Starts the daemon with `config`, returns it and the UDP address it bound.
-fn start(
-    config: &str,
-    tag: &str,
-) -> (
-    std::process::Child,
-    BufReader<std::process::ChildStdout>,
-    String,
-    std::path::PathBuf,
-) {
-    let dir = std::env::temp_dir().join(format!("es-{tag}-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let path = dir.join("eventstream.yaml");
-    std::fs::write(&path, config).unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_eventstream"))
-        .args(["run", "--no-xdp", "--config"])
-        .arg(&path)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut out = BufReader::new(child.stdout.take().unwrap());
-    let addr = read_until(&mut out, "listening udp ");
-    (child, out, addr, dir)
-}
-
-/// SIGTERMs the daemon and returns its JSON report.
-fn stop(
-    child: std::process::Child,
-    out: BufReader<std::process::ChildStdout>,
-) -> serde_json::Value {
-    // SAFETY: kill(2) has no memory-safety preconditions; the pid is our own child's.
-    let rc = unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
-    assert_eq!(rc, 0);
-    exit_report(child, out, "daemon did not exit after SIGTERM")
-}
-
-/// Waits (at most 10 s, else fails with `why`) for the daemon to exit 0; returns its report.
-fn exit_report(
-    mut child: std::process::Child,
-    mut out: BufReader<std::process::ChildStdout>,
-    why: &str,
-) -> serde_json::Value {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let status = loop {
-        if let Some(s) = child.try_wait().unwrap() {
-            break s;
-        }
-        assert!(Instant::now() < deadline, "{why}");
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    assert!(status.success(), "{status}");
-    read_report(&mut out)
-}
-
-/// The rest of the first stdout line that starts with `prefix` (an address the daemon bound).
-fn read_until(out: &mut impl BufRead, prefix: &str) -> String {
-    let mut line = String::new();
-    loop {
-        line.clear();
-        assert!(
-            out.read_line(&mut line).unwrap() > 0,
-            "no `{prefix}` line on stdout"
-        );
-        if let Some(rest) = line.trim().strip_prefix(prefix) {
-            return rest.to_owned();
-        }
-    }
-}
-
-/// The JSON report: the first stdout line that is a JSON object.
-fn read_report(out: &mut impl BufRead) -> serde_json::Value {
-    for line in out.lines() {
-        let line = line.unwrap();
-        if line.starts_with('{') {
-            return serde_json::from_str(&line).unwrap();
-        }
-    }
-    panic!("no JSON report on stdout");
-}
-
 #[test]
 fn routes_dedup_batches_and_no_route_are_accounted_exactly() {
     // The same traffic through both engine modes: run to completion in the receive thread, and
@@ -325,27 +246,6 @@ routes:
         "accepted = delivered + DLQ + duplicates: {r}"
     );
     let _ = std::fs::remove_dir_all(dir);
-}
-
-/// One HTTP/1.0 request to the admin port; returns (status, body).
-fn http(addr: &str, method: &str, path: &str, body: &str) -> (u16, String) {
-    use std::io::{Read, Write};
-    let mut c = std::net::TcpStream::connect(addr).unwrap();
-    c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    write!(
-        c,
-        "{method} {path} HTTP/1.0\r\nContent-Length: {}\r\n\r\n{body}",
-        body.len()
-    )
-    .unwrap();
-    let mut resp = String::new();
-    c.read_to_string(&mut resp).unwrap();
-    let status = resp.split_whitespace().nth(1).unwrap().parse().unwrap();
-    let body = resp
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_owned())
-        .unwrap_or_default();
-    (status, body)
 }
 
 #[test]
@@ -651,22 +551,6 @@ t.close()
     let _ = std::fs::remove_dir_all(dir);
 }
 
-/// Runs `eventstream blast` with `args` and returns its JSON tally.
-fn blast(args: &[&str]) -> serde_json::Value {
-    let out = Command::new(env!("CARGO_BIN_EXE_eventstream"))
-        .arg("blast")
-        .args(args)
-        .args(["--quiet", "--duration", "10"])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).unwrap()
-}
-
 #[test]
 fn blaster_over_udp_and_tcp_is_reconciled_with_sender_latency() {
     let config = "ingest:\n  udp:\n    bind: \"127.0.0.1:0\"\n  tcp:\n    bind: \"127.0.0.1:0\"\nadmin:\n  bind: null\nengine:\n  latency_from: payload\n";
@@ -711,14 +595,6 @@ fn blaster_over_udp_and_tcp_is_reconciled_with_sender_latency() {
     assert_eq!(n(&r["latency"]["unstamped"]), 0, "{r}");
     assert!(r["latency"]["p50_us"].as_f64().unwrap() > 0.0, "{r}");
     let _ = std::fs::remove_dir_all(dir);
-}
-
-/// The value of one series in a Prometheus text body (0 when absent).
-fn series(metrics: &str, name: &str) -> u64 {
-    metrics
-        .lines()
-        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
-        .unwrap_or(0)
 }
 
 #[test]

@@ -24,8 +24,8 @@ use crate::engine::inline::DEPTH_ONE;
 use crate::engine::latency::LatencyFrom;
 use crate::engine::route::Router;
 use crate::engine::{
-    Bus, ClassStep, Dedup, Dispatcher, DlqEntry, DlqReason, DlqStep, EngineCounters, Inline,
-    Target, WorkerClass, WorkerKind, run_dlq, run_worker,
+    Bus, ClassStep, Dedup, Dispatcher, DlqEntry, DlqReason, DlqStep, EngineCounters, FailReason,
+    Inline, Target, WorkerClass, WorkerKind, run_dlq, run_worker,
 };
 use crate::ingest::{
     Discard, Enqueue, IngestCounters, RunInline, Slot, TcpIngest, UdpIngest, XskIngest, bind_udp,
@@ -42,7 +42,7 @@ use crate::ops::config::{
 use crate::ops::privs;
 use crate::ring::{mpsc, spsc};
 use crate::sink::file::{FileSink, SegmentLog};
-use crate::sink::{MemorySink, Sink};
+use crate::sink::{MemorySink, Sink, SinkErrorKind};
 use crate::wire::event::{Event, Source};
 use crate::wire::protocol::RejectReason;
 use crate::xdp::socket::{XskOptions, XskSocket};
@@ -190,7 +190,7 @@ fn open_sink(cfg: &Config, dir: &std::path::Path) -> Result<Box<dyn Sink>> {
                     )
                 })?;
             info!(dir = %dir.display(), records = rec.records, truncated_bytes = rec.truncated_bytes, next_id = rec.next_id, "file log opened");
-            Box::new(FileSink::new(log))
+            Box::new(FileSink::new(log.with_max_buffered(s.max_buffered_bytes)))
         }
     })
 }
@@ -479,6 +479,12 @@ pub fn run(cfg: &Config, no_xdp: bool, duration: u64, probe: Option<Probe>) -> R
     let depths: Vec<AtomicU32> = (0..data_plane).map(|_| AtomicU32::new(0)).collect();
     // Sinks are opened (and file logs recovered) before any thread starts, so a bad directory
     // is a clean error at start, not a failure mid-run.
+    let mut healths = Vec::new();
+    let mut open_sink = |dir: &std::path::Path| -> Result<Box<dyn Sink>> {
+        let sink = open_sink(cfg, dir)?;
+        healths.extend(sink.health().cloned());
+        Ok(sink)
+    };
     let mut engines = Vec::new();
     let mut worker_rxs = Vec::new();
     let mut worker_steps = Vec::new();
@@ -490,7 +496,7 @@ pub fn run(cfg: &Config, no_xdp: bool, duration: u64, probe: Option<Probe>) -> R
             let mut steps = Vec::with_capacity(3);
             for class in WorkerClass::ALL {
                 let dir = cfg.sinks.dir.join(format!("{}-{q}", class.as_str()));
-                steps.push(ClassStep::new(kind_of(class, true), open_sink(cfg, &dir)?));
+                steps.push(ClassStep::new(kind_of(class, true), open_sink(&dir)?));
             }
             let dlq_dir = if q == 0 {
                 cfg.sinks.dlq_dir.clone()
@@ -501,7 +507,7 @@ pub fn run(cfg: &Config, no_xdp: bool, duration: u64, probe: Option<Probe>) -> R
                 router.clone(),
                 cfg.control,
                 steps.try_into().expect("one step per class"),
-                DlqStep::new(open_sink(cfg, &dlq_dir)?),
+                DlqStep::new(open_sink(&dlq_dir)?),
                 &engine_counters,
                 depth,
             ));
@@ -527,15 +533,13 @@ pub fn run(cfg: &Config, no_xdp: bool, duration: u64, probe: Option<Probe>) -> R
         for (class, _) in &worker_rxs {
             let n = &mut per_class[*class as usize];
             let dir = cfg.sinks.dir.join(format!("{}-{n}", class.as_str()));
-            worker_steps.push(ClassStep::new(
-                kind_of(*class, false),
-                open_sink(cfg, &dir)?,
-            ));
+            worker_steps.push(ClassStep::new(kind_of(*class, false), open_sink(&dir)?));
             *n += 1;
         }
         dlq_ring = Some(spsc::channel::<DlqEntry<'_, '_>>(e.ring_capacity));
-        dlq_step = Some(DlqStep::new(open_sink(cfg, &cfg.sinks.dlq_dir)?));
+        dlq_step = Some(DlqStep::new(open_sink(&cfg.sinks.dlq_dir)?));
     }
+    let healths = healths;
     let admin = match cfg.admin.bind {
         Some(addr) => {
             let (server, bound) = crate::ops::admin::bind(addr)
@@ -824,6 +828,7 @@ pub fn run(cfg: &Config, no_xdp: bool, duration: u64, probe: Option<Probe>) -> R
                     SinkKind::Memory => "memory",
                     SinkKind::File => "file",
                 },
+                sinks: healths.clone(),
             };
             let (cmd_tx, admin_stop) = (cmd_tx.clone(), &admin_stop);
             std::thread::Builder::new()
@@ -868,7 +873,11 @@ pub fn run(cfg: &Config, no_xdp: bool, duration: u64, probe: Option<Probe>) -> R
                 last = (now, ev);
             }
         }
-        info!("stopping: ingest closes, queues drain into the sinks");
+        info!(
+            timeout_secs = cfg.sinks.shutdown_timeout_secs,
+            "stopping: ingest closes, queues drain into the sinks"
+        );
+        engine_counters.set_shutdown_deadline(Duration::from_secs(cfg.sinks.shutdown_timeout_secs));
         let _ = cmd_tx.push(Command::Drain);
         if let Some((plane, commands)) = &mut control {
             housekeeping_tick(plane, commands, &depths, &tx, &engine_counters);
@@ -930,6 +939,13 @@ pub fn run(cfg: &Config, no_xdp: bool, duration: u64, probe: Option<Probe>) -> R
         "delivered": WorkerClass::ALL.iter().map(|c| (c.as_str().to_owned(), json!(engine_counters.delivered[*c as usize].load(Ordering::Relaxed)))).collect::<serde_json::Map<_, _>>(),
         "dlq": DlqReason::ALL.iter().map(|r| (r.as_str().to_owned(), json!(engine_counters.dlq[*r as usize].load(Ordering::Relaxed)))).collect::<serde_json::Map<_, _>>(),
         "duplicates": engine_counters.duplicates.load(Ordering::Relaxed),
+        "failed": FailReason::ALL.iter().map(|r| (r.as_str().to_owned(), json!(engine_counters.failed[*r as usize].load(Ordering::Relaxed)))).collect::<serde_json::Map<_, _>>(),
+        "sinks": healths.iter().map(|h| json!({
+            "name": h.name,
+            "failing": h.failure(),
+            "errors": SinkErrorKind::ALL.iter().map(|k| (k.as_str().to_owned(), json!(h.errors(*k)))).collect::<serde_json::Map<_, _>>(),
+            "retries": h.retries(),
+        })).collect::<Vec<_>>(),
         "state_transitions": PipelineState::ALL.iter().map(|st| (st.as_str().to_owned(), json!(engine_counters.transitions[*st as usize].load(Ordering::Relaxed)))).collect::<serde_json::Map<_, _>>(),
         "rejected": rejected,
         "received_events": {

@@ -104,6 +104,19 @@ impl DedupWindow {
         self.seen[slot] = now;
         false
     }
+
+    /// Takes `key` out of the window (its event was not kept after all: a sink refused it), so
+    /// the sender's retry is delivered rather than dropped as a duplicate.
+    pub fn forget(&mut self, key: u64) {
+        let start = (key.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 7) as usize;
+        for i in 0..PROBE {
+            let s = (start + i) & self.mask;
+            if self.seen[s] != EMPTY && self.keys[s] == key {
+                self.seen[s] = EMPTY;
+                return;
+            }
+        }
+    }
 }
 
 /// [`DedupWindow`]'s table shared by every thread that runs the transactional step, lock-free.
@@ -193,6 +206,21 @@ impl SharedDedupWindow {
             continue 'retry;
         }
     }
+
+    /// As [`DedupWindow::forget`], from any thread: the slot holding `key` is freed by CAS from
+    /// exactly what was read (a slot another thread took meanwhile is left alone).
+    pub fn forget(&self, key: u64) {
+        use core::sync::atomic::Ordering::{AcqRel, Acquire, Relaxed};
+        let start = (key.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 7) as usize;
+        for i in 0..PROBE {
+            let s = (start + i) & self.mask;
+            let cur = self.slots[s].load(Acquire);
+            if (cur >> 64) as u64 == key && cur as u64 != EMPTY {
+                let _ = self.slots[s].compare_exchange(cur, 0, AcqRel, Relaxed);
+                return;
+            }
+        }
+    }
 }
 
 #[cfg(test)]
@@ -216,6 +244,25 @@ mod tests {
             "expired after the window"
         );
         assert_eq!(w.evictions(), 0);
+    }
+
+    #[test]
+    fn a_forgotten_key_is_new_again_in_both_tables() {
+        let mut own = DedupWindow::new(64, 10 * SEC);
+        let shared = SharedDedupWindow::new(64, 10 * SEC);
+        for k in [1u64, 2, 3] {
+            assert!(!own.check_and_insert(k, SEC));
+            assert!(!shared.check_and_insert(k, SEC));
+        }
+        own.forget(2);
+        shared.forget(2);
+        assert!(
+            !own.check_and_insert(2, 2 * SEC),
+            "a refused event's retry is delivered"
+        );
+        assert!(!shared.check_and_insert(2, 2 * SEC));
+        assert!(own.check_and_insert(1, 2 * SEC) && own.check_and_insert(3, 2 * SEC));
+        assert!(shared.check_and_insert(1, 2 * SEC) && shared.check_and_insert(3, 2 * SEC));
     }
 
     #[test]

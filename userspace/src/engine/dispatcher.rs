@@ -81,7 +81,7 @@ impl Dispatcher<'_, '_, '_> {
     pub fn run(mut self) {
         let mut spins = 0;
         let mut idle = Idle::new();
-        let (mut dispatched, mut dlq) = (0u64, [0u64; 3]);
+        let mut dispatched = 0u64;
         loop {
             while let Some(cmd) = self.commands.pop() {
                 let t = self.control.command(cmd);
@@ -120,22 +120,18 @@ impl Dispatcher<'_, '_, '_> {
                     }
                     Err(reason) => {
                         let mut entry = (ev, reason);
+                        // Counted by the DLQ's step once its sink made it durable.
                         while let Err(back) = self.dlq.push(entry) {
                             entry = back;
                             backoff(&mut spins);
                         }
-                        dlq[reason as usize] += 1;
                     }
                 }
             }
-            if dispatched != 0 || dlq.iter().any(|&d| d != 0) {
+            if dispatched != 0 {
                 self.counters
                     .dispatched
-                    .fetch_add(dispatched, Ordering::Relaxed);
-                for (c, d) in self.counters.dlq.iter().zip(dlq) {
-                    c.fetch_add(d, Ordering::Relaxed);
-                }
-                (dispatched, dlq) = (0, [0; 3]);
+                    .fetch_add(core::mem::take(&mut dispatched), Ordering::Relaxed);
             }
             if n == 0 {
                 if self.ingest_done.load(Ordering::Acquire) && self.input.is_empty() {

@@ -40,7 +40,6 @@ pub struct Inline<'s> {
     clock: BatchClock,
     wants_wall: bool,
     dispatched: u64,
-    dlq_counts: [u64; 3],
     /// The last topic routed and where it went: traffic comes in runs of one topic, and a
     /// byte compare is cheaper than the route table's hash.
     last: RouteCache,
@@ -101,7 +100,6 @@ impl<'s> Inline<'s> {
             clock: BatchClock::default(),
             wants_wall,
             dispatched: 0,
-            dlq_counts: [0; 3],
             last: RouteCache {
                 len: usize::MAX,
                 topic: [0; CACHED_TOPIC],
@@ -154,13 +152,11 @@ impl<'s> Inline<'s> {
                     ev.key = key(target.key, ev.topic(), ev.payload());
                 }
                 self.dispatched += 1;
-                self.steps[target.class as usize].event(&ev, self.clock)
+                self.steps[target.class as usize].event(&ev, self.clock);
             }
-            Err(reason) => {
-                self.dlq_counts[reason as usize] += 1;
-                self.dlq.event(&ev, reason)
-            }
+            Err(reason) => self.dlq.event(&ev, reason),
         }
+        Ok(())
     }
 
     /// Publishes this thread's input depth (`used` of `capacity`) for the control plane.
@@ -180,18 +176,13 @@ impl<'s> Inline<'s> {
         // Fresh, not the batch's: idle passes end no batch but must still close windows.
         let now = monotonic_ns();
         for step in &mut self.steps {
-            step.end(now, closing, self.counters)?;
+            step.end(now, closing, self.counters);
         }
-        self.dlq.end(self.counters, closing)?;
+        self.dlq.end(self.counters, closing);
         if self.dispatched != 0 {
             self.counters
                 .dispatched
                 .fetch_add(core::mem::take(&mut self.dispatched), Ordering::Relaxed);
-        }
-        for (c, d) in self.counters.dlq.iter().zip(&mut self.dlq_counts) {
-            if *d != 0 {
-                c.fetch_add(core::mem::take(d), Ordering::Relaxed);
-            }
         }
         Ok(())
     }

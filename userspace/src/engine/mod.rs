@@ -97,13 +97,42 @@ impl DlqReason {
     }
 }
 
+/// Why an accepted event was not persisted (the `reason` of `eventstream_failed_events_total`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+pub enum FailReason {
+    /// Its sink refused it (failing, or full past its limits), or took it and lost it (a
+    /// failed `fsync`).
+    SinkError = 0,
+    /// Still not durable when the shutdown deadline passed.
+    Shutdown = 1,
+}
+
+impl FailReason {
+    /// All reasons.
+    pub const ALL: [FailReason; 2] = [Self::SinkError, Self::Shutdown];
+
+    /// The label.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::SinkError => "sink_error",
+            Self::Shutdown => "shutdown",
+        }
+    }
+}
+
 /// Engine totals, flushed once per batch by each thread.
 #[derive(Debug, Default)]
 pub struct EngineCounters {
     /// Events the dispatcher handed to a worker.
     pub dispatched: AtomicU64,
-    /// Events sent to the DLQ, by [`DlqReason`].
+    /// Events the DLQ's sink made durable, by [`DlqReason`].
     pub dlq: [AtomicU64; 3],
+    /// Accepted events that no sink persisted, by [`FailReason`].
+    pub failed: [AtomicU64; 2],
+    /// When sinks stop waiting for durability at shutdown (`CLOCK_MONOTONIC` ns; 0 until the
+    /// stop begins).
+    pub shutdown_deadline_ns: AtomicU64,
     /// Events delivered by each worker class's sink.
     pub delivered: [AtomicU64; 3],
     /// Duplicates dropped by the transactional workers.
@@ -162,5 +191,28 @@ impl EngineCounters {
     /// Events sent to the DLQ for every reason.
     pub fn dlq_total(&self) -> u64 {
         self.dlq.iter().map(|c| c.load(Ordering::Relaxed)).sum()
+    }
+
+    /// Events failed for every reason.
+    pub fn failed_total(&self) -> u64 {
+        self.failed.iter().map(|c| c.load(Ordering::Relaxed)).sum()
+    }
+
+    /// Sets the shutdown deadline `timeout` from now.
+    pub fn set_shutdown_deadline(&self, timeout: std::time::Duration) {
+        let at = crate::wire::event::monotonic_ns() + timeout.as_nanos() as u64;
+        self.shutdown_deadline_ns.store(at, Ordering::Relaxed);
+    }
+
+    /// The shutdown deadline as an [`std::time::Instant`] (10 s from now if none was set).
+    pub fn shutdown_deadline(&self) -> std::time::Instant {
+        let now = std::time::Instant::now();
+        match self.shutdown_deadline_ns.load(Ordering::Relaxed) {
+            0 => now + std::time::Duration::from_secs(10),
+            at => {
+                let left = at.saturating_sub(crate::wire::event::monotonic_ns());
+                now + std::time::Duration::from_nanos(left)
+            }
+        }
     }
 }

@@ -13,19 +13,19 @@
 //! [`super::inline`]) or in a worker thread fed by an SPSC ring ([`run_worker`], pipelined).
 //! An event counts as delivered only when the sink's flush that covers it has returned.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::io;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use xxhash_rust::xxh3::xxh3_64;
 
-use super::{DlqEntry, DlqReason, EngineCounters, Ev, WorkerClass};
+use super::{DlqEntry, DlqReason, EngineCounters, Ev, FailReason, WorkerClass};
 use crate::engine::dedup::{DedupWindow, SharedDedupWindow};
 use crate::engine::idle::Idle;
 use crate::engine::latency::{LatencyFrom, LocalLatency, read_stamp, realtime_ns};
 use crate::ring::spsc;
-use crate::sink::{EventRef, Sink};
+use crate::sink::{EventRef, Sink, is_refusal};
 use crate::wire::event::{Event, Source, monotonic_ns};
 
 /// The clocks a batch is stamped with, read once per batch.
@@ -37,32 +37,93 @@ pub struct BatchClock {
     pub wall: u64,
 }
 
-/// A sink, with the evictions it last reported.
+/// What a sink resolved since the last pass.
+#[derive(Clone, Copy, Debug, Default)]
+struct Resolved {
+    /// Made durable: delivered.
+    acked: u64,
+    /// Refused at append.
+    refused: u64,
+    /// Taken and then lost (a failed `fsync`).
+    lost: u64,
+    /// Still not durable when it closed at the shutdown deadline.
+    unpersisted: u64,
+}
+
+/// A sink, with what it last reported.
 struct Out {
     sink: Box<dyn Sink>,
     evicted: u64,
+    /// Appends refused since the last [`Out::flush`].
+    refused: u64,
+    /// Errors other than refusals (logged at powers of two, not per event).
+    errors: u64,
+    closed: bool,
 }
 
 impl Out {
     fn new(sink: Box<dyn Sink>) -> Self {
-        Self { sink, evicted: 0 }
+        Self {
+            sink,
+            evicted: 0,
+            refused: 0,
+            errors: 0,
+            closed: false,
+        }
     }
 
+    /// Appends; `false` when the sink did not take the event (counted for the caller).
     #[inline]
-    fn append(&mut self, ev: &EventRef<'_>, reason: Option<&'static str>) -> io::Result<()> {
-        self.sink.append(ev, reason)
+    fn append(&mut self, ev: &EventRef<'_>, reason: Option<&'static str>) -> bool {
+        match self.sink.append(ev, reason) {
+            Ok(()) => true,
+            Err(e) => {
+                self.refused += 1;
+                if !is_refusal(&e) {
+                    self.error("append", &e);
+                }
+                false
+            }
+        }
     }
 
-    /// Ends the batch (flushing what was appended, and at `closing` waiting until
-    /// everything is durable); returns how many events the sink acknowledged meanwhile.
-    fn flush(&mut self, counters: &EngineCounters, closing: bool) -> io::Result<u64> {
+    #[cold]
+    fn error(&mut self, what: &str, e: &io::Error) {
+        self.errors += 1;
+        if self.errors.is_power_of_two() {
+            tracing::warn!(sink = self.sink.kind(), what, error = %e, errors = self.errors, "sink error");
+        }
+    }
+
+    /// Ends the batch (flushing what was appended, and at `closing` waiting until everything
+    /// is durable or the shutdown deadline passed); returns what the sink resolved meanwhile.
+    fn flush(&mut self, counters: &EngineCounters, closing: bool) -> Resolved {
         // Every pass, not only after appends: a sink may hold a coalesced buffer until its
         // I/O is free to take it.
-        self.sink.flush()?;
-        if closing {
-            self.sink.close()?;
+        if let Err(e) = self.sink.flush() {
+            self.error("flush", &e);
         }
-        let acked = self.sink.acked()?;
+        let closing = closing && !self.closed;
+        if closing {
+            self.closed = true;
+            if let Err(e) = self.sink.close(counters.shutdown_deadline()) {
+                tracing::warn!(sink = self.sink.kind(), error = %e, "closing the sink");
+            }
+        }
+        let acked = match self.sink.acked() {
+            Ok(n) => n,
+            Err(e) => {
+                self.error("acknowledgement", &e);
+                0
+            }
+        };
+        let (refused, lost) = (core::mem::take(&mut self.refused), self.sink.lost());
+        // After close, whatever is still in flight never will be durable.
+        let in_flight = self.sink.in_flight();
+        let unpersisted = if closing { in_flight } else { 0 };
+        if let Some(h) = self.sink.health() {
+            h.set_in_flight(if self.closed { 0 } else { in_flight });
+        }
         let evicted = self.sink.evicted();
         if evicted != self.evicted {
             counters
@@ -70,7 +131,12 @@ impl Out {
                 .fetch_add(evicted - self.evicted, Ordering::Relaxed);
             self.evicted = evicted;
         }
-        Ok(acked)
+        Resolved {
+            acked,
+            refused,
+            lost,
+            unpersisted,
+        }
     }
 }
 
@@ -97,6 +163,13 @@ impl Dedup<'_> {
         match self {
             Self::Own(w) => w.check_and_insert(key, now),
             Self::Shared(w) => w.check_and_insert(key, now),
+        }
+    }
+
+    fn forget(&mut self, key: u64) {
+        match self {
+            Self::Own(w) => w.forget(key),
+            Self::Shared(w) => w.forget(key),
         }
     }
 
@@ -177,7 +250,7 @@ impl Groups {
     }
 
     /// Writes group `i` to `out` and empties it.
-    fn write(&mut self, i: usize, out: &mut Out) -> io::Result<()> {
+    fn write(&mut self, i: usize, out: &mut Out) {
         let g = &mut self.groups[i];
         let mut at = 0;
         while at < g.bytes.len() {
@@ -194,25 +267,24 @@ impl Groups {
                 topic: &g.topic,
                 payload: &b[COPY_HEADER..COPY_HEADER + len],
             };
-            out.append(&ev, None)?;
+            out.append(&ev, None);
             at += COPY_HEADER + len;
         }
         g.bytes.clear();
         g.events = 0;
         self.flushes += 1;
-        Ok(())
     }
 
     /// The group for `topic`, opening (or, past `max_topics`, taking over) one if needed.
-    fn group_for(&mut self, topic: &str, now: u64, out: &mut Out) -> io::Result<usize> {
+    fn group_for(&mut self, topic: &str, now: u64, out: &mut Out) -> usize {
         let h = xxh3_64(topic.as_bytes());
         if let Some(&i) = self.index.get(&h) {
             if self.groups[i].topic == topic {
-                return Ok(i);
+                return i;
             }
             // A 64-bit hash collision: the newcomer takes the slot over.
-            self.take_over(i, h, topic, out)?;
-            return Ok(i);
+            self.take_over(i, h, topic, out);
+            return i;
         }
         if self.groups.len() < self.max_topics {
             self.groups.push(Group {
@@ -222,32 +294,31 @@ impl Groups {
                 bytes: Vec::new(),
             });
             self.index.insert(h, self.groups.len() - 1);
-            return Ok(self.groups.len() - 1);
+            return self.groups.len() - 1;
         }
         // Full: the group opened longest ago is flushed and reused for this topic.
         let i = (0..self.groups.len())
             .min_by_key(|&i| (self.groups[i].events != 0, self.groups[i].opened_ns))
             .expect("max_topics >= 1");
         self.index.remove(&xxh3_64(self.groups[i].topic.as_bytes()));
-        self.take_over(i, h, topic, out)?;
-        Ok(i)
+        self.take_over(i, h, topic, out);
+        i
     }
 
-    fn take_over(&mut self, i: usize, h: u64, topic: &str, out: &mut Out) -> io::Result<()> {
+    fn take_over(&mut self, i: usize, h: u64, topic: &str, out: &mut Out) {
         if self.groups[i].events != 0 {
-            self.write(i, out)?;
+            self.write(i, out);
         }
         self.evicted_groups += 1;
         let g = &mut self.groups[i];
         g.topic.clear();
         g.topic.push_str(topic);
         self.index.insert(h, i);
-        Ok(())
     }
 
     #[inline]
-    fn push(&mut self, ev: &Event<'_>, now: u64, out: &mut Out) -> io::Result<()> {
-        let i = self.group_for(ev.topic(), now, out)?;
+    fn push(&mut self, ev: &Event<'_>, now: u64, out: &mut Out) {
+        let i = self.group_for(ev.topic(), now, out);
         let g = &mut self.groups[i];
         if g.events == 0 {
             g.opened_ns = now;
@@ -261,20 +332,18 @@ impl Groups {
         g.bytes.extend_from_slice(p);
         g.events += 1;
         if g.events >= self.max {
-            self.write(i, out)?;
+            self.write(i, out);
         }
-        Ok(())
     }
 
     /// Writes every group that is due (full, old, or `closing`).
-    fn due(&mut self, now: u64, closing: bool, out: &mut Out) -> io::Result<()> {
+    fn due(&mut self, now: u64, closing: bool, out: &mut Out) {
         for i in 0..self.groups.len() {
             let g = &self.groups[i];
             if g.events != 0 && (closing || now.saturating_sub(g.opened_ns) >= self.window_ns) {
-                self.write(i, out)?;
+                self.write(i, out);
             }
         }
-        Ok(())
     }
 }
 
@@ -350,12 +419,10 @@ impl<'s> ClassStep<'s> {
         )
     }
 
-    /// Handles one event (its dedup key already in `ev.key` for the transactional class).
-    ///
-    /// # Errors
-    /// The sink's.
+    /// Handles one event (its dedup key already in `ev.key` for the transactional class). An
+    /// event its sink refuses is counted as failed (`sink_error`) at the end of the batch.
     #[inline]
-    pub fn event(&mut self, ev: &Event<'_>, clock: BatchClock) -> io::Result<()> {
+    pub fn event(&mut self, ev: &Event<'_>, clock: BatchClock) {
         match &mut self.kind {
             Kind::Realtime { from, latency } => {
                 match from {
@@ -365,14 +432,14 @@ impl<'s> ClassStep<'s> {
                         None => latency.unstamped += 1,
                     },
                 }
-                self.out.append(&EventRef::of(ev), None)
+                self.out.append(&EventRef::of(ev), None);
             }
             Kind::Transactional { dedup, duplicates } => {
                 if dedup.check_and_insert(ev.key, clock.mono) {
                     *duplicates += 1;
-                    Ok(())
-                } else {
-                    self.out.append(&EventRef::of(ev), None)
+                } else if !self.out.append(&EventRef::of(ev), None) {
+                    // Not kept: a retry of it must not be taken for a duplicate.
+                    dedup.forget(ev.key);
                 }
             }
             Kind::Batch(groups) => groups.push(ev, clock.mono, &mut self.out),
@@ -380,18 +447,16 @@ impl<'s> ClassStep<'s> {
     }
 
     /// Ends a batch: writes due groups, flushes the sink, and publishes the counts. `closing`
-    /// writes every group (shutdown).
-    ///
-    /// # Errors
-    /// The sink's.
-    pub fn end(&mut self, now: u64, closing: bool, counters: &EngineCounters) -> io::Result<()> {
+    /// writes every group and closes the sink (shutdown).
+    pub fn end(&mut self, now: u64, closing: bool, counters: &EngineCounters) {
         if let Kind::Batch(groups) = &mut self.kind {
-            groups.due(now, closing, &mut self.out)?;
+            groups.due(now, closing, &mut self.out);
         }
-        let delivered = self.out.flush(counters, closing)?;
-        if delivered != 0 {
-            counters.delivered[self.class as usize].fetch_add(delivered, Ordering::Relaxed);
+        let r = self.out.flush(counters, closing);
+        if r.acked != 0 {
+            counters.delivered[self.class as usize].fetch_add(r.acked, Ordering::Relaxed);
         }
+        publish_failed(counters, r);
         match &mut self.kind {
             Kind::Realtime { latency, .. } => {
                 latency.merge_into(&counters.latency, now, closing);
@@ -425,7 +490,6 @@ impl<'s> ClassStep<'s> {
                 }
             }
         }
-        Ok(())
     }
 
     /// Whether nothing is held (no open batch group).
@@ -437,10 +501,26 @@ impl<'s> ClassStep<'s> {
     }
 }
 
+/// Adds what a sink did not persist to the failure counters.
+fn publish_failed(counters: &EngineCounters, r: Resolved) {
+    if r.refused + r.lost != 0 {
+        counters.failed[FailReason::SinkError as usize]
+            .fetch_add(r.refused + r.lost, Ordering::Relaxed);
+    }
+    if r.unpersisted != 0 {
+        counters.failed[FailReason::Shutdown as usize].fetch_add(r.unpersisted, Ordering::Relaxed);
+    }
+}
+
 /// The DLQ's step: each turned-away event with its reason.
+///
+/// An event counts in `dlq{reason}` once the DLQ's sink made it durable, like a delivered one;
+/// records resolve in the order they were appended, so the reasons of the records not yet
+/// resolved are kept as runs (one entry per change of reason, not per event).
 #[derive(Debug)]
 pub struct DlqStep {
     out: Out,
+    pending: VecDeque<(DlqReason, u64)>,
 }
 
 impl DlqStep {
@@ -448,24 +528,46 @@ impl DlqStep {
     pub fn new(sink: Box<dyn Sink>) -> Self {
         Self {
             out: Out::new(sink),
+            pending: VecDeque::with_capacity(64),
         }
     }
 
-    /// Appends one event with its reason (counted by the caller, at the turn-away).
-    ///
-    /// # Errors
-    /// The sink's.
+    /// Appends one event with its reason.
     #[inline]
-    pub fn event(&mut self, ev: &Event<'_>, reason: DlqReason) -> io::Result<()> {
-        self.out.append(&EventRef::of(ev), Some(reason.as_str()))
+    pub fn event(&mut self, ev: &Event<'_>, reason: DlqReason) {
+        if self.out.append(&EventRef::of(ev), Some(reason.as_str())) {
+            match self.pending.back_mut() {
+                Some((r, n)) if *r == reason => *n += 1,
+                _ => self.pending.push_back((reason, 1)),
+            }
+        }
     }
 
-    /// Flushes what was appended.
-    ///
-    /// # Errors
-    /// The sink's.
-    pub fn end(&mut self, counters: &EngineCounters, closing: bool) -> io::Result<()> {
-        self.out.flush(counters, closing).map(drop)
+    /// Takes `n` resolved records off the front of the runs, counting them in `into`.
+    fn resolve(&mut self, mut n: u64, mut count: impl FnMut(DlqReason, u64)) {
+        while n != 0 {
+            let Some((reason, run)) = self.pending.front_mut() else {
+                return;
+            };
+            let k = n.min(*run);
+            count(*reason, k);
+            *run -= k;
+            n -= k;
+            if *run == 0 {
+                self.pending.pop_front();
+            }
+        }
+    }
+
+    /// Flushes what was appended, and counts what the sink resolved.
+    pub fn end(&mut self, counters: &EngineCounters, closing: bool) {
+        let r = self.out.flush(counters, closing);
+        self.resolve(r.acked, |reason, k| {
+            counters.dlq[reason as usize].fetch_add(k, Ordering::Relaxed);
+        });
+        // Lost after it was taken, and left at the deadline (refusals never entered the runs).
+        self.resolve(r.lost + r.unpersisted, |_, _| {});
+        publish_failed(counters, r);
     }
 }
 
@@ -487,10 +589,10 @@ pub fn run_worker(
         let mut n = 0;
         for ev in input.pop_batch(256) {
             n += 1;
-            step.event(&ev, clock)?;
+            step.event(&ev, clock);
         }
         let closing = n == 0 && input.is_abandoned() && input.is_empty();
-        step.end(clock.mono, closing, counters)?;
+        step.end(clock.mono, closing, counters);
         if n == 0 {
             if closing && step.is_drained() {
                 return Ok(());
@@ -515,14 +617,15 @@ pub fn run_dlq(
     loop {
         let mut n = 0;
         for (ev, reason) in input.pop_batch(256) {
-            step.event(&ev, reason)?;
+            step.event(&ev, reason);
             n += 1;
         }
         if n > 0 {
-            step.end(counters, false)?;
+            step.end(counters, false);
             idle.busy();
         } else if input.is_abandoned() && input.is_empty() {
-            return step.end(counters, true);
+            step.end(counters, true);
+            return Ok(());
         } else {
             idle.wait();
         }

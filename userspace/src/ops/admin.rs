@@ -2,7 +2,7 @@
 //!
 //! - `GET /metrics`: Prometheus text. Every family is declared once in [`render`]; each drop
 //!   reason is its own series of `eventstream_discarded_events_total{reason}`.
-//! - `GET /healthz`: `ok`.
+//! - `GET /healthz`: `ok`, or 503 naming each failing sink.
 //! - `GET /state`: the pipeline state as JSON.
 //! - `POST /state` with body `pause`, `resume` or `drain`: an operator command.
 //!
@@ -18,9 +18,10 @@ use std::time::Duration;
 use tracing::{info, warn};
 
 use crate::engine::control::{Command, PipelineState};
-use crate::engine::{DlqReason, EngineCounters, WorkerClass};
+use crate::engine::{DlqReason, EngineCounters, FailReason, WorkerClass};
 use crate::ingest::IngestCounters;
 use crate::ring::mpsc;
+use crate::sink::{SinkErrorKind, SinkHealth};
 use crate::wire::event::Source;
 use crate::wire::protocol::RejectReason;
 
@@ -34,6 +35,23 @@ pub struct MetricsView<'s> {
     pub queue: Box<dyn Fn() -> (usize, usize) + Send + Sync + 's>,
     /// The workers' sink kind, for the `sink` label (`memory` or `file`).
     pub sink: &'static str,
+    /// The health of every sink with I/O that can fail (workers' and DLQ's).
+    pub sinks: Vec<std::sync::Arc<SinkHealth>>,
+}
+
+/// The `/healthz` answer: `200 ok`, or `503` naming every failing sink and why.
+pub fn health(v: &MetricsView<'_>) -> (u16, String) {
+    let mut body = String::new();
+    for s in &v.sinks {
+        if let Some(why) = s.failure() {
+            let _ = writeln!(body, "sink {} failing: {why}", s.name);
+        }
+    }
+    if body.is_empty() {
+        (200, "ok\n".into())
+    } else {
+        (503, body)
+    }
 }
 
 impl std::fmt::Debug for MetricsView<'_> {
@@ -163,6 +181,79 @@ pub fn render(v: &MetricsView<'_>) -> String {
         "eventstream_discarded_events_total{{reason=\"duplicate\"}} {}",
         ld(&v.engine.duplicates)
     );
+    family(
+        &mut out,
+        "eventstream_failed_events_total",
+        "counter",
+        "Accepted events that no sink persisted, by reason.",
+    );
+    for r in FailReason::ALL {
+        let _ = writeln!(
+            out,
+            "eventstream_failed_events_total{{reason=\"{}\"}} {}",
+            r.as_str(),
+            ld(&v.engine.failed[r as usize])
+        );
+    }
+    family(
+        &mut out,
+        "eventstream_sink_up",
+        "gauge",
+        "1 while a sink's last write succeeded, 0 while it fails and retries.",
+    );
+    for h in &v.sinks {
+        let _ = writeln!(
+            out,
+            "eventstream_sink_up{{sink=\"{}\"}} {}",
+            h.name,
+            u8::from(!h.is_failing())
+        );
+    }
+    family(
+        &mut out,
+        "eventstream_sink_in_flight_events",
+        "gauge",
+        "Events a sink took and has not yet made durable (or lost).",
+    );
+    for h in &v.sinks {
+        let _ = writeln!(
+            out,
+            "eventstream_sink_in_flight_events{{sink=\"{}\"}} {}",
+            h.name,
+            h.in_flight()
+        );
+    }
+    family(
+        &mut out,
+        "eventstream_sink_errors_total",
+        "counter",
+        "Failed sink writes and syncs, by sink and reason.",
+    );
+    for h in &v.sinks {
+        for k in SinkErrorKind::ALL {
+            let _ = writeln!(
+                out,
+                "eventstream_sink_errors_total{{sink=\"{}\",reason=\"{}\"}} {}",
+                h.name,
+                k.as_str(),
+                h.errors(k)
+            );
+        }
+    }
+    family(
+        &mut out,
+        "eventstream_sink_retries_total",
+        "counter",
+        "Retries of failed sink writes.",
+    );
+    for h in &v.sinks {
+        let _ = writeln!(
+            out,
+            "eventstream_sink_retries_total{{sink=\"{}\"}} {}",
+            h.name,
+            h.retries()
+        );
+    }
     family(
         &mut out,
         "eventstream_duplicate_events_total",
@@ -317,7 +408,10 @@ pub fn serve(
             (tiny_http::Method::Get, "/metrics") => {
                 text(render(view), 200, "text/plain; version=0.0.4")
             }
-            (tiny_http::Method::Get, "/healthz") => text("ok\n".into(), 200, "text/plain"),
+            (tiny_http::Method::Get, "/healthz") => {
+                let (code, body) = health(view);
+                text(body, code, "text/plain")
+            }
             (tiny_http::Method::Get, "/state") => text(
                 format!("{{\"state\":\"{}\"}}\n", view.engine.state().as_str()),
                 200,

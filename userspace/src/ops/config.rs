@@ -368,6 +368,12 @@ pub struct SinksConfig {
     pub fsync: crate::sink::file::Fsync,
     /// `sinks.fsync_interval_ms`
     pub fsync_interval_ms: u64,
+    /// `sinks.shutdown_timeout_secs`: how long a stop waits for sinks to make what they took
+    /// durable; what is still in flight then is counted as `failed{reason="shutdown"}`.
+    pub shutdown_timeout_secs: u64,
+    /// `sinks.max_buffered_bytes`: per file log, what may wait in memory for a slow or failing
+    /// disk before events are refused (and counted as `failed{reason="sink_error"}`).
+    pub max_buffered_bytes: usize,
 }
 
 impl Default for SinksConfig {
@@ -379,6 +385,8 @@ impl Default for SinksConfig {
             segment_bytes: 64 << 20,
             fsync: crate::sink::file::Fsync::Interval,
             fsync_interval_ms: 1000,
+            shutdown_timeout_secs: 10,
+            max_buffered_bytes: 64 << 20,
         }
     }
 }

@@ -20,12 +20,12 @@ use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use serde::Deserialize;
 
 use crate::ring::spsc;
-use crate::sink::{EventRef, Record, Sink};
+use crate::sink::{EventRef, Record, Sink, SinkErrorKind, SinkHealth, refusal};
 use crate::wire::event::Source;
 
 const HEADER: usize = 16;
@@ -232,7 +232,10 @@ pub struct Entry<'e> {
 /// the appender (in inline mode, the receive thread). The writer acknowledges records once they
 /// are durable by the policy ([`SegmentLog::acked`]): after the sync that covers them for
 /// `always` and `interval`, after the write for `never`. A fixed set of buffers is in flight at
-/// most; with all of them queued the appender waits (backpressure: the receive rings fill).
+/// most; with all of them queued the appender waits (backpressure: the receive rings fill), up
+/// to [`BLOCK_LIMIT`] while the writer is healthy, not at all while it is failing: then appends
+/// are refused (the caller sends the event to the DLQ or counts it failed) while the writer
+/// retries, and taken again once it recovers.
 #[derive(Debug)]
 pub struct SegmentLog {
     /// Bytes of the segment, counting what is still buffered.
@@ -249,6 +252,10 @@ pub struct SegmentLog {
     handed: u64,
     /// `durable` as last read.
     acked: u64,
+    /// `lost` as last read.
+    lost: u64,
+    /// Bytes a buffer may grow to while the writer is behind.
+    max_chunk: usize,
 }
 
 /// A batch of whole records on its way to the writer.
@@ -263,24 +270,52 @@ struct Chunk {
 }
 
 /// What the appender and the writer share.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct WriterShared {
     /// Records durable by the policy.
     durable: AtomicU64,
+    /// Records the writer took and could not make durable (a failed `fsync`).
+    lost: AtomicU64,
+    /// `durable + lost`, moved under this lock by the writer and the syncer (never the
+    /// appender), so one range is never both.
+    resolved: std::sync::Mutex<u64>,
     /// The writer sleeps (parked) and wants an unpark.
     parked: AtomicBool,
+    /// Write what is queued, then stop.
     stop: AtomicBool,
-    /// The writer's first error; it stops writing after one.
-    error: std::sync::Mutex<Option<io::Error>>,
-    failed: AtomicBool,
+    /// Stop now, even with chunks unwritten (the shutdown deadline passed).
+    abandon: AtomicBool,
+    health: Arc<SinkHealth>,
+}
+
+impl WriterShared {
+    /// Records `..upto` are resolved: durable if `ok`, else lost.
+    fn resolve(&self, upto: u64, ok: bool) {
+        let mut r = self.resolved.lock().unwrap_or_else(|p| p.into_inner());
+        if upto <= *r {
+            return;
+        }
+        let n = upto - *r;
+        *r = upto;
+        if ok {
+            self.durable.fetch_add(n, Ordering::AcqRel);
+        } else {
+            self.lost.fetch_add(n, Ordering::AcqRel);
+        }
+    }
 }
 
 /// Buffers per log: one being built, the rest queued or being written.
 const BUFFERS: usize = 8;
 /// A batch buffer past this size is handed over before the batch ends.
 const BATCH_BYTES: usize = 256 * 1024;
-/// A buffer grows up to this while the writer is behind, before the appender waits.
+/// A buffer grows up to this while the writer is behind, before the appender waits (by
+/// default: [`SegmentLog::with_max_buffered`] sets it).
 const MAX_CHUNK: usize = 8 << 20;
+/// Longest a healthy but slow writer may hold up the appender before events are refused.
+const BLOCK_LIMIT: Duration = Duration::from_secs(1);
+/// Retry backoff after a failed write: from the first to the last, doubling.
+const BACKOFF: (Duration, Duration) = (Duration::from_millis(1), Duration::from_secs(1));
 
 /// Files an `interval` log still has to sync: the segment being written (a clone of the
 /// writer's handle) and segments rolled away since the last sync.
@@ -298,10 +333,61 @@ fn sync_files(u: &mut Unsynced) -> io::Result<()> {
     u.current.as_ref().map_or(Ok(()), File::sync_data)
 }
 
-/// The writer thread: writes chunks in order, rolls segments, and publishes how many records
-/// are durable: after the write for `never`, after its own sync for `always` (and for a
-/// chunk that asks), and for `interval` through a companion syncer thread, so a slow sync
-/// never holds up the writes behind it.
+/// Writes what is left of `chunk` from `*off` (rolling first if it asks), keeping `*off` at
+/// the first byte not yet written, so a retry after an error (a full disk) continues exactly
+/// where the failed attempt stopped and never writes a byte twice.
+fn write_chunk(
+    dir: &Path,
+    chunk: &mut Chunk,
+    off: &mut usize,
+    file: &mut File,
+    fsync: Fsync,
+    unsynced: &std::sync::Mutex<Unsynced>,
+    health: &SinkHealth,
+) -> io::Result<()> {
+    if let Some(first) = chunk.roll_to {
+        let next = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(dir.join(segment_name(first)))?;
+        sync_dir(dir)?;
+        let old = core::mem::replace(file, next);
+        chunk.roll_to = None;
+        match fsync {
+            // Its records were synced chunk by chunk; this makes its length durable.
+            Fsync::Always => {
+                if let Err(e) = old.sync_all() {
+                    health.fail(SinkErrorKind::Sync, &e);
+                }
+            }
+            Fsync::Interval => {
+                let mut u = unsynced.lock().unwrap_or_else(|p| p.into_inner());
+                u.rolled.push(old);
+                u.current = Some(file.try_clone()?);
+            }
+            Fsync::Never => {}
+        }
+    }
+    while *off < chunk.bytes.len() {
+        match file.write(&chunk.bytes[*off..]) {
+            Ok(0) => return Err(io::Error::from(io::ErrorKind::WriteZero)),
+            Ok(n) => *off += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+/// The writer thread: writes chunks in order, rolls segments, and resolves records: durable
+/// after the write for `never`, after its own sync for `always` (and for a chunk that asks),
+/// and for `interval` through a companion syncer thread, so a slow sync never holds up the
+/// writes behind it.
+///
+/// A failed write or roll (`ENOSPC`, `EIO`) is retried with backoff from the byte where it
+/// stopped, the chunks behind it waiting in the ring, until it succeeds or the log is
+/// abandoned at shutdown; a failed `fsync` counts what it covered as lost (after one, Linux
+/// may have dropped the pages: a retry that succeeds proves nothing).
 fn writer(
     dir: PathBuf,
     file: File,
@@ -315,15 +401,7 @@ fn writer(
     // preempts a receive thread (it runs when one waits, or on a spare core).
     // SAFETY: setpriority has no memory-safety preconditions; `who` 0 is the calling thread.
     let _ = unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, 10) };
-    let fail = |e: io::Error| {
-        tracing::error!(dir = %dir.display(), reason = %e, "the file log failed");
-        shared
-            .error
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get_or_insert(e);
-        shared.failed.store(true, Ordering::Release);
-    };
+    let health = &*shared.health;
     let unsynced = std::sync::Mutex::new(Unsynced {
         current: file.try_clone().ok(),
         rolled: Vec::new(),
@@ -335,14 +413,15 @@ fn writer(
         let mut syncer = None;
         if fsync == Fsync::Interval {
             let (unsynced, written, done, shared) = (&unsynced, &written, &writing_done, &shared);
-            let fail = &fail;
             syncer = Some(scope.spawn(move || {
                 // SAFETY: as above.
                 let _ = unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, 10) };
                 loop {
                     let last = done.load(Ordering::Acquire);
                     let w = written.load(Ordering::Acquire);
-                    if w > shared.durable.load(Ordering::Acquire) {
+                    if w > shared.durable.load(Ordering::Acquire)
+                        + shared.lost.load(Ordering::Acquire)
+                    {
                         // What was written before this sync is durable after it.
                         let mut u = core::mem::take(
                             &mut *unsynced.lock().unwrap_or_else(|p| p.into_inner()),
@@ -353,12 +432,12 @@ fn writer(
                             .unwrap_or_else(|p| p.into_inner())
                             .current
                             .get_or_insert_with(|| u.current.take().expect("kept"));
-                        match r {
-                            Ok(()) => shared.durable.fetch_max(w, Ordering::AcqRel),
-                            Err(e) => return fail(e),
-                        };
+                        if let Err(e) = &r {
+                            shared.health.fail(SinkErrorKind::Sync, e);
+                        }
+                        shared.resolve(w, r.is_ok());
                     }
-                    if last || shared.failed.load(Ordering::Acquire) {
+                    if last || shared.abandon.load(Ordering::Acquire) {
                         return;
                     }
                     std::thread::park_timeout(interval);
@@ -367,7 +446,10 @@ fn writer(
         }
         let mut file = file;
         let mut count = 0u64;
-        loop {
+        'chunks: loop {
+            if shared.abandon.load(Ordering::Acquire) {
+                break;
+            }
             let Some(mut chunk) = from.pop() else {
                 if shared.stop.load(Ordering::Acquire) && from.is_empty() {
                     break;
@@ -379,42 +461,39 @@ fn writer(
                 shared.parked.store(false, Ordering::SeqCst);
                 continue;
             };
-            let r = (|| -> io::Result<()> {
-                if let Some(first) = chunk.roll_to {
-                    let next = OpenOptions::new()
-                        .create(true)
-                        .append(true)
-                        .open(dir.join(segment_name(first)))?;
-                    sync_dir(&dir)?;
-                    let old = core::mem::replace(&mut file, next);
-                    match fsync {
-                        Fsync::Always => old.sync_all()?,
-                        Fsync::Interval => {
-                            let mut u = unsynced.lock().unwrap_or_else(|p| p.into_inner());
-                            u.rolled.push(old);
-                            u.current = Some(file.try_clone()?);
-                        }
-                        Fsync::Never => {}
-                    }
+            let (mut off, mut backoff) = (0usize, BACKOFF.0);
+            while let Err(e) = write_chunk(
+                &dir, &mut chunk, &mut off, &mut file, fsync, &unsynced, health,
+            ) {
+                health.fail(SinkErrorKind::of_write(&e), &e);
+                std::thread::park_timeout(backoff);
+                if shared.abandon.load(Ordering::Acquire) {
+                    break 'chunks;
                 }
-                file.write_all(&chunk.bytes)?;
-                count += chunk.records;
-                if chunk.sync || fsync == Fsync::Always {
+                backoff = (backoff * 2).min(BACKOFF.1);
+                health.retried();
+            }
+            count += chunk.records;
+            let mut ok = true;
+            if chunk.sync || fsync == Fsync::Always {
+                let r = (|| {
                     if fsync == Fsync::Interval {
                         sync_files(&mut unsynced.lock().unwrap_or_else(|p| p.into_inner()))?;
                     }
-                    file.sync_data()?;
-                    shared.durable.fetch_max(count, Ordering::AcqRel);
-                } else if fsync == Fsync::Never {
-                    shared.durable.store(count, Ordering::Release);
+                    file.sync_data()
+                })();
+                if let Err(e) = &r {
+                    health.fail(SinkErrorKind::Sync, e);
+                    ok = false;
                 }
-                written.store(count, Ordering::Release);
-                Ok(())
-            })();
-            if let Err(e) = r {
-                fail(e);
-                break;
+                shared.resolve(count, ok);
+            } else if fsync == Fsync::Never {
+                shared.resolve(count, true);
             }
+            if ok {
+                health.recovered();
+            }
+            written.store(count, Ordering::Release);
             chunk.bytes.clear();
             chunk.records = 0;
             chunk.roll_to = None;
@@ -482,7 +561,15 @@ impl SegmentLog {
                 ..Chunk::default()
             });
         }
-        let shared = Arc::new(WriterShared::default());
+        let shared = Arc::new(WriterShared {
+            durable: AtomicU64::new(0),
+            lost: AtomicU64::new(0),
+            resolved: std::sync::Mutex::new(0),
+            parked: AtomicBool::new(false),
+            stop: AtomicBool::new(false),
+            abandon: AtomicBool::new(false),
+            health: Arc::new(SinkHealth::new(format!("file:{}", dir.display()))),
+        });
         let w = Arc::clone(&shared);
         let wdir = dir.to_owned();
         let interval = fsync_interval.max(Duration::from_millis(1));
@@ -503,8 +590,19 @@ impl SegmentLog {
             writer: Some(writer),
             handed: 0,
             acked: 0,
+            lost: 0,
+            max_chunk: MAX_CHUNK,
         };
         Ok((log, rec))
+    }
+
+    /// Holds at most about `bytes` appended and not yet written (its buffers together, default
+    /// 64 MiB): what a failing or slow disk can leave waiting in memory before appends are
+    /// refused.
+    #[must_use]
+    pub fn with_max_buffered(mut self, bytes: usize) -> Self {
+        self.max_chunk = (bytes / BUFFERS).max(64 * 1024);
+        self
     }
 
     /// Id the next record gets.
@@ -512,91 +610,111 @@ impl SegmentLog {
         self.next_id
     }
 
-    /// The writer's error, once it has failed.
-    fn check(&self) -> io::Result<()> {
-        if !self.shared.failed.load(Ordering::Acquire) {
-            return Ok(());
-        }
-        let g = self.shared.error.lock().unwrap_or_else(|p| p.into_inner());
-        Err(match &*g {
-            Some(e) => io::Error::new(e.kind(), e.to_string()),
-            None => io::Error::other("the file log's writer failed"),
+    /// The log's health (its writer's errors and retries).
+    pub fn health(&self) -> &Arc<SinkHealth> {
+        &self.shared.health
+    }
+
+    /// Why an append is refused now.
+    fn refused(&self) -> io::Error {
+        refusal(&match self.shared.health.failure() {
+            Some(why) => format!("{} is failing: {why}", self.shared.health.name),
+            None => format!("{} is full (its writer is behind)", self.shared.health.name),
         })
     }
 
-    /// Hands the batch being built to the writer, if it holds anything (or must sync).
+    /// Hands the batch being built to the writer when it is due; `false` when it had to go and
+    /// could not (no free buffer: the writer is failing, or behind past [`BLOCK_LIMIT`]).
     ///
     /// Batches coalesce while the writer is busy: a buffer goes over when the writer has
     /// nothing queued (it is idle, or on its last chunk), when it passes [`BATCH_BYTES`], or
-    /// when `must`. A full buffer with no free one to swap in grows up to [`MAX_CHUNK`] (once:
+    /// when `must`. A full buffer with no free one to swap in grows up to `max_chunk` (once:
     /// its capacity is kept) before the appender waits: that wait is the backpressure.
-    fn hand_over(&mut self, must: bool) -> io::Result<()> {
-        self.check()?;
+    fn hand_over(&mut self, must: bool) -> bool {
         let len = self.batch.bytes.len();
         if len == 0 && self.batch.roll_to.is_none() && !must {
-            return Ok(());
+            return true;
         }
         if !must && len < BATCH_BYTES && self.to_writer.slots() < self.to_writer.capacity() {
-            return Ok(()); // the writer has work queued: keep filling this one
+            return true; // the writer has work queued: keep filling this one
         }
-        // Past MAX_CHUNK (or when it must), wait for a free buffer: the backpressure.
-        let Some(next) = self.free_buffer(must || len >= MAX_CHUNK)? else {
-            return Ok(()); // no buffer free yet: keep filling this one
-        };
-        self.send(next, must)
+        let wait = must || len >= self.max_chunk;
+        match self.free_buffer(wait) {
+            Some(next) => {
+                self.send(next, must);
+                true
+            }
+            None => !wait, // not due yet: keep filling this one
+        }
     }
 
-    /// Hands the buffer over now, waiting for a free one if need be (a segment boundary).
-    fn hand_over_now(&mut self) -> io::Result<()> {
+    /// Hands the buffer over now, if it holds anything (a segment boundary); `false` when no
+    /// buffer came free.
+    fn hand_over_now(&mut self) -> bool {
         if self.batch.bytes.is_empty() && self.batch.roll_to.is_none() {
-            return Ok(());
+            return true;
         }
-        let next = self.free_buffer(true)?.expect("waited for one");
-        self.send(next, false)
+        match self.free_buffer(true) {
+            Some(next) => {
+                self.send(next, false);
+                true
+            }
+            None => false,
+        }
     }
 
-    /// An empty buffer back from the writer: `None` at once if there is none and not `wait`.
-    fn free_buffer(&mut self, wait: bool) -> io::Result<Option<Chunk>> {
+    /// An empty buffer back from the writer. Without `wait`, `None` at once if there is none;
+    /// with it, waits while the writer is healthy, up to [`BLOCK_LIMIT`].
+    fn free_buffer(&mut self, wait: bool) -> Option<Chunk> {
         let mut spins = 0u32;
+        let mut since = None;
         loop {
             if let Some(c) = self.from_writer.pop() {
-                return Ok(Some(c));
+                return Some(c);
             }
-            if !wait {
-                return Ok(None);
+            if !wait
+                || self.shared.health.is_failing()
+                || self.shared.abandon.load(Ordering::Acquire)
+            {
+                return None;
             }
-            self.check()?;
+            let t0 = *since.get_or_insert_with(Instant::now);
+            if t0.elapsed() >= BLOCK_LIMIT {
+                return None;
+            }
             crate::engine::idle::backoff(&mut spins);
         }
     }
 
     /// Queues the batch being built for the writer (`next` takes its place) and wakes it.
-    fn send(&mut self, next: Chunk, sync: bool) -> io::Result<()> {
+    fn send(&mut self, next: Chunk, sync: bool) {
         let mut full = core::mem::replace(&mut self.batch, next);
         full.sync = sync;
         self.handed += full.records;
-        if self.to_writer.push(full).is_err() {
-            return Err(io::Error::other("the file log's writer is gone"));
-        }
+        // Cannot fail: a free buffer came back, so the ring to the writer has a slot for it.
+        let pushed = self.to_writer.push(full).is_ok();
+        debug_assert!(pushed, "BUFFERS chunks fit in the ring");
         if self.shared.parked.load(Ordering::SeqCst)
             && let Some(w) = &self.writer
         {
             w.thread().unpark();
         }
-        Ok(())
     }
 
-    fn roll(&mut self) -> io::Result<()> {
-        self.hand_over_now()?;
+    fn roll(&mut self) -> bool {
+        if !self.hand_over_now() {
+            return false;
+        }
         self.batch.roll_to = Some(self.next_id);
         self.segment_len = 0;
-        Ok(())
+        true
     }
 
     /// Appends one record; returns its id.
     ///
     /// # Errors
-    /// The file system's.
+    /// A [`refusal`] when the log cannot take it now (its writer is failing, or behind past
+    /// every buffer); `InvalidInput` for a topic longer than 65 535 bytes.
     pub fn append(&mut self, e: &Entry<'_>) -> io::Result<u64> {
         let Entry {
             source,
@@ -612,8 +730,11 @@ impl SegmentLog {
             .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "topic too long"))?;
         let body_len = 2 + 8 + 8 + 1 + reason.len() + 2 + topic.len() + payload.len();
         let len = (HEADER + body_len) as u64;
-        if self.segment_len > 0 && self.segment_len + len > self.segment_bytes {
-            self.roll()?;
+        if self.segment_len > 0 && self.segment_len + len > self.segment_bytes && !self.roll() {
+            return Err(self.refused());
+        }
+        if self.batch.bytes.len() >= self.max_chunk && !self.hand_over(false) {
+            return Err(self.refused());
         }
         let id = self.next_id;
         let b = &mut self.batch.bytes;
@@ -636,67 +757,124 @@ impl SegmentLog {
         self.next_id += 1;
         self.batch.records += 1;
         if self.batch.bytes.len() >= BATCH_BYTES {
-            self.hand_over(false)?;
+            // Taken either way: it is in the batch, handed over now or with a later one.
+            self.hand_over(false);
         }
         Ok(id)
     }
 
-    /// Ends a batch: hands what was appended to the writer. Durability follows later, by the
-    /// policy ([`SegmentLog::acked`]).
-    ///
-    /// # Errors
-    /// The writer's, once it has failed (the log then takes nothing more).
-    pub fn flush(&mut self) -> io::Result<()> {
-        self.hand_over(false)
+    /// Ends a batch: hands what was appended to the writer when it is due. Durability follows
+    /// later, by the policy ([`SegmentLog::acked`]).
+    pub fn flush(&mut self) {
+        self.hand_over(false);
     }
 
     /// Records made durable since the last call.
-    ///
-    /// # Errors
-    /// The writer's, once it has failed.
-    pub fn acked(&mut self) -> io::Result<u64> {
+    pub fn acked(&mut self) -> u64 {
         let durable = self.shared.durable.load(Ordering::Acquire);
         let n = durable - self.acked;
         self.acked = durable;
-        if n == 0 {
-            self.check()?;
-        }
-        Ok(n)
+        n
     }
 
-    /// Records handed over and not yet durable.
+    /// Records lost since the last call (taken, written, and then an `fsync` failed).
+    pub fn lost(&mut self) -> u64 {
+        let lost = self.shared.lost.load(Ordering::Acquire);
+        let n = lost - self.lost;
+        self.lost = lost;
+        n
+    }
+
+    /// Records appended and not yet resolved (durable or lost).
     pub fn in_flight(&self) -> u64 {
-        self.handed + self.batch.records - self.shared.durable.load(Ordering::Acquire)
+        let resolved =
+            self.shared.lost.load(Ordering::Acquire) + self.shared.durable.load(Ordering::Acquire);
+        (self.handed + self.batch.records).saturating_sub(resolved)
     }
 
     /// Writes and syncs everything appended so far, regardless of policy, and waits for it
-    /// (shutdown, tests).
+    /// (tests); see [`SegmentLog::sync_until`].
     ///
     /// # Errors
-    /// The file system's.
+    /// As [`SegmentLog::sync_until`], never `TimedOut`.
     pub fn sync(&mut self) -> io::Result<()> {
-        self.hand_over(true)?;
-        while self.shared.durable.load(Ordering::Acquire) < self.handed {
-            self.check()?;
+        self.sync_until(None)
+    }
+
+    /// Writes and syncs everything appended so far, regardless of policy, and waits for it
+    /// until `deadline` (shutdown). Past the deadline the writer is abandoned (stopped, its
+    /// retries given up) and joined, so [`SegmentLog::in_flight`] is then final: what it counts
+    /// was never persisted.
+    ///
+    /// # Errors
+    /// `TimedOut` when the deadline passed first; the first failure of a sync it asked for.
+    pub fn sync_until(&mut self, deadline: Option<Instant>) -> io::Result<()> {
+        if self.writer.is_none() {
+            return Err(io::Error::new(io::ErrorKind::TimedOut, "abandoned"));
+        }
+        let lost_before = self.shared.lost.load(Ordering::Acquire);
+        let mut sent = false;
+        loop {
+            if !sent {
+                sent = self.hand_over(true);
+            }
+            let resolved = self.shared.durable.load(Ordering::Acquire)
+                + self.shared.lost.load(Ordering::Acquire);
+            if sent && resolved >= self.handed {
+                if self.shared.lost.load(Ordering::Acquire) > lost_before {
+                    return Err(io::Error::other(format!(
+                        "{}: an fsync failed",
+                        self.shared.health.name
+                    )));
+                }
+                return Ok(());
+            }
+            if deadline.is_some_and(|d| Instant::now() >= d) {
+                self.abandon();
+                return Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!(
+                        "{}: {} records not durable by the shutdown deadline",
+                        self.shared.health.name,
+                        self.in_flight()
+                    ),
+                ));
+            }
             if let Some(w) = &self.writer {
                 w.thread().unpark();
             }
-            std::thread::sleep(Duration::from_micros(100));
+            std::thread::sleep(Duration::from_micros(200));
         }
-        Ok(())
+    }
+
+    /// Stops the writer now, unwritten chunks and retries given up, and joins it.
+    fn abandon(&mut self) {
+        self.shared.abandon.store(true, Ordering::Release);
+        if let Some(w) = self.writer.take() {
+            w.thread().unpark();
+            let _ = w.join();
+        }
     }
 }
 
 impl Drop for SegmentLog {
     fn drop(&mut self) {
-        // What was appended but never flushed is still handed over, then the writer syncs
-        // what it wrote and stops.
-        let _ = self.hand_over(false);
-        self.shared.stop.store(true, Ordering::Release);
-        if let Some(w) = self.writer.take() {
-            w.thread().unpark();
-            let _ = w.join();
+        if self.writer.is_none() {
+            return; // abandoned: joined already
         }
+        // What was appended but never flushed is still handed over, then the writer writes
+        // what is queued and stops; a writer still retrying after a grace period is abandoned.
+        self.hand_over(true);
+        self.shared.stop.store(true, Ordering::Release);
+        let deadline = Instant::now() + BLOCK_LIMIT * 5;
+        while let Some(w) = &self.writer
+            && !w.is_finished()
+            && Instant::now() < deadline
+        {
+            w.thread().unpark();
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        self.abandon();
     }
 }
 
@@ -729,31 +907,32 @@ impl Sink for FileSink {
     }
 
     fn flush(&mut self) -> io::Result<()> {
-        self.log.flush()
+        self.log.flush();
+        Ok(())
     }
 
     fn acked(&mut self) -> io::Result<u64> {
-        self.log.acked()
+        Ok(self.log.acked())
+    }
+
+    fn lost(&mut self) -> u64 {
+        self.log.lost()
     }
 
     fn in_flight(&self) -> u64 {
         self.log.in_flight()
     }
 
-    fn close(&mut self) -> io::Result<()> {
-        self.log.sync()
+    fn close(&mut self, deadline: Instant) -> io::Result<()> {
+        self.log.sync_until(Some(deadline))
+    }
+
+    fn health(&self) -> Option<&Arc<SinkHealth>> {
+        Some(self.log.health())
     }
 
     fn kind(&self) -> &'static str {
         "file"
-    }
-}
-
-impl Drop for FileSink {
-    fn drop(&mut self) {
-        if let Err(e) = self.log.sync() {
-            tracing::error!(reason = %e, "final fsync of the file sink failed");
-        }
     }
 }
 
@@ -831,16 +1010,16 @@ mod tests {
             for i in 0..300 {
                 append(&mut log, i);
                 if i % 50 == 49 {
-                    log.flush().unwrap();
+                    log.flush();
                 }
-                acked += log.acked().unwrap();
+                acked += log.acked();
             }
-            log.flush().unwrap();
+            log.flush();
             let deadline = std::time::Instant::now() + Duration::from_secs(10);
             while acked < 300 && std::time::Instant::now() < deadline {
                 std::thread::sleep(Duration::from_millis(5));
-                log.flush().unwrap();
-                acked += log.acked().unwrap();
+                log.flush();
+                acked += log.acked();
             }
             assert_eq!(acked, 300, "{tag}: every record acknowledged, none twice");
             assert_eq!(log.in_flight(), 0, "{tag}");

@@ -6,10 +6,18 @@
 //! sink's policy. An event counts as delivered when the flush that covers it returns `Ok`.
 //! Sinks see an [`EventRef`], a borrowed view, so a sink works the same whether the event still
 //! points into its receive frame or was copied out by a batch window.
+//!
+//! A sink never blocks the data plane on a failure: its I/O retries with backoff on its own
+//! thread and reports through [`SinkHealth`] (read by `/healthz` and `/metrics`); while it cannot
+//! take more, [`Sink::append`] refuses the event ([`is_refusal`]) and the caller sends it to the
+//! DLQ or counts it as failed, so no event is lost without a counter.
 
 pub mod file;
 
 use std::io;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Instant;
 
 use crate::wire::event::{Event, Source};
 
@@ -60,13 +68,143 @@ pub struct Record {
     pub reason: Option<&'static str>,
 }
 
+/// Why a sink's I/O failed, the `reason` label of `eventstream_sink_errors_total`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+pub enum SinkErrorKind {
+    /// `ENOSPC` or `EDQUOT`: the disk (or quota) is full.
+    NoSpace = 0,
+    /// `EIO` and the other errors of a write or an open.
+    Io = 1,
+    /// An `fsync` failed: what it covered is counted as lost (the kernel may have dropped it).
+    Sync = 2,
+}
+
+impl SinkErrorKind {
+    /// All kinds, in index order.
+    pub const ALL: [SinkErrorKind; 3] = [Self::NoSpace, Self::Io, Self::Sync];
+
+    /// The label.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::NoSpace => "no_space",
+            Self::Io => "io",
+            Self::Sync => "sync",
+        }
+    }
+
+    /// The kind of a write's or an open's error.
+    pub fn of_write(e: &io::Error) -> Self {
+        match e.raw_os_error() {
+            Some(libc::ENOSPC | libc::EDQUOT) => Self::NoSpace,
+            _ => Self::Io,
+        }
+    }
+}
+
+/// A sink's health, shared between its I/O thread (which reports), `/healthz` and `/metrics`.
+///
+/// Written only when something changes (an error, a retry, a recovery), never per event.
+#[derive(Debug)]
+pub struct SinkHealth {
+    /// The sink's name in health answers, logs and the `sink` label (`file:realtime-0`).
+    pub name: String,
+    failing: AtomicBool,
+    errors: [AtomicU64; 3],
+    retries: AtomicU64,
+    in_flight: AtomicU64,
+    last_error: Mutex<String>,
+}
+
+impl SinkHealth {
+    /// A healthy sink called `name`.
+    pub fn new(name: impl Into<String>) -> Self {
+        Self {
+            name: name.into(),
+            failing: AtomicBool::new(false),
+            errors: Default::default(),
+            retries: AtomicU64::new(0),
+            in_flight: AtomicU64::new(0),
+            last_error: Mutex::new(String::new()),
+        }
+    }
+
+    /// Records a failed attempt: counted, and logged once per burst (when it starts failing).
+    pub fn fail(&self, kind: SinkErrorKind, e: &io::Error) {
+        self.errors[kind as usize].fetch_add(1, Ordering::Relaxed);
+        *self.last_error.lock().unwrap_or_else(|p| p.into_inner()) = e.to_string();
+        if !self.failing.swap(true, Ordering::AcqRel) {
+            tracing::error!(sink = %self.name, reason = kind.as_str(), error = %e, "sink failing; retrying with backoff");
+        }
+    }
+
+    /// Records a retry of a failed write.
+    pub fn retried(&self) {
+        self.retries.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Records a success after failures.
+    pub fn recovered(&self) {
+        if self.failing.swap(false, Ordering::AcqRel) {
+            tracing::info!(sink = %self.name, retries = self.retries(), "sink recovered");
+        }
+    }
+
+    /// Whether its last attempt failed.
+    pub fn is_failing(&self) -> bool {
+        self.failing.load(Ordering::Acquire)
+    }
+
+    /// Why it is failing, if it is.
+    pub fn failure(&self) -> Option<String> {
+        self.is_failing().then(|| {
+            self.last_error
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone()
+        })
+    }
+
+    /// Failed attempts of `kind` so far.
+    pub fn errors(&self, kind: SinkErrorKind) -> u64 {
+        self.errors[kind as usize].load(Ordering::Relaxed)
+    }
+
+    /// Retries so far.
+    pub fn retries(&self) -> u64 {
+        self.retries.load(Ordering::Relaxed)
+    }
+
+    /// Events taken and not yet resolved, as its owner last published ([`Self::set_in_flight`]).
+    pub fn in_flight(&self) -> u64 {
+        self.in_flight.load(Ordering::Relaxed)
+    }
+
+    /// Publishes the events in flight (once per batch, by the thread that owns the sink).
+    pub fn set_in_flight(&self, n: u64) {
+        self.in_flight.store(n, Ordering::Relaxed);
+    }
+}
+
+/// The error [`Sink::append`] returns for an event it did not take (the sink is failing, or
+/// full past its limits): the caller keeps the count.
+pub fn refusal(why: &str) -> io::Error {
+    io::Error::new(io::ErrorKind::WouldBlock, why.to_owned())
+}
+
+/// Whether `e` is a [`refusal`] rather than an error of the sink's I/O.
+pub fn is_refusal(e: &io::Error) -> bool {
+    e.kind() == io::ErrorKind::WouldBlock
+}
+
 /// Where workers deliver.
 pub trait Sink: Send {
     /// Adds one event to the current batch. Buffered: nothing is durable until
-    /// [`Sink::flush`]. `reason` is set for DLQ records.
+    /// [`Sink::flush`]. `reason` is set for DLQ records. Never waits long: an event the sink
+    /// cannot take now is refused ([`refusal`]), not waited for.
     ///
     /// # Errors
-    /// The sink's I/O error.
+    /// A [`refusal`], or an event the sink cannot store at all (a topic too long).
     fn append(&mut self, ev: &EventRef<'_>, reason: Option<&'static str>) -> io::Result<()>;
 
     /// Ends the batch: hands what was appended to the sink's I/O. Durability may follow later
@@ -87,12 +225,24 @@ pub trait Sink: Send {
         0
     }
 
-    /// Waits until everything flushed is durable (shutdown).
+    /// Events the sink took and then lost (an `fsync` that failed) since the last call.
+    fn lost(&mut self) -> u64 {
+        0
+    }
+
+    /// Waits until everything appended is durable, or until `deadline` (shutdown); what is
+    /// still [`Sink::in_flight`] after it is not persisted.
     ///
     /// # Errors
     /// The sink's I/O error.
-    fn close(&mut self) -> io::Result<()> {
+    fn close(&mut self, deadline: Instant) -> io::Result<()> {
+        let _ = deadline;
         Ok(())
+    }
+
+    /// Its health, for sinks with I/O that can fail.
+    fn health(&self) -> Option<&std::sync::Arc<SinkHealth>> {
+        None
     }
 
     /// Records this sink discarded by design since it was made (the memory sink's evictions).
@@ -109,7 +259,7 @@ pub trait Sink: Send {
 const MEM_HEADER: usize = 20;
 
 /// DLQ reasons the memory sink can store (index + 1 in the record; 0 is none).
-const MEM_REASONS: [&str; 4] = ["no_route", "dropping", "emergency", "other"];
+const MEM_REASONS: [&str; 5] = ["no_route", "dropping", "emergency", "sink_error", "other"];
 
 /// A bounded in-memory sink: a ring of bytes allocated once, holding the newest records.
 ///

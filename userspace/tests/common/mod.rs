@@ -2,6 +2,7 @@
 #![allow(dead_code)] // each test binary uses its own subset
 
 pub mod counting;
+pub mod daemon;
 
 use std::path::PathBuf;
 

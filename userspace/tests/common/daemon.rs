@@ -1,0 +1,132 @@
+//! Running the daemon from a test: start it with a config, read the lines it prints, talk to
+//! its admin port, blast it, and stop it for its exit report.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// Starts the daemon with `config`, returns it and the UDP address it bound.
+pub fn start(
+    config: &str,
+    tag: &str,
+) -> (
+    std::process::Child,
+    BufReader<std::process::ChildStdout>,
+    String,
+    std::path::PathBuf,
+) {
+    let dir = std::env::temp_dir().join(format!("es-{tag}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("eventstream.yaml");
+    std::fs::write(&path, config).unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_eventstream"))
+        .args(["run", "--no-xdp", "--config"])
+        .arg(&path)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut out = BufReader::new(child.stdout.take().unwrap());
+    let addr = read_until(&mut out, "listening udp ");
+    (child, out, addr, dir)
+}
+
+/// SIGTERMs the daemon and returns its JSON report.
+pub fn stop(
+    child: std::process::Child,
+    out: BufReader<std::process::ChildStdout>,
+) -> serde_json::Value {
+    // SAFETY: kill(2) has no memory-safety preconditions; the pid is our own child's.
+    let rc = unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
+    assert_eq!(rc, 0);
+    exit_report(child, out, "daemon did not exit after SIGTERM")
+}
+
+/// Waits (at most 10 s, else fails with `why`) for the daemon to exit 0; returns its report.
+pub fn exit_report(
+    mut child: std::process::Child,
+    mut out: BufReader<std::process::ChildStdout>,
+    why: &str,
+) -> serde_json::Value {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "{why}");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(status.success(), "{status}");
+    read_report(&mut out)
+}
+
+/// The rest of the first stdout line that starts with `prefix` (an address the daemon bound).
+pub fn read_until(out: &mut impl BufRead, prefix: &str) -> String {
+    let mut line = String::new();
+    loop {
+        line.clear();
+        assert!(
+            out.read_line(&mut line).unwrap() > 0,
+            "no `{prefix}` line on stdout"
+        );
+        if let Some(rest) = line.trim().strip_prefix(prefix) {
+            return rest.to_owned();
+        }
+    }
+}
+
+/// The JSON report: the first stdout line that is a JSON object.
+pub fn read_report(out: &mut impl BufRead) -> serde_json::Value {
+    for line in out.lines() {
+        let line = line.unwrap();
+        if line.starts_with('{') {
+            return serde_json::from_str(&line).unwrap();
+        }
+    }
+    panic!("no JSON report on stdout");
+}
+
+/// One HTTP/1.0 request to the admin port; returns (status, body).
+pub fn http(addr: &str, method: &str, path: &str, body: &str) -> (u16, String) {
+    use std::io::{Read, Write};
+    let mut c = std::net::TcpStream::connect(addr).unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    write!(
+        c,
+        "{method} {path} HTTP/1.0\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut resp = String::new();
+    c.read_to_string(&mut resp).unwrap();
+    let status = resp.split_whitespace().nth(1).unwrap().parse().unwrap();
+    let body = resp
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    (status, body)
+}
+
+/// Runs `eventstream blast` with `args` and returns its JSON tally.
+pub fn blast(args: &[&str]) -> serde_json::Value {
+    let out = Command::new(env!("CARGO_BIN_EXE_eventstream"))
+        .arg("blast")
+        .args(args)
+        .args(["--quiet", "--duration", "10"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// The value of one series in a Prometheus text body (0 when absent).
+pub fn series(metrics: &str, name: &str) -> u64 {
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or(0)
+}
