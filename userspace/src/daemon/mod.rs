@@ -542,13 +542,40 @@ pub fn run(cfg: &Config, no_xdp: bool, duration: u64, probe: Option<Probe>) -> R
     let healths = healths;
     let admin = match cfg.admin.bind {
         Some(addr) => {
-            let (server, bound) = crate::ops::admin::bind(addr)
+            let (listener, bound) = crate::ops::admin::bind(addr)
                 .with_context(|| format!("binding admin {addr} (admin.bind)"))?;
+            let a = &cfg.admin;
+            let token = match &a.token_file {
+                Some(path) => {
+                    let t = std::fs::read_to_string(path).with_context(|| {
+                        format!(
+                            "reading the admin token {} (admin.token_file)",
+                            path.display()
+                        )
+                    })?;
+                    let t = t.trim().to_owned();
+                    if t.len() < 16 {
+                        return Err(anyhow!(
+                            "the admin token in {} is shorter than 16 characters (admin.token_file)",
+                            path.display()
+                        ));
+                    }
+                    Some(t)
+                }
+                None => None,
+            };
+            let policy = crate::ops::admin::Policy {
+                max_connections: a.max_connections,
+                timeout: Duration::from_secs(a.timeout_secs),
+                token,
+                allowed_hosts: crate::ops::admin::Policy::hosts_for(bound, &a.allowed_hosts),
+            };
             println!("listening admin {bound}");
-            Some(server)
+            Some((listener, policy))
         }
         None => None,
     };
+    let admin_counters = crate::ops::admin::AdminCounters::default();
     let admin_stop = AtomicBool::new(false);
 
     let stop = Arc::new(AtomicBool::new(false));
@@ -811,7 +838,7 @@ pub fn run(cfg: &Config, no_xdp: bool, duration: u64, probe: Option<Probe>) -> R
         }
         // Inline: the control plane runs here, on the housekeeping tick.
         let mut control = cmd_rx.map(|rx| (ControlPlane::new(cfg.control), rx));
-        if let Some(server) = &admin {
+        if let Some((listener, policy)) = admin {
             let view = MetricsView {
                 ingest: counters
                     .iter()
@@ -829,12 +856,23 @@ pub fn run(cfg: &Config, no_xdp: bool, duration: u64, probe: Option<Probe>) -> R
                     SinkKind::File => "file",
                 },
                 sinks: healths.clone(),
+                admin: &admin_counters,
             };
-            let (cmd_tx, admin_stop) = (cmd_tx.clone(), &admin_stop);
+            let (cmd_tx, admin_stop, admin_counters) =
+                (cmd_tx.clone(), &admin_stop, &admin_counters);
             std::thread::Builder::new()
                 .name("admin".into())
                 .spawn_scoped(s, move || {
-                    crate::ops::admin::serve(server, &view, &cmd_tx, admin_stop)
+                    if let Err(e) = crate::ops::admin::serve(
+                        listener,
+                        &view,
+                        &cmd_tx,
+                        admin_stop,
+                        &policy,
+                        admin_counters,
+                    ) {
+                        tracing::error!(reason = %e, "the admin server failed");
+                    }
                 })?;
         }
 

@@ -10,7 +10,6 @@
 //! dispatcher and the workers flush once per batch.
 
 use std::fmt::Write as _;
-use std::io::Read as _;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -37,6 +36,8 @@ pub struct MetricsView<'s> {
     pub sink: &'static str,
     /// The health of every sink with I/O that can fail (workers' and DLQ's).
     pub sinks: Vec<std::sync::Arc<SinkHealth>>,
+    /// The admin server's own counters.
+    pub admin: &'s AdminCounters,
 }
 
 /// The `/healthz` answer: `200 ok`, or `503` naming every failing sink and why.
@@ -62,15 +63,16 @@ impl std::fmt::Debug for MetricsView<'_> {
     }
 }
 
-/// Binds the admin port; returns the server and the address it got (for port 0).
+/// Binds the admin port; returns the listener and the address it got (for port 0).
 ///
 /// # Errors
 /// When the address cannot be bound.
-pub fn bind(addr: SocketAddr) -> std::io::Result<(tiny_http::Server, SocketAddr)> {
-    let server = tiny_http::Server::http(addr)
-        .map_err(|e| std::io::Error::other(format!("admin {addr}: {e}")))?;
-    let bound = server.server_addr().to_ip().unwrap_or(addr);
-    Ok((server, bound))
+pub fn bind(addr: SocketAddr) -> std::io::Result<(std::net::TcpListener, SocketAddr)> {
+    let l = std::net::TcpListener::bind(addr)
+        .map_err(|e| std::io::Error::new(e.kind(), format!("admin {addr}: {e}")))?;
+    l.set_nonblocking(true)?;
+    let bound = l.local_addr()?;
+    Ok((l, bound))
 }
 
 fn ld(a: &std::sync::atomic::AtomicU64) -> u64 {
@@ -374,6 +376,45 @@ pub fn render(v: &MetricsView<'_>) -> String {
     }
     family(
         &mut out,
+        "eventstream_admin_refused_connections_total",
+        "counter",
+        "Admin connections closed at accept: admin.max_connections were open.",
+    );
+    let a = v.admin;
+    let _ = writeln!(
+        out,
+        "eventstream_admin_refused_connections_total {}",
+        ld(&a.refused_connections)
+    );
+    family(
+        &mut out,
+        "eventstream_admin_rejected_requests_total",
+        "counter",
+        "Admin requests refused, by reason (forbidden: token, Host or Origin).",
+    );
+    for (reason, c) in [
+        ("bad_request", &a.bad_requests),
+        ("forbidden", &a.forbidden),
+    ] {
+        let _ = writeln!(
+            out,
+            "eventstream_admin_rejected_requests_total{{reason=\"{reason}\"}} {}",
+            ld(c)
+        );
+    }
+    family(
+        &mut out,
+        "eventstream_admin_accept_errors_total",
+        "counter",
+        "Transient admin accept errors (EMFILE, ECONNABORTED), retried.",
+    );
+    let _ = writeln!(
+        out,
+        "eventstream_admin_accept_errors_total {}",
+        ld(&a.accept_errors)
+    );
+    family(
+        &mut out,
         "eventstream_realtime_unstamped_events_total",
         "counter",
         "Realtime events without a sender stamp (engine.latency_from: payload).",
@@ -386,65 +427,248 @@ pub fn render(v: &MetricsView<'_>) -> String {
     out
 }
 
-/// Serves until `stop` is set. Commands go to the dispatcher through `commands`.
+/// The admin server's limits and credentials (from `admin:`).
+#[derive(Clone, Debug)]
+pub struct Policy {
+    /// Connections served at once; more are closed at accept (counted).
+    pub max_connections: usize,
+    /// Longest a request's headers, or its body, may take to arrive; also the longest a
+    /// response may take to be written, and a connection may sit idle.
+    pub timeout: Duration,
+    /// The bearer token state-changing requests must carry (`admin.token_file`), if any.
+    pub token: Option<String>,
+    /// `Host` values state-changing requests may name (`host:port`), against DNS rebinding;
+    /// an `Origin`, when sent, must be `http://` one of them (CSRF from a browser page).
+    pub allowed_hosts: Vec<String>,
+}
+
+impl Policy {
+    /// The hosts a server bound to `bound` answers to: its address, and `localhost` for a
+    /// loopback one, plus `extra` (`admin.allowed_hosts`).
+    pub fn hosts_for(bound: SocketAddr, extra: &[String]) -> Vec<String> {
+        let port = bound.port();
+        let mut hosts = vec![bound.to_string()];
+        if bound.ip().is_loopback() {
+            hosts.push(format!("localhost:{port}"));
+        }
+        hosts.extend(extra.iter().cloned());
+        hosts
+    }
+}
+
+/// Largest request head (request line and headers) read.
+const MAX_HEAD: usize = 16 * 1024;
+/// Most header lines in a request.
+const MAX_HEADERS: usize = 32;
+/// Largest request body read (the commands are single words).
+const MAX_BODY: usize = 64;
+
+/// What the admin server counts about itself.
+#[derive(Debug, Default)]
+pub struct AdminCounters {
+    /// Connections closed at accept because `max_connections` were open.
+    pub refused_connections: std::sync::atomic::AtomicU64,
+    /// Requests answered 4xx other than 403 (malformed, too large, too slow, unknown).
+    pub bad_requests: std::sync::atomic::AtomicU64,
+    /// State-changing requests refused for a missing or wrong token, `Host` or `Origin`.
+    pub forbidden: std::sync::atomic::AtomicU64,
+    /// Transient accept errors (`EMFILE`, `ECONNABORTED`, ...), retried.
+    pub accept_errors: std::sync::atomic::AtomicU64,
+}
+
+type Reply = hyper::Response<http_body_util::Full<bytes::Bytes>>;
+
+fn reply(code: u16, ctype: &'static str, body: String) -> Reply {
+    let mut r = hyper::Response::new(http_body_util::Full::new(bytes::Bytes::from(body)));
+    *r.status_mut() = hyper::StatusCode::from_u16(code).unwrap_or(hyper::StatusCode::OK);
+    r.headers_mut().insert(
+        hyper::header::CONTENT_TYPE,
+        hyper::header::HeaderValue::from_static(ctype),
+    );
+    r
+}
+
+/// Why a state-changing request is refused, if it is.
+fn forbidden(req: &hyper::Request<hyper::body::Incoming>, policy: &Policy) -> Option<&'static str> {
+    let h = req.headers();
+    let host = h.get(hyper::header::HOST).and_then(|v| v.to_str().ok());
+    if !host.is_some_and(|host| {
+        policy
+            .allowed_hosts
+            .iter()
+            .any(|a| a.eq_ignore_ascii_case(host))
+    }) {
+        return Some("Host is not one this server answers to (admin.allowed_hosts)\n");
+    }
+    if let Some(origin) = h.get(hyper::header::ORIGIN) {
+        let ok = origin.to_str().ok().is_some_and(|o| {
+            o.strip_prefix("http://").is_some_and(|o| {
+                policy
+                    .allowed_hosts
+                    .iter()
+                    .any(|a| a.eq_ignore_ascii_case(o))
+            })
+        });
+        if !ok {
+            return Some("cross-origin requests may not change state\n");
+        }
+    }
+    if let Some(token) = &policy.token {
+        use subtle::ConstantTimeEq as _;
+        let given = h
+            .get(hyper::header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .unwrap_or("");
+        if !bool::from(given.as_bytes().ct_eq(token.as_bytes())) {
+            return Some("a valid bearer token is required (admin.token_file)\n");
+        }
+    }
+    None
+}
+
+/// Answers one request.
+async fn answer(
+    req: hyper::Request<hyper::body::Incoming>,
+    view: &MetricsView<'_>,
+    commands: &mpsc::Producer<Command>,
+    policy: &Policy,
+    counters: &AdminCounters,
+) -> Reply {
+    use http_body_util::BodyExt as _;
+    use hyper::Method;
+    let r = match (req.method(), req.uri().path()) {
+        (&Method::GET, "/metrics") => reply(200, "text/plain; version=0.0.4", render(view)),
+        (&Method::GET, "/healthz") => {
+            let (code, body) = health(view);
+            reply(code, "text/plain", body)
+        }
+        (&Method::GET, "/state") => reply(
+            200,
+            "application/json",
+            format!("{{\"state\":\"{}\"}}\n", view.engine.state().as_str()),
+        ),
+        (&Method::POST, "/state") => {
+            if let Some(why) = forbidden(&req, policy) {
+                counters.forbidden.fetch_add(1, Ordering::Relaxed);
+                return reply(403, "text/plain", why.into());
+            }
+            let body = http_body_util::Limited::new(req.into_body(), MAX_BODY);
+            let body = match tokio::time::timeout(policy.timeout, body.collect()).await {
+                Err(_) => {
+                    return reply(
+                        408,
+                        "text/plain",
+                        "the body did not arrive in time\n".into(),
+                    );
+                }
+                Ok(Err(_)) => {
+                    return reply(
+                        413,
+                        "text/plain",
+                        format!("the body is limited to {MAX_BODY} bytes\n"),
+                    );
+                }
+                Ok(Ok(b)) => b.to_bytes(),
+            };
+            let word = std::str::from_utf8(&body).unwrap_or("").trim();
+            let cmd = match word {
+                "pause" => Some(Command::Pause),
+                "resume" => Some(Command::Resume),
+                "drain" => Some(Command::Drain),
+                _ => None,
+            };
+            match cmd {
+                Some(c) if commands.push(c).is_ok() => reply(
+                    202,
+                    "application/json",
+                    format!("{{\"accepted\":\"{word}\"}}\n"),
+                ),
+                Some(_) => reply(503, "text/plain", "command queue full\n".into()),
+                None => reply(
+                    400,
+                    "text/plain",
+                    "body must be pause, resume or drain\n".into(),
+                ),
+            }
+        }
+        (_, "/metrics" | "/healthz" | "/state") => {
+            reply(405, "text/plain", "method not allowed\n".into())
+        }
+        _ => reply(404, "text/plain", "not found\n".into()),
+    };
+    if r.status().is_client_error() {
+        counters.bad_requests.fetch_add(1, Ordering::Relaxed);
+    }
+    r
+}
+
+/// Serves until `stop` is set, on a current-thread tokio runtime in the calling thread: one
+/// task per connection (no thread), at most `policy.max_connections`, each request's head
+/// limited in size and time, bodies in size and time, and every connection's life bounded, so
+/// no client can crash it or hold it. Commands go to the control plane through `commands`.
+///
+/// # Errors
+/// When the runtime or the listener cannot be set up.
 pub fn serve(
-    server: &tiny_http::Server,
+    listener: std::net::TcpListener,
     view: &MetricsView<'_>,
     commands: &mpsc::Producer<Command>,
     stop: &AtomicBool,
-) {
-    info!(addr = ?server.server_addr(), "metrics and admin listening");
-    let text = |body: String, code: u16, ctype: &str| {
-        let header = tiny_http::Header::from_bytes("Content-Type", ctype).expect("static header");
-        tiny_http::Response::from_string(body)
-            .with_status_code(code)
-            .with_header(header)
-    };
-    while !stop.load(Ordering::Relaxed) {
-        let Ok(Some(mut req)) = server.recv_timeout(Duration::from_millis(100)) else {
-            continue;
-        };
-        let resp = match (req.method(), req.url()) {
-            (tiny_http::Method::Get, "/metrics") => {
-                text(render(view), 200, "text/plain; version=0.0.4")
+    policy: &Policy,
+    counters: &AdminCounters,
+) -> std::io::Result<()> {
+    use futures_util::StreamExt as _;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_io()
+        .enable_time()
+        .build()?;
+    rt.block_on(async {
+        let listener = tokio::net::TcpListener::from_std(listener)?;
+        info!(addr = ?listener.local_addr().ok(), max_connections = policy.max_connections, token = policy.token.is_some(), "metrics and admin listening");
+        let mut http = hyper::server::conn::http1::Builder::new();
+        http.timer(hyper_util::rt::TokioTimer::new())
+            .header_read_timeout(policy.timeout)
+            .max_buf_size(MAX_HEAD)
+            .max_headers(MAX_HEADERS);
+        let mut conns = futures_util::stream::FuturesUnordered::new();
+        let mut tick = tokio::time::interval(Duration::from_millis(100));
+        let mut accept_backoff = Duration::from_millis(5);
+        while !stop.load(Ordering::Relaxed) {
+            tokio::select! {
+                accepted = listener.accept() => match accepted {
+                    Ok((sock, _peer)) => {
+                        accept_backoff = Duration::from_millis(5);
+                        if conns.len() >= policy.max_connections {
+                            counters.refused_connections.fetch_add(1, Ordering::Relaxed);
+                            continue; // dropped: closed at once
+                        }
+                        let _ = sock.set_nodelay(true);
+                        let service = hyper::service::service_fn(move |req| async move {
+                            Ok::<_, std::convert::Infallible>(answer(req, view, commands, policy, counters).await)
+                        });
+                        let conn = http.serve_connection(hyper_util::rt::TokioIo::new(sock), service);
+                        // A connection lives at most this long, however it behaves (a slow
+                        // reader of responses included).
+                        let life = policy.timeout * 12;
+                        conns.push(async move {
+                            let _ = tokio::time::timeout(life, conn).await;
+                        });
+                    }
+                    Err(e) => {
+                        // EMFILE, ENFILE, ECONNABORTED...: counted, retried after a pause.
+                        let n = counters.accept_errors.fetch_add(1, Ordering::Relaxed) + 1;
+                        if n.is_power_of_two() {
+                            warn!(reason = %e, errors = n, "admin accept failed; retrying");
+                        }
+                        tokio::time::sleep(accept_backoff).await;
+                        accept_backoff = (accept_backoff * 2).min(Duration::from_secs(1));
+                    }
+                },
+                Some(()) = conns.next(), if !conns.is_empty() => {}
+                _ = tick.tick() => {}
             }
-            (tiny_http::Method::Get, "/healthz") => {
-                let (code, body) = health(view);
-                text(body, code, "text/plain")
-            }
-            (tiny_http::Method::Get, "/state") => text(
-                format!("{{\"state\":\"{}\"}}\n", view.engine.state().as_str()),
-                200,
-                "application/json",
-            ),
-            (tiny_http::Method::Post, "/state") => {
-                let mut body = String::new();
-                // At most 64 bytes: the commands are single words.
-                let _ = std::io::Read::take(req.as_reader(), 64).read_to_string(&mut body);
-                let cmd = match body.trim() {
-                    "pause" => Some(Command::Pause),
-                    "resume" => Some(Command::Resume),
-                    "drain" => Some(Command::Drain),
-                    _ => None,
-                };
-                match cmd {
-                    Some(c) if commands.push(c).is_ok() => text(
-                        format!("{{\"accepted\":\"{}\"}}\n", body.trim()),
-                        202,
-                        "application/json",
-                    ),
-                    Some(_) => text("command queue full\n".into(), 503, "text/plain"),
-                    None => text(
-                        "body must be pause, resume or drain\n".into(),
-                        400,
-                        "text/plain",
-                    ),
-                }
-            }
-            _ => text("not found\n".into(), 404, "text/plain"),
-        };
-        if let Err(e) = req.respond(resp) {
-            warn!(reason = %e, "admin response failed");
         }
-    }
+        Ok(())
+    })
 }

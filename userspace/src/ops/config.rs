@@ -397,12 +397,26 @@ impl Default for SinksConfig {
 pub struct AdminConfig {
     /// `admin.bind`; null turns the endpoint off.
     pub bind: Option<SocketAddr>,
+    /// `admin.token_file`: a file holding the bearer token `POST` requests must carry
+    /// (`Authorization: Bearer <token>`); read once at start.
+    pub token_file: Option<std::path::PathBuf>,
+    /// `admin.allowed_hosts`: `host:port` names beyond the bound address (and `localhost` on
+    /// loopback) that state-changing requests may carry in `Host`/`Origin`.
+    pub allowed_hosts: Vec<String>,
+    /// `admin.max_connections`
+    pub max_connections: usize,
+    /// `admin.timeout_secs`: for a request's head, its body, and an idle connection.
+    pub timeout_secs: u64,
 }
 
 impl Default for AdminConfig {
     fn default() -> Self {
         Self {
             bind: Some(SocketAddr::from(([127, 0, 0, 1], 8090))),
+            token_file: None,
+            allowed_hosts: Vec::new(),
+            max_connections: 64,
+            timeout_secs: 5,
         }
     }
 }
@@ -575,6 +589,27 @@ impl Config {
             64,
             16 << 20,
             "64..=16777216",
+        )?;
+        check(
+            "admin.max_connections",
+            self.admin.max_connections,
+            1,
+            4096,
+            "1..=4096",
+        )?;
+        check(
+            "admin.timeout_secs",
+            self.admin.timeout_secs,
+            1,
+            300,
+            "1..=300",
+        )?;
+        check(
+            "sinks.shutdown_timeout_secs",
+            self.sinks.shutdown_timeout_secs,
+            0,
+            3600,
+            "0..=3600",
         )?;
         let t = &self.ingest.tcp;
         check(

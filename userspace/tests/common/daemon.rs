@@ -93,7 +93,7 @@ pub fn http(addr: &str, method: &str, path: &str, body: &str) -> (u16, String) {
     c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
     write!(
         c,
-        "{method} {path} HTTP/1.0\r\nContent-Length: {}\r\n\r\n{body}",
+        "{method} {path} HTTP/1.0\r\nHost: {addr}\r\nContent-Length: {}\r\n\r\n{body}",
         body.len()
     )
     .unwrap();
