@@ -710,3 +710,53 @@ fn overload_sheds_to_the_dlq_and_recovers_with_every_event_accounted_from_metric
     let _ = std::fs::remove_dir_all(dir);
     let _ = std::fs::remove_dir_all(data);
 }
+
+#[test]
+fn a_blaster_that_outruns_the_socket_is_reconciled_with_counted_kernel_drops() {
+    // A tiny receive buffer and an unpaced blaster: the kernel must drop, and says how many.
+    let config = "ingest:\n  udp:\n    bind: \"127.0.0.1:0\"\n    socket_buffer: 4096\n    batch: 8\n  tcp:\n    bind: null\nadmin:\n  bind: \"127.0.0.1:0\"\n";
+    let (child, mut out, addr, dir) = start(config, "kdrops");
+    let admin = read_until(&mut out, "listening admin ");
+    let sent = blast(&[
+        "--to",
+        &addr,
+        "--count",
+        "400000",
+        "--rate",
+        "0",
+        "--events-per-datagram",
+        "2",
+        "--payload-bytes",
+        "200",
+    ]);
+    let n = |v: &serde_json::Value| v.as_u64().unwrap();
+    assert_eq!(n(&sent["send_errors"]), 0, "{sent}");
+    std::thread::sleep(Duration::from_millis(300));
+    let (_, m) = http(&admin, "GET", "/metrics", "");
+    let r = stop(child, out);
+    let drops = n(&r["kernel_drops"]);
+    eprintln!(
+        "sent {} datagrams: received {}, kernel drops {drops}",
+        sent["sent_packets"], r["received_datagrams"]
+    );
+    assert!(drops > 0, "an unpaced blast into a 4 KiB buffer drops: {r}");
+    assert!(
+        series(
+            &m,
+            "eventstream_kernel_dropped_datagrams_total{source=\"udp\"}"
+        ) > 0,
+        "{m}"
+    );
+    assert_eq!(
+        n(&sent["sent_packets"]),
+        n(&r["received_datagrams"]) + drops,
+        "sent = received + kernel drops, in datagrams: {r}"
+    );
+    let rejected: u64 = r["rejected"].as_object().unwrap().values().map(n).sum();
+    assert_eq!(
+        n(&sent["sent_events"]),
+        n(&r["accepted_events"]) + rejected + 2 * drops,
+        "and in events: {r}"
+    );
+    let _ = std::fs::remove_dir_all(dir);
+}

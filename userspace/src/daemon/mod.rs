@@ -605,7 +605,16 @@ pub fn run(cfg: &Config, no_xdp: bool, duration: u64, probe: Option<Probe>) -> R
         )
     });
 
-    let mut program = None;
+    // Kept here for the whole run: `/metrics` and the exit report read its verdict counters.
+    let mut xsk = xsk;
+    let program = xsk
+        .as_mut()
+        .map(|s| core::mem::replace(&mut s.program, Program::Pinned));
+    let verdicts = || match &program {
+        Some(Program::Owned { program, .. }) => program.stats().ok(),
+        Some(Program::Pinned) => Pinned::open(&x.iface).ok().map(|p| p.stats),
+        None => None,
+    };
     let tcp = TcpIngest {
         limits: cfg.protocol.limits(),
         read_timeout: Duration::from_secs(t.read_timeout_secs),
@@ -638,7 +647,6 @@ pub fn run(cfg: &Config, no_xdp: bool, duration: u64, probe: Option<Probe>) -> R
         let mut ingest = Vec::new();
         let mut dataplane = Vec::new();
         if let Some(mut setup) = xsk {
-            program = Some(setup.program);
             for (q, mut sock) in setup.crate_queues.drain(..).enumerate() {
                 let cpu = plan.ingest.get(q).copied();
                 let (counters, ingest_running, stop) =
@@ -857,6 +865,7 @@ pub fn run(cfg: &Config, no_xdp: bool, duration: u64, probe: Option<Probe>) -> R
                 },
                 sinks: healths.clone(),
                 admin: &admin_counters,
+                xdp_verdicts: Box::new(verdicts),
             };
             let (cmd_tx, admin_stop, admin_counters) =
                 (cmd_tx.clone(), &admin_stop, &admin_counters);
@@ -993,6 +1002,8 @@ pub fn run(cfg: &Config, no_xdp: bool, duration: u64, probe: Option<Probe>) -> R
         },
         "udp_sockets": counters[xsk_queues..].iter().map(|c| c.events.load(Ordering::Relaxed)).collect::<Vec<_>>(),
         "tcp_refused_connections": tcp_refused.load(Ordering::Relaxed),
+        "kernel_drops": sum(|c| &c.kernel_drops),
+        "receive_errors": sum(|c| &c.receive_errors),
         "latency": {
             "from": match cfg.engine.latency_from { LatencyFrom::Ingest => "ingest", LatencyFrom::Payload => "payload" },
             "count": lat.count,
@@ -1004,10 +1015,7 @@ pub fn run(cfg: &Config, no_xdp: bool, duration: u64, probe: Option<Probe>) -> R
         },
     });
     if let Some(attach) = attach {
-        let verdicts = match &program {
-            Some(Program::Owned { program, .. }) => program.stats().ok(),
-            _ => Pinned::open(&x.iface).ok().map(|p| p.stats),
-        };
+        let verdicts = verdicts();
         report["xsk"] = json!({
             "iface": x.iface,
             "attach": attach.label(),

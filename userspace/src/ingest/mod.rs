@@ -56,6 +56,11 @@ pub struct IngestCounters {
     pub xsk_rx_ring_full: AtomicU64,
     /// `rx_fill_ring_empty_descs`.
     pub xsk_rx_fill_ring_empty_descs: AtomicU64,
+    /// Kernel UDP: datagrams the socket dropped (its receive buffer was full), from
+    /// `SO_RXQ_OVFL` on every batch and `SO_MEMINFO` at the end.
+    pub kernel_drops: AtomicU64,
+    /// Receive calls that failed with an error other than a timeout, retried.
+    pub receive_errors: AtomicU64,
 }
 
 impl IngestCounters {

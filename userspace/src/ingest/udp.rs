@@ -67,9 +67,64 @@ pub fn bind_udp(
         };
         set(libc::SO_RCVBUFFORCE).or_else(|_| set(libc::SO_RCVBUF))?;
     }
+    // Each datagram then carries the socket's drop count: kernel drops are counted, not
+    // guessed (`IngestCounters::kernel_drops`).
+    let on: libc::c_int = 1;
+    // SAFETY: setsockopt reads `size_of::<c_int>()` bytes from a live `c_int`; the fd is open.
+    let rc = unsafe {
+        libc::setsockopt(
+            sock.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RXQ_OVFL,
+            (&raw const on).cast(),
+            size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        tracing::warn!(reason = %io::Error::last_os_error(), "SO_RXQ_OVFL refused: kernel drops are read only at exit");
+    }
     sock.set_read_timeout(Some(Duration::from_millis(100)))?;
     Ok(sock)
 }
+
+/// The socket's drop count (`sk_drops`) from `SO_MEMINFO`, if the kernel gives it.
+fn meminfo_drops(fd: libc::c_int) -> Option<u32> {
+    // SK_MEMINFO_VARS: nine counters, DROPS the last.
+    let mut info = [0u32; 9];
+    let mut len = size_of_val(&info) as libc::socklen_t;
+    // SAFETY: getsockopt writes at most `len` bytes into `info`, which is that large and live.
+    let rc = unsafe {
+        libc::getsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_MEMINFO,
+            info.as_mut_ptr().cast(),
+            &raw mut len,
+        )
+    };
+    (rc == 0 && len as usize > libc::SK_MEMINFO_DROPS as usize * 4)
+        .then(|| info[libc::SK_MEMINFO_DROPS as usize])
+}
+
+/// The `SO_RXQ_OVFL` drop count in one received message's control data, if there is one
+/// (the kernel adds it once the socket has dropped anything).
+fn ovfl_drops(hdr: &libc::msghdr) -> Option<u32> {
+    // SAFETY: `hdr` is a header the kernel just filled: its control pointer and length describe
+    // a live buffer of ours, and the CMSG macros stay within `msg_controllen`.
+    unsafe {
+        let mut c = libc::CMSG_FIRSTHDR(hdr);
+        while !c.is_null() {
+            if (*c).cmsg_level == libc::SOL_SOCKET && (*c).cmsg_type == libc::SO_RXQ_OVFL {
+                return Some(core::ptr::read_unaligned(libc::CMSG_DATA(c).cast::<u32>()));
+            }
+            c = libc::CMSG_NXTHDR(hdr, c);
+        }
+    }
+    None
+}
+
+/// Bytes of control data per message: one `SO_RXQ_OVFL` `u32`, padded (8-byte words).
+const CTRL_WORDS: usize = 4;
 
 /// What the receive loop needs.
 #[derive(Debug)]
@@ -97,7 +152,7 @@ impl UdpIngest<'_> {
     /// Receives until `stop` is set. Allocates its batch arrays once, before the loop.
     ///
     /// # Errors
-    /// A receive error other than a timeout or an interrupted call.
+    /// A sink's (inline mode); receive errors are counted and retried, never returned.
     pub fn run<'a>(
         &self,
         frames: &mut FrameOwner<'a>,
@@ -109,6 +164,11 @@ impl UdpIngest<'_> {
         let mut held: Vec<OwnedFrame<'a>> = Vec::with_capacity(batch);
         let mut iovecs: Vec<libc::iovec> = Vec::with_capacity(batch);
         let mut msgs: Vec<libc::mmsghdr> = Vec::with_capacity(batch);
+        let mut ctrl: Vec<[u64; CTRL_WORDS]> = vec![[0; CTRL_WORDS]; batch];
+        // The socket's drop count as last seen (cumulative since it was made).
+        let mut drops = 0u32;
+        let mut errors = 0u64;
+        let mut error_backoff = Duration::from_millis(1);
         let fd = self.socket.as_raw_fd();
         let mut seq = 0u64;
         let mut tally = Tally::default();
@@ -149,16 +209,19 @@ impl UdpIngest<'_> {
                     iov_len: buf.len(),
                 });
             }
-            for iov in &mut iovecs {
+            for (iov, c) in iovecs.iter_mut().zip(&mut ctrl) {
                 // SAFETY: mmsghdr is plain C data for which all-zero is a valid value.
                 let mut m: libc::mmsghdr = unsafe { MaybeUninit::zeroed().assume_init() };
                 m.msg_hdr.msg_iov = iov;
                 m.msg_hdr.msg_iovlen = 1;
+                m.msg_hdr.msg_control = c.as_mut_ptr().cast();
+                m.msg_hdr.msg_controllen = size_of_val(c) as _;
                 msgs.push(m);
             }
             // SAFETY: `msgs` holds `held.len()` headers, each pointing at one iovec that
-            // describes one whole owned frame; the frames, iovecs and headers all outlive the
-            // call, and nothing else touches them during it.
+            // describes one whole owned frame and at its own control buffer; the frames,
+            // iovecs, buffers and headers all outlive the call, and nothing else touches them
+            // during it.
             let n = unsafe {
                 libc::recvmmsg(
                     fd,
@@ -177,9 +240,23 @@ impl UdpIngest<'_> {
                         deliver.handoff.end(false)?;
                         continue;
                     }
-                    _ => return Err(e),
+                    // Anything else (ENOMEM, a socket error such as ECONNREFUSED queued by
+                    // ICMP): counted, logged once per burst, retried with backoff. Never the
+                    // end of the appliance.
+                    _ => {
+                        errors += 1;
+                        self.counters.receive_errors.fetch_add(1, Ordering::Relaxed);
+                        if errors.is_power_of_two() {
+                            tracing::warn!(reason = %e, errors, "recvmmsg failed; retrying");
+                        }
+                        deliver.handoff.end(false)?;
+                        std::thread::sleep(error_backoff);
+                        error_backoff = (error_backoff * 2).min(Duration::from_millis(100));
+                        continue;
+                    }
                 }
             }
+            error_backoff = Duration::from_millis(1);
             let stamp = Stamp {
                 source: Source::Udp,
                 ingest_ns: monotonic_ns(),
@@ -199,6 +276,26 @@ impl UdpIngest<'_> {
             }
             deliver.handoff.end(false)?;
             tally.flush(self.counters);
+            // The newest count in the batch is the socket's total so far.
+            if let Some(d) = msgs[..n as usize]
+                .iter()
+                .rev()
+                .find_map(|m| ovfl_drops(&m.msg_hdr))
+                && d != drops
+            {
+                self.counters
+                    .kernel_drops
+                    .fetch_add(u64::from(d.wrapping_sub(drops)), Ordering::Relaxed);
+                drops = d;
+            }
+        }
+        // Drops after the last datagram received carry no control message: read the total.
+        if let Some(d) = meminfo_drops(fd)
+            && d.wrapping_sub(drops) < u32::MAX / 2
+        {
+            self.counters
+                .kernel_drops
+                .fetch_add(u64::from(d.wrapping_sub(drops)), Ordering::Relaxed);
         }
         // Stopped: what other threads queued for this one is served, then windows close.
         while deliver.handoff.side()? > 0 {}

@@ -38,6 +38,8 @@ pub struct MetricsView<'s> {
     pub sinks: Vec<std::sync::Arc<SinkHealth>>,
     /// The admin server's own counters.
     pub admin: &'s AdminCounters,
+    /// The XDP program's verdict counters (all CPUs summed), with AF_XDP.
+    pub xdp_verdicts: Box<dyn Fn() -> Option<crate::xdp::VerdictCounts> + Send + Sync + 's>,
 }
 
 /// The `/healthz` answer: `200 ok`, or `503` naming every failing sink and why.
@@ -289,6 +291,48 @@ pub fn render(v: &MetricsView<'_>) -> String {
             "eventstream_xsk_kernel_drops_total{{counter=\"{name}\"}} {}",
             by_source(f, Source::Xsk)
         );
+    }
+    family(
+        &mut out,
+        "eventstream_kernel_dropped_datagrams_total",
+        "counter",
+        "Datagrams the kernel UDP socket dropped (receive buffer full: SO_RXQ_OVFL).",
+    );
+    for s in [Source::Udp] {
+        let _ = writeln!(
+            out,
+            "eventstream_kernel_dropped_datagrams_total{{source=\"{}\"}} {}",
+            s.as_str(),
+            by_source(|c| ld(&c.kernel_drops), s)
+        );
+    }
+    family(
+        &mut out,
+        "eventstream_receive_errors_total",
+        "counter",
+        "Receive calls that failed (other than timeouts), retried.",
+    );
+    for s in Source::ALL {
+        let _ = writeln!(
+            out,
+            "eventstream_receive_errors_total{{source=\"{}\"}} {}",
+            s.as_str(),
+            by_source(|c| ld(&c.receive_errors), s)
+        );
+    }
+    if let Some(verdicts) = (v.xdp_verdicts)() {
+        family(
+            &mut out,
+            "eventstream_xdp_packets_total",
+            "counter",
+            "The XDP program's verdicts, by reason (all CPUs).",
+        );
+        for (verdict, n) in verdicts.labelled() {
+            let _ = writeln!(
+                out,
+                "eventstream_xdp_packets_total{{verdict=\"{verdict}\"}} {n}"
+            );
+        }
     }
     let (depth, cap) = (v.queue)();
     family(
