@@ -298,14 +298,11 @@ pub fn render(v: &MetricsView<'_>) -> String {
         "counter",
         "Datagrams the kernel UDP socket dropped (receive buffer full: SO_RXQ_OVFL).",
     );
-    for s in [Source::Udp] {
-        let _ = writeln!(
-            out,
-            "eventstream_kernel_dropped_datagrams_total{{source=\"{}\"}} {}",
-            s.as_str(),
-            by_source(|c| ld(&c.kernel_drops), s)
-        );
-    }
+    let _ = writeln!(
+        out,
+        "eventstream_kernel_dropped_datagrams_total{{source=\"udp\"}} {}",
+        by_source(|c| ld(&c.kernel_drops), Source::Udp)
+    );
     family(
         &mut out,
         "eventstream_receive_errors_total",
