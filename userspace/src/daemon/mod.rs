@@ -172,10 +172,38 @@ fn setup_xsk<'a>(
     })
 }
 
-/// A worker's or the DLQ's sink, per `sinks.kind`.
-fn open_sink(cfg: &Config, dir: &std::path::Path) -> Result<Box<dyn Sink>> {
+/// This appliance's name in event ids: `engine.node_id`, else the host name.
+fn node_id(cfg: &Config) -> String {
+    if !cfg.engine.node_id.is_empty() {
+        return cfg.engine.node_id.clone();
+    }
+    let mut buf = [0u8; 256];
+    // SAFETY: gethostname writes at most `buf.len()` bytes into `buf`, which is live.
+    let rc = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) };
+    let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
+    match std::str::from_utf8(&buf[..end]) {
+        Ok(h) if rc == 0 && !h.is_empty() => h.to_owned(),
+        _ => "eventstream".into(),
+    }
+}
+
+/// A worker's or the DLQ's sink, per `sinks.kind` (the DLQ is a file log with `nats`).
+fn open_sink(cfg: &Config, dir: &std::path::Path, dlq: bool, run: u64) -> Result<Box<dyn Sink>> {
     let s = &cfg.sinks;
-    Ok(match s.kind {
+    let kind = match s.kind {
+        SinkKind::Nats if dlq => SinkKind::File,
+        k => k,
+    };
+    Ok(match kind {
+        SinkKind::Nats => {
+            let name = dir
+                .file_name()
+                .map_or_else(|| "sink".into(), |n| n.to_string_lossy().into_owned());
+            let sink = crate::sink::nats::NatsSink::open(&s.nats, &node_id(cfg), run, &name)
+                .with_context(|| format!("the NATS sink {name} (sinks.nats)"))?;
+            info!(stream = %s.nats.stream, servers = ?s.nats.servers, sink = %name, "NATS JetStream sink ready");
+            Box::new(sink)
+        }
         SinkKind::Memory => {
             let n = cfg.engine.memory_sink_capacity;
             Box::new(MemorySink::new(n, n.saturating_mul(256)))
@@ -480,8 +508,12 @@ pub fn run(cfg: &Config, no_xdp: bool, duration: u64, probe: Option<Probe>) -> R
     // Sinks are opened (and file logs recovered) before any thread starts, so a bad directory
     // is a clean error at start, not a failure mid-run.
     let mut healths = Vec::new();
-    let mut open_sink = |dir: &std::path::Path| -> Result<Box<dyn Sink>> {
-        let sink = open_sink(cfg, dir)?;
+    // Event ids carry the run (its start, in ms since the epoch): no two runs share one.
+    let run_id = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64);
+    let mut open_sink = |dir: &std::path::Path, dlq: bool| -> Result<Box<dyn Sink>> {
+        let sink = open_sink(cfg, dir, dlq, run_id)?;
         healths.extend(sink.health().cloned());
         Ok(sink)
     };
@@ -496,7 +528,10 @@ pub fn run(cfg: &Config, no_xdp: bool, duration: u64, probe: Option<Probe>) -> R
             let mut steps = Vec::with_capacity(3);
             for class in WorkerClass::ALL {
                 let dir = cfg.sinks.dir.join(format!("{}-{q}", class.as_str()));
-                steps.push(ClassStep::new(kind_of(class, true), open_sink(&dir)?));
+                steps.push(ClassStep::new(
+                    kind_of(class, true),
+                    open_sink(&dir, false)?,
+                ));
             }
             let dlq_dir = if q == 0 {
                 cfg.sinks.dlq_dir.clone()
@@ -507,7 +542,7 @@ pub fn run(cfg: &Config, no_xdp: bool, duration: u64, probe: Option<Probe>) -> R
                 router.clone(),
                 cfg.control,
                 steps.try_into().expect("one step per class"),
-                DlqStep::new(open_sink(&dlq_dir)?),
+                DlqStep::new(open_sink(&dlq_dir, true)?),
                 &engine_counters,
                 depth,
             ));
@@ -533,11 +568,14 @@ pub fn run(cfg: &Config, no_xdp: bool, duration: u64, probe: Option<Probe>) -> R
         for (class, _) in &worker_rxs {
             let n = &mut per_class[*class as usize];
             let dir = cfg.sinks.dir.join(format!("{}-{n}", class.as_str()));
-            worker_steps.push(ClassStep::new(kind_of(*class, false), open_sink(&dir)?));
+            worker_steps.push(ClassStep::new(
+                kind_of(*class, false),
+                open_sink(&dir, false)?,
+            ));
             *n += 1;
         }
         dlq_ring = Some(spsc::channel::<DlqEntry<'_, '_>>(e.ring_capacity));
-        dlq_step = Some(DlqStep::new(open_sink(&cfg.sinks.dlq_dir)?));
+        dlq_step = Some(DlqStep::new(open_sink(&cfg.sinks.dlq_dir, true)?));
     }
     let healths = healths;
     let admin = match cfg.admin.bind {
@@ -862,6 +900,7 @@ pub fn run(cfg: &Config, no_xdp: bool, duration: u64, probe: Option<Probe>) -> R
                 sink: match cfg.sinks.kind {
                     SinkKind::Memory => "memory",
                     SinkKind::File => "file",
+                    SinkKind::Nats => "nats",
                 },
                 sinks: healths.clone(),
                 admin: &admin_counters,

@@ -296,6 +296,8 @@ pub struct EngineConfig {
     pub worker_cpus: Vec<u32>,
     /// `engine.latency_from`: where the realtime latency clock starts (`ingest` | `payload`).
     pub latency_from: crate::engine::latency::LatencyFrom,
+    /// `engine.node_id`: this appliance's name in event ids (empty: the host name).
+    pub node_id: String,
     /// `engine.auto_placement`: with AF_XDP ingest, put the dispatcher and workers that have no
     /// configured core on the NIC node's spare cores.
     pub auto_placement: bool,
@@ -334,6 +336,7 @@ impl Default for EngineConfig {
             dispatcher_cpu: None,
             worker_cpus: Vec::new(),
             latency_from: crate::engine::latency::LatencyFrom::Ingest,
+            node_id: String::new(),
             auto_placement: true,
             mode: EngineMode::Auto,
             batch_max_topics: 1024,
@@ -350,6 +353,8 @@ pub enum SinkKind {
     Memory,
     /// The append-only segment log.
     File,
+    /// A NATS JetStream stream (`sinks.nats`); the DLQ stays a file log in `sinks.dlq_dir`.
+    Nats,
 }
 
 /// `sinks:`
@@ -374,6 +379,8 @@ pub struct SinksConfig {
     /// `sinks.max_buffered_bytes`: per file log, what may wait in memory for a slow or failing
     /// disk before events are refused (and counted as `failed{reason="sink_error"}`).
     pub max_buffered_bytes: usize,
+    /// `sinks.nats`
+    pub nats: crate::sink::nats::NatsConfig,
 }
 
 impl Default for SinksConfig {
@@ -387,6 +394,7 @@ impl Default for SinksConfig {
             fsync_interval_ms: 1000,
             shutdown_timeout_secs: 10,
             max_buffered_bytes: 64 << 20,
+            nats: crate::sink::nats::NatsConfig::default(),
         }
     }
 }
@@ -590,6 +598,37 @@ impl Config {
             16 << 20,
             "64..=16777216",
         )?;
+        if self.sinks.kind == SinkKind::Nats {
+            let n = &self.sinks.nats;
+            check("sinks.nats.replicas", n.replicas, 1, 5, "1..=5")?;
+            check(
+                "sinks.nats.max_in_flight",
+                n.max_in_flight,
+                1,
+                65_536,
+                "1..=65536",
+            )?;
+            check(
+                "sinks.nats.duplicate_window_secs",
+                n.duplicate_window_secs,
+                1,
+                86_400,
+                "1..=86400",
+            )?;
+            for (key, empty) in [
+                ("sinks.nats.servers", n.servers.is_empty()),
+                ("sinks.nats.stream", n.stream.is_empty()),
+                ("sinks.nats.subject_prefix", n.subject_prefix.is_empty()),
+            ] {
+                if empty {
+                    return Err(ConfigError::Invalid {
+                        key,
+                        value: "empty".into(),
+                        expected: "a non-empty value",
+                    });
+                }
+            }
+        }
         check(
             "admin.max_connections",
             self.admin.max_connections,

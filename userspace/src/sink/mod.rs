@@ -13,6 +13,7 @@
 //! DLQ or counts it as failed, so no event is lost without a counter.
 
 pub mod file;
+pub mod nats;
 
 use std::io;
 use std::sync::Mutex;
@@ -78,11 +79,13 @@ pub enum SinkErrorKind {
     Io = 1,
     /// An `fsync` failed: what it covered is counted as lost (the kernel may have dropped it).
     Sync = 2,
+    /// A broker did not take a publish (down, electing a leader, an ack timed out, refused).
+    Broker = 3,
 }
 
 impl SinkErrorKind {
     /// All kinds, in index order.
-    pub const ALL: [SinkErrorKind; 3] = [Self::NoSpace, Self::Io, Self::Sync];
+    pub const ALL: [SinkErrorKind; 4] = [Self::NoSpace, Self::Io, Self::Sync, Self::Broker];
 
     /// The label.
     pub const fn as_str(self) -> &'static str {
@@ -90,6 +93,7 @@ impl SinkErrorKind {
             Self::NoSpace => "no_space",
             Self::Io => "io",
             Self::Sync => "sync",
+            Self::Broker => "broker",
         }
     }
 
@@ -110,7 +114,7 @@ pub struct SinkHealth {
     /// The sink's name in health answers, logs and the `sink` label (`file:realtime-0`).
     pub name: String,
     failing: AtomicBool,
-    errors: [AtomicU64; 3],
+    errors: [AtomicU64; 4],
     retries: AtomicU64,
     in_flight: AtomicU64,
     last_error: Mutex<String>,

@@ -1,0 +1,244 @@
+//! The NATS JetStream sink against a real three-node `nats-server` cluster on loopback that
+//! this test starts and stops itself: every event sent lands in the stream exactly once, even
+//! when the stream's leader is killed (SIGKILL) in the middle of the blast.
+//!
+//! Needs `nats-server` (Debian's package; `.ci/run` installs it): skips naming it when missing,
+//! fails instead under CI.
+
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+mod common;
+use common::daemon::{blast, start, stop};
+
+/// A JetStream cluster of three `nats-server`s on 127.0.0.1; killed and removed on drop.
+struct Cluster {
+    dir: std::path::PathBuf,
+    nodes: Vec<(String, Child)>,
+    ports: Vec<u16>,
+}
+
+impl Cluster {
+    /// `slot` keeps the tests' clusters (run at once) on ports of their own.
+    fn start(tag: &str, slot: u16) -> Self {
+        let dir = std::env::temp_dir().join(format!("es-nats-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let base = 21_000 + (std::process::id() % 500) as u16 * 16 + slot * 8;
+        let ports: Vec<u16> = (0..3).map(|i| base + i).collect();
+        let routes: Vec<String> = (0..3)
+            .map(|i| format!("nats://127.0.0.1:{}", base + 4 + i))
+            .collect();
+        let mut nodes = Vec::new();
+        for i in 0..3u16 {
+            let name = format!("n{}", i + 1);
+            let conf = dir.join(format!("{name}.conf"));
+            std::fs::write(
+                &conf,
+                format!(
+                    "server_name: {name}\nlisten: 127.0.0.1:{}\njetstream {{ store_dir: \"{}\" }}\ncluster {{ name: es, listen: 127.0.0.1:{}, routes: [{}] }}\n",
+                    ports[i as usize],
+                    dir.join(&name).display(),
+                    base + 4 + i,
+                    routes.join(", ")
+                ),
+            )
+            .unwrap();
+            let child = Command::new("nats-server")
+                .arg("-c")
+                .arg(&conf)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap();
+            nodes.push((name, child));
+        }
+        Self { dir, nodes, ports }
+    }
+
+    fn urls(&self) -> Vec<String> {
+        self.ports
+            .iter()
+            .map(|p| format!("nats://127.0.0.1:{p}"))
+            .collect()
+    }
+
+    fn kill(&mut self, name: &str) {
+        let (_, c) = self.nodes.iter_mut().find(|(n, _)| n == name).unwrap();
+        c.kill().unwrap();
+        c.wait().unwrap();
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        for (_, c) in &mut self.nodes {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+/// The stream, as the config below wants it, made once the cluster has a meta leader.
+fn create_stream(urls: &[String], name: &str, prefix: &str) {
+    let urls = urls.to_vec();
+    rt().block_on(async {
+        let end = Instant::now() + Duration::from_secs(30);
+        loop {
+            let r = async {
+                let c = async_nats::connect(urls.clone()).await?;
+                let js = async_nats::jetstream::new(c);
+                js.get_or_create_stream(async_nats::jetstream::stream::Config {
+                    name: name.into(),
+                    subjects: vec![format!("{prefix}.>")],
+                    num_replicas: 3,
+                    duplicate_window: Duration::from_secs(120),
+                    ..Default::default()
+                })
+                .await?;
+                Ok::<_, async_nats::Error>(())
+            }
+            .await;
+            match r {
+                Ok(()) => return,
+                Err(e) if Instant::now() < end => {
+                    eprintln!("waiting for JetStream: {e}");
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+                Err(e) => panic!("no JetStream cluster within 30 s: {e}"),
+            }
+        }
+    });
+}
+
+/// The stream's leader and message count, asked of any server that answers.
+fn stream_state(urls: &[String], name: &str) -> Option<(String, u64)> {
+    let urls = urls.to_vec();
+    let r = rt().block_on(async {
+        let c = tokio::time::timeout(Duration::from_secs(5), async_nats::connect(urls))
+            .await
+            .map_err(|_| "connect timed out".to_string())?
+            .map_err(|e| e.to_string())?;
+        let js = async_nats::jetstream::new(c);
+        let mut s = js.get_stream(name).await.map_err(|e| e.to_string())?;
+        let info = s.info().await.map_err(|e| e.to_string())?;
+        let leader = info
+            .cluster
+            .as_ref()
+            .and_then(|c| c.leader.clone())
+            .ok_or("no leader")?;
+        Ok::<_, String>((leader, info.state.messages))
+    });
+    r.map_err(|e| eprintln!("stream state: {e}")).ok()
+}
+
+#[test]
+fn killing_the_stream_leader_mid_blast_loses_nothing_and_duplicates_nothing() {
+    if Command::new("nats-server")
+        .arg("--version")
+        .output()
+        .is_err()
+    {
+        return common::skip("nats-server is not installed (Debian: apt-get install nats-server)");
+    }
+    let mut cluster = Cluster::start("leader", 0);
+    let urls = cluster.urls();
+    create_stream(&urls, "ESTEST", "es");
+    let config = format!(
+        "ingest:\n  udp:\n    bind: \"127.0.0.1:0\"\n    socket_buffer: 8388608\n  tcp:\n    bind: null\nadmin:\n  bind: null\nengine:\n  node_id: lab1\nsinks:\n  kind: nats\n  dlq_dir: \"{}\"\n  shutdown_timeout_secs: 30\n  nats:\n    servers: [{}]\n    stream: ESTEST\n    subject_prefix: es\n    replicas: 3\n    max_in_flight: 256\n",
+        cluster.dir.join("dlq").display(),
+        urls.iter()
+            .map(|u| format!("\"{u}\""))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    let (child, out, addr, dir) = start(&config, "nats-leader");
+    let total = 30_000u64;
+    let sent = std::thread::scope(|s| {
+        let sender = s.spawn(|| {
+            blast(&[
+                "--to",
+                &addr,
+                "--count",
+                &total.to_string(),
+                "--rate",
+                "10000",
+                "--topics",
+                "orders/eu,orders/us",
+            ])
+        });
+        std::thread::sleep(Duration::from_millis(1200));
+        let (leader, so_far) = stream_state(&urls, "ESTEST").expect("a stream leader");
+        eprintln!("killing stream leader {leader} with {so_far} messages stored");
+        assert!(so_far > 0, "events were flowing before the kill");
+        cluster.kill(&leader);
+        sender.join().unwrap()
+    });
+    assert_eq!(sent["sent_events"].as_u64(), Some(total), "{sent}");
+    std::thread::sleep(Duration::from_millis(500));
+    let r = stop(child, out);
+    let n = |v: &serde_json::Value| v.as_u64().unwrap();
+    eprintln!("sinks after the kill: {}", r["sinks"]);
+    assert_eq!(n(&r["accepted_events"]), total, "{r}");
+    assert_eq!(
+        n(&r["delivered_events"]),
+        total,
+        "every event acknowledged: {r}"
+    );
+    let failed: u64 = r["failed"].as_object().unwrap().values().map(n).sum();
+    assert_eq!(failed, 0, "{r}");
+    let live: Vec<String> = urls.clone();
+    let end = Instant::now() + Duration::from_secs(20);
+    let stored = loop {
+        match stream_state(&live, "ESTEST") {
+            Some((_, m)) if m == total || Instant::now() >= end => break m,
+            _ if Instant::now() >= end => break 0,
+            _ => std::thread::sleep(Duration::from_millis(200)),
+        }
+    };
+    assert_eq!(stored, total, "the stream holds each event exactly once");
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+fn a_stream_with_other_settings_is_a_clear_error_at_start() {
+    if Command::new("nats-server")
+        .arg("--version")
+        .output()
+        .is_err()
+    {
+        return common::skip("nats-server is not installed (Debian: apt-get install nats-server)");
+    }
+    let cluster = Cluster::start("mismatch", 1);
+    let urls = cluster.urls();
+    create_stream(&urls, "ESMIS", "mis");
+    let yaml = cluster.dir.join("run.yaml");
+    std::fs::write(
+        &yaml,
+        format!(
+            "ingest:\n  udp:\n    bind: \"127.0.0.1:0\"\n  tcp:\n    bind: null\nadmin:\n  bind: null\nsinks:\n  kind: nats\n  dlq_dir: \"{}\"\n  nats:\n    servers: [\"{}\"]\n    stream: ESMIS\n    subject_prefix: mis\n    replicas: 1\n",
+            cluster.dir.join("dlq").display(),
+            urls[0]
+        ),
+    )
+    .unwrap();
+    let o = Command::new(env!("CARGO_BIN_EXE_eventstream"))
+        .args(["run", "--no-xdp", "--config"])
+        .arg(&yaml)
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("stream ESMIS exists with") && err.contains("3 replicas"),
+        "{err}"
+    );
+}
