@@ -225,27 +225,27 @@ fn open_sink(cfg: &Config, dir: &std::path::Path, dlq: bool, run: u64) -> Result
 
 /// Drops every capability but the one that reads the XDP program's counters (when AF_XDP is
 /// in use), clears the inheritable set, and sets `no_new_privs`; see [`crate::ops::privs`].
-fn drop_privileges(keep_bpf: bool) {
-    let before = match privs::current() {
-        Ok(c) => c,
-        Err(e) => return warn!(reason = %e, "could not read capabilities; keeping them"),
-    };
+///
+/// # Errors
+/// When the process holds capabilities and cannot drop them: running on with them is refused.
+fn drop_privileges(keep_bpf: bool) -> Result<()> {
+    let before = privs::current().context("reading this thread's capabilities")?;
     if before.permitted == 0 {
-        return info!("running without capabilities: nothing to drop");
+        info!("running without capabilities: nothing to drop");
+        return Ok(());
     }
     let keep: Vec<u32> = if keep_bpf {
         vec![privs::bpf_capability()]
     } else {
         Vec::new()
     };
-    match privs::retain_only(&keep) {
-        Ok(after) => info!(
-            kept = ?keep,
-            effective = format!("{:#x}", after.effective),
-            "setup done; capabilities dropped"
-        ),
-        Err(e) => warn!(reason = %e, "could not drop capabilities; running with them"),
-    }
+    let after = privs::retain_only(&keep).context("dropping capabilities after setup")?;
+    info!(
+        kept = ?keep,
+        effective = format!("{:#x}", after.effective),
+        "setup done; capabilities dropped"
+    );
+    Ok(())
 }
 
 /// The inline control plane's tick: operator commands, then the watermarks over the deepest
@@ -505,6 +505,46 @@ pub fn run(cfg: &Config, no_xdp: bool, duration: u64, probe: Option<Probe>) -> R
     let ingest_done = AtomicBool::new(false);
     let engine_counters = EngineCounters::default();
     let depths: Vec<AtomicU32> = (0..data_plane).map(|_| AtomicU32::new(0)).collect();
+    let admin = match cfg.admin.bind {
+        Some(addr) => {
+            let (listener, bound) = crate::ops::admin::bind(addr)
+                .with_context(|| format!("binding admin {addr} (admin.bind)"))?;
+            let a = &cfg.admin;
+            let token = match &a.token_file {
+                Some(path) => {
+                    let t = std::fs::read_to_string(path).with_context(|| {
+                        format!(
+                            "reading the admin token {} (admin.token_file)",
+                            path.display()
+                        )
+                    })?;
+                    let t = t.trim().to_owned();
+                    if t.len() < 16 {
+                        return Err(anyhow!(
+                            "the admin token in {} is shorter than 16 characters (admin.token_file)",
+                            path.display()
+                        ));
+                    }
+                    Some(t)
+                }
+                None => None,
+            };
+            let policy = crate::ops::admin::Policy {
+                max_connections: a.max_connections,
+                timeout: Duration::from_secs(a.timeout_secs),
+                token,
+                allowed_hosts: crate::ops::admin::Policy::hosts_for(bound, &a.allowed_hosts),
+            };
+            println!("listening admin {bound}");
+            Some((listener, policy))
+        }
+        None => None,
+    };
+    let admin_counters = crate::ops::admin::AdminCounters::default();
+    // Every socket is bound and the XDP program set up: before any thread starts (sinks start
+    // their I/O threads as they open, and threads inherit the set), keep only what the run
+    // loop needs.
+    drop_privileges(xsk.is_some())?;
     // Sinks are opened (and file logs recovered) before any thread starts, so a bad directory
     // is a clean error at start, not a failure mid-run.
     let mut healths = Vec::new();
@@ -578,42 +618,6 @@ pub fn run(cfg: &Config, no_xdp: bool, duration: u64, probe: Option<Probe>) -> R
         dlq_step = Some(DlqStep::new(open_sink(&cfg.sinks.dlq_dir, true)?));
     }
     let healths = healths;
-    let admin = match cfg.admin.bind {
-        Some(addr) => {
-            let (listener, bound) = crate::ops::admin::bind(addr)
-                .with_context(|| format!("binding admin {addr} (admin.bind)"))?;
-            let a = &cfg.admin;
-            let token = match &a.token_file {
-                Some(path) => {
-                    let t = std::fs::read_to_string(path).with_context(|| {
-                        format!(
-                            "reading the admin token {} (admin.token_file)",
-                            path.display()
-                        )
-                    })?;
-                    let t = t.trim().to_owned();
-                    if t.len() < 16 {
-                        return Err(anyhow!(
-                            "the admin token in {} is shorter than 16 characters (admin.token_file)",
-                            path.display()
-                        ));
-                    }
-                    Some(t)
-                }
-                None => None,
-            };
-            let policy = crate::ops::admin::Policy {
-                max_connections: a.max_connections,
-                timeout: Duration::from_secs(a.timeout_secs),
-                token,
-                allowed_hosts: crate::ops::admin::Policy::hosts_for(bound, &a.allowed_hosts),
-            };
-            println!("listening admin {bound}");
-            Some((listener, policy))
-        }
-        None => None,
-    };
-    let admin_counters = crate::ops::admin::AdminCounters::default();
     let admin_stop = AtomicBool::new(false);
 
     let stop = Arc::new(AtomicBool::new(false));
@@ -668,9 +672,6 @@ pub fn run(cfg: &Config, no_xdp: bool, duration: u64, probe: Option<Probe>) -> R
             .map(|c| f(c).load(Ordering::Relaxed))
             .sum::<u64>()
     };
-    // Setup is done: before the first thread starts (they inherit it), keep only what the run
-    // loop needs.
-    drop_privileges(xsk.is_some());
     let mut side_rx = Some(rx);
     let mut engines = engines.into_iter();
     let busy_spin = Duration::from_micros(u64::from(x.busy_spin_us));
