@@ -191,15 +191,24 @@ fn node_id(cfg: &Config) -> String {
 fn open_sink(cfg: &Config, dir: &std::path::Path, dlq: bool, run: u64) -> Result<Box<dyn Sink>> {
     let s = &cfg.sinks;
     let kind = match s.kind {
-        SinkKind::Nats if dlq => SinkKind::File,
+        SinkKind::Nats | SinkKind::Postgres if dlq => SinkKind::File,
         k => k,
     };
+    let name = dir
+        .file_name()
+        .map_or_else(|| "sink".into(), |n| n.to_string_lossy().into_owned());
     Ok(match kind {
+        SinkKind::Postgres => {
+            let sink = crate::sink::postgres::open(&s.postgres, &node_id(cfg), run, &name)
+                .with_context(|| format!("the PostgreSQL sink {name} (sinks.postgres)"))?;
+            info!(table = %s.postgres.table, sink = %name, "PostgreSQL sink ready");
+            Box::new(sink)
+        }
         SinkKind::Nats => {
             let name = dir
                 .file_name()
                 .map_or_else(|| "sink".into(), |n| n.to_string_lossy().into_owned());
-            let sink = crate::sink::nats::NatsSink::open(&s.nats, &node_id(cfg), run, &name)
+            let sink = crate::sink::nats::open(&s.nats, &node_id(cfg), run, &name)
                 .with_context(|| format!("the NATS sink {name} (sinks.nats)"))?;
             info!(stream = %s.nats.stream, servers = ?s.nats.servers, sink = %name, "NATS JetStream sink ready");
             Box::new(sink)
@@ -211,9 +220,18 @@ fn open_sink(cfg: &Config, dir: &std::path::Path, dlq: bool, run: u64) -> Result
         SinkKind::File => {
             let interval = Duration::from_millis(s.fsync_interval_ms);
             let (log, rec) = SegmentLog::open(dir, s.segment_bytes, s.fsync, interval)
-                .with_context(|| {
-                    format!(
-                        "opening the log in {} (sinks.dir / sinks.dlq_dir)",
+                .map_err(|e| {
+                    // Sinks open after capabilities are dropped: uid 0 alone does not
+                    // override a directory's permissions.
+                    let hint = if e.kind() == std::io::ErrorKind::PermissionDenied {
+                        // SAFETY: geteuid has no preconditions.
+                        let uid = unsafe { libc::geteuid() };
+                        format!(" (sinks open after capabilities are dropped: the directory must be writable by uid {uid} itself)")
+                    } else {
+                        String::new()
+                    };
+                    anyhow!(
+                        "opening the log in {} (sinks.dir / sinks.dlq_dir): {e}{hint}",
                         dir.display()
                     )
                 })?;
@@ -902,6 +920,7 @@ pub fn run(cfg: &Config, no_xdp: bool, duration: u64, probe: Option<Probe>) -> R
                     SinkKind::Memory => "memory",
                     SinkKind::File => "file",
                     SinkKind::Nats => "nats",
+                    SinkKind::Postgres => "postgres",
                 },
                 sinks: healths.clone(),
                 admin: &admin_counters,

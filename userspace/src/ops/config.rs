@@ -355,6 +355,8 @@ pub enum SinkKind {
     File,
     /// A NATS JetStream stream (`sinks.nats`); the DLQ stays a file log in `sinks.dlq_dir`.
     Nats,
+    /// A PostgreSQL table (`sinks.postgres`); the DLQ stays a file log in `sinks.dlq_dir`.
+    Postgres,
 }
 
 /// `sinks:`
@@ -381,6 +383,8 @@ pub struct SinksConfig {
     pub max_buffered_bytes: usize,
     /// `sinks.nats`
     pub nats: crate::sink::nats::NatsConfig,
+    /// `sinks.postgres`
+    pub postgres: crate::sink::postgres::PostgresConfig,
 }
 
 impl Default for SinksConfig {
@@ -395,6 +399,7 @@ impl Default for SinksConfig {
             shutdown_timeout_secs: 10,
             max_buffered_bytes: 64 << 20,
             nats: crate::sink::nats::NatsConfig::default(),
+            postgres: crate::sink::postgres::PostgresConfig::default(),
         }
     }
 }
@@ -627,6 +632,23 @@ impl Config {
                         expected: "a non-empty value",
                     });
                 }
+            }
+        }
+        if self.sinks.kind == SinkKind::Postgres {
+            let p = &self.sinks.postgres;
+            check(
+                "sinks.postgres.max_in_flight",
+                p.max_in_flight,
+                1,
+                1_000_000,
+                "1..=1000000",
+            )?;
+            if !crate::sink::postgres::valid_table(&p.table) {
+                return Err(ConfigError::Invalid {
+                    key: "sinks.postgres.table",
+                    value: p.table.clone(),
+                    expected: "`name` or `schema.name` of letters, digits and _",
+                });
             }
         }
         check(

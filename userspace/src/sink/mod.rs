@@ -14,6 +14,8 @@
 
 pub mod file;
 pub mod nats;
+pub mod postgres;
+pub mod remote;
 
 use std::io;
 use std::sync::Mutex;

@@ -1,0 +1,421 @@
+//! What every sink that talks to another system shares (NATS JetStream, PostgreSQL): the
+//! appending side, the batch buffers, the hand-over to an I/O thread, and the accounting.
+//!
+//! The appending thread (in inline mode, the receive thread) encodes each event once into a
+//! batch buffer and hands whole buffers over an SPSC ring to the sink's own I/O thread, which
+//! runs a current-thread tokio runtime and the [`Backend`]: the backend delivers a buffer's
+//! records, retrying what fails with the same event ids (so the other side can drop what had
+//! in fact landed), and counts each record once, as durable or as lost. While the backend is
+//! behind or failing, buffers queue up to a bound; past it, appends are refused (the caller
+//! counts them as failed), and the data plane never waits on the network.
+//!
+//! Event ids are `<node_id>-<run>-<sink name>-<sequence>`: `run` is the appliance's start
+//! time, so ids never repeat across runs; the sequence is the record's within its sink.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+use std::{io, thread};
+
+use crate::ring::spsc;
+use crate::sink::{EventRef, Sink, SinkHealth, refusal};
+
+/// Bytes before a record's topic and payload in a batch buffer: `len u32` (topic + payload),
+/// `id u64`, `ingest_ns u64`, `priority u8`, `source u8`, `topic_len u16`.
+const REC_HEADER: usize = 24;
+/// Buffers per sink: one being built, the rest queued or being delivered.
+const BUFFERS: usize = 8;
+/// A batch buffer past this size is handed over before the batch ends.
+const BATCH_BYTES: usize = 256 * 1024;
+/// A buffer grows up to this while the backend is behind; past it appends are refused.
+const MAX_CHUNK: usize = 8 << 20;
+/// Longest a healthy but slow backend may hold up the appender.
+const BLOCK_LIMIT: Duration = Duration::from_secs(1);
+/// Retry backoff after a failed delivery: from the first to the last, doubling.
+pub const BACKOFF: (Duration, Duration) = (Duration::from_millis(10), Duration::from_secs(1));
+
+/// A batch of records on its way to the I/O thread.
+#[derive(Debug, Default)]
+pub struct Chunk {
+    bytes: Vec<u8>,
+    records: u64,
+}
+
+/// One record of a [`Chunk`].
+#[derive(Clone, Copy, Debug)]
+pub struct Rec<'b> {
+    /// Offset in the chunk (a handle for retries).
+    pub at: usize,
+    /// Its sequence within the sink (the end of its event id).
+    pub id: u64,
+    /// Receive time, `CLOCK_MONOTONIC` ns.
+    pub ingest_ns: u64,
+    /// Priority.
+    pub priority: u8,
+    /// [`crate::wire::event::Source`] as `u8`.
+    pub source: u8,
+    /// Topic.
+    pub topic: &'b str,
+    /// Payload.
+    pub payload: &'b [u8],
+}
+
+impl Chunk {
+    /// Records in it.
+    pub const fn records(&self) -> u64 {
+        self.records
+    }
+
+    /// The record at `at` and where the next one starts.
+    pub fn record(&self, at: usize) -> (Rec<'_>, usize) {
+        let b = &self.bytes;
+        let h = &b[at..at + REC_HEADER];
+        let len = u32::from_le_bytes(h[0..4].try_into().expect("4 bytes")) as usize;
+        let topic_len = u16::from_le_bytes([h[22], h[23]]) as usize;
+        let body = &b[at + REC_HEADER..at + REC_HEADER + len];
+        let rec = Rec {
+            at,
+            id: u64::from_le_bytes(h[4..12].try_into().expect("8 bytes")),
+            ingest_ns: u64::from_le_bytes(h[12..20].try_into().expect("8 bytes")),
+            priority: h[20],
+            source: h[21],
+            topic: std::str::from_utf8(&body[..topic_len]).unwrap_or(""),
+            payload: &body[topic_len..],
+        };
+        (rec, at + REC_HEADER + len)
+    }
+
+    /// Every record, in order.
+    pub fn iter(&self) -> impl Iterator<Item = Rec<'_>> {
+        let mut at = 0;
+        core::iter::from_fn(move || {
+            (at < self.bytes.len()).then(|| {
+                let (r, next) = self.record(at);
+                at = next;
+                r
+            })
+        })
+    }
+}
+
+/// What the appender, the I/O thread and the backend share.
+#[derive(Debug)]
+pub struct Shared {
+    /// Records the other side acknowledged as stored.
+    durable: AtomicU64,
+    /// Records given up for good (the other side can never take them).
+    lost: AtomicU64,
+    /// Deliver what is queued, then stop.
+    stop: AtomicBool,
+    /// Stop now (the shutdown deadline passed).
+    abandon: AtomicBool,
+    /// Its health, for `/healthz` and `/metrics`.
+    pub health: Arc<SinkHealth>,
+}
+
+impl Shared {
+    /// `n` records are stored.
+    pub fn durable(&self, n: u64) {
+        self.durable.fetch_add(n, Ordering::AcqRel);
+    }
+
+    /// `n` records can never be stored.
+    pub fn lost(&self, n: u64) {
+        self.lost.fetch_add(n, Ordering::AcqRel);
+    }
+
+    /// Whether retries must stop (the shutdown deadline passed).
+    pub fn abandoned(&self) -> bool {
+        self.abandon.load(Ordering::Acquire)
+    }
+}
+
+/// The other system, as seen from a sink's I/O thread.
+#[allow(async_fn_in_trait)] // driven by our own current-thread runtime: no Send needed
+pub trait Backend: Send + 'static {
+    /// Connects and checks (or creates) what the sink writes to.
+    ///
+    /// # Errors
+    /// A message for the operator: what failed, and where.
+    async fn setup(&mut self) -> Result<(), String>;
+
+    /// Delivers every record of `chunk`, counting each once with [`Shared::durable`] or
+    /// [`Shared::lost`]; retries what fails (with [`BACKOFF`], reporting through
+    /// `shared.health`) until all are counted or [`Shared::abandoned`].
+    async fn deliver(&mut self, chunk: &Chunk, shared: &Shared, ids: &str);
+}
+
+/// A [`Sink`] over a [`Backend`] on its own I/O thread.
+#[derive(Debug)]
+pub struct RemoteSink {
+    kind: &'static str,
+    batch: Chunk,
+    to_io: spsc::Producer<Chunk>,
+    from_io: spsc::Consumer<Chunk>,
+    shared: Arc<Shared>,
+    io: Option<thread::JoinHandle<()>>,
+    next_id: u64,
+    handed: u64,
+    acked: u64,
+    lost: u64,
+}
+
+/// The I/O thread: sets the backend up (reporting the outcome on `ready`), then delivers
+/// buffers in order until stopped.
+fn io_thread<B: Backend>(
+    mut backend: B,
+    ids: String,
+    shared: Arc<Shared>,
+    mut from: spsc::Consumer<Chunk>,
+    mut back: spsc::Producer<Chunk>,
+    ready: std::sync::mpsc::Sender<Result<(), String>>,
+    setup_limit: Duration,
+) {
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            let _ = ready.send(Err(format!("starting the sink's runtime: {e}")));
+            return;
+        }
+    };
+    rt.block_on(async {
+        match tokio::time::timeout(setup_limit, backend.setup()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => return drop(ready.send(Err(e))),
+            Err(_) => {
+                return drop(ready.send(Err(format!("no answer within {setup_limit:?}"))));
+            }
+        }
+        let _ = ready.send(Ok(()));
+        loop {
+            if shared.abandoned() {
+                return;
+            }
+            let Some(mut chunk) = from.pop() else {
+                if shared.stop.load(Ordering::Acquire) && from.is_empty() {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_micros(500)).await;
+                continue;
+            };
+            backend.deliver(&chunk, &shared, &ids).await;
+            chunk.bytes.clear();
+            chunk.records = 0;
+            // Cannot fail: at most BUFFERS chunks exist, and the ring back holds them all.
+            let _ = back.push(chunk);
+        }
+    });
+}
+
+impl RemoteSink {
+    /// Starts `backend` on its I/O thread and waits for its setup. `health` names the sink;
+    /// event ids start with `ids`.
+    ///
+    /// # Errors
+    /// The backend's setup failure, or none within `setup_limit`.
+    pub fn open<B: Backend>(
+        kind: &'static str,
+        backend: B,
+        health: Arc<SinkHealth>,
+        ids: String,
+        setup_limit: Duration,
+    ) -> io::Result<Self> {
+        let shared = Arc::new(Shared {
+            durable: AtomicU64::new(0),
+            lost: AtomicU64::new(0),
+            stop: AtomicBool::new(false),
+            abandon: AtomicBool::new(false),
+            health,
+        });
+        let (to_io, from_appender) = spsc::channel::<Chunk>(BUFFERS);
+        let (mut spare, from_io) = spsc::channel::<Chunk>(BUFFERS);
+        for _ in 1..BUFFERS {
+            let _ = spare.push(Chunk {
+                bytes: Vec::with_capacity(BATCH_BYTES + 64 * 1024),
+                records: 0,
+            });
+        }
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let s = Arc::clone(&shared);
+        let handle = thread::Builder::new()
+            .name(format!("{kind}-sink"))
+            .spawn(move || {
+                io_thread(backend, ids, s, from_appender, spare, ready_tx, setup_limit)
+            })?;
+        let setup = ready_rx
+            .recv()
+            .unwrap_or_else(|_| Err("the sink's thread ended during setup".into()));
+        if let Err(e) = setup {
+            let _ = handle.join();
+            return Err(io::Error::other(e));
+        }
+        Ok(Self {
+            kind,
+            batch: Chunk {
+                bytes: Vec::with_capacity(BATCH_BYTES + 64 * 1024),
+                records: 0,
+            },
+            to_io,
+            from_io,
+            shared,
+            io: Some(handle),
+            next_id: 0,
+            handed: 0,
+            acked: 0,
+            lost: 0,
+        })
+    }
+
+    /// Hands the batch over when due; `false` when it had to and no buffer came free.
+    fn hand_over(&mut self, must: bool) -> bool {
+        let len = self.batch.bytes.len();
+        if len == 0 {
+            return true;
+        }
+        if !must && len < BATCH_BYTES && self.to_io.slots() < self.to_io.capacity() {
+            return true; // the I/O thread has work queued: keep filling this one
+        }
+        let wait = must || len >= MAX_CHUNK;
+        let mut spins = 0u32;
+        let since = Instant::now();
+        let next = loop {
+            if let Some(c) = self.from_io.pop() {
+                break c;
+            }
+            if !wait
+                || self.shared.health.is_failing()
+                || self.shared.abandoned()
+                || since.elapsed() >= BLOCK_LIMIT
+            {
+                return !wait;
+            }
+            crate::engine::idle::backoff(&mut spins);
+        };
+        let full = core::mem::replace(&mut self.batch, next);
+        self.handed += full.records;
+        // Cannot fail: a free buffer came back, so the ring to the I/O thread has a slot.
+        let pushed = self.to_io.push(full).is_ok();
+        debug_assert!(pushed, "BUFFERS chunks fit in the ring");
+        true
+    }
+
+    fn resolved(&self) -> u64 {
+        self.shared.durable.load(Ordering::Acquire) + self.shared.lost.load(Ordering::Acquire)
+    }
+
+    /// Stops the I/O thread now and joins it.
+    fn abandon(&mut self) {
+        self.shared.abandon.store(true, Ordering::Release);
+        if let Some(h) = self.io.take() {
+            let _ = h.join();
+        }
+    }
+}
+
+impl Sink for RemoteSink {
+    fn append(&mut self, ev: &EventRef<'_>, _reason: Option<&'static str>) -> io::Result<()> {
+        let topic_len = u16::try_from(ev.topic.len())
+            .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "topic too long"))?;
+        if self.batch.bytes.len() >= MAX_CHUNK && !self.hand_over(false) {
+            let h = &self.shared.health;
+            return Err(refusal(&match h.failure() {
+                Some(why) => format!("{} is failing: {why}", h.name),
+                None => format!("{} is full (the other side is behind)", h.name),
+            }));
+        }
+        let b = &mut self.batch.bytes;
+        b.extend_from_slice(&((ev.topic.len() + ev.payload.len()) as u32).to_le_bytes());
+        b.extend_from_slice(&self.next_id.to_le_bytes());
+        b.extend_from_slice(&ev.ingest_ns.to_le_bytes());
+        b.push(ev.priority);
+        b.push(ev.source as u8);
+        b.extend_from_slice(&topic_len.to_le_bytes());
+        b.extend_from_slice(ev.topic.as_bytes());
+        b.extend_from_slice(ev.payload);
+        self.next_id += 1;
+        self.batch.records += 1;
+        if self.batch.bytes.len() >= BATCH_BYTES {
+            self.hand_over(false);
+        }
+        Ok(())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.hand_over(false);
+        Ok(())
+    }
+
+    fn acked(&mut self) -> io::Result<u64> {
+        let d = self.shared.durable.load(Ordering::Acquire);
+        let n = d - self.acked;
+        self.acked = d;
+        Ok(n)
+    }
+
+    fn lost(&mut self) -> u64 {
+        let l = self.shared.lost.load(Ordering::Acquire);
+        let n = l - self.lost;
+        self.lost = l;
+        n
+    }
+
+    fn in_flight(&self) -> u64 {
+        (self.handed + self.batch.records).saturating_sub(self.resolved())
+    }
+
+    fn close(&mut self, deadline: Instant) -> io::Result<()> {
+        let mut sent = false;
+        loop {
+            if !sent {
+                sent = self.batch.bytes.is_empty() || self.hand_over(true);
+            }
+            if sent && self.resolved() >= self.handed {
+                self.shared.stop.store(true, Ordering::Release);
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                self.abandon();
+                return Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!(
+                        "{}: {} events not acknowledged by the shutdown deadline",
+                        self.shared.health.name,
+                        self.in_flight()
+                    ),
+                ));
+            }
+            thread::sleep(Duration::from_millis(1));
+        }
+    }
+
+    fn health(&self) -> Option<&Arc<SinkHealth>> {
+        Some(&self.shared.health)
+    }
+
+    fn kind(&self) -> &'static str {
+        self.kind
+    }
+}
+
+impl Drop for RemoteSink {
+    fn drop(&mut self) {
+        if self.io.is_none() {
+            return;
+        }
+        // Whatever was appended is still handed over; the I/O thread delivers what is queued
+        // and stops, or is abandoned after a grace period.
+        self.hand_over(true);
+        self.shared.stop.store(true, Ordering::Release);
+        let deadline = Instant::now() + BLOCK_LIMIT * 5;
+        while let Some(h) = &self.io
+            && !h.is_finished()
+            && Instant::now() < deadline
+        {
+            thread::sleep(Duration::from_millis(1));
+        }
+        self.abandon();
+    }
+}

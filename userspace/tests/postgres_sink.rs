@@ -1,0 +1,202 @@
+//! The PostgreSQL sink against a real PostgreSQL that this test starts in a temporary directory
+//! on a private port (initdb runs as the `postgres` user): a server restart in the middle of a
+//! blast loses nothing and makes no duplicate row.
+//!
+//! Needs root, `runuser`, and Debian's PostgreSQL (`.ci/run` installs it): skips naming what is
+//! missing, fails instead under CI.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+mod common;
+use common::daemon::{blast, start, stop};
+
+/// The newest `/usr/lib/postgresql/<version>/bin`.
+fn pg_bin() -> Option<PathBuf> {
+    let mut v: Vec<PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
+        .ok()?
+        .filter_map(|e| Some(e.ok()?.path().join("bin")))
+        .filter(|b| b.join("initdb").exists())
+        .collect();
+    v.sort();
+    v.pop()
+}
+
+/// A PostgreSQL server of the test's own; stopped and removed on drop.
+struct Pg {
+    bin: PathBuf,
+    dir: PathBuf,
+    port: u16,
+}
+
+fn as_postgres(cmd: &Path, args: &[&str]) -> bool {
+    Command::new("runuser")
+        .args(["-u", "postgres", "--"])
+        .arg(cmd)
+        .args(args)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+impl Pg {
+    fn start(bin: PathBuf) -> Self {
+        let dir = std::env::temp_dir().join(format!("es-pg-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        assert!(
+            Command::new("chown")
+                .args(["postgres:postgres"])
+                .arg(&dir)
+                .status()
+                .unwrap()
+                .success()
+        );
+        let port = 25_000 + (std::process::id() % 5000) as u16;
+        let pg = Self { bin, dir, port };
+        let data = pg.data();
+        assert!(
+            as_postgres(
+                &pg.bin.join("initdb"),
+                &["-D", &data, "-A", "trust", "-U", "postgres"]
+            ),
+            "initdb"
+        );
+        assert!(pg.ctl("start"), "pg_ctl start");
+        pg
+    }
+
+    fn data(&self) -> String {
+        self.dir.join("data").display().to_string()
+    }
+
+    fn ctl(&self, what: &str) -> bool {
+        let opts = format!(
+            "-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync=off",
+            self.port,
+            self.dir.display()
+        );
+        as_postgres(
+            &self.bin.join("pg_ctl"),
+            &[
+                "-D",
+                &self.data(),
+                "-o",
+                &opts,
+                "-m",
+                "fast",
+                "-w",
+                "-t",
+                "30",
+                what,
+            ],
+        )
+    }
+
+    fn url(&self) -> String {
+        format!(
+            "host=127.0.0.1 port={} user=postgres dbname=postgres",
+            self.port
+        )
+    }
+
+    /// `(rows, distinct event ids)` in `table`.
+    fn count(&self, table: &str) -> (u64, u64) {
+        let o = Command::new("psql")
+            .args([
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &self.port.to_string(),
+                "-U",
+                "postgres",
+                "-Atc",
+            ])
+            .arg(format!(
+                "select count(*), count(distinct event_id) from {table}"
+            ))
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{o:?}");
+        let s = String::from_utf8(o.stdout).unwrap();
+        let (a, b) = s.trim().split_once('|').unwrap();
+        (a.parse().unwrap(), b.parse().unwrap())
+    }
+}
+
+impl Drop for Pg {
+    fn drop(&mut self) {
+        let _ = as_postgres(
+            &self.bin.join("pg_ctl"),
+            &["-D", &self.data(), "-m", "immediate", "stop"],
+        );
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+#[test]
+fn a_server_restart_mid_blast_loses_nothing_and_duplicates_nothing() {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        return common::skip("needs root to run initdb as the postgres user");
+    }
+    let Some(bin) = pg_bin() else {
+        return common::skip("PostgreSQL is not installed (Debian: apt-get install postgresql)");
+    };
+    if Command::new("psql").arg("--version").output().is_err() {
+        return common::skip("psql is not installed (Debian: postgresql-client)");
+    }
+    let pg = Pg::start(bin);
+    // The DLQ in a directory of the daemon's own (its data directory is the postgres user's).
+    let dlq = std::env::temp_dir().join(format!("es-pg-dlq-{}", std::process::id()));
+    let config = format!(
+        "ingest:\n  udp:\n    bind: \"127.0.0.1:0\"\n    socket_buffer: 8388608\n  tcp:\n    bind: null\nadmin:\n  bind: null\nengine:\n  node_id: lab1\nsinks:\n  kind: postgres\n  dlq_dir: \"{}\"\n  shutdown_timeout_secs: 30\n  postgres:\n    url: \"{}\"\n    table: es_events\n    max_in_flight: 500\n",
+        dlq.display(),
+        pg.url()
+    );
+    let (child, out, addr, dir) = start(&config, "pg-restart");
+    let total = 20_000u64;
+    let sent = std::thread::scope(|s| {
+        let sender = s.spawn(|| {
+            blast(&[
+                "--to",
+                &addr,
+                "--count",
+                &total.to_string(),
+                "--rate",
+                "5000",
+                "--topics",
+                "orders/eu,orders/us",
+            ])
+        });
+        std::thread::sleep(Duration::from_millis(1500));
+        let (so_far, _) = pg.count("es_events");
+        eprintln!("restarting PostgreSQL with {so_far} rows stored");
+        assert!(so_far > 0, "rows were landing before the restart");
+        assert!(pg.ctl("restart"), "pg_ctl restart");
+        sender.join().unwrap()
+    });
+    assert_eq!(sent["sent_events"].as_u64(), Some(total), "{sent}");
+    std::thread::sleep(Duration::from_millis(500));
+    let t0 = Instant::now();
+    let r = stop(child, out);
+    eprintln!("stopped in {:?}; sinks: {}", t0.elapsed(), r["sinks"]);
+    let n = |v: &serde_json::Value| v.as_u64().unwrap();
+    assert_eq!(n(&r["accepted_events"]), total, "{r}");
+    assert_eq!(
+        n(&r["delivered_events"]),
+        total,
+        "every event committed: {r}"
+    );
+    let failed: u64 = r["failed"].as_object().unwrap().values().map(n).sum();
+    assert_eq!(failed, 0, "{r}");
+    assert_eq!(
+        pg.count("es_events"),
+        (total, total),
+        "one row per event, none twice"
+    );
+    let _ = std::fs::remove_dir_all(dir);
+    let _ = std::fs::remove_dir_all(dlq);
+}
