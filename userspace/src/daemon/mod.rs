@@ -191,13 +191,19 @@ fn node_id(cfg: &Config) -> String {
 fn open_sink(cfg: &Config, dir: &std::path::Path, dlq: bool, run: u64) -> Result<Box<dyn Sink>> {
     let s = &cfg.sinks;
     let kind = match s.kind {
-        SinkKind::Nats | SinkKind::Postgres if dlq => SinkKind::File,
+        SinkKind::Nats | SinkKind::Postgres | SinkKind::Kafka if dlq => SinkKind::File,
         k => k,
     };
     let name = dir
         .file_name()
         .map_or_else(|| "sink".into(), |n| n.to_string_lossy().into_owned());
     Ok(match kind {
+        SinkKind::Kafka => {
+            let sink = crate::sink::kafka::open(&s.kafka, &node_id(cfg), run, &name)
+                .with_context(|| format!("the Kafka sink {name} (sinks.kafka)"))?;
+            info!(brokers = %s.kafka.brokers, sink = %name, "Kafka sink ready");
+            Box::new(sink)
+        }
         SinkKind::Postgres => {
             let sink = crate::sink::postgres::open(&s.postgres, &node_id(cfg), run, &name)
                 .with_context(|| format!("the PostgreSQL sink {name} (sinks.postgres)"))?;
@@ -921,6 +927,7 @@ pub fn run(cfg: &Config, no_xdp: bool, duration: u64, probe: Option<Probe>) -> R
                     SinkKind::File => "file",
                     SinkKind::Nats => "nats",
                     SinkKind::Postgres => "postgres",
+                    SinkKind::Kafka => "kafka",
                 },
                 sinks: healths.clone(),
                 admin: &admin_counters,

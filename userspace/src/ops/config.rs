@@ -357,6 +357,8 @@ pub enum SinkKind {
     Nats,
     /// A PostgreSQL table (`sinks.postgres`); the DLQ stays a file log in `sinks.dlq_dir`.
     Postgres,
+    /// A Kafka topic (`sinks.kafka`); the DLQ stays a file log in `sinks.dlq_dir`.
+    Kafka,
 }
 
 /// `sinks:`
@@ -385,6 +387,8 @@ pub struct SinksConfig {
     pub nats: crate::sink::nats::NatsConfig,
     /// `sinks.postgres`
     pub postgres: crate::sink::postgres::PostgresConfig,
+    /// `sinks.kafka`
+    pub kafka: crate::sink::kafka::KafkaConfig,
 }
 
 impl Default for SinksConfig {
@@ -400,6 +404,7 @@ impl Default for SinksConfig {
             max_buffered_bytes: 64 << 20,
             nats: crate::sink::nats::NatsConfig::default(),
             postgres: crate::sink::postgres::PostgresConfig::default(),
+            kafka: crate::sink::kafka::KafkaConfig::default(),
         }
     }
 }

@@ -13,6 +13,7 @@
 //! DLQ or counts it as failed, so no event is lost without a counter.
 
 pub mod file;
+pub mod kafka;
 pub mod nats;
 pub mod postgres;
 pub mod remote;
