@@ -760,3 +760,45 @@ fn a_blaster_that_outruns_the_socket_is_reconciled_with_counted_kernel_drops() {
     );
     let _ = std::fs::remove_dir_all(dir);
 }
+
+#[test]
+fn each_worker_class_may_name_its_own_sink() {
+    let root = std::env::temp_dir().join(format!("es-perclass-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&root);
+    let config = format!(
+        "ingest:\n  udp:\n    bind: \"127.0.0.1:0\"\n  tcp:\n    bind: null\nadmin:\n  bind: null\nroutes:\n  - {{ topic: \"bulk.>\", class: batch }}\nsinks:\n  kind: memory\n  batch: file\n  dir: \"{}\"\n  dlq_dir: \"{}\"\n",
+        root.join("log").display(),
+        root.join("dlq").display()
+    );
+    let (child, out, addr, dir) = start(&config, "perclass");
+    let sock = UdpSocket::bind("127.0.0.1:0").unwrap();
+    for i in 0..50u32 {
+        let mut d = Vec::new();
+        encode(3, "bulk.items", format!("b-{i}").as_bytes(), &mut d).unwrap();
+        encode(3, "live.ticks", format!("r-{i}").as_bytes(), &mut d).unwrap();
+        sock.send_to(&d, &addr).unwrap();
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    let r = stop(child, out);
+    assert_eq!(r["delivered"]["batch"], 50, "{r}");
+    assert_eq!(r["delivered"]["realtime"], 50, "{r}");
+    let o = Command::new(env!("CARGO_BIN_EXE_eventstream"))
+        .args(["log", "cat"])
+        .arg(root.join("log").join("batch-0"))
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{o:?}");
+    let lines = String::from_utf8(o.stdout).unwrap();
+    assert_eq!(
+        lines.lines().count(),
+        50,
+        "the batch class wrote to its file log"
+    );
+    assert!(lines.lines().all(|l| l.contains("bulk.items")));
+    assert!(
+        !root.join("log").join("realtime-0").exists(),
+        "the realtime class stayed in memory"
+    );
+    let _ = std::fs::remove_dir_all(&root);
+    let _ = std::fs::remove_dir_all(dir);
+}

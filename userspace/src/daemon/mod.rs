@@ -187,13 +187,14 @@ fn node_id(cfg: &Config) -> String {
     }
 }
 
-/// A worker's or the DLQ's sink, per `sinks.kind` (the DLQ is a file log with `nats`).
-fn open_sink(cfg: &Config, dir: &std::path::Path, dlq: bool, run: u64) -> Result<Box<dyn Sink>> {
+/// A worker's sink of `kind`, or the DLQ's, named after `dir`'s last part.
+fn open_sink(
+    cfg: &Config,
+    dir: &std::path::Path,
+    kind: SinkKind,
+    run: u64,
+) -> Result<Box<dyn Sink>> {
     let s = &cfg.sinks;
-    let kind = match s.kind {
-        SinkKind::Nats | SinkKind::Postgres | SinkKind::Kafka if dlq => SinkKind::File,
-        k => k,
-    };
     let name = dir
         .file_name()
         .map_or_else(|| "sink".into(), |n| n.to_string_lossy().into_owned());
@@ -576,8 +577,8 @@ pub fn run(cfg: &Config, no_xdp: bool, duration: u64, probe: Option<Probe>) -> R
     let run_id = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64);
-    let mut open_sink = |dir: &std::path::Path, dlq: bool| -> Result<Box<dyn Sink>> {
-        let sink = open_sink(cfg, dir, dlq, run_id)?;
+    let mut open_sink = |dir: &std::path::Path, kind: SinkKind| -> Result<Box<dyn Sink>> {
+        let sink = open_sink(cfg, dir, kind, run_id)?;
         healths.extend(sink.health().cloned());
         Ok(sink)
     };
@@ -594,7 +595,7 @@ pub fn run(cfg: &Config, no_xdp: bool, duration: u64, probe: Option<Probe>) -> R
                 let dir = cfg.sinks.dir.join(format!("{}-{q}", class.as_str()));
                 steps.push(ClassStep::new(
                     kind_of(class, true),
-                    open_sink(&dir, false)?,
+                    open_sink(&dir, cfg.sinks.kind_for(class))?,
                 ));
             }
             let dlq_dir = if q == 0 {
@@ -606,7 +607,7 @@ pub fn run(cfg: &Config, no_xdp: bool, duration: u64, probe: Option<Probe>) -> R
                 router.clone(),
                 cfg.control,
                 steps.try_into().expect("one step per class"),
-                DlqStep::new(open_sink(&dlq_dir, true)?),
+                DlqStep::new(open_sink(&dlq_dir, cfg.sinks.dlq_kind())?),
                 &engine_counters,
                 depth,
             ));
@@ -634,12 +635,15 @@ pub fn run(cfg: &Config, no_xdp: bool, duration: u64, probe: Option<Probe>) -> R
             let dir = cfg.sinks.dir.join(format!("{}-{n}", class.as_str()));
             worker_steps.push(ClassStep::new(
                 kind_of(*class, false),
-                open_sink(&dir, false)?,
+                open_sink(&dir, cfg.sinks.kind_for(*class))?,
             ));
             *n += 1;
         }
         dlq_ring = Some(spsc::channel::<DlqEntry<'_, '_>>(e.ring_capacity));
-        dlq_step = Some(DlqStep::new(open_sink(&cfg.sinks.dlq_dir, true)?));
+        dlq_step = Some(DlqStep::new(open_sink(
+            &cfg.sinks.dlq_dir,
+            cfg.sinks.dlq_kind(),
+        )?));
     }
     let healths = healths;
     let admin_stop = AtomicBool::new(false);
@@ -922,13 +926,7 @@ pub fn run(cfg: &Config, no_xdp: bool, duration: u64, probe: Option<Probe>) -> R
                     let tx = tx.clone();
                     move || (tx.len(), tx.capacity())
                 }),
-                sink: match cfg.sinks.kind {
-                    SinkKind::Memory => "memory",
-                    SinkKind::File => "file",
-                    SinkKind::Nats => "nats",
-                    SinkKind::Postgres => "postgres",
-                    SinkKind::Kafka => "kafka",
-                },
+                sink: WorkerClass::ALL.map(|c| cfg.sinks.label(c)),
                 sinks: healths.clone(),
                 admin: &admin_counters,
                 xdp_verdicts: Box::new(verdicts),

@@ -32,8 +32,8 @@ pub struct MetricsView<'s> {
     pub engine: &'s EngineCounters,
     /// Ingest → dispatcher queue depth and capacity.
     pub queue: Box<dyn Fn() -> (usize, usize) + Send + Sync + 's>,
-    /// The workers' sink kind, for the `sink` label (`memory` or `file`).
-    pub sink: &'static str,
+    /// Each worker class's sink kind, for the `sink` label (`memory`, `file`, `nats`, ...).
+    pub sink: [&'static str; 3],
     /// The health of every sink with I/O that can fail (workers' and DLQ's).
     pub sinks: Vec<std::sync::Arc<SinkHealth>>,
     /// The admin server's own counters.
@@ -148,7 +148,7 @@ pub fn render(v: &MetricsView<'_>) -> String {
         let _ = writeln!(
             out,
             "eventstream_delivered_events_total{{sink=\"{}\",worker=\"{}\"}} {}",
-            v.sink,
+            v.sink[c as usize],
             c.as_str(),
             ld(&v.engine.delivered[c as usize])
         );

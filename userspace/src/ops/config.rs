@@ -365,8 +365,14 @@ pub enum SinkKind {
 #[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
 #[serde(default, deny_unknown_fields)]
 pub struct SinksConfig {
-    /// `sinks.kind`
+    /// `sinks.kind`: where every worker class writes, unless its own key below says otherwise.
     pub kind: SinkKind,
+    /// `sinks.realtime`: the realtime class's sink, if not `sinks.kind`.
+    pub realtime: Option<SinkKind>,
+    /// `sinks.transactional`: the transactional class's sink, if not `sinks.kind`.
+    pub transactional: Option<SinkKind>,
+    /// `sinks.batch`: the batch class's sink, if not `sinks.kind`.
+    pub batch: Option<SinkKind>,
     /// `sinks.dir`: one log per worker below it (`<dir>/<class>-<n>`).
     pub dir: std::path::PathBuf,
     /// `sinks.dlq_dir`
@@ -391,10 +397,57 @@ pub struct SinksConfig {
     pub kafka: crate::sink::kafka::KafkaConfig,
 }
 
+impl SinksConfig {
+    /// The sink `class` writes to.
+    pub fn kind_for(&self, class: crate::engine::WorkerClass) -> SinkKind {
+        use crate::engine::WorkerClass;
+        match class {
+            WorkerClass::Realtime => self.realtime,
+            WorkerClass::Transactional => self.transactional,
+            WorkerClass::Batch => self.batch,
+        }
+        .unwrap_or(self.kind)
+    }
+
+    /// The DLQ's sink: in memory when every class is, else a file log in `dlq_dir` (turned
+    /// away events stay on the box, whatever the workers write to).
+    pub fn dlq_kind(&self) -> SinkKind {
+        let all_memory = crate::engine::WorkerClass::ALL
+            .iter()
+            .all(|c| self.kind_for(*c) == SinkKind::Memory);
+        if all_memory {
+            SinkKind::Memory
+        } else {
+            SinkKind::File
+        }
+    }
+
+    /// Whether any class writes to `kind`.
+    pub fn uses(&self, kind: SinkKind) -> bool {
+        crate::engine::WorkerClass::ALL
+            .iter()
+            .any(|c| self.kind_for(*c) == kind)
+    }
+
+    /// The `sink` label of `class`'s delivered events.
+    pub fn label(&self, class: crate::engine::WorkerClass) -> &'static str {
+        match self.kind_for(class) {
+            SinkKind::Memory => "memory",
+            SinkKind::File => "file",
+            SinkKind::Nats => "nats",
+            SinkKind::Postgres => "postgres",
+            SinkKind::Kafka => "kafka",
+        }
+    }
+}
+
 impl Default for SinksConfig {
     fn default() -> Self {
         Self {
             kind: SinkKind::Memory,
+            realtime: None,
+            transactional: None,
+            batch: None,
             dir: "data/log".into(),
             dlq_dir: "data/dlq".into(),
             segment_bytes: 64 << 20,
@@ -608,7 +661,7 @@ impl Config {
             16 << 20,
             "64..=16777216",
         )?;
-        if self.sinks.kind == SinkKind::Nats {
+        if self.sinks.uses(SinkKind::Nats) {
             let n = &self.sinks.nats;
             check("sinks.nats.replicas", n.replicas, 1, 5, "1..=5")?;
             check(
@@ -639,7 +692,7 @@ impl Config {
                 }
             }
         }
-        if self.sinks.kind == SinkKind::Postgres {
+        if self.sinks.uses(SinkKind::Postgres) {
             let p = &self.sinks.postgres;
             check(
                 "sinks.postgres.max_in_flight",
