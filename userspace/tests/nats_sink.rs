@@ -195,6 +195,12 @@ fn killing_the_stream_leader_mid_blast_loses_nothing_and_duplicates_nothing() {
     );
     let failed: u64 = r["failed"].as_object().unwrap().values().map(n).sum();
     assert_eq!(failed, 0, "{r}");
+    let rt0 = &r["sinks"][0];
+    assert!(
+        n(&rt0["sent_events"]) >= total && n(&rt0["sent_bytes"]) > 0,
+        "{rt0}"
+    );
+    assert!(rt0["ack_latency_p99_le_us"].as_u64().is_some(), "{rt0}");
     let live: Vec<String> = urls.clone();
     let end = Instant::now() + Duration::from_secs(20);
     let stored = loop {

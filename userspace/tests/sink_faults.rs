@@ -119,6 +119,14 @@ fn a_full_disk_is_retried_counted_reported_and_recovered() {
         "received = delivered + in flight + failed while failing: {m}"
     );
     assert!(m.contains("reason=\"no_space\"} "), "{m}");
+    for family in [
+        "eventstream_sink_sent_events_total{",
+        "eventstream_sink_sent_bytes_total{",
+        "eventstream_sink_ack_latency_seconds_count{",
+        "eventstream_sink_retries_total{",
+    ] {
+        assert!(m.contains(family), "{family} in /metrics: {m}");
+    }
     assert!(
         m.lines()
             .any(|l| l.starts_with("eventstream_sink_up{") && l.ends_with(" 0")),

@@ -229,6 +229,61 @@ pub fn render(v: &MetricsView<'_>) -> String {
     }
     family(
         &mut out,
+        "eventstream_sink_sent_events_total",
+        "counter",
+        "Events handed to a sink's I/O (written or published, before acknowledgement).",
+    );
+    for h in &v.sinks {
+        let _ = writeln!(
+            out,
+            "eventstream_sink_sent_events_total{{sink=\"{}\"}} {}",
+            h.name,
+            h.sent_totals().0
+        );
+    }
+    family(
+        &mut out,
+        "eventstream_sink_sent_bytes_total",
+        "counter",
+        "Bytes handed to a sink's I/O, as encoded for it.",
+    );
+    for h in &v.sinks {
+        let _ = writeln!(
+            out,
+            "eventstream_sink_sent_bytes_total{{sink=\"{}\"}} {}",
+            h.name,
+            h.sent_totals().1
+        );
+    }
+    family(
+        &mut out,
+        "eventstream_sink_ack_latency_seconds",
+        "histogram",
+        "Hand-over to acknowledgement (durable, PublishAck, COMMIT, delivery report), per event.",
+    );
+    for h in &v.sinks {
+        let (buckets, count, sum_ns) = h.ack_histogram();
+        let mut cum = 0;
+        for (le, n) in crate::sink::ACK_BUCKETS_US.iter().zip(buckets) {
+            cum += n;
+            let _ = writeln!(
+                out,
+                "eventstream_sink_ack_latency_seconds_bucket{{sink=\"{}\",le=\"{}\"}} {cum}",
+                h.name,
+                *le as f64 / 1e6
+            );
+        }
+        let _ = writeln!(
+            out,
+            "eventstream_sink_ack_latency_seconds_bucket{{sink=\"{}\",le=\"+Inf\"}} {count}\neventstream_sink_ack_latency_seconds_sum{{sink=\"{}\"}} {}\neventstream_sink_ack_latency_seconds_count{{sink=\"{}\"}} {count}",
+            h.name,
+            h.name,
+            sum_ns as f64 / 1e9,
+            h.name
+        );
+    }
+    family(
+        &mut out,
         "eventstream_sink_errors_total",
         "counter",
         "Failed sink writes and syncs, by sink and reason.",

@@ -267,6 +267,8 @@ struct Chunk {
     roll_to: Option<u64>,
     /// After writing: sync everything now, whatever the policy (shutdown, `sync`).
     sync: bool,
+    /// When it was handed over (for the ack latency).
+    handed_at: Option<Instant>,
 }
 
 /// What the appender and the writer share.
@@ -474,6 +476,7 @@ fn writer(
                 health.retried();
             }
             count += chunk.records;
+            health.sent(chunk.records, chunk.bytes.len() as u64);
             let mut ok = true;
             if chunk.sync || fsync == Fsync::Always {
                 let r = (|| {
@@ -493,11 +496,19 @@ fn writer(
             if ok {
                 health.recovered();
             }
+            // Durable now, except with `interval` (its syncer resolves later; not measured).
+            if ok
+                && (chunk.sync || fsync != Fsync::Interval)
+                && let Some(t) = chunk.handed_at.take()
+            {
+                health.acked_after(t.elapsed(), chunk.records);
+            }
             written.store(count, Ordering::Release);
             chunk.bytes.clear();
             chunk.records = 0;
             chunk.roll_to = None;
             chunk.sync = false;
+            chunk.handed_at = None;
             // Cannot fail: at most BUFFERS chunks exist, and the ring back holds them all.
             let _ = back.push(chunk);
         }
@@ -690,6 +701,7 @@ impl SegmentLog {
     fn send(&mut self, next: Chunk, sync: bool) {
         let mut full = core::mem::replace(&mut self.batch, next);
         full.sync = sync;
+        full.handed_at = Some(Instant::now());
         self.handed += full.records;
         // Cannot fail: a free buffer came back, so the ring to the writer has a slot for it.
         let pushed = self.to_writer.push(full).is_ok();

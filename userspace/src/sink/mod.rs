@@ -120,8 +120,25 @@ pub struct SinkHealth {
     errors: [AtomicU64; 4],
     retries: AtomicU64,
     in_flight: AtomicU64,
+    sent_events: AtomicU64,
+    sent_bytes: AtomicU64,
+    /// Hand-over to acknowledgement, per event: counts per bucket of [`ACK_BUCKETS_US`].
+    ack_buckets: [AtomicU64; ACK_BUCKETS_US.len()],
+    ack_count: AtomicU64,
+    ack_sum_ns: AtomicU64,
     last_error: Mutex<String>,
 }
+
+/// Upper bounds of the ack latency histogram's buckets, µs (2^i for i in 4..=24, 16 µs..16.8 s).
+pub const ACK_BUCKETS_US: [u64; 21] = {
+    let mut b = [0u64; 21];
+    let mut i = 0;
+    while i < 21 {
+        b[i] = 1 << (i + 4);
+        i += 1;
+    }
+    b
+};
 
 impl SinkHealth {
     /// A healthy sink called `name`.
@@ -132,6 +149,11 @@ impl SinkHealth {
             errors: Default::default(),
             retries: AtomicU64::new(0),
             in_flight: AtomicU64::new(0),
+            sent_events: AtomicU64::new(0),
+            sent_bytes: AtomicU64::new(0),
+            ack_buckets: Default::default(),
+            ack_count: AtomicU64::new(0),
+            ack_sum_ns: AtomicU64::new(0),
             last_error: Mutex::new(String::new()),
         }
     }
@@ -190,6 +212,57 @@ impl SinkHealth {
     /// Publishes the events in flight (once per batch, by the thread that owns the sink).
     pub fn set_in_flight(&self, n: u64) {
         self.in_flight.store(n, Ordering::Relaxed);
+    }
+
+    /// Records `events` (`bytes` in all) sent to the sink's I/O (once per buffer).
+    pub fn sent(&self, events: u64, bytes: u64) {
+        self.sent_events.fetch_add(events, Ordering::Relaxed);
+        self.sent_bytes.fetch_add(bytes, Ordering::Relaxed);
+    }
+
+    /// Events and bytes sent so far.
+    pub fn sent_totals(&self) -> (u64, u64) {
+        (
+            self.sent_events.load(Ordering::Relaxed),
+            self.sent_bytes.load(Ordering::Relaxed),
+        )
+    }
+
+    /// Records that `events` were acknowledged `latency` after they were handed over (once
+    /// per buffer: its events share the figure).
+    pub fn acked_after(&self, latency: std::time::Duration, events: u64) {
+        let us = latency.as_micros() as u64;
+        if let Some(i) = ACK_BUCKETS_US.iter().position(|&b| us <= b) {
+            self.ack_buckets[i].fetch_add(events, Ordering::Relaxed);
+        }
+        self.ack_count.fetch_add(events, Ordering::Relaxed);
+        self.ack_sum_ns
+            .fetch_add(latency.as_nanos() as u64 * events, Ordering::Relaxed);
+    }
+
+    /// The bucket bound (µs) under which a `q` share of acknowledged events fell, if any were.
+    pub fn ack_quantile_us(&self, q: f64) -> Option<u64> {
+        let (buckets, count, _) = self.ack_histogram();
+        let want = (count as f64 * q).ceil() as u64;
+        let mut cum = 0;
+        for (le, n) in ACK_BUCKETS_US.iter().zip(buckets) {
+            cum += n;
+            if count > 0 && cum >= want {
+                return Some(*le);
+            }
+        }
+        None
+    }
+
+    /// The ack latency histogram: per-bucket counts (not cumulative), count, sum in ns.
+    pub fn ack_histogram(&self) -> ([u64; ACK_BUCKETS_US.len()], u64, u64) {
+        (
+            self.ack_buckets
+                .each_ref()
+                .map(|b| b.load(Ordering::Relaxed)),
+            self.ack_count.load(Ordering::Relaxed),
+            self.ack_sum_ns.load(Ordering::Relaxed),
+        )
     }
 }
 

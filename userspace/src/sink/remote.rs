@@ -39,6 +39,8 @@ pub const BACKOFF: (Duration, Duration) = (Duration::from_millis(10), Duration::
 pub struct Chunk {
     bytes: Vec<u8>,
     records: u64,
+    /// When it was handed over (for the ack latency).
+    handed_at: Option<Instant>,
 }
 
 /// One record of a [`Chunk`].
@@ -201,7 +203,11 @@ fn io_thread<B: Backend>(
                 tokio::time::sleep(Duration::from_micros(500)).await;
                 continue;
             };
+            shared.health.sent(chunk.records, chunk.bytes.len() as u64);
             backend.deliver(&chunk, &shared, &ids).await;
+            if let Some(t) = chunk.handed_at.take() {
+                shared.health.acked_after(t.elapsed(), chunk.records);
+            }
             chunk.bytes.clear();
             chunk.records = 0;
             // Cannot fail: at most BUFFERS chunks exist, and the ring back holds them all.
@@ -236,6 +242,7 @@ impl RemoteSink {
             let _ = spare.push(Chunk {
                 bytes: Vec::with_capacity(BATCH_BYTES + 64 * 1024),
                 records: 0,
+                handed_at: None,
             });
         }
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
@@ -257,6 +264,7 @@ impl RemoteSink {
             batch: Chunk {
                 bytes: Vec::with_capacity(BATCH_BYTES + 64 * 1024),
                 records: 0,
+                handed_at: None,
             },
             to_io,
             from_io,
@@ -294,7 +302,8 @@ impl RemoteSink {
             }
             crate::engine::idle::backoff(&mut spins);
         };
-        let full = core::mem::replace(&mut self.batch, next);
+        let mut full = core::mem::replace(&mut self.batch, next);
+        full.handed_at = Some(Instant::now());
         self.handed += full.records;
         // Cannot fail: a free buffer came back, so the ring to the I/O thread has a slot.
         let pushed = self.to_io.push(full).is_ok();
