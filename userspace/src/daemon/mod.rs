@@ -325,6 +325,13 @@ pub enum Probe {
 /// Setup failures (a socket that cannot be bound, a sink directory that cannot be opened, the
 /// XDP program refused where it was required), and an ingest or sink failure during the run.
 pub fn run(cfg: &Config, no_xdp: bool, duration: u64, probe: Option<Probe>) -> Result<()> {
+    // First: a stop asked for during setup (which may wait on a broker) is not a kill; the run
+    // then ends as soon as it starts, with its report.
+    let stop = Arc::new(AtomicBool::new(false));
+    for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
+        signal_hook::flag::register(sig, Arc::clone(&stop))
+            .context("installing signal handlers")?;
+    }
     let x = &cfg.xdp;
     // Decide the ingest path, and say why in one line when it is kernel UDP.
     let want_xdp = if no_xdp {
@@ -648,11 +655,6 @@ pub fn run(cfg: &Config, no_xdp: bool, duration: u64, probe: Option<Probe>) -> R
     let healths = healths;
     let admin_stop = AtomicBool::new(false);
 
-    let stop = Arc::new(AtomicBool::new(false));
-    for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
-        signal_hook::flag::register(sig, Arc::clone(&stop))
-            .context("installing signal handlers")?;
-    }
     // Ingest threads that feed others (TCP connections, the beside-XDP socket, pipelined
     // receive threads) stop first; data-plane threads (inline) stop after them, having served
     // what those queued.
