@@ -802,3 +802,43 @@ fn each_worker_class_may_name_its_own_sink() {
     let _ = std::fs::remove_dir_all(&root);
     let _ = std::fs::remove_dir_all(dir);
 }
+
+#[test]
+fn tcp_accept_out_of_descriptors_is_counted_and_retried_not_the_end() {
+    if Command::new("prlimit").arg("--version").output().is_err() {
+        return common::skip("prlimit (util-linux) is not installed");
+    }
+    let config = "ingest:\n  udp:\n    bind: \"127.0.0.1:0\"\n  tcp:\n    bind: \"127.0.0.1:0\"\nadmin:\n  bind: null\n";
+    let (child, mut out, _udp, dir) = start(config, "emfile");
+    let tcp = read_until(&mut out, "listening tcp ");
+    read_until(&mut out, "ready");
+    let pid = child.id().to_string();
+    // No descriptor to spare (a limit below every one open): the next accept fails with
+    // EMFILE. The soft limit only: raising it back needs no privilege.
+    assert!(
+        Command::new("prlimit")
+            .args(["--pid", &pid, "--nofile=3:"])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let mut first = std::net::TcpStream::connect(&tcp).unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(
+        Command::new("prlimit")
+            .args(["--pid", &pid, "--nofile=1024:"])
+            .status()
+            .unwrap()
+            .success()
+    );
+    // The connection waiting in the backlog is taken once descriptors are back.
+    let mut d = Vec::new();
+    encode(1, "fd.t", b"after", &mut d).unwrap();
+    std::io::Write::write_all(&mut first, &d).unwrap();
+    drop(first);
+    std::thread::sleep(Duration::from_millis(1500));
+    let r = stop(child, out);
+    assert!(r["tcp_accept_errors"].as_u64().unwrap() > 0, "{r}");
+    assert_eq!(r["received_events"]["tcp"], 1, "accept resumed: {r}");
+    let _ = std::fs::remove_dir_all(dir);
+}

@@ -453,7 +453,8 @@ pub fn run(cfg: &Config, no_xdp: bool, duration: u64, probe: Option<Probe>) -> R
             counters: &tcp_counters[i],
         })
         .collect();
-    let (tcp_refused, tcp_live) = (AtomicU64::new(0), AtomicU64::new(0));
+    let (tcp_refused, tcp_live, tcp_accept_errors) =
+        (AtomicU64::new(0), AtomicU64::new(0), AtomicU64::new(0));
 
     // Producers: one per AF_XDP queue, then the kernel UDP socket (alone, or beside AF_XDP).
     let xsk_queues = xsk
@@ -693,6 +694,7 @@ pub fn run(cfg: &Config, no_xdp: bool, duration: u64, probe: Option<Probe>) -> R
         stop: &ingest_stop,
         refused: &tcp_refused,
         live: &tcp_live,
+        accept_errors: &tcp_accept_errors,
     };
     // One total over every ingest thread's counters: the per-second log and the exit report.
     let sum = |f: fn(&IngestCounters) -> &AtomicU64| {
@@ -1072,6 +1074,7 @@ pub fn run(cfg: &Config, no_xdp: bool, duration: u64, probe: Option<Probe>) -> R
         },
         "udp_sockets": counters[xsk_queues..].iter().map(|c| c.events.load(Ordering::Relaxed)).collect::<Vec<_>>(),
         "tcp_refused_connections": tcp_refused.load(Ordering::Relaxed),
+        "tcp_accept_errors": tcp_accept_errors.load(Ordering::Relaxed),
         "kernel_drops": sum(|c| &c.kernel_drops),
         "receive_errors": sum(|c| &c.receive_errors),
         "latency": {

@@ -55,6 +55,8 @@ pub struct TcpIngest<'s> {
     pub refused: &'s AtomicU64,
     /// Connections open now.
     pub live: &'s AtomicU64,
+    /// Accept calls that failed (`EMFILE`, `ENFILE`, `ECONNABORTED`, `ENOBUFS`...), retried.
+    pub accept_errors: &'s AtomicU64,
 }
 
 /// The next free receive frame, waiting for one to come back if all are in flight.
@@ -76,8 +78,12 @@ impl TcpIngest<'_> {
     /// Accepts on `listener` until `stop`, serving each connection on a scoped thread with a
     /// free slot; returns when every connection has closed.
     ///
+    /// Accept errors never end it: out of descriptors or memory, or a connection aborted
+    /// before it was taken, each is counted, logged once per burst, and retried after a
+    /// backoff (up to 1 s).
+    ///
     /// # Errors
-    /// An accept error other than "try again".
+    /// When the listener cannot be made non-blocking.
     pub fn run<'scope, 'a: 'scope, 'p: 'scope>(
         &'scope self,
         scope: &'scope std::thread::Scope<'scope, '_>,
@@ -92,9 +98,13 @@ impl TcpIngest<'_> {
             let _ = free_tx.push(i);
         }
         let live = self.live;
+        let mut backoff = Duration::from_millis(10);
         while !self.stop.load(Ordering::Relaxed) {
             let (stream, peer) = match listener.accept() {
-                Ok(c) => c,
+                Ok(c) => {
+                    backoff = Duration::from_millis(10);
+                    c
+                }
                 Err(e)
                     if e.kind() == io::ErrorKind::WouldBlock
                         || e.kind() == io::ErrorKind::Interrupted =>
@@ -102,11 +112,21 @@ impl TcpIngest<'_> {
                     std::thread::sleep(Duration::from_millis(10));
                     continue;
                 }
-                Err(e) => return Err(e),
+                Err(e) => {
+                    let n = self.accept_errors.fetch_add(1, Ordering::Relaxed) + 1;
+                    if n.is_power_of_two() {
+                        warn!(reason = %e, errors = n, "TCP accept failed; retrying");
+                    }
+                    std::thread::sleep(backoff);
+                    backoff = (backoff * 2).min(Duration::from_secs(1));
+                    continue;
+                }
             };
             let Some(i) = free_rx.pop() else {
-                self.refused.fetch_add(1, Ordering::Relaxed);
-                warn!(%peer, "TCP connection refused: every connection slot is in use");
+                let n = self.refused.fetch_add(1, Ordering::Relaxed) + 1;
+                if n.is_power_of_two() {
+                    warn!(%peer, refused = n, "TCP connection refused: every connection slot is in use");
+                }
                 drop(stream);
                 continue;
             };
