@@ -123,25 +123,53 @@ fn print_logs(dir: &std::path::Path) -> Result<()> {
     subs.sort();
     dirs.extend(subs);
     let mut n = 0u64;
+    let mut damage = Vec::new();
     for d in dirs {
-        for s in eventstream::sink::file::read_log(&d)
-            .with_context(|| format!("reading log {}", d.display()))?
-        {
-            n += 1;
-            println!(
-                "{}",
-                json!({
-                    "log": d.file_name().and_then(|f| f.to_str()).unwrap_or(""),
-                    "id": s.id, "seq": s.record.seq, "source": s.source.map(|x| x.as_str()),
-                    "priority": s.record.priority, "topic": s.record.topic,
-                    "payload": String::from_utf8_lossy(&s.record.payload),
-                    "payload_len": s.record.payload.len(),
-                    "reason": s.record.reason, "ingest_ns": s.ingest_ns,
-                })
-            );
-        }
+        let log = d
+            .file_name()
+            .and_then(|f| f.to_str())
+            .unwrap_or("")
+            .to_owned();
+        // One segment in memory at a time; every good record is printed as it is read.
+        damage.extend(
+            eventstream::sink::file::scan_log(&d, |s| {
+                n += 1;
+                println!(
+                    "{}",
+                    json!({
+                        "log": log,
+                        "id": s.id, "seq": s.record.seq, "source": s.source.map(|x| x.as_str()),
+                        "priority": s.record.priority, "topic": s.record.topic,
+                        "payload": String::from_utf8_lossy(&s.record.payload),
+                        "payload_len": s.record.payload.len(),
+                        "reason": s.record.reason, "ingest_ns": s.ingest_ns,
+                    })
+                );
+            })
+            .with_context(|| format!("reading log {}", d.display()))?,
+        );
     }
     eprintln!("{n} records");
+    if !damage.is_empty() {
+        for d in &damage {
+            eprintln!(
+                "damaged: {} at byte {}: {} bytes skipped ({}{})",
+                d.segment.display(),
+                d.offset,
+                d.bytes,
+                d.reason,
+                if d.at_end {
+                    ", to the end of the segment"
+                } else {
+                    ""
+                }
+            );
+        }
+        return Err(anyhow::anyhow!(
+            "{} damaged stretch(es) in the log; every good record was printed",
+            damage.len()
+        ));
+    }
     Ok(())
 }
 

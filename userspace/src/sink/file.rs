@@ -16,7 +16,8 @@
 //! receive path), `never` (the OS decides).
 
 use std::fs::{self, File, OpenOptions};
-use std::io::{self, Read, Seek, SeekFrom, Write};
+use std::io::{self, Seek, SeekFrom, Write};
+use std::os::unix::fs::{DirBuilderExt as _, OpenOptionsExt as _};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -52,8 +53,37 @@ pub struct Recovery {
     pub records: u64,
     /// Bytes cut from the tail of the last segment (0 for a clean log).
     pub truncated_bytes: u64,
+    /// Damaged bytes skipped in the middle of segments (the records around them kept).
+    pub damaged_bytes: u64,
     /// Id the next record gets.
     pub next_id: u64,
+}
+
+/// Takes the log directory's lock (`.lock`, `flock`): two daemons never share a log.
+fn lock_dir(dir: &Path) -> io::Result<File> {
+    use std::os::fd::AsRawFd as _;
+    let f = OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .mode(0o640)
+        .open(dir.join(".lock"))?;
+    // SAFETY: flock takes an open fd and flags; no memory is passed.
+    if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        let e = io::Error::last_os_error();
+        return Err(if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
+            io::Error::new(
+                io::ErrorKind::WouldBlock,
+                format!(
+                    "{} is in use by another process (its .lock is held)",
+                    dir.display()
+                ),
+            )
+        } else {
+            e
+        });
+    }
+    Ok(f)
 }
 
 /// A record as stored.
@@ -92,46 +122,11 @@ fn segments(dir: &Path) -> io::Result<Vec<(u64, PathBuf)>> {
     Ok(v)
 }
 
-/// Reads one record at the reader's position: `Ok(None)` at a clean end, `Err` for a torn or
-/// corrupt record (with what was wrong).
-fn read_record(r: &mut impl Read, buf: &mut Vec<u8>) -> io::Result<Option<(u64, usize)>> {
-    let mut h = [0u8; HEADER];
-    let mut got = 0;
-    while got < HEADER {
-        match r.read(&mut h[got..])? {
-            0 if got == 0 => return Ok(None),
-            0 => {
-                return Err(io::Error::new(
-                    io::ErrorKind::UnexpectedEof,
-                    "torn record header",
-                ));
-            }
-            n => got += n,
-        }
-    }
-    let len = u32::from_le_bytes(h[0..4].try_into().expect("4 bytes"));
-    let crc = u32::from_le_bytes(h[4..8].try_into().expect("4 bytes"));
-    let id = u64::from_le_bytes(h[8..16].try_into().expect("8 bytes"));
-    if len > MAX_BODY {
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidData,
-            format!("record length {len} out of range"),
-        ));
-    }
-    buf.resize(len as usize, 0);
-    r.read_exact(buf)
-        .map_err(|_| io::Error::new(io::ErrorKind::UnexpectedEof, "torn record body"))?;
-    let want = crc32c::crc32c_append(crc32c::crc32c(&h[8..16]), buf);
-    if want != crc {
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidData,
-            format!("CRC mismatch in record {id}"),
-        ));
-    }
-    Ok(Some((id, HEADER + len as usize)))
-}
-
-fn decode(id: u64, b: &[u8]) -> io::Result<Stored> {
+/// Decodes a record body (what [`scan_segment`] hands over) into a [`Stored`].
+///
+/// # Errors
+/// `InvalidData` for a body that does not hold the fields it must.
+pub fn decode(id: u64, b: &[u8]) -> io::Result<Stored> {
     let bad = || {
         io::Error::new(
             io::ErrorKind::InvalidData,
@@ -179,28 +174,146 @@ fn decode(id: u64, b: &[u8]) -> io::Result<Stored> {
     })
 }
 
-/// Reads every record of the log in `dir`, in id order, stopping at the first bad record of the
-/// last segment (recovery would truncate it) and failing on one in an earlier segment.
-///
-/// # Errors
-/// When the directory cannot be read, or a sealed segment is corrupt.
-pub fn read_log(dir: &Path) -> io::Result<Vec<Stored>> {
-    let segs = segments(dir)?;
-    let mut out = Vec::new();
-    let mut buf = Vec::new();
-    for (i, (_, path)) in segs.iter().enumerate() {
-        let mut r = io::BufReader::new(File::open(path)?);
-        loop {
-            match read_record(&mut r, &mut buf) {
-                Ok(Some((id, _))) => out.push(decode(id, &buf)?),
-                Ok(None) => break,
-                Err(e) if i + 1 == segs.len() => {
-                    tracing::warn!(segment = %path.display(), reason = %e, "stopping at a torn tail");
-                    break;
+/// A damaged stretch of a segment: bytes that hold no valid record, between good ones (or at
+/// the end).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Damage {
+    /// The segment.
+    pub segment: PathBuf,
+    /// Offset of the first bad byte.
+    pub offset: u64,
+    /// Bad bytes skipped (to the next good record, or to the end).
+    pub bytes: u64,
+    /// What the first bad record looked like.
+    pub reason: String,
+    /// Whether it runs to the end of the segment (a torn tail, on the last one).
+    pub at_end: bool,
+}
+
+/// The record at `at` of `b`, if it is whole and its CRC holds: `(id, body, length)`.
+/// `ids` bounds the ids accepted (a resync must not take random bytes for a record).
+fn record_at(
+    b: &[u8],
+    at: usize,
+    ids: core::ops::RangeInclusive<u64>,
+) -> Result<(u64, &[u8], usize), String> {
+    let h = b.get(at..at + HEADER).ok_or("torn record header")?;
+    let len = u32::from_le_bytes(h[0..4].try_into().expect("4 bytes"));
+    let crc = u32::from_le_bytes(h[4..8].try_into().expect("4 bytes"));
+    let id = u64::from_le_bytes(h[8..16].try_into().expect("8 bytes"));
+    if len > MAX_BODY {
+        return Err(format!("record length {len} out of range"));
+    }
+    if !ids.contains(&id) {
+        return Err(format!("record id {id} out of sequence"));
+    }
+    let body = b
+        .get(at + HEADER..at + HEADER + len as usize)
+        .ok_or("torn record body")?;
+    if crc32c::crc32c_append(crc32c::crc32c(&h[8..16]), body) != crc {
+        return Err(format!("CRC mismatch in record {id}"));
+    }
+    Ok((id, body, HEADER + len as usize))
+}
+
+/// How far ahead of the last good id a resync looks for the next good record.
+const RESYNC_IDS: u64 = 1 << 24;
+
+/// Scans one segment's bytes: calls `f` with each good record (id, body) in order, skips what
+/// is damaged to the next good record (found by its header, id sequence and CRC), and returns
+/// the damage. `first` is the id the segment's name promises for its first record.
+pub fn scan_segment(
+    path: &Path,
+    b: &[u8],
+    first: u64,
+    mut f: impl FnMut(u64, &[u8]),
+) -> (Vec<Damage>, Option<u64>) {
+    let (mut at, mut next, mut last) = (0usize, first, None);
+    let mut damage = Vec::new();
+    while at < b.len() {
+        match record_at(b, at, next..=next) {
+            Ok((id, body, n)) => {
+                f(id, body);
+                at += n;
+                next = id + 1;
+                last = Some(id);
+            }
+            Err(reason) => {
+                // Resync: the first offset past `at` where a whole record with a later id and
+                // a good CRC starts.
+                let ids = next..=next.saturating_add(RESYNC_IDS);
+                let found = (at + 1..b.len().saturating_sub(HEADER - 1))
+                    .find(|&o| record_at(b, o, ids.clone()).is_ok());
+                let end = found.unwrap_or(b.len());
+                damage.push(Damage {
+                    segment: path.to_owned(),
+                    offset: at as u64,
+                    bytes: (end - at) as u64,
+                    reason,
+                    at_end: found.is_none(),
+                });
+                at = end;
+                if let Some(o) = found
+                    && let Ok((id, _, _)) = record_at(b, o, ids)
+                {
+                    next = id;
                 }
-                Err(e) => return Err(io::Error::new(e.kind(), format!("{}: {e}", path.display()))),
             }
         }
+    }
+    (damage, last)
+}
+
+/// Streams every good record of the log in `dir`, in id order, one segment in memory at a
+/// time; returns the damage found (none for a clean log). A record whose CRC holds but whose
+/// body does not decode is damage too.
+///
+/// # Errors
+/// When the directory or a segment cannot be read.
+pub fn scan_log(dir: &Path, mut f: impl FnMut(Stored)) -> io::Result<Vec<Damage>> {
+    let mut all = Vec::new();
+    for (first, path) in segments(dir)? {
+        let bytes = fs::read(&path)?;
+        let mut bad_bodies = Vec::new();
+        let (damage, _) = scan_segment(&path, &bytes, first, |id, body| match decode(id, body) {
+            Ok(s) => f(s),
+            Err(e) => bad_bodies.push(Damage {
+                segment: path.clone(),
+                offset: 0,
+                bytes: body.len() as u64,
+                reason: e.to_string(),
+                at_end: false,
+            }),
+        });
+        all.extend(damage);
+        all.extend(bad_bodies);
+    }
+    Ok(all)
+}
+
+/// Reads every record of the log in `dir`, in id order, skipping a torn tail of the last
+/// segment (recovery would truncate it).
+///
+/// # Errors
+/// When the directory cannot be read, or any other damage is found.
+pub fn read_log(dir: &Path) -> io::Result<Vec<Stored>> {
+    let mut out = Vec::new();
+    let damage = scan_log(dir, |s| out.push(s))?;
+    let last = segments(dir)?.pop().map(|(_, p)| p);
+    if let Some(d) = damage
+        .iter()
+        .find(|d| !(d.at_end && Some(&d.segment) == last.as_ref()))
+    {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!(
+                "{}: {} bad bytes at {}: {}",
+                d.segment.display(),
+                d.bytes,
+                d.offset,
+                d.reason
+            ),
+        ));
     }
     Ok(out)
 }
@@ -256,6 +369,8 @@ pub struct SegmentLog {
     lost: u64,
     /// Bytes a buffer may grow to while the writer is behind.
     max_chunk: usize,
+    /// The directory's lock, held while the log is open.
+    _lock: File,
 }
 
 /// A batch of whole records on its way to the writer.
@@ -351,6 +466,7 @@ fn write_chunk(
         let next = OpenOptions::new()
             .create(true)
             .append(true)
+            .mode(0o640)
             .open(dir.join(segment_name(first)))?;
         sync_dir(dir)?;
         let old = core::mem::replace(file, next);
@@ -535,33 +651,48 @@ impl SegmentLog {
         fsync: Fsync,
         fsync_interval: Duration,
     ) -> io::Result<(Self, Recovery)> {
-        fs::create_dir_all(dir)?;
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o750)
+            .create(dir)?;
+        let lock = lock_dir(dir)?;
         let segs = segments(dir)?;
         let mut rec = Recovery::default();
+        // Every segment is checked; damage in the middle is skipped and reported (the good
+        // records after it stay), and only a torn tail of the last segment is cut.
+        for (i, (first, path)) in segs.iter().enumerate() {
+            let bytes = fs::read(path)?;
+            let mut records = 0u64;
+            let (damage, last) = scan_segment(path, &bytes, *first, |_, _| records += 1);
+            rec.records += records;
+            let is_last = i + 1 == segs.len();
+            for d in &damage {
+                if d.at_end && is_last {
+                    continue;
+                }
+                tracing::warn!(segment = %path.display(), offset = d.offset, bytes = d.bytes, reason = %d.reason, "damaged records skipped");
+                rec.damaged_bytes += d.bytes;
+            }
+            if is_last {
+                rec.next_id = last.map_or(*first, |id| id + 1);
+                if let Some(d) = damage.iter().find(|d| d.at_end) {
+                    let f = OpenOptions::new().write(true).open(path)?;
+                    f.set_len(d.offset)?;
+                    f.sync_all()?;
+                    rec.truncated_bytes = d.bytes;
+                    tracing::warn!(segment = %path.display(), bytes = d.bytes, "truncated a torn tail");
+                }
+            }
+        }
         let (path, len) = match segs.last() {
             None => (dir.join(segment_name(0)), 0),
-            Some((first, path)) => {
-                let mut f = OpenOptions::new().read(true).write(true).open(path)?;
-                let total = f.metadata()?.len();
-                let mut r = io::BufReader::new(&mut f);
-                let (mut good, mut buf, mut next) = (0u64, Vec::new(), *first);
-                while let Ok(Some((id, n))) = read_record(&mut r, &mut buf) {
-                    good += n as u64;
-                    next = id + 1;
-                    rec.records += 1;
-                }
-                drop(r);
-                if good < total {
-                    f.set_len(good)?;
-                    f.sync_all()?;
-                    rec.truncated_bytes = total - good;
-                    tracing::warn!(segment = %path.display(), bytes = total - good, "truncated a torn tail");
-                }
-                rec.next_id = next;
-                (path.clone(), good)
-            }
+            Some((_, path)) => (path.clone(), fs::metadata(path)?.len()),
         };
-        let mut f = OpenOptions::new().create(true).append(true).open(&path)?;
+        let mut f = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .mode(0o640)
+            .open(&path)?;
         f.seek(SeekFrom::End(0))?;
         sync_dir(dir)?;
         let (to_writer, from_appender) = spsc::channel::<Chunk>(BUFFERS);
@@ -603,6 +734,7 @@ impl SegmentLog {
             acked: 0,
             lost: 0,
             max_chunk: MAX_CHUNK,
+            _lock: lock,
         };
         Ok((log, rec))
     }
@@ -1066,6 +1198,7 @@ mod tests {
         assert_eq!(rec.next_id, 9);
         assert_eq!(append(&mut log, 9), 9, "the torn record's id is reused");
         log.sync().unwrap();
+        drop(log);
         assert_eq!(read_log(&d).unwrap().len(), 10);
         // Corruption inside a record is caught by the CRC.
         let mut bytes = fs::read(&seg).unwrap();
@@ -1074,6 +1207,91 @@ mod tests {
         fs::write(&seg, &bytes).unwrap();
         let (_, rec) = SegmentLog::open(&d, 1 << 20, Fsync::Always, Duration::ZERO).unwrap();
         assert_eq!(rec.records, 9, "the corrupt last record is cut");
+        let _ = fs::remove_dir_all(&d);
+    }
+
+    #[test]
+    fn a_bad_record_in_the_middle_is_skipped_and_the_good_ones_after_it_kept() {
+        let d = tmp("middle");
+        let (mut log, _) = SegmentLog::open(&d, 1 << 20, Fsync::Always, Duration::ZERO).unwrap();
+        for i in 0..20 {
+            append(&mut log, i);
+        }
+        log.sync().unwrap();
+        drop(log);
+        let (_, seg) = segments(&d).unwrap().pop().unwrap();
+        let mut bytes = fs::read(&seg).unwrap();
+        let mid = bytes.len() / 2;
+        bytes[mid] ^= 0x5a;
+        fs::write(&seg, &bytes).unwrap();
+        let mut seen = Vec::new();
+        let damage = scan_log(&d, |s| seen.push(s.id)).unwrap();
+        assert_eq!(damage.len(), 1, "{damage:?}");
+        assert!(!damage[0].at_end && damage[0].bytes > 0, "{damage:?}");
+        assert_eq!(
+            seen.len(),
+            19,
+            "one record lost, every other kept: {seen:?}"
+        );
+        assert!(read_log(&d).is_err(), "a reader names the damage");
+        let (mut log, rec) = SegmentLog::open(&d, 1 << 20, Fsync::Always, Duration::ZERO).unwrap();
+        assert_eq!(
+            (rec.records, rec.truncated_bytes, rec.next_id),
+            (19, 0, 20),
+            "{rec:?}"
+        );
+        assert!(rec.damaged_bytes > 0);
+        assert_eq!(
+            append(&mut log, 20),
+            20,
+            "appends continue after the last good id"
+        );
+        log.sync().unwrap();
+        drop(log);
+        let mut seen = Vec::new();
+        scan_log(&d, |s| seen.push(s.id)).unwrap();
+        assert_eq!(seen.len(), 20);
+        assert_eq!(*seen.last().unwrap(), 20);
+        let _ = fs::remove_dir_all(&d);
+    }
+
+    #[test]
+    fn scanning_arbitrary_bytes_never_panics_and_accounts_for_every_byte() {
+        let mut x = 0x9e37_79b9_7f4a_7c15u64;
+        for len in [0usize, 1, 15, 16, 17, 100, 4096] {
+            let b: Vec<u8> = (0..len)
+                .map(|_| {
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    x as u8
+                })
+                .collect();
+            let (damage, _) = scan_segment(Path::new("x"), &b, 0, |_, _| {});
+            let bad: u64 = damage.iter().map(|d| d.bytes).sum();
+            assert_eq!(bad, len as u64, "random bytes are all damage");
+        }
+    }
+
+    #[test]
+    fn a_log_directory_is_locked_and_its_files_are_0640() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let d = tmp("lock");
+        let (mut log, _) = SegmentLog::open(&d, 1 << 20, Fsync::Always, Duration::ZERO).unwrap();
+        append(&mut log, 0);
+        log.sync().unwrap();
+        let e = SegmentLog::open(&d, 1 << 20, Fsync::Always, Duration::ZERO).unwrap_err();
+        assert!(e.to_string().contains("in use by another process"), "{e}");
+        let (_, seg) = segments(&d).unwrap().pop().unwrap();
+        assert_eq!(
+            fs::metadata(&seg).unwrap().permissions().mode() & 0o777,
+            0o640
+        );
+        drop(log);
+        assert!(
+            SegmentLog::open(&d, 1 << 20, Fsync::Always, Duration::ZERO).is_ok(),
+            "free again"
+        );
         let _ = fs::remove_dir_all(&d);
     }
 }
