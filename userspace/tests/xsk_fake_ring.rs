@@ -187,6 +187,7 @@ fn xsk_ingest_allocates_nothing_and_refuses_bad_descriptors() {
             busy_spin: Duration::from_micros(20),
             bare: false,
             counters: &counters,
+            seq_base: 0,
             paused: &AtomicBool::new(false),
         };
         let handoff = Enqueue {

@@ -145,6 +145,7 @@ fn receiver(
                 busy_spin: Duration::from_micros(20),
                 bare: false,
                 counters: &counters,
+                seq_base: 0,
                 paused: &AtomicBool::new(false),
             };
             job.run(

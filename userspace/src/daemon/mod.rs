@@ -750,6 +750,7 @@ pub fn run(cfg: &Config, no_xdp: bool, duration: u64, probe: Option<Probe>) -> R
                     busy_spin,
                     bare: probe == Some(Probe::Bare),
                     counters,
+                    seq_base: crate::wire::event::seq_base(q as u16),
                     paused: &engine_counters.paused,
                 };
                 let mut engine = engines.next();
@@ -826,6 +827,7 @@ pub fn run(cfg: &Config, no_xdp: bool, duration: u64, probe: Option<Probe>) -> R
                             ingest_stop
                         },
                         counters,
+                        seq_base: crate::wire::event::seq_base(0x100 + k as u16),
                         idle_poll,
                         paused,
                     };

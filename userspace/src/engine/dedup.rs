@@ -37,6 +37,18 @@ pub fn key(from: KeyFrom, topic: &str, payload: &[u8]) -> u64 {
     xxh3_64_with_seed(payload, xxh3_64(topic.as_bytes()))
 }
 
+/// Sets what a routed event is known by: the dedup key for the transactional class, and for
+/// `key: payload_id` routes (any class) the sender's id, which then is the event's id in every
+/// sink (two appliances receiving the same event name it alike).
+#[inline]
+pub fn identify(ev: &mut crate::wire::event::Event<'_>, target: crate::engine::Target) {
+    let by_sender = target.key == KeyFrom::PayloadId;
+    if by_sender || target.class == crate::engine::WorkerClass::Transactional {
+        ev.key = key(target.key, ev.topic(), ev.payload());
+        ev.id_from_payload = by_sender && ev.payload().len() >= 8;
+    }
+}
+
 /// Slots probed per lookup.
 const PROBE: usize = 16;
 /// Marks a slot never used (`last_seen` is always at least 1).

@@ -8,9 +8,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use xxhash_rust::xxh3::xxh3_64;
 
-use super::{DlqReason, EngineCounters, Ev, Target, WorkerClass};
+use super::{DlqReason, EngineCounters, Ev, Target};
 use crate::engine::control::{Command, ControlPlane, PipelineState};
-use crate::engine::dedup::key;
 use crate::engine::idle::{Idle, backoff};
 use crate::engine::route::Router;
 use crate::ring::{mpsc, spsc};
@@ -109,9 +108,7 @@ impl Dispatcher<'_, '_, '_> {
                 match routed {
                     Ok(target) => {
                         let mut ev = ev;
-                        if target.class == WorkerClass::Transactional {
-                            ev.key = key(target.key, ev.topic(), ev.payload());
-                        }
+                        crate::engine::dedup::identify(&mut ev, target);
                         while let Err(back) = self.buses[target.class as usize].push(ev) {
                             ev = back;
                             backoff(&mut spins);

@@ -15,7 +15,6 @@ use std::io;
 use std::sync::atomic::{AtomicU32, Ordering};
 
 use super::control::{ControlConfig, PipelineState, Shed, admit};
-use super::dedup::key;
 use super::route::Router;
 use super::worker::{BatchClock, ClassStep, DlqStep};
 use super::{DlqReason, EngineCounters, Target};
@@ -148,9 +147,7 @@ impl<'s> Inline<'s> {
         };
         match routed {
             Ok(target) => {
-                if target.class == super::WorkerClass::Transactional {
-                    ev.key = key(target.key, ev.topic(), ev.payload());
-                }
+                super::dedup::identify(&mut ev, target);
                 self.dispatched += 1;
                 self.steps[target.class as usize].event(&ev, self.clock);
             }

@@ -206,8 +206,8 @@ pub enum WorkerKind<'s> {
 }
 
 /// Bytes before a copied event's payload in a batch group: `seq u64`, `ingest_ns u64`,
-/// `source u8`, `priority u8`, `payload_len u32`.
-const COPY_HEADER: usize = 22;
+/// `source u8`, `priority u8`, `payload_len u32`, `has_sender_id u8`, `sender_id u64`.
+const COPY_HEADER: usize = 31;
 
 /// One topic's open group: its events copied out, back to back.
 #[derive(Debug)]
@@ -264,6 +264,8 @@ impl Groups {
                     .copied()
                     .unwrap_or(Source::Udp),
                 priority: b[17],
+                sender_id: (b[22] != 0)
+                    .then(|| u64::from_le_bytes(b[23..31].try_into().expect("8 bytes"))),
                 topic: &g.topic,
                 payload: &b[COPY_HEADER..COPY_HEADER + len],
             };
@@ -329,6 +331,8 @@ impl Groups {
         g.bytes.push(ev.source as u8);
         g.bytes.push(ev.priority());
         g.bytes.extend_from_slice(&(p.len() as u32).to_le_bytes());
+        g.bytes.push(u8::from(ev.id_from_payload));
+        g.bytes.extend_from_slice(&ev.key.to_le_bytes());
         g.bytes.extend_from_slice(p);
         g.events += 1;
         if g.events >= self.max {

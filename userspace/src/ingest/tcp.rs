@@ -59,6 +59,11 @@ pub struct TcpIngest<'s> {
     pub accept_errors: &'s AtomicU64,
 }
 
+/// Ingest stream numbers of TCP connection slots start here (see
+/// [`crate::wire::event::seq_base`]): queue `q` is stream `q`, kernel UDP socket `k` is
+/// `0x100 + k`, TCP slot `i` is `0x200 + i`.
+pub const TCP_STREAMS: u16 = 0x200;
+
 /// The next free receive frame, waiting for one to come back if all are in flight.
 ///
 /// It waits through a shutdown too: a frame is only taken for bytes already decoded, and the
@@ -136,7 +141,7 @@ impl TcpIngest<'_> {
                 .name(format!("tcp-{i}"))
                 .spawn_scoped(scope, move || {
                     debug!(%peer, slot = i, "TCP connection");
-                    if let Err(e) = self.serve(stream, slot, queue) {
+                    if let Err(e) = self.serve(stream, i, slot, queue) {
                         debug!(%peer, reason = %e, "TCP connection ended with an error");
                     }
                     let _ = slot_back.push(i);
@@ -158,6 +163,7 @@ impl TcpIngest<'_> {
     fn serve<'a, 'p>(
         &self,
         mut stream: TcpStream,
+        slot_index: usize,
         slot: &Slot<'_, 'a, 'p>,
         queue: &mpsc::Producer<Pooled<'p, Event<'a>>>,
     ) -> io::Result<()> {
@@ -175,7 +181,10 @@ impl TcpIngest<'_> {
         };
         let mut decoder = StreamDecoder::new(self.limits);
         let mut tally = Tally::default();
-        let mut seq = 0u64;
+        // Each slot is one ingest stream; its connections continue its sequence (the slot's
+        // count of accepted events, all flushed when the previous connection ended).
+        let mut seq = crate::wire::event::seq_base(TCP_STREAMS + slot_index as u16)
+            + slot.counters.events.load(Ordering::Acquire);
         let mut last_data = Instant::now();
         let frame_size = slot.arena.frame_size() as usize;
         loop {

@@ -139,6 +139,8 @@ pub struct UdpIngest<'s> {
     pub stop: &'s AtomicBool,
     /// Where totals go.
     pub counters: &'s IngestCounters,
+    /// The first sequence number ([`crate::wire::event::seq_base`] of this socket's stream).
+    pub seq_base: u64,
     /// Longest wait in `recvmmsg` when nothing arrives (the socket's receive timeout): short
     /// in inline mode, where the side queue and batch windows are served between calls.
     pub idle_poll: Duration,
@@ -170,7 +172,7 @@ impl UdpIngest<'_> {
         let mut errors = 0u64;
         let mut error_backoff = Duration::from_millis(1);
         let fd = self.socket.as_raw_fd();
-        let mut seq = 0u64;
+        let mut seq = self.seq_base;
         let mut tally = Tally::default();
         let mut spins = 0;
         let mut deliver = Deliver {

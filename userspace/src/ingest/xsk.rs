@@ -41,6 +41,8 @@ pub struct XskIngest<'s> {
     pub bare: bool,
     /// Where totals go.
     pub counters: &'s IngestCounters,
+    /// The first sequence number ([`crate::wire::event::seq_base`] of this queue's stream).
+    pub seq_base: u64,
     /// While set (the pipeline is `PAUSED`), stop receiving: the kernel holds what arrives,
     /// and counts what it must drop. Checked once per batch, so a pause takes effect within
     /// one receive timeout (a batch already being received is still delivered).
@@ -73,7 +75,7 @@ impl XskIngest<'_> {
             handoff,
         };
         let mut tally = Tally::default();
-        let mut seq = 0u64;
+        let mut seq = self.seq_base;
         let mut next_stats = monotonic_ns();
         let mut empty_since: Option<u64> = None;
         while !self.stop.load(Ordering::Relaxed) {

@@ -155,7 +155,7 @@ impl Backend for Kafka {
             let mut last_error: Option<String> = None;
             for &at in &pending {
                 let (r, _) = chunk.record(at);
-                let id = format!("{ids}{}", r.id);
+                let id = r.event_id(ids);
                 let topic = kafka_topic(&self.cfg, r.topic);
                 let key = match self.cfg.key {
                     KafkaKey::Topic => r.topic,
@@ -249,7 +249,7 @@ fn settle<E>(
 }
 
 /// Connects (a metadata round trip), checks the topic, and starts a sink producing to it.
-/// Event ids are `<node_id>-<run>-<name>-<sequence>` (see [`crate::sink::remote`]).
+/// Event ids are given at receive (see [`crate::sink::remote`]).
 ///
 /// # Errors
 /// When no broker answers, the topic does not exist, or an option would break the guarantees.
@@ -264,7 +264,7 @@ pub fn open(cfg: &KafkaConfig, node_id: &str, run: u64, name: &str) -> io::Resul
             "kafka:{}:{name}",
             cfg.topic_prefix.as_deref().unwrap_or(&cfg.topic)
         ))),
-        format!("{node_id}-{run}-{name}-"),
+        format!("{node_id}-{run}-"),
         Duration::from_secs(cfg.connect_timeout_secs.max(1) + 5),
     )
 }

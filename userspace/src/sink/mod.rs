@@ -28,8 +28,11 @@ use crate::wire::event::{Event, Source};
 /// One event as a sink sees it, borrowed for the call.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct EventRef<'e> {
-    /// Ingest sequence (per receive queue).
+    /// Ingest sequence: the stream in its top 16 bits, so unique within a run
+    /// ([`crate::wire::event::seq_base`]).
     pub seq: u64,
+    /// The sender's id (`key: payload_id` routes), which then names the event everywhere.
+    pub sender_id: Option<u64>,
     /// Where it came in.
     pub source: Source,
     /// Receive time, `CLOCK_MONOTONIC` ns.
@@ -48,6 +51,7 @@ impl<'e> EventRef<'e> {
     pub fn of(ev: &'e Event<'_>) -> Self {
         Self {
             seq: ev.seq,
+            sender_id: ev.id_from_payload.then_some(ev.key),
             source: ev.source,
             ingest_ns: ev.ingest_ns,
             priority: ev.priority(),
@@ -518,6 +522,7 @@ mod tests {
     fn ev<'e>(seq: u64, topic: &'e str, payload: &'e [u8]) -> EventRef<'e> {
         EventRef {
             seq,
+            sender_id: None,
             source: Source::Udp,
             ingest_ns: 0,
             priority: (seq % 7) as u8,

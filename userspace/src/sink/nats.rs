@@ -175,7 +175,7 @@ impl Backend for Nats {
                     .map_or("?", |s| s.as_str());
                 let msg = async_nats::jetstream::message::PublishMessage::build()
                     .payload(bytes::Bytes::copy_from_slice(r.payload))
-                    .message_id(format!("{ids}{}", r.id))
+                    .message_id(r.event_id(ids))
                     .header("Es-Priority", r.priority.to_string().as_str())
                     .header("Es-Source", source)
                     .header("Es-Received-Ns", r.ingest_ns.to_string().as_str());
@@ -213,7 +213,7 @@ impl Backend for Nats {
 
 /// Connects, checks (or creates) the stream, and starts a sink publishing to it. `name`
 /// identifies this sink within the appliance (`realtime-0`); event ids are
-/// `<node_id>-<run>-<name>-<sequence>`.
+/// given at receive (see [`crate::sink::remote`]).
 ///
 /// # Errors
 /// When no server answers, the stream cannot be created, or it exists with other settings.
@@ -225,7 +225,7 @@ pub fn open(cfg: &NatsConfig, node_id: &str, run: u64, name: &str) -> io::Result
             js: None,
         },
         Arc::new(SinkHealth::new(format!("nats:{}:{name}", cfg.stream))),
-        format!("{node_id}-{run}-{name}-"),
+        format!("{node_id}-{run}-"),
         Duration::from_secs(cfg.connect_timeout_secs.max(1)),
     )
 }

@@ -126,7 +126,7 @@ impl Postgres {
         let (wall, mono) = (SystemTime::now(), monotonic_ns());
         for &at in ats {
             let (r, _) = chunk.record(at);
-            let id = format!("{ids}{}", r.id);
+            let id = r.event_id(ids);
             let source = Source::ALL
                 .get(r.source as usize)
                 .map_or("?", |s| s.as_str());
@@ -234,7 +234,7 @@ impl Backend for Postgres {
 }
 
 /// Connects, creates the table if missing, and starts a sink writing to it. Event ids are
-/// `<node_id>-<run>-<name>-<sequence>` (see [`crate::sink::remote`]).
+/// given at receive (see [`crate::sink::remote`]).
 ///
 /// # Errors
 /// When the server does not answer, or the table cannot be created.
@@ -256,7 +256,7 @@ pub fn open(cfg: &PostgresConfig, node_id: &str, run: u64, name: &str) -> io::Re
             client: None,
         },
         Arc::new(SinkHealth::new(format!("postgres:{}:{name}", cfg.table))),
-        format!("{node_id}-{run}-{name}-"),
+        format!("{node_id}-{run}-"),
         Duration::from_secs(cfg.connect_timeout_secs.max(1)),
     )
 }

@@ -9,8 +9,10 @@
 //! behind or failing, buffers queue up to a bound; past it, appends are refused (the caller
 //! counts them as failed), and the data plane never waits on the network.
 //!
-//! Event ids are `<node_id>-<run>-<sink name>-<sequence>`: `run` is the appliance's start
-//! time, so ids never repeat across runs; the sequence is the record's within its sink.
+//! Event ids are given at receive: `<node_id>-<run>-<stream>-<n>` (`run` is the appliance's
+//! start time, so ids never repeat across runs; `stream` the receive queue, socket or TCP slot,
+//! `n` the event's number in it), or for `key: payload_id` routes `id-<sender id, hex>`, so
+//! two appliances receiving the same event name it alike.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -21,8 +23,9 @@ use crate::ring::spsc;
 use crate::sink::{EventRef, Sink, SinkHealth, refusal};
 
 /// Bytes before a record's topic and payload in a batch buffer: `len u32` (topic + payload),
-/// `id u64`, `ingest_ns u64`, `priority u8`, `source u8`, `topic_len u16`.
-const REC_HEADER: usize = 24;
+/// `seq u64`, `ingest_ns u64`, `priority u8`, `source u8`, `topic_len u16`, `has_sender u8`,
+/// `sender_id u64`.
+const REC_HEADER: usize = 33;
 /// Buffers per sink: one being built, the rest queued or being delivered.
 const BUFFERS: usize = 8;
 /// A batch buffer past this size is handed over before the batch ends.
@@ -48,8 +51,10 @@ pub struct Chunk {
 pub struct Rec<'b> {
     /// Offset in the chunk (a handle for retries).
     pub at: usize,
-    /// Its sequence within the sink (the end of its event id).
-    pub id: u64,
+    /// Its ingest sequence (stream and number: [`crate::wire::event::seq_base`]).
+    pub seq: u64,
+    /// The sender's id, for `key: payload_id` routes.
+    pub sender_id: Option<u64>,
     /// Receive time, `CLOCK_MONOTONIC` ns.
     pub ingest_ns: u64,
     /// Priority.
@@ -60,6 +65,21 @@ pub struct Rec<'b> {
     pub topic: &'b str,
     /// Payload.
     pub payload: &'b [u8],
+}
+
+impl Rec<'_> {
+    /// The event id: `<ids><stream>-<n>`, or `id-<sender id>` (see the module's text).
+    pub fn event_id(&self, ids: &str) -> String {
+        use crate::wire::event::STREAM_SHIFT;
+        match self.sender_id {
+            Some(id) => format!("id-{id:016x}"),
+            None => format!(
+                "{ids}{}-{}",
+                self.seq >> STREAM_SHIFT,
+                self.seq & ((1 << STREAM_SHIFT) - 1)
+            ),
+        }
+    }
 }
 
 impl Chunk {
@@ -77,7 +97,9 @@ impl Chunk {
         let body = &b[at + REC_HEADER..at + REC_HEADER + len];
         let rec = Rec {
             at,
-            id: u64::from_le_bytes(h[4..12].try_into().expect("8 bytes")),
+            seq: u64::from_le_bytes(h[4..12].try_into().expect("8 bytes")),
+            sender_id: (h[24] != 0)
+                .then(|| u64::from_le_bytes(h[25..33].try_into().expect("8 bytes"))),
             ingest_ns: u64::from_le_bytes(h[12..20].try_into().expect("8 bytes")),
             priority: h[20],
             source: h[21],
@@ -156,7 +178,6 @@ pub struct RemoteSink {
     from_io: spsc::Consumer<Chunk>,
     shared: Arc<Shared>,
     io: Option<thread::JoinHandle<()>>,
-    next_id: u64,
     handed: u64,
     acked: u64,
     lost: u64,
@@ -270,7 +291,6 @@ impl RemoteSink {
             from_io,
             shared,
             io: Some(handle),
-            next_id: 0,
             handed: 0,
             acked: 0,
             lost: 0,
@@ -337,14 +357,15 @@ impl Sink for RemoteSink {
         }
         let b = &mut self.batch.bytes;
         b.extend_from_slice(&((ev.topic.len() + ev.payload.len()) as u32).to_le_bytes());
-        b.extend_from_slice(&self.next_id.to_le_bytes());
+        b.extend_from_slice(&ev.seq.to_le_bytes());
         b.extend_from_slice(&ev.ingest_ns.to_le_bytes());
         b.push(ev.priority);
         b.push(ev.source as u8);
         b.extend_from_slice(&topic_len.to_le_bytes());
+        b.push(u8::from(ev.sender_id.is_some()));
+        b.extend_from_slice(&ev.sender_id.unwrap_or(0).to_le_bytes());
         b.extend_from_slice(ev.topic.as_bytes());
         b.extend_from_slice(ev.payload);
-        self.next_id += 1;
         self.batch.records += 1;
         if self.batch.bytes.len() >= BATCH_BYTES {
             self.hand_over(false);

@@ -45,6 +45,14 @@ pub struct Stamp {
     pub ingest_ns: u64,
 }
 
+/// Where an ingest stream's number sits in [`Event::seq`].
+pub const STREAM_SHIFT: u32 = 48;
+
+/// The first sequence number of ingest stream `stream` (its events count up from it).
+pub const fn seq_base(stream: u16) -> u64 {
+    (stream as u64) << STREAM_SHIFT
+}
+
 /// One event, pointing into its receive frame.
 pub struct Event<'a> {
     frame: FrameLease<'a>,
@@ -52,12 +60,17 @@ pub struct Event<'a> {
     span: FrameSpan,
     /// Receive time, nanoseconds on `CLOCK_MONOTONIC`.
     pub ingest_ns: u64,
-    /// Per-ingest-thread sequence number, gap-free for accepted events.
+    /// Per-ingest-stream sequence number, gap-free for accepted events; the stream (receive
+    /// queue, socket, TCP slot) is in the top 16 bits ([`STREAM_SHIFT`]), so it is unique in a
+    /// run and, with the node and the run, the event's id.
     pub seq: u64,
     /// Where it came in.
     pub source: Source,
-    /// Dedup key, set by the dispatcher for transactional routes (0 until then).
+    /// Dedup key, set by the dispatcher for transactional routes (0 until then); for
+    /// `key: payload_id` routes, the sender's id (the first 8 payload bytes).
     pub key: u64,
+    /// Whether `key` is the sender's id: then it is also the event's id in every sink.
+    pub id_from_payload: bool,
 }
 
 impl<'a> Event<'a> {
@@ -154,6 +167,7 @@ impl<'a> Iterator for FrameEvents<'_, 'a> {
                     seq,
                     source: self.stamp.source,
                     key: 0,
+                    id_from_payload: false,
                 })
             }
             Err(e) => Err(e),
