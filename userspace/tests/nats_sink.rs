@@ -24,7 +24,7 @@ impl Cluster {
         let dir = std::env::temp_dir().join(format!("es-nats-{tag}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
-        let base = 21_000 + (std::process::id() % 500) as u16 * 16 + slot * 8;
+        let base = 21_000 + (std::process::id() % 400) as u16 * 24 + slot * 8;
         let ports: Vec<u16> = (0..3).map(|i| base + i).collect();
         let routes: Vec<String> = (0..3)
             .map(|i| format!("nats://127.0.0.1:{}", base + 4 + i))
@@ -247,4 +247,66 @@ fn a_stream_with_other_settings_is_a_clear_error_at_start() {
         err.contains("stream ESMIS exists with") && err.contains("3 replicas"),
         "{err}"
     );
+}
+
+#[test]
+fn two_appliances_sending_the_same_sender_ids_land_each_event_once() {
+    if Command::new("nats-server")
+        .arg("--version")
+        .output()
+        .is_err()
+    {
+        return common::skip("nats-server is not installed (Debian: apt-get install nats-server)");
+    }
+    let cluster = Cluster::start("scaleout", 2);
+    let urls = cluster.urls();
+    create_stream(&urls, "ESOUT", "so");
+    let servers = urls
+        .iter()
+        .map(|u| format!("\"{u}\""))
+        .collect::<Vec<_>>()
+        .join(", ");
+    // Two appliances (two nodes' worth of NIC servers, here two processes), one R3 stream; the
+    // route names events by the sender's id, the blaster's stamp sequence.
+    let appliance = |node: &str| {
+        let config = format!(
+            "ingest:\n  udp:\n    bind: \"127.0.0.1:0\"\n  tcp:\n    bind: null\nadmin:\n  bind: null\nengine:\n  node_id: {node}\nroutes:\n  - {{ topic: \"orders.>\", class: realtime, key: payload_id }}\nsinks:\n  kind: nats\n  dlq_dir: \"{}\"\n  nats:\n    servers: [{servers}]\n    stream: ESOUT\n    subject_prefix: so\n    replicas: 3\n",
+            cluster.dir.join(format!("dlq-{node}")).display()
+        );
+        start(&config, &format!("scaleout-{node}"))
+    };
+    let (a, a_out, a_addr, a_dir) = appliance("a");
+    let (b, b_out, b_addr, b_dir) = appliance("b");
+    let total = 5_000u64;
+    for addr in [&a_addr, &b_addr] {
+        let sent = blast(&[
+            "--to",
+            addr,
+            "--count",
+            &total.to_string(),
+            "--rate",
+            "20000",
+            "--seq-start",
+            "1000000",
+            "--topics",
+            "orders.eu",
+        ]);
+        assert_eq!(sent["sent_events"].as_u64(), Some(total), "{sent}");
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    for r in [stop(a, a_out), stop(b, b_out)] {
+        assert_eq!(
+            r["delivered_events"].as_u64(),
+            Some(total),
+            "each appliance delivered all: {r}"
+        );
+    }
+    let stored = stream_state(&urls, "ESOUT").map(|(_, m)| m);
+    assert_eq!(
+        stored,
+        Some(total),
+        "the same event from two appliances is stored once"
+    );
+    let _ = std::fs::remove_dir_all(a_dir);
+    let _ = std::fs::remove_dir_all(b_dir);
 }
