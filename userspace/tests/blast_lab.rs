@@ -147,6 +147,22 @@ fn xdp_tx_and_sendmmsg_into_af_xdp_reconcile_and_live_frames_count_exactly() {
         "30000",
     ]);
     assert_eq!(big["sent_events"], 10, "{big}");
+    // Up to the largest UDP datagram: reassembled from 41 fragments, received whole.
+    let huge = blast(&[
+        "--netns",
+        &lab.tx_ns,
+        "--to",
+        &to,
+        "--count",
+        "5",
+        "--rate",
+        "100",
+        "--payload-bytes",
+        "60000",
+        "--seq-start",
+        "40000",
+    ]);
+    assert_eq!(huge["sent_events"], 5, "{huge}");
 
     // SAFETY: kill(2) has no memory-safety preconditions; the pid is our own child's.
     unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
@@ -170,7 +186,8 @@ fn xdp_tx_and_sendmmsg_into_af_xdp_reconcile_and_live_frames_count_exactly() {
         "sent = received + counted kernel drops: {report}"
     );
     assert_eq!(n(&x["verdicts"]["redirect"]), 24_000 / PER, "{report}");
-    assert_eq!(n(&report["received_events"]["udp"]), 10, "{report}");
+    assert_eq!(n(&report["received_events"]["udp"]), 15, "{report}");
+    assert_eq!(n(&report["rejected"]["truncated"]), 0, "{report}");
     assert!(n(&x["verdicts"]["pass_fragment"]) >= 20, "{report}");
     assert_eq!(
         report["delivered_events"], report["accepted_events"],

@@ -297,6 +297,25 @@ fn housekeeping_tick(
     counters.publish_transition(t, depth);
 }
 
+/// A TCP listener on `addr`, on `device` only when given (`SO_BINDTODEVICE`).
+fn bind_tcp(
+    addr: std::net::SocketAddr,
+    device: Option<&str>,
+) -> std::io::Result<std::net::TcpListener> {
+    let s = socket2::Socket::new(
+        socket2::Domain::for_address(addr),
+        socket2::Type::STREAM,
+        Some(socket2::Protocol::TCP),
+    )?;
+    s.set_reuse_address(true)?;
+    if let Some(dev) = device {
+        s.bind_device(Some(dev.as_bytes()))?;
+    }
+    s.bind(&addr.into())?;
+    s.listen(1024)?;
+    Ok(s.into())
+}
+
 /// Pins the calling thread to `cpu` if one is configured, logging the outcome.
 fn pin(cpu: Option<u32>, thread: &str) {
     if let Some(cpu) = cpu {
@@ -399,21 +418,39 @@ pub fn run(cfg: &Config, no_xdp: bool, duration: u64, probe: Option<Probe>) -> R
         (Some(_), true) => 1,
         (Some(_), false) => 0,
     };
-    let mut addr = u.bind;
+    // Beside AF_XDP, the kernel sockets serve the interface itself (ingest.bind_to_iface).
+    let device = (xsk.is_some() && cfg.ingest.bind_to_iface).then_some(x.iface.as_str());
+    let on_device = |a: std::net::SocketAddr| match device {
+        Some(_) if a.is_ipv4() => std::net::SocketAddr::from(([0, 0, 0, 0], a.port())),
+        Some(_) => std::net::SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, a.port())),
+        None => a,
+    };
+    // Beside AF_XDP the socket takes what the program passes, reassembled IP fragments among
+    // them: frames for the largest UDP datagram, so none is cut.
+    let (frame_size, frames) = if xsk.is_some() {
+        (u.frame_size.max(64 * 1024), u.frames.min(256))
+    } else {
+        (u.frame_size, u.frames)
+    };
+    let mut addr = on_device(u.bind);
     for k in 0..n_udp {
-        let socket = bind_udp(addr, u.socket_buffer, n_udp > 1)
-            .with_context(|| format!("binding UDP {addr} (ingest.udp.bind)"))?;
+        let socket = bind_udp(addr, u.socket_buffer, n_udp > 1, device).with_context(|| {
+            format!(
+                "binding UDP {addr}{} (ingest.udp.bind)",
+                device.map_or(String::new(), |d| format!(" on {d}"))
+            )
+        })?;
         // The rest share the port the first one got (when it asked for port 0).
         addr = socket.local_addr()?;
         let arena = FrameArena::new(
-            u.frame_size,
-            u.frames,
+            frame_size,
+            frames,
             RegionOptions {
                 hugepages: true,
                 ..Default::default()
             },
         )?;
-        info!(addr = %addr, socket = k, frames = u.frames, pages = ?arena.region().pages(), "kernel UDP ingest bound");
+        info!(addr = %addr, device = ?device, socket = k, frames, frame_size, pages = ?arena.region().pages(), "kernel UDP ingest bound");
         if k == 0 {
             println!("listening udp {addr}");
         }
@@ -424,8 +461,13 @@ pub fn run(cfg: &Config, no_xdp: bool, duration: u64, probe: Option<Probe>) -> R
     let t = &cfg.ingest.tcp;
     let tcp_listener = match t.bind {
         Some(addr) => {
-            let l = std::net::TcpListener::bind(addr)
-                .with_context(|| format!("binding TCP {addr} (ingest.tcp.bind)"))?;
+            let addr = on_device(addr);
+            let l = bind_tcp(addr, device).with_context(|| {
+                format!(
+                    "binding TCP {addr}{} (ingest.tcp.bind)",
+                    device.map_or(String::new(), |d| format!(" on {d}"))
+                )
+            })?;
             println!("listening tcp {}", l.local_addr()?);
             Some(l)
         }

@@ -20,7 +20,8 @@ use crate::mem::frames::{FrameOwner, OwnedFrame};
 use crate::wire::event::{Source, Stamp, monotonic_ns};
 use crate::wire::protocol::{Limits, RejectReason};
 
-/// Binds a UDP socket: `SO_REUSEPORT` when several share the address (`ingest.udp.sockets`),
+/// Binds a UDP socket: to `device` only when given (`SO_BINDTODEVICE`), `SO_REUSEPORT` when
+/// several share the address (`ingest.udp.sockets`),
 /// the receive buffer as asked (0 keeps the default), and a receive timeout so the loop
 /// notices a stop request.
 ///
@@ -34,6 +35,7 @@ pub fn bind_udp(
     addr: std::net::SocketAddr,
     rcvbuf: u32,
     reuse_port: bool,
+    device: Option<&str>,
 ) -> io::Result<UdpSocket> {
     let s = socket2::Socket::new(
         socket2::Domain::for_address(addr),
@@ -42,6 +44,10 @@ pub fn bind_udp(
     )?;
     if reuse_port {
         s.set_reuse_port(true)?;
+    }
+    if let Some(dev) = device {
+        s.bind_device(Some(dev.as_bytes()))
+            .map_err(|e| io::Error::new(e.kind(), format!("SO_BINDTODEVICE {dev}: {e}")))?;
     }
     s.bind(&addr.into())?;
     let sock = UdpSocket::from(s);

@@ -164,13 +164,28 @@ impl Default for XdpConfig {
 }
 
 /// `ingest:`
-#[derive(Clone, Debug, Default, Deserialize, PartialEq, Eq)]
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
 #[serde(default, deny_unknown_fields)]
 pub struct IngestConfig {
     /// `ingest.udp`
     pub udp: UdpConfig,
     /// `ingest.tcp`
     pub tcp: TcpConfig,
+    /// `ingest.bind_to_iface`: with AF_XDP on an interface, the kernel UDP socket beside it and
+    /// the TCP listener serve that interface (every address it has, and only it:
+    /// `SO_BINDTODEVICE` on the unspecified address, at the configured ports) rather than the
+    /// configured addresses.
+    pub bind_to_iface: bool,
+}
+
+impl Default for IngestConfig {
+    fn default() -> Self {
+        Self {
+            udp: UdpConfig::default(),
+            tcp: TcpConfig::default(),
+            bind_to_iface: true,
+        }
+    }
 }
 
 /// `ingest.tcp:`
