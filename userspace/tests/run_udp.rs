@@ -842,3 +842,72 @@ fn tcp_accept_out_of_descriptors_is_counted_and_retried_not_the_end() {
     assert_eq!(r["received_events"]["tcp"], 1, "accept resumed: {r}");
     let _ = std::fs::remove_dir_all(dir);
 }
+
+#[test]
+fn tcp_slow_senders_are_cut_off_sources_are_capped_and_resets_count_as_truncated() {
+    use std::io::{Read, Write};
+    use std::net::TcpStream;
+    let config = "ingest:\n  udp:\n    bind: \"127.0.0.1:0\"\n  tcp:\n    bind: \"127.0.0.1:0\"\n    max_connections: 8\n    max_connections_per_source: 2\n    frame_timeout_secs: 1\nadmin:\n  bind: null\n";
+    let (child, mut out, _udp, dir) = start(config, "tcp-limits");
+    let tcp = read_until(&mut out, "listening tcp ");
+    let mut frame = Vec::new();
+    encode(1, "slow.t", &[7u8; 64], &mut frame).unwrap();
+
+    // 1. A byte every 300 ms (never idle long enough for the read timeout): cut off once the
+    // frame has taken a second, its partial frame counted.
+    let mut slow = TcpStream::connect(&tcp).unwrap();
+    slow.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let t0 = Instant::now();
+    let mut closed = false;
+    for b in &frame[..20] {
+        if slow.write_all(&[*b]).is_err() {
+            closed = true;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(300));
+        if t0.elapsed() > Duration::from_secs(4) {
+            break;
+        }
+    }
+    let mut buf = [0u8; 1];
+    assert!(
+        closed || slow.read(&mut buf).unwrap_or(0) == 0,
+        "the slow sender was cut off"
+    );
+    assert!(t0.elapsed() < Duration::from_secs(5), "{:?}", t0.elapsed());
+    drop(slow);
+
+    // 2. Two connections from one address are allowed, a third is refused.
+    let a = TcpStream::connect(&tcp).unwrap();
+    let b = TcpStream::connect(&tcp).unwrap();
+    std::thread::sleep(Duration::from_millis(100));
+    let mut third = TcpStream::connect(&tcp).unwrap();
+    third
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    assert_eq!(
+        third.read(&mut buf).unwrap_or(0),
+        0,
+        "over the per-source cap: closed"
+    );
+    drop((a, b, third));
+    std::thread::sleep(Duration::from_millis(200));
+
+    // 3. A reset in the middle of a frame counts as truncated, as an EOF does.
+    let c = TcpStream::connect(&tcp).unwrap();
+    let s = socket2::SockRef::from(&c);
+    (&c).write_all(&frame[..30]).unwrap();
+    std::thread::sleep(Duration::from_millis(100));
+    s.set_linger(Some(Duration::ZERO)).unwrap(); // close with RST
+    drop(c);
+    std::thread::sleep(Duration::from_millis(300));
+
+    let r = stop(child, out);
+    assert_eq!(
+        r["rejected"]["truncated"], 2,
+        "the slow frame and the reset one: {r}"
+    );
+    assert_eq!(r["tcp_refused_connections"], 1, "{r}");
+    assert_eq!(r["received_events"]["tcp"], 0, "{r}");
+    let _ = std::fs::remove_dir_all(dir);
+}

@@ -737,6 +737,10 @@ pub fn run(cfg: &Config, no_xdp: bool, duration: u64, probe: Option<Probe>) -> R
         refused: &tcp_refused,
         live: &tcp_live,
         accept_errors: &tcp_accept_errors,
+        per_source: t.max_connections_per_source,
+        frame_timeout: Duration::from_secs(t.frame_timeout_secs),
+        paused: &engine_counters.paused,
+        sources: std::sync::Mutex::default(),
     };
     // One total over every ingest thread's counters: the per-second log and the exit report.
     let sum = |f: fn(&IngestCounters) -> &AtomicU64| {

@@ -57,6 +57,14 @@ pub struct TcpIngest<'s> {
     pub live: &'s AtomicU64,
     /// Accept calls that failed (`EMFILE`, `ENFILE`, `ECONNABORTED`, `ENOBUFS`...), retried.
     pub accept_errors: &'s AtomicU64,
+    /// Connections one source address may hold at once; more are refused (counted).
+    pub per_source: usize,
+    /// Longest a frame may take to arrive once its first byte has.
+    pub frame_timeout: Duration,
+    /// While set (`PAUSED`), connections are not read: TCP's own flow control holds senders.
+    pub paused: &'s AtomicBool,
+    /// Connections open per source address: touched at accept and at close, never per event.
+    pub sources: std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>,
 }
 
 /// Ingest stream numbers of TCP connection slots start here (see
@@ -103,6 +111,7 @@ impl TcpIngest<'_> {
             let _ = free_tx.push(i);
         }
         let live = self.live;
+        let sources = &self.sources;
         let mut backoff = Duration::from_millis(10);
         while !self.stop.load(Ordering::Relaxed) {
             let (stream, peer) = match listener.accept() {
@@ -127,7 +136,32 @@ impl TcpIngest<'_> {
                     continue;
                 }
             };
+            let ip = peer.ip();
+            {
+                let mut m = sources.lock().unwrap_or_else(|p| p.into_inner());
+                let n = m.entry(ip).or_insert(0);
+                if *n >= self.per_source {
+                    drop(m);
+                    let n = self.refused.fetch_add(1, Ordering::Relaxed) + 1;
+                    if n.is_power_of_two() {
+                        warn!(%peer, refused = n, limit = self.per_source, "TCP connection refused: too many from this address");
+                    }
+                    drop(stream);
+                    continue;
+                }
+                *n += 1;
+            }
+            let release_source = move || {
+                let mut m = sources.lock().unwrap_or_else(|p| p.into_inner());
+                if let Some(n) = m.get_mut(&ip) {
+                    *n -= 1;
+                    if *n == 0 {
+                        m.remove(&ip);
+                    }
+                }
+            };
             let Some(i) = free_rx.pop() else {
+                release_source();
                 let n = self.refused.fetch_add(1, Ordering::Relaxed) + 1;
                 if n.is_power_of_two() {
                     warn!(%peer, refused = n, "TCP connection refused: every connection slot is in use");
@@ -145,9 +179,11 @@ impl TcpIngest<'_> {
                         debug!(%peer, reason = %e, "TCP connection ended with an error");
                     }
                     let _ = slot_back.push(i);
+                    release_source();
                     live.fetch_sub(1, Ordering::AcqRel);
                 });
             if let Err(e) = spawned {
+                release_source();
                 live.fetch_sub(1, Ordering::AcqRel);
                 let _ = free_tx.push(i);
                 warn!(reason = %e, "could not start a TCP connection thread");
@@ -186,17 +222,34 @@ impl TcpIngest<'_> {
         let mut seq = crate::wire::event::seq_base(TCP_STREAMS + slot_index as u16)
             + slot.counters.events.load(Ordering::Acquire);
         let mut last_data = Instant::now();
+        // When the frame now in the decoder began to arrive (none: between frames).
+        let mut frame_began: Option<Instant> = None;
         let frame_size = slot.arena.frame_size() as usize;
+        let end_mid_frame = |decoder: &StreamDecoder, tally: &mut Tally, how: &str| {
+            if let Err(e) = decoder.finish() {
+                tally.rejected[e.reason() as usize] += 1;
+                warn!(%peer, reason = %e, how, "TCP stream ended mid-frame");
+            }
+        };
         loop {
             if self.stop.load(Ordering::Relaxed) {
                 break;
             }
+            if self.paused.load(Ordering::Relaxed) {
+                // Not read while PAUSED: the socket buffer fills and TCP holds the sender.
+                std::thread::sleep(READ_TICK);
+                last_data = Instant::now();
+                frame_began = frame_began.map(|_| Instant::now());
+                continue;
+            }
+            if frame_began.is_some_and(|t| t.elapsed() >= self.frame_timeout) {
+                end_mid_frame(&decoder, &mut tally, "frame timeout");
+                info!(%peer, timeout = ?self.frame_timeout, "TCP frame not complete in time; closing");
+                break;
+            }
             let n = match stream.read(decoder.spare()) {
                 Ok(0) => {
-                    if let Err(e) = decoder.finish() {
-                        tally.rejected[e.reason() as usize] += 1;
-                        warn!(%peer, reason = %e, "TCP stream ended mid-frame");
-                    }
+                    end_mid_frame(&decoder, &mut tally, "EOF");
                     break;
                 }
                 Ok(n) => n,
@@ -213,6 +266,18 @@ impl TcpIngest<'_> {
                     continue;
                 }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::ConnectionReset
+                            | io::ErrorKind::ConnectionAborted
+                            | io::ErrorKind::BrokenPipe
+                    ) =>
+                {
+                    // A reset ends the stream as EOF does: a partial frame is `truncated`.
+                    end_mid_frame(&decoder, &mut tally, "reset");
+                    break;
+                }
                 Err(e) => {
                     tally.flush(slot.counters);
                     return Err(e);
@@ -229,6 +294,8 @@ impl TcpIngest<'_> {
             // shared and its events minted.
             let mut current: Option<(OwnedFrame<'a>, usize)> = None;
             let mut fatal = None;
+            // Whether a frame ended in this read (what is left then began with it).
+            let mut whole_frames = false;
             loop {
                 let f = match decoder.next_frame() {
                     Ok(Some(f)) => f,
@@ -238,10 +305,12 @@ impl TcpIngest<'_> {
                         break;
                     }
                     Err(e) => {
+                        whole_frames = true;
                         tally.rejected[e.reason() as usize] += 1;
                         continue;
                     }
                 };
+                whole_frames = true;
                 let need = f.wire_len();
                 if current
                     .as_ref()
@@ -267,6 +336,11 @@ impl TcpIngest<'_> {
             if let Some((frame, used)) = current.take() {
                 deliver.frame(&mut frame.share(0..used), stamp, &mut seq, &mut tally)?;
             }
+            frame_began = match (decoder.buffered(), frame_began) {
+                (0, _) => None,
+                (_, Some(t)) if !whole_frames => Some(t),
+                _ => Some(last_data),
+            };
             tally.flush(slot.counters);
             if let Some(e) = fatal {
                 slot.counters.rejected[e.reason() as usize].fetch_add(1, Ordering::Relaxed);

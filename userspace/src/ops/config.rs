@@ -200,6 +200,11 @@ pub struct TcpConfig {
     pub read_timeout_secs: u64,
     /// `ingest.tcp.frames_per_connection`
     pub frames_per_connection: u32,
+    /// `ingest.tcp.max_connections_per_source`: connections one source address may hold.
+    pub max_connections_per_source: usize,
+    /// `ingest.tcp.frame_timeout_secs`: longest a frame may take to arrive once begun; a
+    /// slower sender is cut off (its partial frame counted as `truncated`).
+    pub frame_timeout_secs: u64,
 }
 
 impl Default for TcpConfig {
@@ -212,6 +217,8 @@ impl Default for TcpConfig {
             max_connections: 16,
             read_timeout_secs: 30,
             frames_per_connection: 8,
+            max_connections_per_source: 4,
+            frame_timeout_secs: 10,
         }
     }
 }
@@ -752,6 +759,20 @@ impl Config {
             1,
             4096,
             "1..=4096",
+        )?;
+        check(
+            "ingest.tcp.max_connections_per_source",
+            t.max_connections_per_source,
+            1,
+            4096,
+            "1..=4096",
+        )?;
+        check(
+            "ingest.tcp.frame_timeout_secs",
+            t.frame_timeout_secs,
+            1,
+            3600,
+            "1..=3600",
         )?;
         check(
             "ingest.tcp.read_timeout_secs",
