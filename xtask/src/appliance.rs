@@ -85,7 +85,10 @@ pub fn build_all(root: &Path) -> Result<(PathBuf, PathBuf)> {
         "-p",
         "eventstream",
     ]))?;
-    Ok((object, root.join("target/release/eventstream")))
+    // Where cargo put it: `CARGO_TARGET_DIR` when set, else the workspace's `target/`.
+    let target =
+        std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| root.join("target"), PathBuf::from);
+    Ok((object, target.join("release/eventstream")))
 }
 
 /// The lab, with the XDP program attached to the receiver's interface and pinned; both are

@@ -71,7 +71,19 @@ enum Cmd {
     },
 }
 
-fn main() -> Result<()> {
+/// Runs the command; an error is printed as its chain of causes and exits 1 (no backtrace,
+/// whatever `RUST_BACKTRACE` says).
+fn main() -> std::process::ExitCode {
+    match xtask_main() {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn xtask_main() -> Result<()> {
     let cli = Cli::parse();
     if let Some(ns) = &cli.netns {
         eventstream::tools::lab::enter_netns(ns)?;
