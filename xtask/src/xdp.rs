@@ -116,10 +116,11 @@ pub fn status() -> Result<()> {
                 let mode = AttachMode::from_u8(p.config.attach_mode);
                 println!(
                     "{iface}: {} in {} mode, UDP port {}, VLAN {}",
-                    if p.attached {
-                        "attached"
-                    } else {
-                        "NOT attached (stale pins)"
+                    match &p.stale {
+                        None => "attached".to_owned(),
+                        Some(why) => format!(
+                            "STALE pins, not trusted ({why}; `cargo xtask unload --iface {iface}` removes them)"
+                        ),
                     },
                     mode.label(),
                     p.config.udp_port,

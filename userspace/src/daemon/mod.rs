@@ -68,11 +68,13 @@ struct XskSetup<'a> {
 fn attach_program(x: &XdpSection) -> Result<(Program, AttachMode)> {
     if Pinned::list().contains(&x.iface) {
         let pinned = Pinned::open(&x.iface)?;
-        if !pinned.attached {
-            return Err(anyhow!(
-                "a program is pinned for {} but not attached: `cargo xtask unload --iface {0}`",
-                x.iface
-            ));
+        if let Some(why) = &pinned.stale {
+            // Never trusted: pins whose link no longer steers this interface here are removed,
+            // and the daemon loads its own program.
+            warn!(iface = %x.iface, reason = %why, "removing stale XDP pins");
+            Pinned::remove(&x.iface)
+                .with_context(|| format!("removing the stale pins of {}", x.iface))?;
+            return attach_program(x);
         }
         let mode = AttachMode::from_u8(pinned.config.attach_mode);
         info!(iface = %x.iface, mode = mode.label(), port = pinned.config.udp_port, "reusing the XDP program pinned by `cargo xtask load`");

@@ -442,14 +442,39 @@ pub struct Pinned {
     pub config: XdpConfig,
     /// Its verdict counters.
     pub stats: VerdictCounts,
-    /// Whether the link pin is present (the program is attached).
+    /// Whether the pinned link is attached to this very interface (in this namespace).
     pub attached: bool,
+    /// Why the pins are stale, if they are: no link, a link whose device is gone (its
+    /// namespace deleted, say), or one attached to another interface (an inode number reused).
+    pub stale: Option<String>,
 }
 
 fn open_map(dir: &Path, name: &str) -> Result<Map, XdpError> {
     let data = MapData::from_pin(dir.join(name))
         .map_err(|e| XdpError::bpf(format!("opening pinned {name}"), e))?;
     Map::from_map_data(data).map_err(|e| XdpError::bpf(format!("pinned {name}"), e))
+}
+
+/// Why the link pinned in `dir` does not steer `iface` here, if it does not.
+fn link_staleness(dir: &Path, iface: &str) -> Option<String> {
+    use std::os::fd::AsFd as _;
+    let link = match sys::obj_get(&dir.join("link")) {
+        Ok(fd) => fd,
+        Err(e) => return Some(format!("no pinned link ({e})")),
+    };
+    let want = if_index(iface).ok();
+    match sys::xdp_link_ifindex(link.as_fd()) {
+        Ok(Some(0)) => {
+            Some("its link's device is gone (the namespace or interface was deleted)".into())
+        }
+        Ok(Some(i)) if Some(i) != want => Some(format!(
+            "its link is attached to ifindex {i}, not to {iface} ({})",
+            want.map_or("absent".into(), |w| format!("ifindex {w}"))
+        )),
+        Ok(Some(_)) => None,
+        Ok(None) => Some("the pinned link is not an XDP link".into()),
+        Err(e) => Some(format!("its link cannot be read ({e})")),
+    }
 }
 
 impl Pinned {
@@ -468,11 +493,13 @@ impl Pinned {
         let stats = open_map(&dir, STATS_MAP)?;
         let stats: PerCpuArray<MapData, u64> =
             PerCpuArray::try_from(stats).map_err(|e| XdpError::bpf("pinned STATS", e))?;
+        let stale = link_staleness(&dir, iface);
         Ok(Self {
             iface: iface.to_owned(),
             config,
             stats: read_stats(&stats)?,
-            attached: dir.join("link").exists(),
+            attached: stale.is_none(),
+            stale,
         })
     }
 

@@ -199,6 +199,50 @@ pub fn obj_get(path: &std::path::Path) -> io::Result<OwnedFd> {
     Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
 }
 
+const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
+/// `BPF_LINK_TYPE_XDP`.
+const LINK_TYPE_XDP: u32 = 6;
+
+/// The `info` member of `union bpf_attr` for `BPF_OBJ_GET_INFO_BY_FD`.
+#[repr(C, align(8))]
+#[derive(Default)]
+struct InfoAttr {
+    bpf_fd: u32,
+    info_len: u32,
+    info: u64,
+}
+
+/// The interface an XDP link is attached to: `Some(0)` when its device is gone (the link is
+/// defunct), `None` when `fd` is not an XDP link.
+///
+/// # Errors
+/// When the kernel refuses the query (`EPERM` without privileges, `EBADF`).
+pub fn xdp_link_ifindex(fd: BorrowedFd<'_>) -> io::Result<Option<u32>> {
+    // `struct bpf_link_info`: type u32, id u32, prog_id u32, then (8-aligned) the union whose
+    // `xdp` member is `ifindex u32`. 128 bytes is more than any kernel's struct.
+    let mut info = [0u64; 16];
+    let mut attr = InfoAttr {
+        bpf_fd: fd.as_raw_fd() as u32,
+        info_len: size_of_val(&info) as u32,
+        info: info.as_mut_ptr() as u64,
+    };
+    // SAFETY: `attr` is a valid `bpf_attr.info`; the kernel writes at most `info_len` bytes
+    // into `info`, which is that large and alive for the call.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_OBJ_GET_INFO_BY_FD,
+            &raw mut attr,
+            size_of::<InfoAttr>() as libc::c_uint,
+        )
+    };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let link_type = info[0] as u32;
+    Ok((link_type == LINK_TYPE_XDP).then_some(info[2] as u32))
+}
+
 // ---- AF_XDP ---------------------------------------------------------------------------------
 
 use std::os::fd::{FromRawFd, OwnedFd};
