@@ -14,6 +14,7 @@ pub mod tx;
 
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
+use std::os::unix::fs::{DirBuilderExt as _, PermissionsExt as _};
 use std::path::{Path, PathBuf};
 
 use aya::Ebpf;
@@ -252,8 +253,50 @@ impl DropProgram {
     }
 }
 
+/// Refuses an object file that someone other than this user (or root) could have written: it is
+/// owned by root or by us, and neither it nor its directory is group- or world-writable (a
+/// program loaded into the kernel decides where every packet goes).
+fn trusted_object(path: &Path) -> Result<(), XdpError> {
+    use std::os::unix::fs::MetadataExt as _;
+    // SAFETY: geteuid has no preconditions.
+    let me = unsafe { libc::geteuid() };
+    let check = |p: &Path, what: &str| -> Result<(), XdpError> {
+        let m = std::fs::metadata(p).map_err(|reason| XdpError::Object {
+            path: p.into(),
+            reason,
+        })?;
+        let owner_ok = m.uid() == 0 || m.uid() == me;
+        let writable_by_others = m.mode() & 0o022 != 0 && !(m.is_dir() && m.mode() & 0o1000 != 0);
+        if owner_ok && !writable_by_others {
+            return Ok(());
+        }
+        Err(XdpError::Object {
+            path: p.into(),
+            reason: io::Error::new(
+                io::ErrorKind::PermissionDenied,
+                format!(
+                    "{what} is {} (owner uid {}, mode {:o}): the XDP object must be writable by root (or this user) alone",
+                    if owner_ok {
+                        "group- or world-writable"
+                    } else {
+                        "owned by someone else"
+                    },
+                    m.uid(),
+                    m.mode() & 0o7777
+                ),
+            ),
+        })
+    };
+    check(path, "the object")?;
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        check(dir, "its directory")?;
+    }
+    Ok(())
+}
+
 /// Reads the object at `path` and loads its XDP program `name` into the kernel (not attached).
 fn load_object(path: &Path, name: &str) -> Result<Ebpf, XdpError> {
+    trusted_object(path)?;
     let bytes = std::fs::read(path).map_err(|reason| XdpError::Object {
         path: path.into(),
         reason,
@@ -390,10 +433,23 @@ impl XdpProgram {
     /// When bpffs is missing or the pins already exist.
     pub fn pin(&mut self, iface: &str, link: FdLink) -> Result<PinnedLink, XdpError> {
         let dir = pin_dir(iface);
-        std::fs::create_dir_all(&dir).map_err(|reason| XdpError::Io {
-            what: format!("creating {}", dir.display()),
-            reason,
-        })?;
+        // 0700: only root may reach the maps (the socket map decides where traffic goes).
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&dir)
+            .map_err(|reason| XdpError::Io {
+                what: format!("creating {}", dir.display()),
+                reason,
+            })?;
+        for d in [Path::new(PIN_ROOT), dir.as_path()] {
+            std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o700)).map_err(
+                |reason| XdpError::Io {
+                    what: format!("making {} 0700", d.display()),
+                    reason,
+                },
+            )?;
+        }
         self.xdp()
             .pin(dir.join("prog"))
             .map_err(|e| XdpError::bpf("pinning the program", e))?;
@@ -557,5 +613,29 @@ impl Pinned {
             reason,
         })?;
         Ok(true)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_object_others_can_write_is_refused_before_it_is_read() {
+        let dir = std::env::temp_dir().join(format!("es-obj-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let obj = dir.join("x.bpf.o");
+        std::fs::write(&obj, b"not an ELF").unwrap();
+        std::fs::set_permissions(&obj, std::fs::Permissions::from_mode(0o666)).unwrap();
+        let e = XdpProgram::load(&obj).unwrap_err().to_string();
+        assert!(e.contains("writable by root (or this user) alone"), "{e}");
+        std::fs::set_permissions(&obj, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let e = XdpProgram::load(&obj).unwrap_err().to_string();
+        assert!(
+            !e.contains("alone"),
+            "trusted now, refused only as not an object: {e}"
+        );
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }
