@@ -58,7 +58,8 @@ impl XskIngest<'_> {
     /// `need_wakeup` on the FILL ring.
     ///
     /// # Errors
-    /// A wake-up or poll error from the kernel, or the hand-off's (a sink's, inline).
+    /// The hand-off's (a sink's, inline); the kernel's wake-up and poll errors are counted
+    /// (`receive_errors`) and retried.
     pub fn run<'a>(
         &self,
         sock: &mut impl XskRings,
@@ -78,6 +79,19 @@ impl XskIngest<'_> {
         let mut seq = self.seq_base;
         let mut next_stats = monotonic_ns();
         let mut empty_since: Option<u64> = None;
+        // Kernel errors on wake-up and poll (ENETDOWN while the link flaps, ENXIO, ENOBUFS):
+        // counted, logged once per burst, retried after a backoff; never the end of ingest.
+        // (errors so far, the next backoff)
+        let mut errs = (0u64, Duration::from_millis(1));
+        let retry = |errs: &mut (u64, Duration), e: io::Error| {
+            errs.0 += 1;
+            self.counters.receive_errors.fetch_add(1, Ordering::Relaxed);
+            if errs.0.is_power_of_two() {
+                tracing::warn!(reason = %e, errors = errs.0, "AF_XDP wake-up or poll failed; retrying");
+            }
+            std::thread::sleep(errs.1);
+            errs.1 = (errs.1 * 2).min(Duration::from_millis(100));
+        };
         while !self.stop.load(Ordering::Relaxed) {
             if self.paused.load(Ordering::Relaxed) {
                 // Queued work continues: the side queue is still served.
@@ -100,8 +114,10 @@ impl XskIngest<'_> {
             if n > 0 {
                 fill.submit(n);
             }
-            if fill.needs_wakeup() {
-                sock.wakeup_rx()?;
+            if fill.needs_wakeup()
+                && let Err(e) = sock.wakeup_rx()
+            {
+                retry(&mut errs, e);
             }
 
             let rx = sock.rings().1;
@@ -118,7 +134,10 @@ impl XskIngest<'_> {
                     core::hint::spin_loop();
                     continue;
                 }
-                sock.poll_rx(idle_ms)?;
+                match sock.poll_rx(idle_ms) {
+                    Ok(_) => errs.1 = Duration::from_millis(1),
+                    Err(e) => retry(&mut errs, e),
+                }
                 self.read_stats(sock, &mut next_stats);
                 continue;
             }
