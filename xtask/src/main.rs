@@ -20,6 +20,7 @@ mod appliance;
 mod bench;
 mod demo;
 mod ebpf;
+mod fuzz;
 mod microbench;
 mod xdp;
 
@@ -51,6 +52,8 @@ enum Cmd {
     Bench(bench::Args),
     /// Run the criterion benches several times; write JSON and a Markdown table of ratios.
     Microbench(microbench::Args),
+    /// Run every fuzz target for a bounded time (cargo-fuzz, nightly).
+    Fuzz(fuzz::Args),
     /// Attach the XDP program to an interface and pin it under /sys/fs/bpf/eventstream/IF.
     Load(xdp::LoadArgs),
     /// Detach the pinned program from an interface and remove its pins.
@@ -97,6 +100,7 @@ fn xtask_main() -> Result<()> {
         Cmd::Demo(args) => demo::main(&workspace_root(), &args),
         Cmd::Bench(args) => bench::main(&workspace_root(), &args),
         Cmd::Microbench(args) => microbench::main(&workspace_root(), &args),
+        Cmd::Fuzz(args) => fuzz::main(&workspace_root(), &args),
         Cmd::Load(args) => xdp::load(&workspace_root(), &args),
         Cmd::Unload { iface } => xdp::unload(&iface),
         Cmd::Status => xdp::status(),
