@@ -60,3 +60,35 @@ fn every_thread_runs_without_capabilities_and_with_no_new_privs() {
     let _ = std::fs::remove_dir_all(root);
     let _ = std::fs::remove_dir_all(dir);
 }
+
+#[test]
+fn privileges_user_switches_every_thread_to_that_user() {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        return common::skip("needs root: only root can switch to another user");
+    }
+    let Ok((uid, gid)) = eventstream::ops::privs::lookup_user("nobody") else {
+        return common::skip("no user `nobody` on this machine");
+    };
+    let config = "ingest:\n  udp:\n    bind: \"127.0.0.1:0\"\n  tcp:\n    bind: \"127.0.0.1:0\"\nadmin:\n  bind: \"127.0.0.1:0\"\nprivileges:\n  user: nobody\n";
+    let (child, mut out, _addr, dir) = start(config, "privs-user");
+    read_until(&mut out, "ready");
+    let pid = child.id();
+    for t in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
+        let status = std::fs::read_to_string(t.unwrap().path().join("status")).unwrap();
+        let ids = |k: &str| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(k))
+                .unwrap()
+                .split_whitespace()
+                .map(|v| v.parse::<u32>().unwrap())
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(ids("Uid:"), vec![uid; 4], "{status}");
+        assert_eq!(ids("Gid:"), vec![gid; 4], "{status}");
+        assert!(status.contains("CapEff:\t0000000000000000"), "{status}");
+    }
+    let _ = stop(child, out);
+    let _ = std::fs::remove_dir_all(dir);
+}

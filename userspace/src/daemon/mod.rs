@@ -255,9 +255,20 @@ fn open_sink(
 ///
 /// # Errors
 /// When the process holds capabilities and cannot drop them: running on with them is refused.
-fn drop_privileges(keep_bpf: bool) -> Result<()> {
+fn drop_privileges(keep_bpf: bool, p: &crate::ops::config::PrivilegesConfig) -> Result<()> {
+    let user = match &p.user {
+        Some(name) => {
+            let (uid, primary) = privs::lookup_user(name).context("privileges.user")?;
+            let gid = match &p.group {
+                Some(g) => privs::lookup_group(g).context("privileges.group")?,
+                None => primary,
+            };
+            Some((uid, gid))
+        }
+        None => None,
+    };
     let before = privs::current().context("reading this thread's capabilities")?;
-    if before.permitted == 0 {
+    if before.permitted == 0 && user.is_none() {
         info!("running without capabilities: nothing to drop");
         return Ok(());
     }
@@ -266,8 +277,12 @@ fn drop_privileges(keep_bpf: bool) -> Result<()> {
     } else {
         Vec::new()
     };
-    let after = privs::retain_only(&keep).context("dropping capabilities after setup")?;
+    let after = privs::retain_only_as(&keep, user).with_context(|| match &p.user {
+        Some(u) => format!("dropping capabilities and switching to user {u} after setup"),
+        None => "dropping capabilities after setup".into(),
+    })?;
     info!(
+        user = ?user,
         kept = ?keep,
         effective = format!("{:#x}", after.effective),
         "setup done; capabilities dropped"
@@ -621,7 +636,7 @@ pub fn run(cfg: &Config, no_xdp: bool, duration: u64, probe: Option<Probe>) -> R
     // Every socket is bound and the XDP program set up: before any thread starts (sinks start
     // their I/O threads as they open, and threads inherit the set), keep only what the run
     // loop needs.
-    drop_privileges(xsk.is_some())?;
+    drop_privileges(xsk.is_some(), &cfg.privileges)?;
     // Sinks are opened (and file logs recovered) before any thread starts, so a bad directory
     // is a clean error at start, not a failure mid-run.
     let mut healths = Vec::new();

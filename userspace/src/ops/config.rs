@@ -65,6 +65,19 @@ pub struct Config {
     pub sinks: SinksConfig,
     /// Ingest -> dispatcher queue.
     pub queue: QueueConfig,
+    /// Who the daemon runs as after setup.
+    pub privileges: PrivilegesConfig,
+}
+
+/// `privileges:`
+#[derive(Clone, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(default, deny_unknown_fields)]
+pub struct PrivilegesConfig {
+    /// `privileges.user`: switch to this user once setup is done (its sink directories must
+    /// be writable by it); null stays uid 0 (without capabilities but the one kept).
+    pub user: Option<String>,
+    /// `privileges.group`: and this group (default: the user's primary group).
+    pub group: Option<String>,
 }
 
 /// `protocol:`

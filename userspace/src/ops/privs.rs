@@ -82,6 +82,17 @@ pub fn current() -> io::Result<Caps> {
 /// # Errors
 /// The kernel's refusal of `capset` (it only lowers sets, which is always allowed) or `prctl`.
 pub fn retain_only(keep: &[u32]) -> io::Result<Caps> {
+    retain_only_as(keep, None)
+}
+
+/// As [`retain_only`], switching the process to `user` (`(uid, gid)`, supplementary groups
+/// cleared) on the way: after the bounding set is cut (which needs `CAP_SETPCAP`) and before
+/// the effective set is (the switch needs `CAP_SETUID`/`CAP_SETGID`), with `PR_SET_KEEPCAPS`
+/// so what is kept survives the switch.
+///
+/// # Errors
+/// As [`retain_only`], and the kernel's refusal of the switch.
+pub fn retain_only_as(keep: &[u32], user: Option<(u32, u32)>) -> io::Result<Caps> {
     let before = current()?;
     let mask = keep
         .iter()
@@ -96,6 +107,28 @@ pub fn retain_only(keep: &[u32]) -> io::Result<Caps> {
         // CAP_SETPCAP, which we may no longer have; failure leaves the bounding set as it was,
         // and no_new_privs below keeps it from mattering.
         unsafe { libc::prctl(libc::PR_CAPBSET_DROP, libc::c_ulong::from(cap), 0, 0, 0) };
+    }
+    if let Some((uid, gid)) = user {
+        let check = |rc: libc::c_long, what: &str| {
+            if rc == 0 {
+                Ok(())
+            } else {
+                let e = io::Error::last_os_error();
+                Err(io::Error::new(e.kind(), format!("{what}: {e}")))
+            }
+        };
+        // SAFETY: prctl(PR_SET_KEEPCAPS) takes an integer and no pointers.
+        let rc = unsafe { libc::prctl(libc::PR_SET_KEEPCAPS, 1, 0, 0, 0) };
+        check(rc.into(), "PR_SET_KEEPCAPS")?;
+        // SAFETY: setgroups reads one gid from a live local; the set*id calls take integers.
+        // glibc applies them to every thread of the process.
+        unsafe {
+            check(libc::setgroups(1, &raw const gid).into(), "setgroups")?;
+            check(libc::setresgid(gid, gid, gid).into(), "setresgid")?;
+            check(libc::setresuid(uid, uid, uid).into(), "setresuid")?;
+        }
+        // SAFETY: as above.
+        unsafe { libc::prctl(libc::PR_SET_KEEPCAPS, 0, 0, 0, 0) };
     }
     let mut hdr = Header {
         version: VERSION_3,
@@ -124,6 +157,66 @@ pub fn retain_only(keep: &[u32]) -> io::Result<Caps> {
         return Err(io::Error::last_os_error());
     }
     current()
+}
+
+/// `name`'s uid and primary gid, from the user database.
+///
+/// # Errors
+/// `NotFound` for an unknown user.
+pub fn lookup_user(name: &str) -> io::Result<(u32, u32)> {
+    let c = std::ffi::CString::new(name).map_err(|_| io::ErrorKind::InvalidInput)?;
+    let mut buf = vec![0 as libc::c_char; 16 * 1024];
+    // SAFETY: passwd is plain C data; all-zero is a valid value to be filled in.
+    let mut pw: libc::passwd = unsafe { core::mem::zeroed() };
+    let mut out = core::ptr::null_mut();
+    // SAFETY: getpwnam_r writes into `pw` and `buf` (of the given length), both live, and sets
+    // `out` to `&pw` or null.
+    let rc = unsafe {
+        libc::getpwnam_r(
+            c.as_ptr(),
+            &raw mut pw,
+            buf.as_mut_ptr(),
+            buf.len(),
+            &raw mut out,
+        )
+    };
+    if rc != 0 || out.is_null() {
+        return Err(io::Error::new(
+            io::ErrorKind::NotFound,
+            format!("no user {name:?}"),
+        ));
+    }
+    Ok((pw.pw_uid, pw.pw_gid))
+}
+
+/// `name`'s gid, from the group database.
+///
+/// # Errors
+/// `NotFound` for an unknown group.
+pub fn lookup_group(name: &str) -> io::Result<u32> {
+    let c = std::ffi::CString::new(name).map_err(|_| io::ErrorKind::InvalidInput)?;
+    let mut buf = vec![0 as libc::c_char; 16 * 1024];
+    // SAFETY: group is plain C data; all-zero is a valid value to be filled in.
+    let mut gr: libc::group = unsafe { core::mem::zeroed() };
+    let mut out = core::ptr::null_mut();
+    // SAFETY: getgrnam_r writes into `gr` and `buf` (of the given length), both live, and sets
+    // `out` to `&gr` or null.
+    let rc = unsafe {
+        libc::getgrnam_r(
+            c.as_ptr(),
+            &raw mut gr,
+            buf.as_mut_ptr(),
+            buf.len(),
+            &raw mut out,
+        )
+    };
+    if rc != 0 || out.is_null() {
+        return Err(io::Error::new(
+            io::ErrorKind::NotFound,
+            format!("no group {name:?}"),
+        ));
+    }
+    Ok(gr.gr_gid)
 }
 
 /// The one capability the run loop needs to read BPF maps on this kernel: `CAP_BPF` where the
