@@ -174,6 +174,20 @@ fn setup_xsk<'a>(
     })
 }
 
+/// A networked sink's memory bound (`sinks.max_buffered_bytes`) and disk buffer
+/// (`sinks.buffer`, a directory per sink).
+fn remote_limits(
+    s: &crate::ops::config::SinksConfig,
+    sink: crate::sink::remote::RemoteSink,
+    name: &str,
+) -> crate::sink::remote::RemoteSink {
+    sink.with_limits(
+        s.max_buffered_bytes,
+        s.buffer.dir.join(name),
+        s.buffer.max_bytes,
+    )
+}
+
 /// This appliance's name in event ids: `engine.node_id`, else the host name.
 fn node_id(cfg: &Config) -> String {
     if !cfg.engine.node_id.is_empty() {
@@ -205,13 +219,13 @@ fn open_sink(
             let sink = crate::sink::kafka::open(&s.kafka, &node_id(cfg), run, &name)
                 .with_context(|| format!("the Kafka sink {name} (sinks.kafka)"))?;
             info!(brokers = %s.kafka.brokers, sink = %name, "Kafka sink ready");
-            Box::new(sink)
+            Box::new(remote_limits(s, sink, &name))
         }
         SinkKind::Postgres => {
             let sink = crate::sink::postgres::open(&s.postgres, &node_id(cfg), run, &name)
                 .with_context(|| format!("the PostgreSQL sink {name} (sinks.postgres)"))?;
             info!(table = %s.postgres.table, sink = %name, "PostgreSQL sink ready");
-            Box::new(sink)
+            Box::new(remote_limits(s, sink, &name))
         }
         SinkKind::Nats => {
             let name = dir
@@ -220,7 +234,7 @@ fn open_sink(
             let sink = crate::sink::nats::open(&s.nats, &node_id(cfg), run, &name)
                 .with_context(|| format!("the NATS sink {name} (sinks.nats)"))?;
             info!(stream = %s.nats.stream, servers = ?s.nats.servers, sink = %name, "NATS JetStream sink ready");
-            Box::new(sink)
+            Box::new(remote_limits(s, sink, &name))
         }
         SinkKind::Memory => {
             let n = cfg.engine.memory_sink_capacity;
@@ -1127,6 +1141,7 @@ pub fn run(cfg: &Config, no_xdp: bool, duration: u64, probe: Option<Probe>) -> R
             "retries": h.retries(),
             "sent_events": h.sent_totals().0,
             "sent_bytes": h.sent_totals().1,
+            "spilled_events": h.spill_totals().0,
             "ack_latency_p50_le_us": h.ack_quantile_us(0.5),
             "ack_latency_p99_le_us": h.ack_quantile_us(0.99),
         })).collect::<Vec<_>>(),

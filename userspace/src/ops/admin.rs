@@ -243,6 +243,34 @@ pub fn render(v: &MetricsView<'_>) -> String {
     }
     family(
         &mut out,
+        "eventstream_sink_spilled_events_total",
+        "counter",
+        "Events a sink spilled to its disk buffer while the other side was behind or down.",
+    );
+    for h in &v.sinks {
+        let _ = writeln!(
+            out,
+            "eventstream_sink_spilled_events_total{{sink=\"{}\"}} {}",
+            h.name,
+            h.spill_totals().0
+        );
+    }
+    family(
+        &mut out,
+        "eventstream_sink_disk_buffer_bytes",
+        "gauge",
+        "Bytes in a sink's disk buffer now (0 once delivered).",
+    );
+    for h in &v.sinks {
+        let _ = writeln!(
+            out,
+            "eventstream_sink_disk_buffer_bytes{{sink=\"{}\"}} {}",
+            h.name,
+            h.spill_totals().1
+        );
+    }
+    family(
+        &mut out,
         "eventstream_sink_sent_bytes_total",
         "counter",
         "Bytes handed to a sink's I/O, as encoded for it.",

@@ -430,6 +430,27 @@ pub struct SinksConfig {
     pub postgres: crate::sink::postgres::PostgresConfig,
     /// `sinks.kafka`
     pub kafka: crate::sink::kafka::KafkaConfig,
+    /// `sinks.buffer`: the disk buffer of the networked sinks.
+    pub buffer: BufferConfig,
+}
+
+/// `sinks.buffer:`
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(default, deny_unknown_fields)]
+pub struct BufferConfig {
+    /// `sinks.buffer.dir`: one directory per sink below it.
+    pub dir: std::path::PathBuf,
+    /// `sinks.buffer.max_bytes`: per sink; 0 turns the disk buffer off.
+    pub max_bytes: u64,
+}
+
+impl Default for BufferConfig {
+    fn default() -> Self {
+        Self {
+            dir: "data/buffer".into(),
+            max_bytes: 1 << 30,
+        }
+    }
 }
 
 impl SinksConfig {
@@ -493,6 +514,7 @@ impl Default for SinksConfig {
             nats: crate::sink::nats::NatsConfig::default(),
             postgres: crate::sink::postgres::PostgresConfig::default(),
             kafka: crate::sink::kafka::KafkaConfig::default(),
+            buffer: BufferConfig::default(),
         }
     }
 }

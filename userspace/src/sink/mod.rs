@@ -126,6 +126,8 @@ pub struct SinkHealth {
     in_flight: AtomicU64,
     sent_events: AtomicU64,
     sent_bytes: AtomicU64,
+    spilled_events: AtomicU64,
+    disk_buffer_bytes: AtomicU64,
     /// Hand-over to acknowledgement, per event: counts per bucket of [`ACK_BUCKETS_US`].
     ack_buckets: [AtomicU64; ACK_BUCKETS_US.len()],
     ack_count: AtomicU64,
@@ -155,6 +157,8 @@ impl SinkHealth {
             in_flight: AtomicU64::new(0),
             sent_events: AtomicU64::new(0),
             sent_bytes: AtomicU64::new(0),
+            spilled_events: AtomicU64::new(0),
+            disk_buffer_bytes: AtomicU64::new(0),
             ack_buckets: Default::default(),
             ack_count: AtomicU64::new(0),
             ack_sum_ns: AtomicU64::new(0),
@@ -222,6 +226,20 @@ impl SinkHealth {
     pub fn sent(&self, events: u64, bytes: u64) {
         self.sent_events.fetch_add(events, Ordering::Relaxed);
         self.sent_bytes.fetch_add(bytes, Ordering::Relaxed);
+    }
+
+    /// Records that `events` more were spilled to the disk buffer, which now holds `bytes`.
+    pub fn spilled(&self, events: u64, bytes: u64) {
+        self.spilled_events.fetch_add(events, Ordering::Relaxed);
+        self.disk_buffer_bytes.store(bytes, Ordering::Relaxed);
+    }
+
+    /// Events spilled to the disk buffer so far, and the bytes it holds now.
+    pub fn spill_totals(&self) -> (u64, u64) {
+        (
+            self.spilled_events.load(Ordering::Relaxed),
+            self.disk_buffer_bytes.load(Ordering::Relaxed),
+        )
     }
 
     /// Events and bytes sent so far.

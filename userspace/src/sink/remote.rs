@@ -9,6 +9,12 @@
 //! behind or failing, buffers queue up to a bound; past it, appends are refused (the caller
 //! counts them as failed), and the data plane never waits on the network.
 //!
+//! When the other side is down longer than the buffers hold, whole buffers spill to a disk
+//! buffer of the sink's own (`sinks.buffer`: one file per outage, framed and CRC-checked) and
+//! every later buffer follows them there, so order is kept; the I/O thread delivers what is in
+//! memory first, then the file, and once it has caught up the file is removed and buffers go
+//! over the ring again. Only a full disk buffer refuses events (counted as failed).
+//!
 //! Event ids are given at receive: `<node_id>-<run>-<stream>-<n>` (`run` is the appliance's
 //! start time, so ids never repeat across runs; `stream` the receive queue, socket or TCP slot,
 //! `n` the event's number in it), or for `key: payload_id` routes `id-<sender id, hex>`, so
@@ -135,6 +141,76 @@ pub struct Shared {
     abandon: AtomicBool,
     /// Its health, for `/healthz` and `/metrics`.
     pub health: Arc<SinkHealth>,
+    /// The disk buffer's directory, once the sink has one.
+    spool_dir: std::sync::OnceLock<std::path::PathBuf>,
+    /// The disk buffer's current file (its outage number), bytes written to it, bytes the I/O
+    /// thread has delivered from it.
+    spool_episode: AtomicU64,
+    spool_written: AtomicU64,
+    spool_read: AtomicU64,
+}
+
+/// Bytes before a chunk in a disk buffer file: `len u32`, `records u32`, `crc32c u32`, pad.
+const SPOOL_HEADER: usize = 16;
+
+/// The appender's side of the disk buffer.
+#[derive(Debug, Default)]
+struct Spool {
+    /// Bytes it may hold (0: no disk buffer).
+    max_bytes: u64,
+    /// The file of the outage now being spilled, if one is.
+    file: Option<(std::fs::File, std::path::PathBuf)>,
+    /// Bytes written to it.
+    written: u64,
+}
+
+/// The I/O thread's side: reads what the appender spilled, in order.
+#[derive(Debug, Default)]
+struct SpoolReader {
+    episode: u64,
+    file: Option<std::fs::File>,
+    offset: u64,
+}
+
+impl SpoolReader {
+    /// The next spilled chunk into `into`; returns its framed length, `None` when nothing is
+    /// waiting (or the file cannot be read: reported, and tried again later).
+    fn next(&mut self, shared: &Shared, into: &mut Chunk) -> Option<u64> {
+        use std::io::Read as _;
+        let ep = shared.spool_episode.load(Ordering::Acquire);
+        if ep == 0 {
+            return None;
+        }
+        if ep != self.episode {
+            let dir = shared.spool_dir.get()?;
+            self.file = std::fs::File::open(dir.join(format!("{ep:016}.buf"))).ok();
+            self.episode = ep;
+            self.offset = 0;
+        }
+        if shared.spool_written.load(Ordering::Acquire) <= self.offset {
+            return None;
+        }
+        let f = self.file.as_mut()?;
+        let mut h = [0u8; SPOOL_HEADER];
+        let r = f.read_exact(&mut h).and_then(|()| {
+            let len = u32::from_le_bytes(h[0..4].try_into().expect("4 bytes")) as usize;
+            into.bytes.resize(len, 0);
+            f.read_exact(&mut into.bytes)
+        });
+        let crc = u32::from_le_bytes(h[8..12].try_into().expect("4 bytes"));
+        if r.is_err() || crc32c::crc32c(&into.bytes) != crc {
+            shared.health.fail(
+                crate::sink::SinkErrorKind::Io,
+                &io::Error::other("the disk buffer could not be read back"),
+            );
+            into.bytes.clear();
+            return None;
+        }
+        into.records = u64::from(u32::from_le_bytes(h[4..8].try_into().expect("4 bytes")));
+        let n = (SPOOL_HEADER + into.bytes.len()) as u64;
+        self.offset += n;
+        Some(n)
+    }
 }
 
 impl Shared {
@@ -181,6 +257,9 @@ pub struct RemoteSink {
     handed: u64,
     acked: u64,
     lost: u64,
+    /// A buffer grows up to this while the other side is behind, before it spills or waits.
+    max_chunk: usize,
+    spool: Spool,
 }
 
 /// The I/O thread: sets the backend up (reporting the outcome on `ready`), then delivers
@@ -213,11 +292,22 @@ fn io_thread<B: Backend>(
             }
         }
         let _ = ready.send(Ok(()));
+        let mut reader = SpoolReader::default();
+        let mut spilled = Chunk::default();
         loop {
             if shared.abandoned() {
                 return;
             }
             let Some(mut chunk) = from.pop() else {
+                // Nothing in memory: what was spilled to disk, in order, if anything.
+                if let Some(n) = reader.next(&shared, &mut spilled) {
+                    shared
+                        .health
+                        .sent(spilled.records, spilled.bytes.len() as u64);
+                    backend.deliver(&spilled, &shared, &ids).await;
+                    shared.spool_read.fetch_add(n, Ordering::AcqRel);
+                    continue;
+                }
                 if shared.stop.load(Ordering::Acquire) && from.is_empty() {
                     return;
                 }
@@ -256,6 +346,10 @@ impl RemoteSink {
             stop: AtomicBool::new(false),
             abandon: AtomicBool::new(false),
             health,
+            spool_dir: std::sync::OnceLock::new(),
+            spool_episode: AtomicU64::new(0),
+            spool_written: AtomicU64::new(0),
+            spool_read: AtomicU64::new(0),
         });
         let (to_io, from_appender) = spsc::channel::<Chunk>(BUFFERS);
         let (mut spare, from_io) = spsc::channel::<Chunk>(BUFFERS);
@@ -294,31 +388,132 @@ impl RemoteSink {
             handed: 0,
             acked: 0,
             lost: 0,
+            max_chunk: MAX_CHUNK,
+            spool: Spool::default(),
         })
+    }
+
+    /// Holds at most about `bytes` in memory while the other side is behind (its buffers
+    /// together); past that, buffers spill to a disk buffer in `dir` of at most `spool_bytes`
+    /// (0: none, appends are refused instead).
+    #[must_use]
+    pub fn with_limits(mut self, bytes: usize, dir: std::path::PathBuf, spool_bytes: u64) -> Self {
+        self.max_chunk = (bytes / BUFFERS).max(64 * 1024);
+        self.spool.max_bytes = spool_bytes;
+        let _ = self.shared.spool_dir.set(dir);
+        self
+    }
+
+    /// Writes the batch to the disk buffer (starting an outage's file if none is open);
+    /// `false` when there is none, it is full, or the write failed.
+    fn spill(&mut self) -> bool {
+        use std::io::Write as _;
+        use std::os::unix::fs::OpenOptionsExt as _;
+        if self.spool.max_bytes == 0 {
+            return false;
+        }
+        let framed = (SPOOL_HEADER + self.batch.bytes.len()) as u64;
+        if self.spool.written + framed > self.spool.max_bytes {
+            return false;
+        }
+        if self.spool.file.is_none() {
+            let Some(dir) = self.shared.spool_dir.get() else {
+                return false;
+            };
+            let ep = self.shared.spool_episode.load(Ordering::Acquire) + 1;
+            let path = dir.join(format!("{ep:016}.buf"));
+            let opened = std::fs::create_dir_all(dir).and_then(|()| {
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .truncate(true)
+                    .write(true)
+                    .mode(0o640)
+                    .open(&path)
+            });
+            let file = match opened {
+                Ok(f) => f,
+                Err(e) => {
+                    self.shared
+                        .health
+                        .fail(crate::sink::SinkErrorKind::of_write(&e), &e);
+                    return false;
+                }
+            };
+            tracing::warn!(sink = %self.shared.health.name, file = %path.display(), "the other side is behind: buffers spill to disk");
+            self.shared.spool_read.store(0, Ordering::Release);
+            self.shared.spool_written.store(0, Ordering::Release);
+            self.shared.spool_episode.store(ep, Ordering::Release);
+            self.spool.file = Some((file, path));
+            self.spool.written = 0;
+        }
+        let (file, _) = self.spool.file.as_mut().expect("opened above");
+        let b = &self.batch;
+        let mut h = [0u8; SPOOL_HEADER];
+        h[0..4].copy_from_slice(&(b.bytes.len() as u32).to_le_bytes());
+        h[4..8].copy_from_slice(&(b.records as u32).to_le_bytes());
+        h[8..12].copy_from_slice(&crc32c::crc32c(&b.bytes).to_le_bytes());
+        if let Err(e) = file.write_all(&h).and_then(|()| file.write_all(&b.bytes)) {
+            self.shared
+                .health
+                .fail(crate::sink::SinkErrorKind::of_write(&e), &e);
+            return false;
+        }
+        self.spool.written += framed;
+        self.shared.health.spilled(b.records, self.spool.written);
+        self.shared
+            .spool_written
+            .store(self.spool.written, Ordering::Release);
+        self.handed += b.records;
+        self.batch.bytes.clear();
+        self.batch.records = 0;
+        true
+    }
+
+    /// Ends the outage's file once the I/O thread has delivered all of it.
+    fn end_spill(&mut self) {
+        if self.spool.file.is_some()
+            && self.shared.spool_read.load(Ordering::Acquire) >= self.spool.written
+        {
+            let (_, path) = self.spool.file.take().expect("checked");
+            let _ = std::fs::remove_file(&path);
+            self.shared.health.spilled(0, 0);
+            tracing::info!(sink = %self.shared.health.name, "the disk buffer is delivered; back to memory");
+        }
     }
 
     /// Hands the batch over when due; `false` when it had to and no buffer came free.
     fn hand_over(&mut self, must: bool) -> bool {
+        self.end_spill();
         let len = self.batch.bytes.len();
         if len == 0 {
             return true;
         }
+        if self.spool.file.is_some() {
+            // Spilling: every buffer follows the earlier ones to disk, so order is kept.
+            if !must && len < BATCH_BYTES {
+                return true;
+            }
+            return self.spill() || (!must && len < self.max_chunk);
+        }
         if !must && len < BATCH_BYTES && self.to_io.slots() < self.to_io.capacity() {
             return true; // the I/O thread has work queued: keep filling this one
         }
-        let wait = must || len >= MAX_CHUNK;
+        let wait = must || len >= self.max_chunk;
         let mut spins = 0u32;
         let since = Instant::now();
         let next = loop {
             if let Some(c) = self.from_io.pop() {
                 break c;
             }
+            // With a disk buffer the data plane never waits on the other side: it spills.
             if !wait
+                || self.spool.max_bytes > 0
                 || self.shared.health.is_failing()
                 || self.shared.abandoned()
                 || since.elapsed() >= BLOCK_LIMIT
             {
-                return !wait;
+                // No buffer came free: to disk, if the sink has a disk buffer.
+                return !wait || (!self.shared.abandoned() && self.spill());
             }
             crate::engine::idle::backoff(&mut spins);
         };
@@ -348,7 +543,7 @@ impl Sink for RemoteSink {
     fn append(&mut self, ev: &EventRef<'_>, _reason: Option<&'static str>) -> io::Result<()> {
         let topic_len = u16::try_from(ev.topic.len())
             .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "topic too long"))?;
-        if self.batch.bytes.len() >= MAX_CHUNK && !self.hand_over(false) {
+        if self.batch.bytes.len() >= self.max_chunk && !self.hand_over(false) {
             let h = &self.shared.health;
             return Err(refusal(&match h.failure() {
                 Some(why) => format!("{} is failing: {why}", h.name),
@@ -447,5 +642,14 @@ impl Drop for RemoteSink {
             thread::sleep(Duration::from_millis(1));
         }
         self.abandon();
+        self.end_spill();
+        if let Some((_, path)) = &self.spool.file {
+            tracing::warn!(
+                sink = %self.shared.health.name,
+                file = %path.display(),
+                events = self.in_flight(),
+                "events left undelivered in the disk buffer (counted as failed{{reason=\"shutdown\"}}; not replayed at the next start)"
+            );
+        }
     }
 }

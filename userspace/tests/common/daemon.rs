@@ -44,11 +44,21 @@ pub fn stop(
 
 /// Waits (at most 10 s, else fails with `why`) for the daemon to exit 0; returns its report.
 pub fn exit_report(
+    child: std::process::Child,
+    out: BufReader<std::process::ChildStdout>,
+    why: &str,
+) -> serde_json::Value {
+    exit_report_within(child, out, why, Duration::from_secs(10))
+}
+
+/// As [`exit_report`], waiting at most `limit`.
+pub fn exit_report_within(
     mut child: std::process::Child,
     mut out: BufReader<std::process::ChildStdout>,
     why: &str,
+    limit: Duration,
 ) -> serde_json::Value {
-    let deadline = Instant::now() + Duration::from_secs(10);
+    let deadline = Instant::now() + limit;
     let status = loop {
         if let Some(s) = child.try_wait().unwrap() {
             break s;
