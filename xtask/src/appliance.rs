@@ -31,6 +31,12 @@ pub fn require_root(what: &str) -> Result<()> {
 /// here): iproute2 for the namespaces, and pkg-config, libhwloc-dev and libudev-dev for the
 /// daemon's hwloc topology. Elsewhere than Debian/Ubuntu it names what to install.
 fn ensure_packages() -> Result<()> {
+    install_missing(&[])
+}
+
+/// As `ensure_packages`, with `extra` (Debian package, command that proves it is there)
+/// besides.
+pub fn install_missing(extra: &[(&str, &[&str])]) -> Result<()> {
     let ok = |cmd: &str, args: &[&str]| {
         Command::new(cmd)
             .args(args)
@@ -38,6 +44,11 @@ fn ensure_packages() -> Result<()> {
             .is_ok_and(|o| o.status.success())
     };
     let mut missing = Vec::new();
+    for (pkg, probe) in extra {
+        if !ok(probe[0], &probe[1..]) {
+            missing.push(*pkg);
+        }
+    }
     if !ok("ip", &["-V"]) {
         missing.push("iproute2");
     }

@@ -22,6 +22,7 @@ mod demo;
 mod ebpf;
 mod fuzz;
 mod microbench;
+mod test;
 mod xdp;
 
 #[derive(Parser)]
@@ -54,6 +55,8 @@ enum Cmd {
     Microbench(microbench::Args),
     /// Run every fuzz target for a bounded time (cargo-fuzz, nightly).
     Fuzz(fuzz::Args),
+    /// The whole test suite, installing what its privileged tests need first (as root).
+    Test(test::Args),
     /// Attach the XDP program to an interface and pin it under /sys/fs/bpf/eventstream/IF.
     Load(xdp::LoadArgs),
     /// Detach the pinned program from an interface and remove its pins.
@@ -101,6 +104,7 @@ fn xtask_main() -> Result<()> {
         Cmd::Bench(args) => bench::main(&workspace_root(), &args),
         Cmd::Microbench(args) => microbench::main(&workspace_root(), &args),
         Cmd::Fuzz(args) => fuzz::main(&workspace_root(), &args),
+        Cmd::Test(args) => test::main(&workspace_root(), &args),
         Cmd::Load(args) => xdp::load(&workspace_root(), &args),
         Cmd::Unload { iface } => xdp::unload(&iface),
         Cmd::Status => xdp::status(),
