@@ -727,6 +727,74 @@ async fn answer(
     r
 }
 
+/// The HTTP/1 settings every admin connection is served with.
+fn http_builder(policy: &Policy) -> hyper::server::conn::http1::Builder {
+    let mut http = hyper::server::conn::http1::Builder::new();
+    http.timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(policy.timeout)
+        .max_buf_size(MAX_HEAD)
+        .max_headers(MAX_HEADERS);
+    http
+}
+
+/// Serves `input` as the bytes of one client connection, with the admin server's own limits,
+/// policy checks and handlers over fresh counters, and returns what it answered: the fuzz
+/// target's way in (`fuzz/fuzz_targets/admin_request.rs`). Commands it accepts go nowhere.
+#[doc(hidden)]
+pub fn answer_bytes(input: &[u8]) -> Vec<u8> {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let engine = EngineCounters::default();
+    let ingest = IngestCounters::default();
+    let admin = AdminCounters::default();
+    let view = MetricsView {
+        ingest: vec![(Source::Udp, &ingest)],
+        engine: &engine,
+        queue: Box::new(|| (0, 1)),
+        sink: ["memory"; 3],
+        sinks: Vec::new(),
+        admin: &admin,
+        xdp_verdicts: Box::new(|| None),
+    };
+    let (commands, _rx) = mpsc::channel::<Command>(4);
+    let policy = Policy {
+        max_connections: 1,
+        timeout: Duration::from_millis(50),
+        token: Some("fuzz-token-0123456789".into()),
+        allowed_hosts: vec!["127.0.0.1:8090".into()],
+    };
+    let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .build()
+    else {
+        return Vec::new();
+    };
+    rt.block_on(async {
+        let (mut client, server) = tokio::io::duplex(64 * 1024);
+        let service = hyper::service::service_fn(|req| {
+            let (view, commands, policy, admin) = (&view, &commands, &policy, &admin);
+            async move {
+                Ok::<_, std::convert::Infallible>(answer(req, view, commands, policy, admin).await)
+            }
+        });
+        // The client's end of the input is a half-close: answer what came before it.
+        let mut http = http_builder(&policy);
+        http.half_close(true);
+        let conn = http.serve_connection(hyper_util::rt::TokioIo::new(server), service);
+        let talk = async {
+            let _ = client.write_all(input).await;
+            let _ = client.shutdown().await;
+            let mut out = Vec::new();
+            let _ = client.read_to_end(&mut out).await;
+            out
+        };
+        let (out, _) = tokio::join!(
+            tokio::time::timeout(Duration::from_secs(2), talk),
+            tokio::time::timeout(Duration::from_secs(2), conn)
+        );
+        out.unwrap_or_default()
+    })
+}
+
 /// Serves until `stop` is set, on a current-thread tokio runtime in the calling thread: one
 /// task per connection (no thread), at most `policy.max_connections`, each request's head
 /// limited in size and time, bodies in size and time, and every connection's life bounded, so
@@ -750,11 +818,7 @@ pub fn serve(
     rt.block_on(async {
         let listener = tokio::net::TcpListener::from_std(listener)?;
         info!(addr = ?listener.local_addr().ok(), max_connections = policy.max_connections, token = policy.token.is_some(), "metrics and admin listening");
-        let mut http = hyper::server::conn::http1::Builder::new();
-        http.timer(hyper_util::rt::TokioTimer::new())
-            .header_read_timeout(policy.timeout)
-            .max_buf_size(MAX_HEAD)
-            .max_headers(MAX_HEADERS);
+        let http = http_builder(policy);
         let mut conns = futures_util::stream::FuturesUnordered::new();
         let mut tick = tokio::time::interval(Duration::from_millis(100));
         let mut accept_backoff = Duration::from_millis(5);
@@ -795,4 +859,42 @@ pub fn serve(
         }
         Ok(())
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hostile_bytes_get_an_answer_or_nothing_never_a_hang() {
+        let ok = answer_bytes(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n");
+        assert!(
+            ok.starts_with(b"HTTP/1.1 200"),
+            "{}",
+            String::from_utf8_lossy(&ok)
+        );
+        let drain = answer_bytes(
+            b"POST /state HTTP/1.1\r\nHost: 127.0.0.1:8090\r\nContent-Length: 5\r\n\r\ndrain",
+        );
+        assert!(
+            drain.starts_with(b"HTTP/1.1 403"),
+            "no token: {}",
+            String::from_utf8_lossy(&drain)
+        );
+        let authed = answer_bytes(b"POST /state HTTP/1.1\r\nHost: 127.0.0.1:8090\r\nAuthorization: Bearer fuzz-token-0123456789\r\nContent-Length: 5\r\n\r\ndrain");
+        assert!(
+            authed.starts_with(b"HTTP/1.1 202"),
+            "{}",
+            String::from_utf8_lossy(&authed)
+        );
+        for bad in [
+            &b"GET /metrics HTTP/1.1\r\nContent-Length: 9223372036854775000\r\n\r\n"[..],
+            b"POST /state HTTP/1.1\r\nHost: 127.0.0.1:8090\r\nAuthorization: Bearer fuzz-token-0123456789\r\nContent-Length: 5000\r\n\r\nd",
+            b"\x00\xff\r\n\r\n",
+            b"GET / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\nffffffffffffffff\r\n",
+        ] {
+            let out = answer_bytes(bad);
+            assert!(out.is_empty() || out.starts_with(b"HTTP/1."), "{}", String::from_utf8_lossy(&out));
+        }
+    }
 }
