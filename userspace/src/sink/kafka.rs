@@ -22,7 +22,7 @@ use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer as _};
 use serde::Deserialize;
 
-use crate::sink::remote::{BACKOFF, Backend, Chunk, RemoteSink, Shared};
+use crate::sink::remote::{Backend, Chunk, RemoteSink, Shared, retry_rounds};
 use crate::sink::{SinkErrorKind, SinkHealth};
 
 /// What the record key is.
@@ -146,18 +146,18 @@ impl Backend for Kafka {
             return;
         };
         let health = &*shared.health;
-        let mut pending: Vec<usize> = chunk.iter().map(|r| r.at).collect();
-        let mut backoff = BACKOFF.0;
         let max = self.cfg.max_in_flight.max(1);
-        while !pending.is_empty() {
+        let cfg = &self.cfg;
+        let pending: Vec<usize> = chunk.iter().map(|r| r.at).collect();
+        retry_rounds(shared, pending, async |pending: &[usize]| {
             let mut failed = Vec::new();
             let mut reports = futures_util::stream::FuturesUnordered::new();
             let mut last_error: Option<String> = None;
-            for &at in &pending {
+            for &at in pending {
                 let (r, _) = chunk.record(at);
                 let id = r.event_id(ids);
-                let topic = kafka_topic(&self.cfg, r.topic);
-                let key = match self.cfg.key {
+                let topic = kafka_topic(cfg, r.topic);
+                let key = match cfg.key {
                     KafkaKey::Topic => r.topic,
                     KafkaKey::EventId => id.as_str(),
                 };
@@ -211,19 +211,9 @@ impl Backend for Kafka {
             while let Some((at, rep)) = reports.next().await {
                 settle(at, rep, shared, &mut failed, &mut last_error);
             }
-            match last_error {
-                Some(e) => health.fail(SinkErrorKind::Broker, &io::Error::other(e)),
-                None => health.recovered(),
-            }
-            if failed.is_empty() || shared.abandoned() {
-                return;
-            }
-            tokio::time::sleep(backoff).await;
-            backoff = (backoff * 2).min(BACKOFF.1);
-            health.retried();
-            failed.sort_unstable();
-            pending = failed;
-        }
+            (failed, last_error)
+        })
+        .await;
     }
 }
 

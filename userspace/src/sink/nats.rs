@@ -18,7 +18,7 @@ use std::time::Duration;
 use futures_util::StreamExt as _;
 use serde::Deserialize;
 
-use crate::sink::remote::{BACKOFF, Backend, Chunk, RemoteSink, Shared};
+use crate::sink::remote::{Backend, Chunk, RemoteSink, Shared, retry_rounds};
 use crate::sink::{SinkErrorKind, SinkHealth};
 use crate::wire::event::Source;
 
@@ -149,10 +149,10 @@ impl Backend for Nats {
         use async_nats::jetstream::context::PublishErrorKind;
         let Some(js) = &self.js else { return };
         let health = &*shared.health;
-        let mut pending: Vec<usize> = chunk.iter().map(|r| r.at).collect();
-        let mut backoff = BACKOFF.0;
         let max = self.cfg.max_in_flight.max(1);
-        while !pending.is_empty() {
+        let prefix = &self.cfg.subject_prefix;
+        let pending: Vec<usize> = chunk.iter().map(|r| r.at).collect();
+        retry_rounds(shared, pending, async |pending: &[usize]| {
             let mut failed = Vec::new();
             let mut acks = futures_util::stream::FuturesUnordered::new();
             let mut last_error = None;
@@ -163,7 +163,7 @@ impl Backend for Nats {
                     last_error = Some(e.to_string());
                 }
             };
-            for &at in &pending {
+            for &at in pending {
                 while acks.len() >= max {
                     if let Some(done) = acks.next().await {
                         settle(done, &mut failed);
@@ -179,10 +179,7 @@ impl Backend for Nats {
                     .header("Es-Priority", r.priority.to_string().as_str())
                     .header("Es-Source", source)
                     .header("Es-Received-Ns", r.ingest_ns.to_string().as_str());
-                match js
-                    .send_publish(subject(&self.cfg.subject_prefix, r.topic), msg)
-                    .await
-                {
+                match js.send_publish(subject(prefix, r.topic), msg).await {
                     Ok(ack) => acks.push(async move { (at, ack.await) }),
                     Err(e) if e.kind() == PublishErrorKind::MaxPayloadExceeded => {
                         // Never accepted, however often it is sent: counted as failed.
@@ -195,19 +192,9 @@ impl Backend for Nats {
             while let Some(done) = acks.next().await {
                 settle(done, &mut failed);
             }
-            match last_error {
-                Some(e) => health.fail(SinkErrorKind::Broker, &io::Error::other(e)),
-                None => health.recovered(),
-            }
-            if failed.is_empty() || shared.abandoned() {
-                return;
-            }
-            tokio::time::sleep(backoff).await;
-            backoff = (backoff * 2).min(BACKOFF.1);
-            health.retried();
-            failed.sort_unstable(); // retried in their original order
-            pending = failed;
-        }
+            (failed, last_error)
+        })
+        .await;
     }
 }
 

@@ -230,6 +230,35 @@ impl Shared {
     }
 }
 
+/// Runs delivery rounds over the records at `pending` until one fails none (or the sink is
+/// abandoned). Each round delivers what it is given and returns the records that failed and
+/// the last error; a round's outcome goes to the sink's health, and what failed is retried
+/// after a backoff ([`BACKOFF`]), in its original order.
+pub async fn retry_rounds(
+    shared: &Shared,
+    mut pending: Vec<usize>,
+    mut round: impl AsyncFnMut(&[usize]) -> (Vec<usize>, Option<String>),
+) {
+    let mut backoff = BACKOFF.0;
+    while !pending.is_empty() {
+        let (mut failed, last_error) = round(&pending).await;
+        match last_error {
+            Some(e) => shared
+                .health
+                .fail(crate::sink::SinkErrorKind::Broker, &io::Error::other(e)),
+            None => shared.health.recovered(),
+        }
+        if failed.is_empty() || shared.abandoned() {
+            return;
+        }
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(BACKOFF.1);
+        shared.health.retried();
+        failed.sort_unstable();
+        pending = failed;
+    }
+}
+
 /// The other system, as seen from a sink's I/O thread.
 #[allow(async_fn_in_trait)] // driven by our own current-thread runtime: no Send needed
 pub trait Backend: Send + 'static {
