@@ -291,6 +291,26 @@ pub struct RemoteSink {
     spool: Spool,
 }
 
+/// Delivers `chunk`, unless the sink is abandoned first: a client library can wait forever
+/// (a publish queued behind a connection that never comes back), and the shutdown deadline
+/// must still end the thread. `false` when abandoned.
+async fn deliver_or_abandon<B: Backend>(
+    backend: &mut B,
+    chunk: &Chunk,
+    shared: &Shared,
+    ids: &str,
+) -> bool {
+    let abandoned = async {
+        while !shared.abandoned() {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    };
+    tokio::select! {
+        () = backend.deliver(chunk, shared, ids) => true,
+        () = abandoned => false,
+    }
+}
+
 /// The I/O thread: sets the backend up (reporting the outcome on `ready`), then delivers
 /// buffers in order until stopped.
 fn io_thread<B: Backend>(
@@ -333,7 +353,9 @@ fn io_thread<B: Backend>(
                     shared
                         .health
                         .sent(spilled.records, spilled.bytes.len() as u64);
-                    backend.deliver(&spilled, &shared, &ids).await;
+                    if !deliver_or_abandon(&mut backend, &spilled, &shared, &ids).await {
+                        return;
+                    }
                     shared.spool_read.fetch_add(n, Ordering::AcqRel);
                     continue;
                 }
@@ -344,7 +366,9 @@ fn io_thread<B: Backend>(
                 continue;
             };
             shared.health.sent(chunk.records, chunk.bytes.len() as u64);
-            backend.deliver(&chunk, &shared, &ids).await;
+            if !deliver_or_abandon(&mut backend, &chunk, &shared, &ids).await {
+                return;
+            }
             if let Some(t) = chunk.handed_at.take() {
                 shared.health.acked_after(t.elapsed(), chunk.records);
             }
