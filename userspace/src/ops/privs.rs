@@ -164,29 +164,9 @@ pub fn retain_only_as(keep: &[u32], user: Option<(u32, u32)>) -> io::Result<Caps
 /// # Errors
 /// `NotFound` for an unknown user.
 pub fn lookup_user(name: &str) -> io::Result<(u32, u32)> {
-    let c = std::ffi::CString::new(name).map_err(|_| io::ErrorKind::InvalidInput)?;
-    let mut buf = vec![0 as libc::c_char; 16 * 1024];
-    // SAFETY: passwd is plain C data; all-zero is a valid value to be filled in.
-    let mut pw: libc::passwd = unsafe { core::mem::zeroed() };
-    let mut out = core::ptr::null_mut();
-    // SAFETY: getpwnam_r writes into `pw` and `buf` (of the given length), both live, and sets
-    // `out` to `&pw` or null.
-    let rc = unsafe {
-        libc::getpwnam_r(
-            c.as_ptr(),
-            &raw mut pw,
-            buf.as_mut_ptr(),
-            buf.len(),
-            &raw mut out,
-        )
-    };
-    if rc != 0 || out.is_null() {
-        return Err(io::Error::new(
-            io::ErrorKind::NotFound,
-            format!("no user {name:?}"),
-        ));
-    }
-    Ok((pw.pw_uid, pw.pw_gid))
+    lookup(name, "user", libc::getpwnam_r, |pw: &libc::passwd| {
+        (pw.pw_uid, pw.pw_gid)
+    })
 }
 
 /// `name`'s gid, from the group database.
@@ -194,17 +174,40 @@ pub fn lookup_user(name: &str) -> io::Result<(u32, u32)> {
 /// # Errors
 /// `NotFound` for an unknown group.
 pub fn lookup_group(name: &str) -> io::Result<u32> {
+    lookup(name, "group", libc::getgrnam_r, |gr: &libc::group| {
+        gr.gr_gid
+    })
+}
+
+/// The signature `getpwnam_r` and `getgrnam_r` share: name, record, buffer, its length, result.
+type GetByName<T> = unsafe extern "C" fn(
+    *const libc::c_char,
+    *mut T,
+    *mut libc::c_char,
+    libc::size_t,
+    *mut *mut T,
+) -> libc::c_int;
+
+/// Looks `name` up with `get` (one of the reentrant `get*nam_r` calls, filling a `T` that is
+/// plain C data) and hands the record to `pick`.
+fn lookup<T, R>(
+    name: &str,
+    what: &str,
+    get: GetByName<T>,
+    pick: impl FnOnce(&T) -> R,
+) -> io::Result<R> {
     let c = std::ffi::CString::new(name).map_err(|_| io::ErrorKind::InvalidInput)?;
     let mut buf = vec![0 as libc::c_char; 16 * 1024];
-    // SAFETY: group is plain C data; all-zero is a valid value to be filled in.
-    let mut gr: libc::group = unsafe { core::mem::zeroed() };
+    // SAFETY: `T` is `passwd` or `group` (the callers above): plain C data for which all-zero
+    // is a valid value to be filled in.
+    let mut rec: T = unsafe { core::mem::zeroed() };
     let mut out = core::ptr::null_mut();
-    // SAFETY: getgrnam_r writes into `gr` and `buf` (of the given length), both live, and sets
-    // `out` to `&gr` or null.
+    // SAFETY: `get` writes into `rec` and `buf` (of the given length), both live, and sets
+    // `out` to `&rec` or null.
     let rc = unsafe {
-        libc::getgrnam_r(
+        get(
             c.as_ptr(),
-            &raw mut gr,
+            &raw mut rec,
             buf.as_mut_ptr(),
             buf.len(),
             &raw mut out,
@@ -213,10 +216,10 @@ pub fn lookup_group(name: &str) -> io::Result<u32> {
     if rc != 0 || out.is_null() {
         return Err(io::Error::new(
             io::ErrorKind::NotFound,
-            format!("no group {name:?}"),
+            format!("no {what} {name:?}"),
         ));
     }
-    Ok(gr.gr_gid)
+    Ok(pick(&rec))
 }
 
 /// The one capability the run loop needs to read BPF maps on this kernel: `CAP_BPF` where the
