@@ -43,7 +43,15 @@ fn every_thread_runs_without_capabilities_and_with_no_new_privs() {
     );
     let (child, mut out, _addr, dir) = start(&config, "privs");
     read_until(&mut out, "ready");
-    let seen = threads(child.id());
+    // A thread names itself once it runs: read until every one has (bounded).
+    let until = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    let seen = loop {
+        let seen = threads(child.id());
+        if seen.iter().any(|t| t.0 == "admin") || std::time::Instant::now() > until {
+            break seen;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
     assert!(
         seen.iter().any(|t| t.0.starts_with("log-writer")) && seen.iter().any(|t| t.0 == "admin"),
         "the sink and admin threads are among those checked: {seen:?}"
