@@ -197,6 +197,18 @@ fn record_at(
     at: usize,
     ids: core::ops::RangeInclusive<u64>,
 ) -> Result<(u64, &[u8], usize), String> {
+    let mut unlimited = usize::MAX;
+    record_within(b, at, ids, &mut unlimited)
+}
+
+/// [`record_at`], with the CRC work charged to `budget` (bytes of body); a candidate whose body
+/// the budget cannot pay for is refused without reading it, and spends what was left.
+fn record_within<'b>(
+    b: &'b [u8],
+    at: usize,
+    ids: core::ops::RangeInclusive<u64>,
+    budget: &mut usize,
+) -> Result<(u64, &'b [u8], usize), String> {
     let h = b.get(at..at + HEADER).ok_or("torn record header")?;
     let len = u32::from_le_bytes(h[0..4].try_into().expect("4 bytes"));
     let crc = u32::from_le_bytes(h[4..8].try_into().expect("4 bytes"));
@@ -210,6 +222,11 @@ fn record_at(
     let body = b
         .get(at + HEADER..at + HEADER + len as usize)
         .ok_or("torn record body")?;
+    let Some(left) = budget.checked_sub(body.len()) else {
+        *budget = 0;
+        return Err("resync budget spent".into());
+    };
+    *budget = left;
     if crc32c::crc32c_append(crc32c::crc32c(&h[8..16]), body) != crc {
         return Err(format!("CRC mismatch in record {id}"));
     }
@@ -218,6 +235,14 @@ fn record_at(
 
 /// How far ahead of the last good id a resync looks for the next good record.
 const RESYNC_IDS: u64 = 1 << 24;
+
+/// Bytes of record bodies that resyncs may run through CRC32C, per segment byte. A resync tries
+/// every offset, and an offset whose header looks right costs a CRC over the length it claims:
+/// crafted input (a plausible header every few bytes, each claiming the rest of the segment)
+/// would make that quadratic. Real damage (torn writes, zeroed pages, flipped bits) almost never
+/// passes the header checks, so it stays far inside this linear budget; past it, the rest of
+/// the segment is reported as one damaged stretch.
+const RESYNC_CRC_BUDGET_PER_BYTE: usize = 16;
 
 /// Scans one segment's bytes: calls `f` with each good record (id, body) in order, skips what
 /// is damaged to the next good record (found by its header, id sequence and CRC), and returns
@@ -230,6 +255,10 @@ pub fn scan_segment(
 ) -> (Vec<Damage>, Option<u64>) {
     let (mut at, mut next, mut last) = (0usize, first, None);
     let mut damage = Vec::new();
+    let mut budget = b
+        .len()
+        .saturating_mul(RESYNC_CRC_BUDGET_PER_BYTE)
+        .saturating_add(2 * MAX_BODY as usize);
     while at < b.len() {
         match record_at(b, at, next..=next) {
             Ok((id, body, n)) => {
@@ -243,14 +272,20 @@ pub fn scan_segment(
                 // a good CRC starts.
                 let ids = next..=next.saturating_add(RESYNC_IDS);
                 let found = (at + 1..b.len().saturating_sub(HEADER - 1))
-                    .find(|&o| record_at(b, o, ids.clone()).is_ok());
+                    .find(|&o| budget > 0 && record_within(b, o, ids.clone(), &mut budget).is_ok());
                 let end = found.unwrap_or(b.len());
+                let spent = budget == 0 && found.is_none();
                 damage.push(Damage {
                     segment: path.to_owned(),
                     offset: at as u64,
                     bytes: (end - at) as u64,
-                    reason,
-                    at_end: found.is_none(),
+                    reason: if spent {
+                        format!("{reason}; no resync: the search budget ran out (crafted input?)")
+                    } else {
+                        reason
+                    },
+                    // Never taken for a torn tail: good records may follow what was not searched.
+                    at_end: found.is_none() && !spent,
                 });
                 at = end;
                 if let Some(o) = found
@@ -1253,6 +1288,31 @@ mod tests {
         assert_eq!(seen.len(), 20);
         assert_eq!(*seen.last().unwrap(), 20);
         let _ = fs::remove_dir_all(&d);
+    }
+
+    #[test]
+    fn crafted_headers_cannot_make_a_resync_quadratic() {
+        // A plausible header every 16 bytes, each with an id in the resync window and a length
+        // that claims the rest of the segment, each with a wrong CRC: without a budget, every
+        // one would cost a CRC over the rest (4 MiB / 16 * 2 MiB = 512 GiB here).
+        let len = 4 << 20;
+        let mut b = vec![0u8; len];
+        for at in (0..len - HEADER).step_by(HEADER) {
+            let claim = (len - at - HEADER) as u32;
+            b[at..at + 4].copy_from_slice(&claim.to_le_bytes());
+            b[at + 4..at + 8].copy_from_slice(&0xdead_beefu32.to_le_bytes());
+            b[at + 8..at + 16].copy_from_slice(&1u64.to_le_bytes());
+        }
+        let mut good = 0;
+        let (damage, last) = scan_segment(Path::new("crafted"), &b, 0, |_, _| good += 1);
+        assert_eq!((good, last), (0, None));
+        assert_eq!(damage.len(), 1, "{damage:?}");
+        assert_eq!(damage[0].bytes, len as u64, "every byte accounted for");
+        assert!(damage[0].reason.contains("budget"), "{damage:?}");
+        assert!(
+            !damage[0].at_end,
+            "unsearched bytes are never taken for a torn tail"
+        );
     }
 
     #[test]
