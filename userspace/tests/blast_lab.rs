@@ -3,7 +3,7 @@
 //! exactly against the appliance's report (sent = received + what `XDP_STATISTICS` says the
 //! kernel dropped); live frames through the drop program inject exactly the count asked for.
 //!
-//! Needs root and the XDP object; skips with a message where they are missing, except under
+//! Needs root; skips with a message where they are missing, except under
 //! CI, where it fails instead.
 
 mod common;
@@ -37,9 +37,6 @@ fn xdp_tx_and_sendmmsg_into_af_xdp_reconcile_and_live_frames_count_exactly() {
     if unsafe { libc::geteuid() } != 0 {
         return common::skip("the blaster lab test needs root");
     }
-    let Some(object) = common::bpf_object() else {
-        return common::skip("no XDP object: run `cargo xtask build-ebpf`");
-    };
     let lab = match Lab::up(&format!("esbl{}", std::process::id() % 100_000)) {
         Ok(l) => l,
         Err(e @ (LabError::NotPermitted(_) | LabError::NoIp)) => {
@@ -52,10 +49,7 @@ fn xdp_tx_and_sendmmsg_into_af_xdp_reconcile_and_live_frames_count_exactly() {
     let config = dir.join("eventstream.yaml");
     std::fs::write(
         &config,
-        format!(
-            "xdp:\n  object: \"{}\"\ningest:\n  udp:\n    bind: \"0.0.0.0:8082\"\n    frame_size: 4096\n  tcp:\n    bind: null\nadmin:\n  bind: \"127.0.0.1:0\"\n",
-            object.display()
-        ),
+        "xdp:\n  iface: \"\"\ningest:\n  udp:\n    bind: \"0.0.0.0:8082\"\n    frame_size: 4096\n  tcp:\n    bind: null\nadmin:\n  bind: \"127.0.0.1:0\"\n",
     )
     .unwrap();
     let mut child = Command::new(env!("CARGO_BIN_EXE_eventstream"))
@@ -240,8 +234,6 @@ fn xdp_tx_and_sendmmsg_into_af_xdp_reconcile_and_live_frames_count_exactly() {
         &lab.rx_ns,
         "--live-frames",
         "--xdp-drop",
-        "--object",
-        object.to_str().unwrap(),
         "--iface",
         RX_IF,
         "--to",
@@ -264,9 +256,6 @@ fn two_rx_queues_each_get_a_socket_and_exact_accounting() {
     if unsafe { libc::geteuid() } != 0 {
         return common::skip("the two-queue lab test needs root");
     }
-    let Some(object) = common::bpf_object() else {
-        return common::skip("no XDP object: run `cargo xtask build-ebpf`");
-    };
     let lab = match Lab::up_with_queues(&format!("es2q{}", std::process::id() % 100_000), 2) {
         Ok(l) => l,
         Err(e @ (LabError::NotPermitted(_) | LabError::NoIp)) => {
@@ -279,10 +268,7 @@ fn two_rx_queues_each_get_a_socket_and_exact_accounting() {
     let config = dir.join("eventstream.yaml");
     std::fs::write(
         &config,
-        format!(
-            "xdp:\n  object: \"{}\"\n  queues: 2\ningest:\n  udp:\n    bind: \"0.0.0.0:8082\"\n  tcp:\n    bind: null\nadmin:\n  bind: \"127.0.0.1:0\"\nengine:\n  mode: inline\n",
-            object.display()
-        ),
+        "xdp:\n  queues: 2\ningest:\n  udp:\n    bind: \"0.0.0.0:8082\"\n  tcp:\n    bind: null\nadmin:\n  bind: \"127.0.0.1:0\"\nengine:\n  mode: inline\n",
     )
     .unwrap();
     let mut child = Command::new(env!("CARGO_BIN_EXE_eventstream"))

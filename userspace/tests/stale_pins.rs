@@ -2,14 +2,14 @@
 //! was pinned for (a veth inside a lab namespace) is deleted and made again (same name, same namespace, a new device), the
 //! pins are reported stale, and the daemon removes them and attaches its own program.
 //!
-//! Needs root, iproute2 and the XDP object; skips naming what is missing, fails under CI.
+//! Needs root and iproute2; skips naming what is missing, fails under CI.
 
 mod common;
 
 use std::process::{Command, Stdio};
 
 use eventstream::tools::lab::{self, Lab, LabError};
-use eventstream::xdp::{Pinned, XdpProgram, ensure_bpffs};
+use eventstream::xdp::{ObjectSource, Pinned, XdpProgram, ensure_bpffs};
 use eventstream_common::AttachMode;
 
 const IF: &str = "esstale0";
@@ -26,9 +26,6 @@ fn ip(ns: &str, args: &[&str]) {
 
 #[test]
 fn stale_pins_are_detected_removed_and_replaced() {
-    let Some(object) = common::bpf_object() else {
-        return common::skip("no XDP object: run `cargo xtask build-ebpf`");
-    };
     let name = format!("est{}", std::process::id() % 100_000);
     let lab = match Lab::up(&name) {
         Ok(l) => l,
@@ -51,7 +48,7 @@ fn stale_pins_are_detected_removed_and_replaced() {
     lab::in_netns(&ns, || {
         ensure_bpffs().unwrap();
         let _ = Pinned::remove(IF);
-        let mut prog = XdpProgram::load(&object).unwrap();
+        let mut prog = XdpProgram::load(ObjectSource::Embedded).unwrap();
         let link = prog.attach(IF, AttachMode::Skb).unwrap();
         prog.pin(IF, link).unwrap();
         let p = Pinned::open(IF).unwrap();
@@ -59,6 +56,17 @@ fn stale_pins_are_detected_removed_and_replaced() {
             p.attached && p.stale.is_none(),
             "fresh pins steer their interface"
         );
+        assert_eq!(
+            p.foreign(&prog),
+            None,
+            "and are this program (name and tag)"
+        );
+        let mut other = Pinned::open(IF).unwrap();
+        other.program_name = "xdp_dispatcher".into();
+        assert!(other.foreign(&prog).unwrap().contains("xdp_dispatcher"));
+        let mut rebuilt = Pinned::open(IF).unwrap();
+        rebuilt.program_tag ^= 1;
+        assert!(rebuilt.foreign(&prog).unwrap().contains("another build"));
     })
     .unwrap();
     // The interface goes away and comes back: the pinned link steers nothing now.
@@ -71,10 +79,7 @@ fn stale_pins_are_detected_removed_and_replaced() {
     let cfg = std::env::temp_dir().join(format!("es-stale-{}.yaml", std::process::id()));
     std::fs::write(
         &cfg,
-        format!(
-            "xdp:\n  object: \"{}\"\n  attach: skb\ningest:\n  udp:\n    bind: \"0.0.0.0:0\"\n  tcp:\n    bind: null\nadmin:\n  bind: null\n",
-            object.display()
-        ),
+        "xdp:\n  attach: skb\ningest:\n  udp:\n    bind: \"0.0.0.0:0\"\n  tcp:\n    bind: null\nadmin:\n  bind: null\n",
     )
     .unwrap();
     let out = Command::new(env!("CARGO_BIN_EXE_eventstream"))

@@ -24,7 +24,7 @@ use eventstream::tools::lab::{self, Lab, LabError, RX_ADDR, RX_IF};
 use eventstream::wire::event::Event;
 use eventstream::wire::protocol::{Limits, encode};
 use eventstream::xdp::socket::{BindMode, XskOptions, XskSocket};
-use eventstream::xdp::{XdpError, XdpProgram, if_index};
+use eventstream::xdp::{ObjectSource, XdpError, XdpProgram, if_index};
 use eventstream_common::{AttachMode, Verdict, XdpConfig};
 
 const PORT: u16 = 8082;
@@ -60,12 +60,11 @@ struct Received {
 }
 
 fn receiver(
-    object: &std::path::Path,
     ready: &AtomicBool,
     done: &AtomicBool,
     failed: &AtomicBool,
 ) -> Result<Received, String> {
-    let mut prog = XdpProgram::load(object).map_err(|e| e.to_string())?;
+    let mut prog = XdpProgram::load(ObjectSource::Embedded).map_err(|e| e.to_string())?;
     // The ladder the daemon uses: native driver mode first, generic when the driver refuses.
     let (link, attach) = match prog.attach(RX_IF, AttachMode::Driver) {
         Ok(l) => (l, AttachMode::Driver),
@@ -82,6 +81,7 @@ fn receiver(
         udp_port: PORT,
         allow_vlan: 1,
         attach_mode: attach as u8,
+        ..XdpConfig::default()
     })
     .map_err(|e| e.to_string())?;
     let arena = FrameArena::new(
@@ -237,9 +237,6 @@ fn sender(ready: &AtomicBool, done: &AtomicBool) -> Result<(), String> {
 
 #[test]
 fn udp_through_af_xdp_and_kernel_traffic_still_flows() {
-    let Some(object) = common::bpf_object() else {
-        return common::skip("no XDP object: run `cargo xtask build-ebpf`");
-    };
     let name = format!("es{}", std::process::id());
     let lab = match Lab::up(&name) {
         Ok(l) => l,
@@ -248,7 +245,7 @@ fn udp_through_af_xdp_and_kernel_traffic_still_flows() {
         }
         Err(e) => panic!("{e}"),
     };
-    if let Err(e @ XdpError::NotPermitted { .. }) = XdpProgram::load(&object) {
+    if let Err(e @ XdpError::NotPermitted { .. }) = XdpProgram::load(ObjectSource::Embedded) {
         return common::skip(&e.to_string());
     }
     let ready = AtomicBool::new(false);
@@ -256,7 +253,7 @@ fn udp_through_af_xdp_and_kernel_traffic_still_flows() {
     let failed = AtomicBool::new(false);
     let (got, sent) = std::thread::scope(|s| {
         let rx = s.spawn(|| {
-            let r = lab::in_netns(&lab.rx_ns, || receiver(&object, &ready, &done, &failed));
+            let r = lab::in_netns(&lab.rx_ns, || receiver(&ready, &done, &failed));
             ready.store(true, Ordering::Release); // release the sender even if setup failed
             r
         });

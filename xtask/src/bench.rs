@@ -313,12 +313,17 @@ pub fn main(root: &Path, args: &Args) -> Result<()> {
     // Both paths get deep buffers, as an operator tuning for bursts would give them: 64 MiB of
     // UMEM (32 768 frames, 8 192-slot rings) for AF_XDP, a 64 MiB socket buffer and as many
     // receive frames for recvmmsg.
+    // The daemon runs the very object pinned below (not only the same program built into it),
+    // so the cases never depend on it recognising the pin.
     std::fs::write(
         &config,
-        "# Written by cargo xtask bench.\n\
-         xdp: { ring_size: 8192, frames: 32768 }\n\
-         ingest:\n  udp: { bind: \"0.0.0.0:8082\", frames: 32768, socket_buffer: 67108864, cpu: 0 }\n  tcp: { bind: null }\n\
-         admin: { bind: \"127.0.0.1:0\" }\nengine:\n  latency_from: payload\n  worker_cpus: [0]\n  dispatcher_cpu: 0\n",
+        format!(
+            "# Written by cargo xtask bench.\n\
+         xdp: {{ ring_size: 8192, frames: 32768, object: {:?} }}\n\
+         ingest:\n  udp: {{ bind: \"0.0.0.0:8082\", frames: 32768, socket_buffer: 67108864, cpu: 0 }}\n  tcp: {{ bind: null }}\n\
+         admin: {{ bind: \"127.0.0.1:0\" }}\nengine:\n  latency_from: payload\n  worker_cpus: [0]\n  dispatcher_cpu: 0\n",
+            object.display().to_string()
+        ),
     )?;
     let log = out_dir.join("appliance.log");
     let lab = PinnedLab::up(&args.lab, &object)?;

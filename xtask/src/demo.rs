@@ -100,7 +100,7 @@ pub fn main(root: &Path, args: &Args) -> Result<()> {
         iface: None,
         queue: 0,
         xdp_drop: false,
-        object: object.clone(),
+        object: Some(object.clone()),
         xdp_tx: false,
         dst_mac: None,
         from: eventstream::tools::lab::TX_ADDR,

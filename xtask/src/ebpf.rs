@@ -18,12 +18,19 @@ pub fn build(root: &Path, install: bool) -> Result<PathBuf> {
     let crate_dir = root.join("ebpf/eventstream-ebpf");
     // The crate's rust-toolchain.toml selects nightly; clear what an outer `cargo +stable`
     // may have set so it takes effect.
+    // The flags aya-build gives the same crate when userspace's build.rs embeds it, so this
+    // object and the embedded one are the same program (same kernel tag): a program pinned
+    // from this file is recognised as ours by a daemon running the embedded one.
+    let arch = std::env::consts::ARCH;
+    let flags = format!("--cfg=bpf_target_arch=\"{arch}\"\x1f-Cdebuginfo=2\x1f-Clink-arg=--btf");
     run(Command::new("cargo")
         .current_dir(&crate_dir)
         .env_remove("RUSTUP_TOOLCHAIN")
         .env_remove("RUSTC")
         .env_remove("RUSTC_WRAPPER")
         .env_remove("CARGO_TARGET_DIR")
+        .env_remove("RUSTFLAGS")
+        .env("CARGO_ENCODED_RUSTFLAGS", flags)
         .args(["build", "--release"]))?;
     let built = crate_dir.join("target/bpfel-unknown-none/release/eventstream-ebpf");
     let out_dir = root.join("target/ebpf");

@@ -4,7 +4,7 @@
 use std::path::Path;
 
 use anyhow::{Context, Result, bail};
-use eventstream::xdp::{Pinned, XdpProgram, ensure_bpffs, pin_dir};
+use eventstream::xdp::{ObjectSource, Pinned, XdpProgram, ensure_bpffs, pin_dir};
 use eventstream_common::{AttachMode, DEFAULT_UDP_PORT, XdpConfig};
 
 #[derive(clap::Args)]
@@ -67,7 +67,9 @@ pub fn attach_and_pin(
     vlan: bool,
 ) -> Result<AttachMode> {
     ensure_bpffs()?;
-    let mut prog = XdpProgram::load(object)?;
+    let object =
+        std::path::absolute(object).with_context(|| format!("resolving {}", object.display()))?;
+    let mut prog = XdpProgram::load(ObjectSource::File(&object))?;
     let mut attached = None;
     for &mode in modes {
         match prog.attach(iface, mode) {
@@ -86,6 +88,7 @@ pub fn attach_and_pin(
         udp_port: port,
         allow_vlan: u8::from(vlan),
         attach_mode: mode as u8,
+        ..XdpConfig::default()
     })?;
     prog.pin(iface, link)
         .with_context(|| format!("pinning under {}", pin_dir(iface).display()))?;

@@ -46,7 +46,7 @@ use crate::sink::{MemorySink, Sink, SinkErrorKind};
 use crate::wire::event::{Event, Source};
 use crate::wire::protocol::RejectReason;
 use crate::xdp::socket::{XskOptions, XskSocket};
-use crate::xdp::{Pinned, XdpProgram, if_index};
+use crate::xdp::{ObjectSource, Pinned, XdpProgram, if_index};
 use eventstream_common::{AttachMode, XdpConfig};
 
 /// The XDP program this daemon steers with: pinned by `cargo xtask load` (left in place at
@@ -66,21 +66,27 @@ struct XskSetup<'a> {
 }
 
 fn attach_program(x: &XdpSection) -> Result<(Program, AttachMode)> {
+    let mut program = XdpProgram::load(ObjectSource::from_config(&x.object))?;
+    let defence = x.defence();
     if Pinned::list().contains(&x.iface) {
-        let pinned = Pinned::open(&x.iface)?;
-        if let Some(why) = &pinned.stale {
-            // Never trusted: pins whose link no longer steers this interface here are removed,
-            // and the daemon loads its own program.
+        // A pinned program is reused only when it is this very program (name and tag) and its
+        // link steers this interface here; anything else is stale, removed, never trusted.
+        let why = match Pinned::open(&x.iface) {
+            Ok(pinned) => pinned.stale.clone().or_else(|| pinned.foreign(&program)),
+            Err(e) => Some(format!("its pins cannot be read ({e})")),
+        };
+        if let Some(why) = why {
             warn!(iface = %x.iface, reason = %why, "removing stale XDP pins");
             Pinned::remove(&x.iface)
                 .with_context(|| format!("removing the stale pins of {}", x.iface))?;
-            return attach_program(x);
+        } else {
+            let pinned = Pinned::open(&x.iface)?;
+            Pinned::set_defence(&x.iface, &defence)?;
+            let mode = AttachMode::from_u8(pinned.config.attach_mode);
+            info!(iface = %x.iface, mode = mode.label(), port = pinned.config.udp_port, "reusing the XDP program pinned by `cargo xtask load`");
+            return Ok((Program::Pinned, mode));
         }
-        let mode = AttachMode::from_u8(pinned.config.attach_mode);
-        info!(iface = %x.iface, mode = mode.label(), port = pinned.config.udp_port, "reusing the XDP program pinned by `cargo xtask load`");
-        return Ok((Program::Pinned, mode));
     }
-    let mut program = XdpProgram::load(&x.object)?;
     let modes: &[AttachMode] = match x.attach {
         AttachPolicy::Auto => &[AttachMode::Driver, AttachMode::Skb],
         AttachPolicy::Drv => &[AttachMode::Driver],
@@ -90,11 +96,13 @@ fn attach_program(x: &XdpSection) -> Result<(Program, AttachMode)> {
     for &mode in modes {
         match program.attach(&x.iface, mode) {
             Ok(link) => {
-                program.configure(XdpConfig {
+                program.set_allow_list(&defence)?;
+                program.configure(defence.apply(XdpConfig {
                     udp_port: x.port,
                     allow_vlan: u8::from(x.allow_vlan),
                     attach_mode: mode as u8,
-                })?;
+                    ..XdpConfig::default()
+                }))?;
                 info!(iface = %x.iface, mode = mode.label(), port = x.port, "XDP program attached (owned by this process)");
                 return Ok((
                     Program::Owned {

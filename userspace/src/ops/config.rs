@@ -133,7 +133,7 @@ pub struct XdpConfig {
     pub queues: u32,
     /// `xdp.port`
     pub port: u16,
-    /// `xdp.object`
+    /// `xdp.object`: empty for the object built into the binary, else an absolute path.
     pub object: std::path::PathBuf,
     /// `xdp.attach`
     pub attach: AttachPolicy,
@@ -154,6 +154,31 @@ pub struct XdpConfig {
     /// `xdp.busy_spin_us`: how long an empty RX ring is re-checked before the thread sleeps in
     /// `poll`.
     pub busy_spin_us: u32,
+    /// `xdp.allow_sources`: CIDRs allowed to send event datagrams; empty for every source.
+    pub allow_sources: Vec<crate::xdp::defence::Cidr>,
+    /// `xdp.rate_limit`
+    pub rate_limit: RateLimitConfig,
+}
+
+/// `xdp.rate_limit:` event datagrams per source, enforced in the XDP program.
+#[derive(Clone, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(default, deny_unknown_fields)]
+pub struct RateLimitConfig {
+    /// `xdp.rate_limit.packets_per_sec`: per source; 0 for no limit.
+    pub packets_per_sec: u32,
+    /// `xdp.rate_limit.burst`: bucket depth in datagrams; 0 for one second's worth.
+    pub burst: u32,
+}
+
+impl XdpConfig {
+    /// What the XDP program enforces on event datagrams.
+    pub fn defence(&self) -> crate::xdp::defence::Defence {
+        crate::xdp::defence::Defence {
+            allow: self.allow_sources.clone(),
+            rate_pps: self.rate_limit.packets_per_sec,
+            burst: self.rate_limit.burst,
+        }
+    }
 }
 
 impl Default for XdpConfig {
@@ -162,7 +187,7 @@ impl Default for XdpConfig {
             iface: String::new(),
             queues: 1,
             port: eventstream_common::DEFAULT_UDP_PORT,
-            object: crate::xdp::DEFAULT_OBJECT.into(),
+            object: std::path::PathBuf::new(),
             attach: AttachPolicy::Auto,
             zero_copy: true,
             need_wakeup: true,
@@ -172,6 +197,8 @@ impl Default for XdpConfig {
             batch: 64,
             allow_vlan: true,
             busy_spin_us: 200,
+            allow_sources: Vec::new(),
+            rate_limit: RateLimitConfig::default(),
         }
     }
 }
@@ -673,6 +700,35 @@ impl Config {
             "ring_size..=1048576",
         )?;
         check("xdp.batch", x.batch, 1, 1024, "1..=1024")?;
+        if !x.object.as_os_str().is_empty() && !x.object.is_absolute() {
+            return Err(ConfigError::Invalid {
+                key: "xdp.object",
+                value: x.object.display().to_string(),
+                expected: "an absolute path, or empty for the object built into the binary",
+            });
+        }
+        if x.allow_sources.len() > eventstream_common::MAX_ALLOW_ENTRIES as usize {
+            return Err(ConfigError::Invalid {
+                key: "xdp.allow_sources",
+                value: format!("{} networks", x.allow_sources.len()),
+                expected: "at most 4096 networks",
+            });
+        }
+        let r = &x.rate_limit;
+        check(
+            "xdp.rate_limit.packets_per_sec",
+            r.packets_per_sec,
+            0,
+            eventstream_common::RATE_MAX_PPS,
+            "0..=10000000",
+        )?;
+        check(
+            "xdp.rate_limit.burst",
+            u64::from(r.burst),
+            0,
+            60 * u64::from(r.packets_per_sec.max(1)),
+            "0..=60 x packets_per_sec",
+        )?;
         check(
             "ingest.udp.sockets",
             self.ingest.udp.sockets,

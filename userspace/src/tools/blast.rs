@@ -93,9 +93,9 @@ pub struct BlastArgs {
     /// appliance's pinned program.
     #[arg(long, requires = "live_frames")]
     pub xdp_drop: bool,
-    /// The BPF object for --xdp-drop.
-    #[arg(long, default_value = crate::xdp::DEFAULT_OBJECT)]
-    pub object: PathBuf,
+    /// The BPF object for --xdp-drop (absolute path); default: the one built into this binary.
+    #[arg(long)]
+    pub object: Option<PathBuf>,
     /// Send through an AF_XDP TX socket on --iface, queue --queue (root): Ethernet frames
     /// written straight into the socket's UMEM, no kernel socket layer on the way out.
     #[arg(long, requires = "iface", conflicts_with_all = ["tcp", "live_frames"])]
@@ -446,7 +446,10 @@ impl LiveFrames {
             .context("--live-frames needs --iface")?;
         let ifindex = crate::xdp::if_index(iface)?;
         let (prog, drop) = if args.xdp_drop {
-            let p = crate::xdp::DropProgram::load(&args.object)?;
+            let p = crate::xdp::DropProgram::load(args.object.as_deref().map_or(
+                crate::xdp::ObjectSource::Embedded,
+                crate::xdp::ObjectSource::File,
+            ))?;
             (p.fd().try_clone_to_owned()?, Some(p))
         } else {
             let pin = crate::xdp::pin_dir(iface).join("prog");

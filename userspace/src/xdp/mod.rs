@@ -7,6 +7,7 @@
 //! - **owned by the daemon**: when nothing is pinned for the interface, the daemon loads its own
 //!   and holds the `bpf_link`; the kernel detaches it when the daemon exits, crash included.
 
+pub mod defence;
 pub mod ring;
 pub mod socket;
 pub mod sys;
@@ -18,19 +19,56 @@ use std::os::unix::fs::{DirBuilderExt as _, PermissionsExt as _};
 use std::path::{Path, PathBuf};
 
 use aya::Ebpf;
+use aya::maps::lpm_trie::LpmTrie;
 use aya::maps::{Array, Map, MapData, PerCpuArray, XskMap};
 use aya::programs::links::{FdLink, PinnedLink};
-use aya::programs::{Xdp, XdpMode};
+use aya::programs::{ProgramInfo, Xdp, XdpMode};
 use eventstream_common::{
-    AttachMode, CONFIG_MAP, DROP_PROGRAM_NAME, PROGRAM_NAME, STATS_MAP, VERDICT_COUNT, Verdict,
-    XSKS_MAP, XdpConfig,
+    ALLOW_MAP, AttachMode, CONFIG_MAP, DROP_PROGRAM_NAME, PROGRAM_NAME, RATE_MAP, STATS_MAP,
+    SourceAddr, VERDICT_COUNT, Verdict, XSKS_MAP, XdpConfig,
 };
 
-/// Where pinned objects live: `<PIN_ROOT>/<iface>/{prog,link,XSKS,CONFIG,STATS}`.
+use defence::{Defence, fill_allow};
+
+/// Where pinned objects live: `<PIN_ROOT>/<iface>/{prog,link,XSKS,CONFIG,STATS,ALLOW,RATE}`.
 pub const PIN_ROOT: &str = "/sys/fs/bpf/eventstream";
 
-/// Default path of the object `cargo xtask build-ebpf` writes, relative to the workspace.
+/// Where `cargo xtask build-ebpf` writes the object, relative to the workspace. The daemon
+/// loads the object built into its binary unless `xdp.object` names another (absolute) path.
 pub const DEFAULT_OBJECT: &str = "target/ebpf/eventstream.bpf.o";
+
+/// The XDP object built into this binary by `build.rs` (the `embed-xdp` feature, on by default).
+#[cfg(feature = "embed-xdp")]
+static EMBEDDED: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/eventstream-ebpf"));
+
+/// The XDP object built into this binary, if it was built with one (`AYA_BUILD_SKIP=1` at
+/// build time leaves it empty).
+pub fn embedded_object() -> Option<&'static [u8]> {
+    #[cfg(feature = "embed-xdp")]
+    return (!EMBEDDED.is_empty()).then_some(EMBEDDED);
+    #[cfg(not(feature = "embed-xdp"))]
+    None
+}
+
+/// Where an XDP object comes from.
+#[derive(Clone, Copy, Debug)]
+pub enum ObjectSource<'a> {
+    /// The one built into this binary.
+    Embedded,
+    /// A file: an absolute path to an object only root (or this user) can write.
+    File(&'a Path),
+}
+
+impl<'a> ObjectSource<'a> {
+    /// `xdp.object` as configured: empty for the embedded object.
+    pub fn from_config(path: &'a Path) -> Self {
+        if path.as_os_str().is_empty() {
+            Self::Embedded
+        } else {
+            Self::File(path)
+        }
+    }
+}
 
 /// Errors of the XDP control path.
 #[derive(Debug, thiserror::Error)]
@@ -237,13 +275,13 @@ pub struct DropProgram {
 }
 
 impl DropProgram {
-    /// Loads the object at `path` and its drop program.
+    /// Loads the object and its drop program.
     ///
     /// # Errors
     /// As [`XdpProgram::load`].
-    pub fn load(path: &Path) -> Result<Self, XdpError> {
+    pub fn load(object: ObjectSource<'_>) -> Result<Self, XdpError> {
         Ok(Self {
-            ebpf: load_object(path, DROP_PROGRAM_NAME)?,
+            ebpf: load_object(object, DROP_PROGRAM_NAME)?,
         })
     }
 
@@ -254,10 +292,20 @@ impl DropProgram {
 }
 
 /// Refuses an object file that someone other than this user (or root) could have written: it is
-/// owned by root or by us, and neither it nor its directory is group- or world-writable (a
-/// program loaded into the kernel decides where every packet goes).
+/// named by an absolute path (never one that depends on the working directory), owned by root
+/// or by us, and neither it nor its directory is group- or world-writable (a program loaded
+/// into the kernel decides where every packet goes).
 fn trusted_object(path: &Path) -> Result<(), XdpError> {
     use std::os::unix::fs::MetadataExt as _;
+    if !path.is_absolute() {
+        return Err(XdpError::Object {
+            path: path.into(),
+            reason: io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "an external XDP object is taken by absolute path only (leave xdp.object empty for the one built into this binary)",
+            ),
+        });
+    }
     // SAFETY: geteuid has no preconditions.
     let me = unsafe { libc::geteuid() };
     let check = |p: &Path, what: &str| -> Result<(), XdpError> {
@@ -294,17 +342,32 @@ fn trusted_object(path: &Path) -> Result<(), XdpError> {
     Ok(())
 }
 
-/// Reads the object at `path` and loads its XDP program `name` into the kernel (not attached).
-fn load_object(path: &Path, name: &str) -> Result<Ebpf, XdpError> {
-    trusted_object(path)?;
-    let bytes = std::fs::read(path).map_err(|reason| XdpError::Object {
-        path: path.into(),
-        reason,
-    })?;
-    let mut ebpf = Ebpf::load(&bytes).map_err(|e| XdpError::bpf("loading the XDP object", e))?;
+/// Reads the object and loads its XDP program `name` into the kernel (not attached).
+fn load_object(object: ObjectSource<'_>, name: &str) -> Result<Ebpf, XdpError> {
+    let file;
+    let (bytes, shown): (&[u8], String) = match object {
+        ObjectSource::Embedded => (
+            embedded_object().ok_or_else(|| {
+                XdpError::Missing(
+                    "this binary was built without its XDP object (feature embed-xdp): set xdp.object to one built by `cargo xtask build-ebpf`"
+                        .into(),
+                )
+            })?,
+            "the embedded object".into(),
+        ),
+        ObjectSource::File(path) => {
+            trusted_object(path)?;
+            file = std::fs::read(path).map_err(|reason| XdpError::Object {
+                path: path.into(),
+                reason,
+            })?;
+            (&file, path.display().to_string())
+        }
+    };
+    let mut ebpf = Ebpf::load(bytes).map_err(|e| XdpError::bpf("loading the XDP object", e))?;
     let prog: &mut Xdp = ebpf
         .program_mut(name)
-        .ok_or_else(|| XdpError::Missing(format!("program {name} not in {}", path.display())))?
+        .ok_or_else(|| XdpError::Missing(format!("program {name} not in {shown}")))?
         .try_into()
         .map_err(|e| XdpError::bpf("program type", e))?;
     prog.load()
@@ -328,15 +391,49 @@ pub struct XdpProgram {
 }
 
 impl XdpProgram {
-    /// Loads the object at `path` and the program into the kernel (not attached yet).
+    /// Loads the object and the program into the kernel (not attached yet).
     ///
     /// # Errors
-    /// [`XdpError::Object`] when the file is missing, [`XdpError::NotPermitted`] without
-    /// privileges, [`XdpError::Bpf`] when the verifier or loader refuses it.
-    pub fn load(path: &Path) -> Result<Self, XdpError> {
+    /// [`XdpError::Object`] when the file is missing, relative or writable by others,
+    /// [`XdpError::Missing`] when this binary has no embedded object,
+    /// [`XdpError::NotPermitted`] without privileges, [`XdpError::Bpf`] when the verifier or
+    /// loader refuses it.
+    pub fn load(object: ObjectSource<'_>) -> Result<Self, XdpError> {
         Ok(Self {
-            ebpf: load_object(path, PROGRAM_NAME)?,
+            ebpf: load_object(object, PROGRAM_NAME)?,
         })
+    }
+
+    /// The kernel's tag of the loaded program: a hash of its instructions, the same for every
+    /// load of the same object, so a pinned program can be told to be this one.
+    ///
+    /// # Errors
+    /// When the kernel's program info cannot be read.
+    pub fn tag(&self) -> Result<u64, XdpError> {
+        let prog: &Xdp = self
+            .ebpf
+            .program(PROGRAM_NAME)
+            .and_then(|p| p.try_into().ok())
+            .expect("checked in load");
+        Ok(prog
+            .info()
+            .map_err(|e| XdpError::bpf("reading the program's info", e))?
+            .tag())
+    }
+
+    /// Replaces the source allow-list (the `ALLOW` trie); the program reads it only while
+    /// [`XdpConfig::allow_list`] is set.
+    ///
+    /// # Errors
+    /// When the map refuses an update (more than `MAX_ALLOW_ENTRIES` networks).
+    pub fn set_allow_list(&mut self, defence: &Defence) -> Result<(), XdpError> {
+        let map = self
+            .ebpf
+            .map_mut(ALLOW_MAP)
+            .ok_or_else(|| XdpError::Missing(format!("map {ALLOW_MAP}")))?;
+        let mut trie: LpmTrie<&mut MapData, SourceAddr, u8> =
+            LpmTrie::try_from(map).map_err(|e| XdpError::bpf("opening ALLOW", e))?;
+        fill_allow(&mut trie, &defence.allow)
     }
 
     fn xdp(&mut self) -> &mut Xdp {
@@ -453,7 +550,7 @@ impl XdpProgram {
         self.xdp()
             .pin(dir.join("prog"))
             .map_err(|e| XdpError::bpf("pinning the program", e))?;
-        for name in [XSKS_MAP, CONFIG_MAP, STATS_MAP] {
+        for name in [XSKS_MAP, CONFIG_MAP, STATS_MAP, ALLOW_MAP, RATE_MAP] {
             let map = self
                 .ebpf
                 .map(name)
@@ -498,6 +595,10 @@ pub struct Pinned {
     pub config: XdpConfig,
     /// Its verdict counters.
     pub stats: VerdictCounts,
+    /// The pinned program's name, as the kernel keeps it.
+    pub program_name: String,
+    /// The pinned program's tag (see [`XdpProgram::tag`]).
+    pub program_tag: u64,
     /// Whether the pinned link is attached to this very interface (in this namespace).
     pub attached: bool,
     /// Why the pins are stale, if they are: no link, a link whose device is gone (its
@@ -549,14 +650,59 @@ impl Pinned {
         let stats = open_map(&dir, STATS_MAP)?;
         let stats: PerCpuArray<MapData, u64> =
             PerCpuArray::try_from(stats).map_err(|e| XdpError::bpf("pinned STATS", e))?;
+        let info = ProgramInfo::from_pin(dir.join("prog"))
+            .map_err(|e| XdpError::bpf("opening the pinned program", e))?;
         let stale = link_staleness(&dir, iface);
         Ok(Self {
             iface: iface.to_owned(),
             config,
             stats: read_stats(&stats)?,
+            program_name: info.name_as_str().unwrap_or("?").to_owned(),
+            program_tag: info.tag(),
             attached: stale.is_none(),
             stale,
         })
+    }
+
+    /// Why this pinned program is not `ours` (name and tag), if it is not.
+    pub fn foreign(&self, ours: &XdpProgram) -> Option<String> {
+        // The kernel keeps the first 15 bytes of a program's name.
+        let want = &PROGRAM_NAME[..PROGRAM_NAME.len().min(15)];
+        if self.program_name != want {
+            return Some(format!(
+                "the pinned program is {:?}, not {want:?}",
+                self.program_name
+            ));
+        }
+        match ours.tag() {
+            Ok(tag) if tag == self.program_tag => None,
+            Ok(tag) => Some(format!(
+                "the pinned program's tag {:016x} is not this object's {tag:016x} (another build)",
+                self.program_tag
+            )),
+            Err(e) => Some(format!("this object's tag cannot be read ({e})")),
+        }
+    }
+
+    /// Writes `defence` into the pinned program of `iface`: the allow-list and the rate
+    /// fields of its configuration (the port and VLAN setting are left as pinned).
+    ///
+    /// # Errors
+    /// When a pinned map cannot be opened or refuses the update.
+    pub fn set_defence(iface: &str, defence: &Defence) -> Result<(), XdpError> {
+        let dir = pin_dir(iface);
+        let allow = open_map(&dir, ALLOW_MAP)?;
+        let mut trie: LpmTrie<MapData, SourceAddr, u8> =
+            LpmTrie::try_from(allow).map_err(|e| XdpError::bpf("pinned ALLOW", e))?;
+        fill_allow(&mut trie, &defence.allow)?;
+        let cfg = open_map(&dir, CONFIG_MAP)?;
+        let mut cfg: Array<MapData, XdpConfig> =
+            Array::try_from(cfg).map_err(|e| XdpError::bpf("pinned CONFIG", e))?;
+        let now = cfg
+            .get(&0, 0)
+            .map_err(|e| XdpError::bpf("reading pinned CONFIG", e))?;
+        cfg.set(0, defence.apply(now), 0)
+            .map_err(|e| XdpError::bpf("writing pinned CONFIG", e))
     }
 
     /// Interfaces of the calling thread's network namespace with something pinned.
@@ -628,14 +774,26 @@ mod tests {
         let obj = dir.join("x.bpf.o");
         std::fs::write(&obj, b"not an ELF").unwrap();
         std::fs::set_permissions(&obj, std::fs::Permissions::from_mode(0o666)).unwrap();
-        let e = XdpProgram::load(&obj).unwrap_err().to_string();
+        let e = XdpProgram::load(ObjectSource::File(&obj))
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("writable by root (or this user) alone"), "{e}");
         std::fs::set_permissions(&obj, std::fs::Permissions::from_mode(0o644)).unwrap();
-        let e = XdpProgram::load(&obj).unwrap_err().to_string();
+        let e = XdpProgram::load(ObjectSource::File(&obj))
+            .unwrap_err()
+            .to_string();
         assert!(
             !e.contains("alone"),
             "trusted now, refused only as not an object: {e}"
         );
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn an_object_by_relative_path_is_refused() {
+        let e = XdpProgram::load(ObjectSource::File(Path::new(DEFAULT_OBJECT)))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("absolute path only"), "{e}");
     }
 }

@@ -15,19 +15,58 @@ pub fn start(
     String,
     std::path::PathBuf,
 ) {
+    spawn(&["--no-xdp"], config, tag, "listening udp ")
+}
+
+/// Starts the daemon on AF_XDP in the lab namespace `netns` on `iface`; returns it and its admin
+/// address (printed once the sockets are bound and registered).
+pub fn start_in_lab(
+    config: &str,
+    tag: &str,
+    netns: &str,
+    iface: &str,
+) -> (
+    std::process::Child,
+    BufReader<std::process::ChildStdout>,
+    String,
+    std::path::PathBuf,
+) {
+    spawn(
+        &["--netns", netns, "--iface", iface],
+        config,
+        tag,
+        "listening admin ",
+    )
+}
+
+/// Writes `config` into a directory of its own, runs `eventstream run ARGS --config FILE` and
+/// reads stdout up to the line starting with `ready`; returns what follows `ready` on it.
+fn spawn(
+    args: &[&str],
+    config: &str,
+    tag: &str,
+    ready: &str,
+) -> (
+    std::process::Child,
+    BufReader<std::process::ChildStdout>,
+    String,
+    std::path::PathBuf,
+) {
     let dir = std::env::temp_dir().join(format!("es-{tag}-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let path = dir.join("eventstream.yaml");
     std::fs::write(&path, config).unwrap();
     let mut child = Command::new(env!("CARGO_BIN_EXE_eventstream"))
-        .args(["run", "--no-xdp", "--config"])
+        .arg("run")
+        .args(args)
+        .arg("--config")
         .arg(&path)
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
     let mut out = BufReader::new(child.stdout.take().unwrap());
-    let addr = read_until(&mut out, "listening udp ");
+    let addr = read_until(&mut out, ready);
     (child, out, addr, dir)
 }
 
@@ -130,7 +169,13 @@ pub fn blast(args: &[&str]) -> serde_json::Value {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    serde_json::from_slice(&out.stdout).unwrap()
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "blast {args:?}: {e}: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    })
 }
 
 /// The value of one series in a Prometheus text body (0 when absent).
