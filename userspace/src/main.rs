@@ -143,6 +143,8 @@ fn print_logs(dir: &std::path::Path) -> Result<()> {
                         "payload": String::from_utf8_lossy(&s.record.payload),
                         "payload_len": s.record.payload.len(),
                         "reason": s.record.reason, "ingest_ns": s.ingest_ns,
+                        "received_unix_ns": s.received_unix_ns,
+                        "sender": s.peer.socket_addr().map(|a| a.to_string()),
                     })
                 );
             })

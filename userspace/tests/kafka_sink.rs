@@ -144,6 +144,17 @@ fn a_broker_stalled_mid_blast_loses_nothing_and_duplicates_nothing() {
                 .and_then(|h| h.value)
                 .map(|v| String::from_utf8_lossy(v).into_owned())
                 .expect("an event-id header");
+            let sender = m
+                .headers()
+                .and_then(|h| h.iter().find(|h| h.key == "sender"))
+                .and_then(|h| h.value)
+                .map(|v| String::from_utf8_lossy(v).into_owned());
+            assert!(
+                sender
+                    .as_deref()
+                    .is_some_and(|s| s.starts_with("127.0.0.1:")),
+                "a sender header: {sender:?}"
+            );
             ids.insert(id);
         }
     }

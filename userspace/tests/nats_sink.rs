@@ -140,6 +140,18 @@ fn stream_state(urls: &[String], name: &str) -> Option<(String, u64)> {
     r.map_err(|e| eprintln!("stream state: {e}")).ok()
 }
 
+/// Header `name` of the stream's message `seq`.
+fn header(urls: &[String], stream: &str, seq: u64, name: &str) -> Option<String> {
+    let urls = urls.to_vec();
+    rt().block_on(async {
+        let c = async_nats::connect(urls).await.ok()?;
+        let js = async_nats::jetstream::new(c);
+        let s = js.get_stream(stream).await.ok()?;
+        let m = s.get_raw_message(seq).await.ok()?;
+        m.headers.get(name).map(|v| v.as_str().to_owned())
+    })
+}
+
 #[test]
 fn killing_the_stream_leader_mid_blast_loses_nothing_and_duplicates_nothing() {
     if Command::new("nats-server")
@@ -211,6 +223,19 @@ fn killing_the_stream_leader_mid_blast_loses_nothing_and_duplicates_nothing() {
         }
     };
     assert_eq!(stored, total, "the stream holds each event exactly once");
+    for (name, check) in [
+        (
+            "Es-Sender",
+            (|v: &str| v.starts_with("127.0.0.1:")) as fn(&str) -> bool,
+        ),
+        ("Es-Received-Unix-Ns", |v| {
+            v.parse::<u64>()
+                .is_ok_and(|ns| ns > 1_600_000_000_000_000_000)
+        }),
+    ] {
+        let v = header(&live, "ESTEST", 1, name);
+        assert!(v.as_deref().is_some_and(check), "{name}: {v:?}");
+    }
     let _ = std::fs::remove_dir_all(dir);
 }
 

@@ -104,6 +104,26 @@ impl Pg {
 
     /// `(rows, distinct event ids)` in `table`.
     fn count(&self, table: &str) -> (u64, u64) {
+        let s = self.query(&format!(
+            "select count(*), count(distinct event_id) from {table}"
+        ));
+        let (a, b) = s.trim().split_once('|').unwrap();
+        (a.parse().unwrap(), b.parse().unwrap())
+    }
+
+    /// Rows of `table` that name a loopback sender and were received in the last hour.
+    fn with_sender(&self, table: &str) -> u64 {
+        self.query(&format!(
+            "select count(*) from {table} where sender like '127.0.0.1:%' \
+             and received_at > now() - interval '1 hour'"
+        ))
+        .trim()
+        .parse()
+        .unwrap()
+    }
+
+    /// One query's unaligned output.
+    fn query(&self, sql: &str) -> String {
         let o = Command::new("psql")
             .args([
                 "-h",
@@ -114,15 +134,11 @@ impl Pg {
                 "postgres",
                 "-Atc",
             ])
-            .arg(format!(
-                "select count(*), count(distinct event_id) from {table}"
-            ))
+            .arg(sql)
             .output()
             .unwrap();
         assert!(o.status.success(), "{o:?}");
-        let s = String::from_utf8(o.stdout).unwrap();
-        let (a, b) = s.trim().split_once('|').unwrap();
-        (a.parse().unwrap(), b.parse().unwrap())
+        String::from_utf8(o.stdout).unwrap()
     }
 }
 
@@ -196,6 +212,11 @@ fn a_server_restart_mid_blast_loses_nothing_and_duplicates_nothing() {
         pg.count("es_events"),
         (total, total),
         "one row per event, none twice"
+    );
+    assert_eq!(
+        pg.with_sender("es_events"),
+        total,
+        "every row names its sender and its wall-clock receive time"
     );
     let _ = std::fs::remove_dir_all(dir);
     let _ = std::fs::remove_dir_all(dlq);

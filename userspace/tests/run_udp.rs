@@ -304,6 +304,11 @@ fn file_sink_and_dlq_hold_exact_bytes_and_read_back() {
     );
     let (child, out, addr, dir) = start(&config, "files");
     let sock = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let sender = sock.local_addr().unwrap().to_string();
+    let before_ns = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as u64;
     for i in 0..100u32 {
         let mut d = Vec::new();
         encode(7, "ok.events", format!("payload-{i}").as_bytes(), &mut d).unwrap();
@@ -345,12 +350,23 @@ fn file_sink_and_dlq_hold_exact_bytes_and_read_back() {
         );
         assert_eq!(rec["id"], i as u64, "ids increase by one");
         assert_eq!(rec["priority"], 7);
+        assert_eq!(
+            rec["sender"],
+            sender.as_str(),
+            "the sender's address and port"
+        );
+        let at = rec["received_unix_ns"].as_u64().unwrap();
+        assert!(
+            at >= before_ns && at < before_ns + 60_000_000_000,
+            "received on the wall clock: {rec}"
+        );
     }
     let dlq = cat(&["dlq", "list", root.join("dlq").to_str().unwrap()]);
     assert_eq!(dlq.len(), 100);
     assert!(dlq.iter().all(|r| r["reason"] == "no_route"
         && r["topic"] == "lost.events"
-        && r["payload_len"] == 3));
+        && r["payload_len"] == 3
+        && r["sender"] == sender.as_str()));
     let _ = std::fs::remove_dir_all(&root);
     let _ = std::fs::remove_dir_all(dir);
 }
@@ -795,6 +811,9 @@ fn each_worker_class_may_name_its_own_sink() {
         "the batch class wrote to its file log"
     );
     assert!(lines.lines().all(|l| l.contains("bulk.items")));
+    // Copied out of the receive frames into the batch window, the sender comes along.
+    let sender = format!("\"sender\":\"{}\"", sock.local_addr().unwrap());
+    assert!(lines.lines().all(|l| l.contains(&sender)), "{lines}");
     assert!(
         !root.join("log").join("realtime-0").exists(),
         "the realtime class stayed in memory"

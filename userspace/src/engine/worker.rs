@@ -26,7 +26,7 @@ use crate::engine::idle::Idle;
 use crate::engine::latency::{LatencyFrom, LocalLatency, read_stamp, realtime_ns};
 use crate::ring::spsc;
 use crate::sink::{EventRef, Sink, is_refusal};
-use crate::wire::event::{Event, Source, monotonic_ns};
+use crate::wire::event::{Event, Peer, Source, monotonic_ns};
 
 /// The clocks a batch is stamped with, read once per batch.
 #[derive(Clone, Copy, Debug, Default)]
@@ -206,8 +206,9 @@ pub enum WorkerKind<'s> {
 }
 
 /// Bytes before a copied event's payload in a batch group: `seq u64`, `ingest_ns u64`,
-/// `source u8`, `priority u8`, `payload_len u32`, `has_sender_id u8`, `sender_id u64`.
-const COPY_HEADER: usize = 31;
+/// `source u8`, `priority u8`, `payload_len u32`, `has_sender_id u8`, `sender_id u64`, `peer`
+/// ([`Peer::ENCODED`] bytes).
+const COPY_HEADER: usize = 31 + Peer::ENCODED;
 
 /// One topic's open group: its events copied out, back to back.
 #[derive(Debug)]
@@ -266,6 +267,7 @@ impl Groups {
                 priority: b[17],
                 sender_id: (b[22] != 0)
                     .then(|| u64::from_le_bytes(b[23..31].try_into().expect("8 bytes"))),
+                peer: Peer::from_bytes(b[31..COPY_HEADER].try_into().expect("peer bytes")),
                 topic: &g.topic,
                 payload: &b[COPY_HEADER..COPY_HEADER + len],
             };
@@ -333,6 +335,7 @@ impl Groups {
         g.bytes.extend_from_slice(&(p.len() as u32).to_le_bytes());
         g.bytes.push(u8::from(ev.id_from_payload));
         g.bytes.extend_from_slice(&ev.key.to_le_bytes());
+        g.bytes.extend_from_slice(&ev.peer().to_bytes());
         g.bytes.extend_from_slice(p);
         g.events += 1;
         if g.events >= self.max {

@@ -25,7 +25,7 @@ use crate::engine::idle::backoff;
 use crate::mem::frames::{FrameArena, FrameOwner, OwnedFrame};
 use crate::mem::pool::{EventPool, Pooled};
 use crate::ring::mpsc;
-use crate::wire::event::{Event, Source, Stamp, monotonic_ns};
+use crate::wire::event::{Event, Peer, Source, Stamp, monotonic_ns};
 use crate::wire::protocol::{Limits, StreamDecoder, encode_into};
 
 /// How often a blocked read wakes to check for shutdown and idleness.
@@ -206,6 +206,7 @@ impl TcpIngest<'_> {
         stream.set_nonblocking(false)?;
         stream.set_read_timeout(Some(READ_TICK))?;
         let peer = stream.peer_addr()?;
+        let sender = Peer::from(peer);
         let mut owner = slot.arena.owner().expect("one connection per slot");
         let mut acq = slot.pool.acquirer().expect("one connection per slot");
         let mut deliver = Deliver {
@@ -320,7 +321,9 @@ impl TcpIngest<'_> {
                     deliver.frame(&mut frame.share(0..used), stamp, &mut seq, &mut tally)?;
                 }
                 if current.is_none() {
-                    current = Some((take_frame(&mut owner), 0));
+                    let mut frame = take_frame(&mut owner);
+                    frame.set_peer(sender);
+                    current = Some((frame, 0));
                 }
                 let (frame, used) = current.as_mut().expect("set above");
                 // Cannot fail: the arena's frames hold a maximal frame, and `need` fits.

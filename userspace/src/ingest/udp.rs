@@ -17,7 +17,7 @@ use std::time::Duration;
 use super::{Deliver, Handoff, IngestCounters, Tally};
 use crate::engine::idle::backoff;
 use crate::mem::frames::{FrameOwner, OwnedFrame};
-use crate::wire::event::{Source, Stamp, monotonic_ns};
+use crate::wire::event::{Peer, Source, Stamp, monotonic_ns};
 use crate::wire::protocol::{Limits, RejectReason};
 
 /// Binds a UDP socket: to `device` only when given (`SO_BINDTODEVICE`), `SO_REUSEPORT` when
@@ -173,6 +173,9 @@ impl UdpIngest<'_> {
         let mut iovecs: Vec<libc::iovec> = Vec::with_capacity(batch);
         let mut msgs: Vec<libc::mmsghdr> = Vec::with_capacity(batch);
         let mut ctrl: Vec<[u64; CTRL_WORDS]> = vec![[0; CTRL_WORDS]; batch];
+        // SAFETY: sockaddr_storage is plain C data for which all-zero is a valid value.
+        let mut names: Vec<libc::sockaddr_storage> =
+            vec![unsafe { MaybeUninit::zeroed().assume_init() }; batch];
         // The socket's drop count as last seen (cumulative since it was made).
         let mut drops = 0u32;
         let mut errors = 0u64;
@@ -217,9 +220,11 @@ impl UdpIngest<'_> {
                     iov_len: buf.len(),
                 });
             }
-            for (iov, c) in iovecs.iter_mut().zip(&mut ctrl) {
+            for ((iov, c), name) in iovecs.iter_mut().zip(&mut ctrl).zip(&mut names) {
                 // SAFETY: mmsghdr is plain C data for which all-zero is a valid value.
                 let mut m: libc::mmsghdr = unsafe { MaybeUninit::zeroed().assume_init() };
+                m.msg_hdr.msg_name = (name as *mut libc::sockaddr_storage).cast();
+                m.msg_hdr.msg_namelen = size_of::<libc::sockaddr_storage>() as libc::socklen_t;
                 m.msg_hdr.msg_iov = iov;
                 m.msg_hdr.msg_iovlen = 1;
                 m.msg_hdr.msg_control = c.as_mut_ptr().cast();
@@ -227,9 +232,9 @@ impl UdpIngest<'_> {
                 msgs.push(m);
             }
             // SAFETY: `msgs` holds `held.len()` headers, each pointing at one iovec that
-            // describes one whole owned frame and at its own control buffer; the frames,
-            // iovecs, buffers and headers all outlive the call, and nothing else touches them
-            // during it.
+            // describes one whole owned frame, at its own control buffer and at its own address
+            // buffer; the frames, iovecs, buffers and headers all outlive the call, and nothing
+            // else touches them during it.
             let n = unsafe {
                 libc::recvmmsg(
                     fd,
@@ -270,7 +275,7 @@ impl UdpIngest<'_> {
                 ingest_ns: monotonic_ns(),
             };
             deliver.handoff.begin();
-            for (frame, msg) in held.drain(..n as usize).zip(&msgs) {
+            for ((mut frame, msg), name) in held.drain(..n as usize).zip(&msgs).zip(&names) {
                 let len = msg.msg_len as usize;
                 tally.datagrams += 1;
                 tally.bytes += len as u64;
@@ -279,6 +284,7 @@ impl UdpIngest<'_> {
                     tally.rejected[RejectReason::Truncated as usize] += 1;
                     continue; // `frame` drops here and goes back to the owner
                 }
+                frame.set_peer(peer_of(name));
                 let mut shared = frame.share(0..len);
                 deliver.frame(&mut shared, stamp, &mut seq, &mut tally)?;
             }
@@ -310,5 +316,25 @@ impl UdpIngest<'_> {
         deliver.handoff.end(true)?;
         tally.flush(self.counters);
         Ok(())
+    }
+}
+
+/// The sender `recvmmsg` wrote into a message's address buffer.
+fn peer_of(name: &libc::sockaddr_storage) -> Peer {
+    match i32::from(name.ss_family) {
+        libc::AF_INET => {
+            // SAFETY: the kernel wrote a sockaddr_in here (family AF_INET); sockaddr_storage is
+            // large enough and aligned for it.
+            let a =
+                unsafe { &*(name as *const libc::sockaddr_storage).cast::<libc::sockaddr_in>() };
+            Peer::v4(a.sin_addr.s_addr.to_ne_bytes(), u16::from_be(a.sin_port))
+        }
+        libc::AF_INET6 => {
+            // SAFETY: as above, a sockaddr_in6 for AF_INET6.
+            let a =
+                unsafe { &*(name as *const libc::sockaddr_storage).cast::<libc::sockaddr_in6>() };
+            Peer::v6(a.sin6_addr.s6_addr, u16::from_be(a.sin6_port))
+        }
+        _ => Peer::UNKNOWN,
     }
 }

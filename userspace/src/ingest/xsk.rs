@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use super::{Deliver, Handoff, IngestCounters, Tally};
 use crate::mem::frames::FrameOwner;
-use crate::wire::event::{Source, Stamp, monotonic_ns};
+use crate::wire::event::{Peer, Source, Stamp, monotonic_ns};
 use crate::wire::packet::udp_payload;
 use crate::wire::protocol::Limits;
 use crate::xdp::socket::XskRings;
@@ -178,12 +178,17 @@ impl XskIngest<'_> {
                 tally.datagrams += 1;
                 tally.bytes += len;
                 let start = offset as usize;
-                let Some((payload, _)) =
+                let Some((payload, meta)) =
                     udp_payload(&frame.bytes()[start..start + desc.len as usize])
                 else {
                     tally.bad_packets += 1;
                     continue; // `frame` drops here and returns to the free list
                 };
+                let mut frame = frame;
+                frame.set_peer(Peer::from(std::net::SocketAddr::new(
+                    meta.src,
+                    meta.src_port,
+                )));
                 let mut shared = frame.share(start + payload.start..start + payload.end);
                 deliver.frame(&mut shared, stamp, &mut seq, &mut tally)?;
             }

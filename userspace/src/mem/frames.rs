@@ -16,6 +16,7 @@
 //! reaches zero exactly once, after everything is released, and the thread that takes it to zero
 //! recycles the frame. The per-event cost is one `fetch_sub` on release.
 
+use core::cell::UnsafeCell;
 use core::fmt;
 use core::ops::Range;
 use std::io;
@@ -23,6 +24,7 @@ use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 
 use crate::mem::{Region, RegionOptions};
 use crate::ring::mpsc::MpscQueue;
+use crate::wire::event::Peer;
 
 /// Bias stored in a frame's live count while it is being shared; more than any frame can hold.
 const BIAS: u32 = 1 << 31;
@@ -43,6 +45,16 @@ pub enum ArenaError {
     },
 }
 
+/// One frame's sender, beside its bytes.
+struct PeerSlot(UnsafeCell<Peer>);
+
+// SAFETY: a slot follows its frame's ownership: it is written only through an `OwnedFrame`
+// (`&mut`, the one handle that reaches the frame while it is owned) and read only through a
+// `SharedFrame` or a `FrameLease`, while the frame is shared and nobody writes it. The hand-over
+// from owned to shared to a reader on another thread goes through the same queues (Release /
+// Acquire) that publish the frame's bytes.
+unsafe impl Sync for PeerSlot {}
+
 /// A region cut into `count` frames of `frame_size` bytes.
 pub struct FrameArena {
     region: Region,
@@ -50,6 +62,8 @@ pub struct FrameArena {
     count: u32,
     /// Per frame: 0 while free or owned; `BIAS + minted - released` while shared.
     live: Box<[AtomicU32]>,
+    /// Per frame: who sent what it holds (set by the filler before sharing it).
+    peers: Box<[PeerSlot]>,
     /// Frames whose last reference was dropped, on their way back to the owner.
     returns: MpscQueue<u32>,
     /// Whether a [`FrameOwner`] exists (there is at most one).
@@ -86,6 +100,9 @@ impl FrameArena {
             frame_size,
             count,
             live: (0..count).map(|_| AtomicU32::new(0)).collect(),
+            peers: (0..count)
+                .map(|_| PeerSlot(UnsafeCell::new(Peer::UNKNOWN)))
+                .collect(),
             returns,
             owner_taken: AtomicBool::new(false),
         })
@@ -291,6 +308,14 @@ impl<'a> OwnedFrame<'a> {
         self.index
     }
 
+    /// Records who sent what the frame holds; events parsed from it report this sender.
+    #[inline]
+    pub fn set_peer(&mut self, peer: Peer) {
+        // SAFETY: the frame is owned by this handle (`&mut self`), so nothing reads its slot
+        // now (see `PeerSlot`).
+        unsafe { *self.arena.peers[self.index as usize].0.get() = peer };
+    }
+
     /// Freezes the frame, with `data` the received bytes, so events can be minted from it.
     ///
     /// # Panics
@@ -417,6 +442,13 @@ impl FrameLease<'_> {
     /// Frame index in the arena.
     pub const fn index(&self) -> u32 {
         self.index
+    }
+
+    /// Who sent what the frame holds ([`OwnedFrame::set_peer`]).
+    #[inline]
+    pub fn peer(&self) -> Peer {
+        // SAFETY: the lease keeps the frame shared, so its slot is not written (see `PeerSlot`).
+        unsafe { *self.arena.peers[self.index as usize].0.get() }
     }
 }
 

@@ -5,9 +5,16 @@
 //!
 //! ```text
 //! | body_len u32 LE | crc32c u32 LE (of id + body) | id u64 LE | body (body_len bytes) |
-//! body: | priority u8 | source u8 | seq u64 LE | ingest_ns u64 LE | reason_len u8 | reason |
-//!       | topic_len u16 LE | topic | payload (the rest) |
+//! body: | priority u8 | source u8 | seq u64 LE | ingest_ns u64 LE | [sender] | reason_len u8 |
+//!       | reason | topic_len u16 LE | topic | payload (the rest) |
+//! sender (when bit 0x80 of `source` is set, as every record written now has it):
+//!       | received_unix_ns u64 LE | family u8 (0, 4, 6) | port u16 LE | address [u8; 16] |
 //! ```
+//!
+//! `ingest_ns` is the appliance's monotonic clock (latency within a run); `received_unix_ns` is
+//! the same instant on the wall clock, and the sender is the datagram's (or connection's)
+//! source address and port. Records written before the sender block existed read back with
+//! neither.
 //!
 //! Ids increase by one per record across segments. Opening a log recovers it: the last segment
 //! is scanned, and a torn or corrupt tail (a crash mid-write) is truncated and reported, never
@@ -27,7 +34,12 @@ use serde::Deserialize;
 
 use crate::ring::spsc;
 use crate::sink::{EventRef, Record, Sink, SinkErrorKind, SinkHealth, refusal};
-use crate::wire::event::Source;
+use crate::wire::event::{Peer, Source, unix_offset_ns};
+
+/// Bit of a record's `source` byte saying the sender block follows the fixed fields.
+const HAS_SENDER: u8 = 0x80;
+/// Bytes of the sender block: `received_unix_ns u64` and the [`Peer`].
+const SENDER_BLOCK: usize = 8 + Peer::ENCODED;
 
 const HEADER: usize = 16;
 /// Largest body accepted when reading (a frame is at most 16 MiB plus metadata).
@@ -95,8 +107,12 @@ pub struct Stored {
     pub source: Option<Source>,
     /// The event.
     pub record: Record,
-    /// Ingest time.
+    /// Ingest time, the appliance's monotonic clock.
     pub ingest_ns: u64,
+    /// Ingest time on the wall clock, Unix ns (absent in records from before it was kept).
+    pub received_unix_ns: Option<u64>,
+    /// Who sent it ([`Peer::UNKNOWN`] in records from before it was kept).
+    pub peer: Peer,
 }
 
 fn segment_name(first_id: u64) -> String {
@@ -135,7 +151,8 @@ pub fn decode(id: u64, b: &[u8]) -> io::Result<Stored> {
     };
     let take = |at: usize, n: usize| b.get(at..at + n).ok_or_else(bad);
     let priority = *b.first().ok_or_else(bad)?;
-    let source = match *b.get(1).ok_or_else(bad)? {
+    let source_byte = *b.get(1).ok_or_else(bad)?;
+    let source = match source_byte & !HAS_SENDER {
         0 => Some(Source::Xsk),
         1 => Some(Source::Udp),
         2 => Some(Source::Tcp),
@@ -143,9 +160,19 @@ pub fn decode(id: u64, b: &[u8]) -> io::Result<Stored> {
     };
     let seq = u64::from_le_bytes(take(2, 8)?.try_into().map_err(|_| bad())?);
     let ingest_ns = u64::from_le_bytes(take(10, 8)?.try_into().map_err(|_| bad())?);
-    let rlen = usize::from(*b.get(18).ok_or_else(bad)?);
-    let reason = std::str::from_utf8(take(19, rlen)?).map_err(|_| bad())?;
-    let at = 19 + rlen;
+    let (received_unix_ns, peer, fixed) = if source_byte & HAS_SENDER != 0 {
+        let s = take(18, SENDER_BLOCK)?;
+        (
+            Some(u64::from_le_bytes(s[..8].try_into().map_err(|_| bad())?)),
+            Peer::from_bytes(s[8..].try_into().map_err(|_| bad())?),
+            18 + SENDER_BLOCK,
+        )
+    } else {
+        (None, Peer::UNKNOWN, 18)
+    };
+    let rlen = usize::from(*b.get(fixed).ok_or_else(bad)?);
+    let reason = std::str::from_utf8(take(fixed + 1, rlen)?).map_err(|_| bad())?;
+    let at = fixed + 1 + rlen;
     let tlen = usize::from(u16::from_le_bytes(
         take(at, 2)?.try_into().map_err(|_| bad())?,
     ));
@@ -164,6 +191,8 @@ pub fn decode(id: u64, b: &[u8]) -> io::Result<Stored> {
         id,
         source,
         ingest_ns,
+        received_unix_ns,
+        peer,
         record: Record {
             seq,
             priority,
@@ -360,8 +389,12 @@ pub struct Entry<'e> {
     pub source: Source,
     /// Ingest sequence.
     pub seq: u64,
-    /// Ingest time.
+    /// Ingest time, monotonic.
     pub ingest_ns: u64,
+    /// Ingest time, Unix ns.
+    pub received_unix_ns: u64,
+    /// Who sent it.
+    pub peer: Peer,
     /// Priority.
     pub priority: u8,
     /// DLQ reason, empty for delivered events.
@@ -899,6 +932,8 @@ impl SegmentLog {
             source,
             seq,
             ingest_ns,
+            received_unix_ns,
+            peer,
             priority,
             reason,
             topic,
@@ -907,7 +942,8 @@ impl SegmentLog {
         let reason = &reason.as_bytes()[..reason.len().min(255)];
         let topic_len = u16::try_from(topic.len())
             .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "topic too long"))?;
-        let body_len = 2 + 8 + 8 + 1 + reason.len() + 2 + topic.len() + payload.len();
+        let body_len =
+            2 + 8 + 8 + SENDER_BLOCK + 1 + reason.len() + 2 + topic.len() + payload.len();
         let len = (HEADER + body_len) as u64;
         if self.segment_len > 0 && self.segment_len + len > self.segment_bytes && !self.roll() {
             return Err(self.refused());
@@ -922,9 +958,11 @@ impl SegmentLog {
         b.extend_from_slice(&[0; 4]); // the CRC, filled in below
         b.extend_from_slice(&id.to_le_bytes());
         b.push(priority);
-        b.push(source as u8);
+        b.push(source as u8 | HAS_SENDER);
         b.extend_from_slice(&seq.to_le_bytes());
         b.extend_from_slice(&ingest_ns.to_le_bytes());
+        b.extend_from_slice(&received_unix_ns.to_le_bytes());
+        b.extend_from_slice(&peer.to_bytes());
         b.push(reason.len() as u8);
         b.extend_from_slice(reason);
         b.extend_from_slice(&topic_len.to_le_bytes());
@@ -1061,12 +1099,17 @@ impl Drop for SegmentLog {
 #[derive(Debug)]
 pub struct FileSink {
     log: SegmentLog,
+    /// Monotonic to Unix time, read once per batch ([`unix_offset_ns`]).
+    unix_offset: u64,
 }
 
 impl FileSink {
     /// A sink writing to `log`.
     pub fn new(log: SegmentLog) -> Self {
-        Self { log }
+        Self {
+            log,
+            unix_offset: unix_offset_ns(),
+        }
     }
 }
 
@@ -1077,6 +1120,8 @@ impl Sink for FileSink {
                 source: ev.source,
                 seq: ev.seq,
                 ingest_ns: ev.ingest_ns,
+                received_unix_ns: ev.ingest_ns.wrapping_add(self.unix_offset),
+                peer: ev.peer,
                 priority: ev.priority,
                 reason: reason.unwrap_or(""),
                 topic: ev.topic,
@@ -1087,6 +1132,7 @@ impl Sink for FileSink {
 
     fn flush(&mut self) -> io::Result<()> {
         self.log.flush();
+        self.unix_offset = unix_offset_ns();
         Ok(())
     }
 
@@ -1132,6 +1178,8 @@ mod tests {
             source: Source::Udp,
             seq: i,
             ingest_ns: 1000 + i,
+            received_unix_ns: 1_700_000_000_000_000_000 + i,
+            peer: Peer::v4([198, 18, 0, 1], 40_000 + i as u16),
             priority: (i % 8) as u8,
             reason,
             topic: "t.opic",
@@ -1159,6 +1207,12 @@ mod tests {
                 (s.id, s.record.seq, s.ingest_ns, s.source),
                 (i, i, 1000 + i, Some(Source::Udp))
             );
+            assert_eq!(s.received_unix_ns, Some(1_700_000_000_000_000_000 + i));
+            assert_eq!(
+                s.peer.socket_addr(),
+                Some(([198, 18, 0, 1], 40_000 + i as u16).into()),
+                "the sender rides with every record"
+            );
             assert_eq!(s.record.payload, i.to_be_bytes());
             assert_eq!(
                 s.record.reason,
@@ -1173,6 +1227,28 @@ mod tests {
         assert_eq!(rec.truncated_bytes, 0);
         assert_eq!(log.next_id(), 500, "reopening continues the ids");
         let _ = fs::remove_dir_all(&d);
+    }
+
+    #[test]
+    fn records_from_before_the_sender_block_still_read() {
+        // The layout written before the sender block: no 0x80 bit, reason right after ingest_ns.
+        let mut body = vec![3u8, Source::Tcp as u8];
+        body.extend_from_slice(&7u64.to_le_bytes());
+        body.extend_from_slice(&99u64.to_le_bytes());
+        body.push(0);
+        body.extend_from_slice(&1u16.to_le_bytes());
+        body.extend_from_slice(b"t");
+        body.extend_from_slice(b"old");
+        let s = decode(5, &body).unwrap();
+        assert_eq!(
+            (s.record.seq, s.ingest_ns, s.source),
+            (7, 99, Some(Source::Tcp))
+        );
+        assert_eq!((s.received_unix_ns, s.peer), (None, Peer::UNKNOWN));
+        assert_eq!(
+            (s.record.topic.as_str(), &s.record.payload[..]),
+            ("t", &b"old"[..])
+        );
     }
 
     #[test]

@@ -6,7 +6,8 @@
 //! duplicating (a broker that stalls is waited for); a record whose delivery still failed is
 //! produced again after a backoff. Every record carries its event id as the header `event-id`
 //! (and as the key with `key: event_id`), so consumers can drop what a second producer session
-//! wrote again.
+//! wrote again; `received-unix-ns` and `sender` (address and port) beside it, and the record's
+//! timestamp is the receive time.
 //!
 //! Topic: `topic`, or with `topic_prefix` set, the prefix + `.` + the event's topic with `/`
 //! turned into `.` (the topics must exist; brokers usually refuse to create them on produce).
@@ -161,13 +162,28 @@ impl Backend for Kafka {
                     KafkaKey::Topic => r.topic,
                     KafkaKey::EventId => id.as_str(),
                 };
+                let received = r.received_unix_ns.to_string();
+                let sender = r.peer.socket_addr().map(|a| a.to_string());
                 let mut record = FutureRecord::to(&topic)
                     .payload(r.payload)
                     .key(key)
-                    .headers(OwnedHeaders::new().insert(Header {
-                        key: "event-id",
-                        value: Some(id.as_str()),
-                    }));
+                    // The record's own timestamp is the receive time (ms, the wall clock).
+                    .timestamp((r.received_unix_ns / 1_000_000) as i64)
+                    .headers(
+                        OwnedHeaders::new()
+                            .insert(Header {
+                                key: "event-id",
+                                value: Some(id.as_str()),
+                            })
+                            .insert(Header {
+                                key: "received-unix-ns",
+                                value: Some(received.as_str()),
+                            })
+                            .insert(Header {
+                                key: "sender",
+                                value: sender.as_deref(),
+                            }),
+                    );
                 loop {
                     while reports.len() >= max {
                         if let Some((at, rep)) = reports.next().await {

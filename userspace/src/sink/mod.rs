@@ -23,7 +23,7 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Instant;
 
-use crate::wire::event::{Event, Source};
+use crate::wire::event::{Event, Peer, Source};
 
 /// One event as a sink sees it, borrowed for the call.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -37,6 +37,8 @@ pub struct EventRef<'e> {
     pub source: Source,
     /// Receive time, `CLOCK_MONOTONIC` ns.
     pub ingest_ns: u64,
+    /// Who sent it.
+    pub peer: Peer,
     /// Priority.
     pub priority: u8,
     /// Topic.
@@ -54,6 +56,7 @@ impl<'e> EventRef<'e> {
             sender_id: ev.id_from_payload.then_some(ev.key),
             source: ev.source,
             ingest_ns: ev.ingest_ns,
+            peer: ev.peer(),
             priority: ev.priority(),
             topic: ev.topic(),
             payload: ev.payload(),
@@ -543,6 +546,7 @@ mod tests {
             sender_id: None,
             source: Source::Udp,
             ingest_ns: 0,
+            peer: Peer::UNKNOWN,
             priority: (seq % 7) as u8,
             topic,
             payload,

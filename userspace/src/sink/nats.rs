@@ -9,7 +9,8 @@
 //! copy. Nothing is acknowledged twice in the counters: one record, one resolution.
 //!
 //! Subject: `subject_prefix` + `.` + the topic with `/` turned into `.`. Headers:
-//! `Nats-Msg-Id`, `Es-Priority`, `Es-Source`, `Es-Received-Ns` (receive time, `CLOCK_MONOTONIC`).
+//! `Nats-Msg-Id`, `Es-Priority`, `Es-Source` (the ingest path), `Es-Received-Unix-Ns` (receive
+//! time on the wall clock) and `Es-Sender` (the sender's address and port, when known).
 
 use std::io;
 use std::sync::Arc;
@@ -178,7 +179,14 @@ impl Backend for Nats {
                     .message_id(r.event_id(ids))
                     .header("Es-Priority", r.priority.to_string().as_str())
                     .header("Es-Source", source)
-                    .header("Es-Received-Ns", r.ingest_ns.to_string().as_str());
+                    .header(
+                        "Es-Received-Unix-Ns",
+                        r.received_unix_ns.to_string().as_str(),
+                    );
+                let msg = match r.peer.socket_addr() {
+                    Some(a) => msg.header("Es-Sender", a.to_string().as_str()),
+                    None => msg,
+                };
                 match js.send_publish(subject(prefix, r.topic), msg).await {
                     Ok(ack) => acks.push(async move { (at, ack.await) }),
                     Err(e) if e.kind() == PublishErrorKind::MaxPayloadExceeded => {

@@ -9,18 +9,23 @@
 //! the primary key, a batch whose `COMMIT` landed but whose answer was lost makes no second row.
 //!
 //! The table is created if missing: `event_id text primary key, topic text, priority
-//! smallint, source text, received_at timestamptz, payload bytea`.
+//! smallint, source text (the ingest path: xsk, udp, tcp), received_at timestamptz (the wall
+//! clock at receive), payload bytea, sender text (the sender's address and port, NULL when not
+//! known)`; a table from before `sender` existed gets the column added.
 
 use std::io;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
+
+/// The columns the sink writes, in the order of the staging `COPY`.
+const COLUMNS: &str = "event_id, topic, priority, source, received_at, payload, sender";
 
 use serde::Deserialize;
 use tokio_postgres::types::{ToSql, Type};
 
 use crate::sink::remote::{BACKOFF, Backend, Chunk, RemoteSink, Shared};
 use crate::sink::{SinkErrorKind, SinkHealth};
-use crate::wire::event::{Source, monotonic_ns};
+use crate::wire::event::Source;
 
 /// `sinks.postgres:`
 #[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
@@ -105,10 +110,7 @@ impl Postgres {
     ) -> Result<(), tokio_postgres::Error> {
         let tx = client.transaction().await?;
         let sink = tx
-            .copy_in(
-                "COPY es_stage (event_id, topic, priority, source, received_at, payload) \
-                 FROM STDIN BINARY",
-            )
+            .copy_in(&format!("COPY es_stage ({COLUMNS}) FROM STDIN BINARY"))
             .await?;
         let writer = tokio_postgres::binary_copy::BinaryCopyInWriter::new(
             sink,
@@ -119,32 +121,34 @@ impl Postgres {
                 Type::TEXT,
                 Type::TIMESTAMPTZ,
                 Type::BYTEA,
+                Type::TEXT,
             ],
         );
         let mut writer = std::pin::pin!(writer);
-        // Receive times are monotonic; the wall clock is read once per batch to place them.
-        let (wall, mono) = (SystemTime::now(), monotonic_ns());
         for &at in ats {
             let (r, _) = chunk.record(at);
             let id = r.event_id(ids);
             let source = Source::ALL
                 .get(r.source as usize)
                 .map_or("?", |s| s.as_str());
-            let received = wall - Duration::from_nanos(mono.saturating_sub(r.ingest_ns));
-            let row: [&(dyn ToSql + Sync); 6] = [
+            let received = SystemTime::UNIX_EPOCH + Duration::from_nanos(r.received_unix_ns);
+            let sender = r.peer.socket_addr().map(|a| a.to_string());
+            let row: [&(dyn ToSql + Sync); 7] = [
                 &id,
                 &r.topic,
                 &i16::from(r.priority),
                 &source,
                 &received,
                 &r.payload,
+                &sender,
             ];
             writer.as_mut().write(&row).await?;
         }
         writer.finish().await?;
         tx.execute(
             &format!(
-                "INSERT INTO {table} SELECT * FROM es_stage ON CONFLICT (event_id) DO NOTHING"
+                "INSERT INTO {table} ({COLUMNS}) SELECT {COLUMNS} FROM es_stage \
+                 ON CONFLICT (event_id) DO NOTHING"
             ),
             &[],
         )
@@ -163,10 +167,11 @@ impl Backend for Postgres {
         });
         client
             .batch_execute(&format!(
-                "CREATE TABLE IF NOT EXISTS {} (event_id text PRIMARY KEY, topic text NOT NULL, \
+                "CREATE TABLE IF NOT EXISTS {t} (event_id text PRIMARY KEY, topic text NOT NULL, \
                  priority smallint NOT NULL, source text NOT NULL, \
-                 received_at timestamptz NOT NULL, payload bytea NOT NULL)",
-                self.table
+                 received_at timestamptz NOT NULL, payload bytea NOT NULL, sender text); \
+                 ALTER TABLE {t} ADD COLUMN IF NOT EXISTS sender text",
+                t = self.table
             ))
             .await
             .map_err(|e| {

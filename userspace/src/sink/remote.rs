@@ -27,11 +27,12 @@ use std::{io, thread};
 
 use crate::ring::spsc;
 use crate::sink::{EventRef, Sink, SinkHealth, refusal};
+use crate::wire::event::{Peer, unix_offset_ns};
 
 /// Bytes before a record's topic and payload in a batch buffer: `len u32` (topic + payload),
 /// `seq u64`, `ingest_ns u64`, `priority u8`, `source u8`, `topic_len u16`, `has_sender u8`,
-/// `sender_id u64`.
-const REC_HEADER: usize = 33;
+/// `sender_id u64`, `received_unix_ns u64`, the sender ([`Peer::ENCODED`] bytes).
+const REC_HEADER: usize = 41 + Peer::ENCODED;
 /// Buffers per sink: one being built, the rest queued or being delivered.
 const BUFFERS: usize = 8;
 /// A batch buffer past this size is handed over before the batch ends.
@@ -63,6 +64,10 @@ pub struct Rec<'b> {
     pub sender_id: Option<u64>,
     /// Receive time, `CLOCK_MONOTONIC` ns.
     pub ingest_ns: u64,
+    /// Receive time, Unix ns.
+    pub received_unix_ns: u64,
+    /// Who sent it.
+    pub peer: Peer,
     /// Priority.
     pub priority: u8,
     /// [`crate::wire::event::Source`] as `u8`.
@@ -107,6 +112,8 @@ impl Chunk {
             sender_id: (h[24] != 0)
                 .then(|| u64::from_le_bytes(h[25..33].try_into().expect("8 bytes"))),
             ingest_ns: u64::from_le_bytes(h[12..20].try_into().expect("8 bytes")),
+            received_unix_ns: u64::from_le_bytes(h[33..41].try_into().expect("8 bytes")),
+            peer: Peer::from_bytes(h[41..REC_HEADER].try_into().expect("peer bytes")),
             priority: h[20],
             source: h[21],
             topic: std::str::from_utf8(&body[..topic_len]).unwrap_or(""),
@@ -289,6 +296,8 @@ pub struct RemoteSink {
     /// A buffer grows up to this while the other side is behind, before it spills or waits.
     max_chunk: usize,
     spool: Spool,
+    /// Monotonic to Unix time, read once per batch ([`unix_offset_ns`]).
+    unix_offset: u64,
 }
 
 /// Delivers `chunk`, unless the sink is abandoned first: a client library can wait forever
@@ -443,6 +452,7 @@ impl RemoteSink {
             lost: 0,
             max_chunk: MAX_CHUNK,
             spool: Spool::default(),
+            unix_offset: unix_offset_ns(),
         })
     }
 
@@ -612,6 +622,8 @@ impl Sink for RemoteSink {
         b.extend_from_slice(&topic_len.to_le_bytes());
         b.push(u8::from(ev.sender_id.is_some()));
         b.extend_from_slice(&ev.sender_id.unwrap_or(0).to_le_bytes());
+        b.extend_from_slice(&ev.ingest_ns.wrapping_add(self.unix_offset).to_le_bytes());
+        b.extend_from_slice(&ev.peer.to_bytes());
         b.extend_from_slice(ev.topic.as_bytes());
         b.extend_from_slice(ev.payload);
         self.batch.records += 1;
@@ -623,6 +635,7 @@ impl Sink for RemoteSink {
 
     fn flush(&mut self) -> io::Result<()> {
         self.hand_over(false);
+        self.unix_offset = unix_offset_ns();
         Ok(())
     }
 

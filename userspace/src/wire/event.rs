@@ -36,6 +36,115 @@ impl Source {
     }
 }
 
+/// Who sent a datagram (or opened a TCP connection): address and port, in a compact `Copy`
+/// form that frames carry beside their bytes (one per frame, never per event).
+#[derive(Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub struct Peer {
+    /// 0 unknown, 4 or 6.
+    family: u8,
+    port: u16,
+    /// IPv4 in the first 4 bytes.
+    addr: [u8; 16],
+}
+
+impl Peer {
+    /// Bytes of [`Peer::to_bytes`].
+    pub const ENCODED: usize = 19;
+
+    /// No sender known (events made inside the appliance, old records).
+    pub const UNKNOWN: Peer = Peer {
+        family: 0,
+        port: 0,
+        addr: [0; 16],
+    };
+
+    /// An IPv4 sender.
+    pub fn v4(addr: [u8; 4], port: u16) -> Self {
+        let mut a = [0; 16];
+        a[..4].copy_from_slice(&addr);
+        Self {
+            family: 4,
+            port,
+            addr: a,
+        }
+    }
+
+    /// An IPv6 sender (an IPv4-mapped address is taken as the IPv4 one).
+    pub fn v6(addr: [u8; 16], port: u16) -> Self {
+        match std::net::Ipv6Addr::from(addr).to_ipv4_mapped() {
+            Some(v4) => Self::v4(v4.octets(), port),
+            None => Self {
+                family: 6,
+                port,
+                addr,
+            },
+        }
+    }
+
+    /// The socket address, if known.
+    pub fn socket_addr(&self) -> Option<std::net::SocketAddr> {
+        use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+        let ip = match self.family {
+            4 => IpAddr::V4(Ipv4Addr::new(
+                self.addr[0],
+                self.addr[1],
+                self.addr[2],
+                self.addr[3],
+            )),
+            6 => IpAddr::V6(Ipv6Addr::from(self.addr)),
+            _ => return None,
+        };
+        Some(SocketAddr::new(ip, self.port))
+    }
+
+    /// `family u8 | port u16 LE | addr [u8; 16]`, as records store it.
+    pub fn to_bytes(&self) -> [u8; Self::ENCODED] {
+        let mut b = [0; Self::ENCODED];
+        b[0] = self.family;
+        b[1..3].copy_from_slice(&self.port.to_le_bytes());
+        b[3..].copy_from_slice(&self.addr);
+        b
+    }
+
+    /// The inverse of [`Peer::to_bytes`]; an unknown family reads as [`Peer::UNKNOWN`].
+    pub fn from_bytes(b: &[u8; Self::ENCODED]) -> Self {
+        let mut addr = [0; 16];
+        addr.copy_from_slice(&b[3..]);
+        match b[0] {
+            4 | 6 => Self {
+                family: b[0],
+                port: u16::from_le_bytes([b[1], b[2]]),
+                addr,
+            },
+            _ => Self::UNKNOWN,
+        }
+    }
+}
+
+impl From<std::net::SocketAddr> for Peer {
+    fn from(a: std::net::SocketAddr) -> Self {
+        match a {
+            std::net::SocketAddr::V4(a) => Self::v4(a.ip().octets(), a.port()),
+            std::net::SocketAddr::V6(a) => Self::v6(a.ip().octets(), a.port()),
+        }
+    }
+}
+
+impl fmt::Debug for Peer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.socket_addr() {
+            Some(a) => write!(f, "{a}"),
+            None => f.write_str("unknown"),
+        }
+    }
+}
+
+impl fmt::Display for Peer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(self, f)
+    }
+}
+
 /// Per-batch ingest stamp shared by the events of one receive batch.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Stamp {
@@ -105,6 +214,12 @@ impl<'a> Event<'a> {
     /// The frame lease (its index, for tracing).
     pub const fn lease(&self) -> &FrameLease<'a> {
         &self.frame
+    }
+
+    /// Who sent the datagram (or opened the connection) this event came in.
+    #[inline]
+    pub fn peer(&self) -> Peer {
+        self.frame.peer()
     }
 }
 
@@ -183,6 +298,16 @@ impl fmt::Debug for FrameEvents<'_, '_> {
     }
 }
 
+/// What to add to a `CLOCK_MONOTONIC` time ([`Event::ingest_ns`]) to get Unix time in ns, as
+/// the wall clock says now (read it once per batch: it moves only when the clock is stepped or
+/// slewed). Wrapping arithmetic: `ingest_ns.wrapping_add(offset)`.
+pub fn unix_offset_ns() -> u64 {
+    let wall = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64);
+    wall.wrapping_sub(monotonic_ns())
+}
+
 /// `CLOCK_MONOTONIC` now, in nanoseconds: the clock of [`Event::ingest_ns`].
 pub fn monotonic_ns() -> u64 {
     #[cfg(all(target_os = "linux", not(miri)))]
@@ -212,6 +337,29 @@ mod tests {
     use crate::mem::frames::FrameArena;
     use crate::mem::pool::EventPool;
     use crate::wire::protocol::{RejectReason, encode};
+
+    #[test]
+    fn peers_round_trip_through_their_bytes() {
+        for a in [
+            "198.18.0.1:40000",
+            "[2001:db8::7]:8082",
+            "[::ffff:10.1.2.3]:9",
+        ] {
+            let sa: std::net::SocketAddr = a.parse().unwrap();
+            let p = Peer::from(sa);
+            assert_eq!(Peer::from_bytes(&p.to_bytes()), p);
+            let want = match sa {
+                std::net::SocketAddr::V6(v6) if v6.ip().to_ipv4_mapped().is_some() => {
+                    std::net::SocketAddr::new(v6.ip().to_ipv4_mapped().unwrap().into(), v6.port())
+                }
+                _ => sa,
+            };
+            assert_eq!(p.socket_addr(), Some(want), "{a}");
+        }
+        assert_eq!(Peer::from_bytes(&[9; Peer::ENCODED]), Peer::UNKNOWN);
+        assert_eq!(Peer::UNKNOWN.socket_addr(), None);
+        assert_eq!(Peer::UNKNOWN.to_string(), "unknown");
+    }
 
     #[test]
     fn events_view_the_frame_without_copying() {
