@@ -1150,6 +1150,7 @@ pub fn run(cfg: &Config, no_xdp: bool, duration: u64, probe: Option<Probe>) -> R
             "sent_events": h.sent_totals().0,
             "sent_bytes": h.sent_totals().1,
             "spilled_events": h.spill_totals().0,
+            "replayed_events": h.replayed_total(),
             "ack_latency_p50_le_us": h.ack_quantile_us(0.5),
             "ack_latency_p99_le_us": h.ack_quantile_us(0.99),
         })).collect::<Vec<_>>(),

@@ -257,6 +257,20 @@ pub fn render(v: &MetricsView<'_>) -> String {
     }
     family(
         &mut out,
+        "eventstream_sink_replayed_events_total",
+        "counter",
+        "Events an earlier run left in a sink's disk buffer, delivered by this run (not part of this run's accepted events).",
+    );
+    for h in &v.sinks {
+        let _ = writeln!(
+            out,
+            "eventstream_sink_replayed_events_total{{sink=\"{}\"}} {}",
+            h.name,
+            h.replayed_total()
+        );
+    }
+    family(
+        &mut out,
         "eventstream_sink_disk_buffer_bytes",
         "gauge",
         "Bytes in a sink's disk buffer now (0 once delivered).",

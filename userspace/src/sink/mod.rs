@@ -131,6 +131,8 @@ pub struct SinkHealth {
     sent_bytes: AtomicU64,
     spilled_events: AtomicU64,
     disk_buffer_bytes: AtomicU64,
+    /// Events an earlier run left in the disk buffer, delivered by this one.
+    replayed_events: AtomicU64,
     /// Hand-over to acknowledgement, per event: counts per bucket of [`ACK_BUCKETS_US`].
     ack_buckets: [AtomicU64; ACK_BUCKETS_US.len()],
     ack_count: AtomicU64,
@@ -162,6 +164,7 @@ impl SinkHealth {
             sent_bytes: AtomicU64::new(0),
             spilled_events: AtomicU64::new(0),
             disk_buffer_bytes: AtomicU64::new(0),
+            replayed_events: AtomicU64::new(0),
             ack_buckets: Default::default(),
             ack_count: AtomicU64::new(0),
             ack_sum_ns: AtomicU64::new(0),
@@ -235,6 +238,16 @@ impl SinkHealth {
     pub fn spilled(&self, events: u64, bytes: u64) {
         self.spilled_events.fetch_add(events, Ordering::Relaxed);
         self.disk_buffer_bytes.store(bytes, Ordering::Relaxed);
+    }
+
+    /// Records that `events` left in the disk buffer by an earlier run were delivered.
+    pub fn replayed(&self, events: u64) {
+        self.replayed_events.fetch_add(events, Ordering::Relaxed);
+    }
+
+    /// Events left in the disk buffer by an earlier run that this one delivered.
+    pub fn replayed_total(&self) -> u64 {
+        self.replayed_events.load(Ordering::Relaxed)
     }
 
     /// Events spilled to the disk buffer so far, and the bytes it holds now.

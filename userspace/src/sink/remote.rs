@@ -15,6 +15,15 @@
 //! memory first, then the file, and once it has caught up the file is removed and buffers go
 //! over the ring again. Only a full disk buffer refuses events (counted as failed).
 //!
+//! A disk buffer still holding events when the appliance stops (the shutdown deadline passed
+//! with the other side still down) is kept, with how far it was delivered beside it
+//! (`<file>.read`); those events count as `failed{reason="shutdown"}` in that run. The next run
+//! with the same `sinks.buffer.dir` delivers them before anything else, under the ids they were
+//! given (the file names its run), and counts them as `replayed`: apart from its own accepted
+//! events, so each run's accounting still balances. A buffer file opens with its format and the
+//! id prefix of the run that wrote it (`ESBUF`, version, `ids_len u16`, `ids`); a file in
+//! another format is set aside (`.unreadable`) and reported, never guessed at.
+//!
 //! Event ids are given at receive: `<node_id>-<run>-<stream>-<n>` (`run` is the appliance's
 //! start time, so ids never repeat across runs; `stream` the receive queue, socket or TCP slot,
 //! `n` the event's number in it), or for `key: payload_id` routes `id-<sender id, hex>`, so
@@ -155,10 +164,75 @@ pub struct Shared {
     spool_episode: AtomicU64,
     spool_written: AtomicU64,
     spool_read: AtomicU64,
+    /// This run's event id prefix.
+    ids: String,
+    /// Disk buffer files an earlier run left, oldest first, for the I/O thread to deliver.
+    leftovers: std::sync::Mutex<Vec<std::path::PathBuf>>,
+    has_leftovers: AtomicBool,
+    /// While set, what the backend settles is an earlier run's (see the module's text).
+    replaying: AtomicBool,
 }
 
 /// Bytes before a chunk in a disk buffer file: `len u32`, `records u32`, `crc32c u32`, pad.
 const SPOOL_HEADER: usize = 16;
+/// A disk buffer file's first bytes: its format and version (the batch-record layout of
+/// [`REC_HEADER`]).
+const SPOOL_MAGIC: [u8; 6] = *b"ESBUF\x02";
+
+/// A disk buffer file's header: the format, then the id prefix of the run that wrote it.
+fn spool_file_header(ids: &str) -> Vec<u8> {
+    let mut h = SPOOL_MAGIC.to_vec();
+    h.extend_from_slice(&(ids.len() as u16).to_le_bytes());
+    h.extend_from_slice(ids.as_bytes());
+    h
+}
+
+/// Reads a disk buffer file's header: the id prefix of its run, and where its chunks start.
+fn read_spool_file_header(f: &mut std::fs::File) -> io::Result<(String, u64)> {
+    use std::io::Read as _;
+    let mut h = [0u8; SPOOL_MAGIC.len() + 2];
+    f.read_exact(&mut h)?;
+    if h[..SPOOL_MAGIC.len()] != SPOOL_MAGIC {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            "not a disk buffer of this version",
+        ));
+    }
+    let n = usize::from(u16::from_le_bytes([h[6], h[7]]));
+    let mut ids = vec![0u8; n];
+    f.read_exact(&mut ids)?;
+    let ids = String::from_utf8(ids)
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidData, "id prefix is not UTF-8"))?;
+    Ok((ids, (h.len() + n) as u64))
+}
+
+/// Reads the next framed chunk of a disk buffer file into `into`, checking its CRC; returns
+/// its framed length.
+fn read_spool_chunk(f: &mut std::fs::File, into: &mut Chunk) -> io::Result<u64> {
+    use std::io::Read as _;
+    let mut h = [0u8; SPOOL_HEADER];
+    f.read_exact(&mut h)?;
+    let len = u32::from_le_bytes(h[0..4].try_into().expect("4 bytes")) as usize;
+    into.bytes.resize(len, 0);
+    f.read_exact(&mut into.bytes)?;
+    let crc = u32::from_le_bytes(h[8..12].try_into().expect("4 bytes"));
+    if crc32c::crc32c(&into.bytes) != crc {
+        into.bytes.clear();
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            "a chunk's CRC does not match",
+        ));
+    }
+    into.records = u64::from(u32::from_le_bytes(h[4..8].try_into().expect("4 bytes")));
+    Ok((SPOOL_HEADER + len) as u64)
+}
+
+/// `<file>.read`: how far a disk buffer file left by a stop was delivered.
+fn read_mark(file: &std::path::Path) -> std::path::PathBuf {
+    let mut p = file.as_os_str().to_owned();
+    p.push(".read");
+    p.into()
+}
 
 /// The appender's side of the disk buffer.
 #[derive(Debug, Default)]
@@ -183,52 +257,60 @@ impl SpoolReader {
     /// The next spilled chunk into `into`; returns its framed length, `None` when nothing is
     /// waiting (or the file cannot be read: reported, and tried again later).
     fn next(&mut self, shared: &Shared, into: &mut Chunk) -> Option<u64> {
-        use std::io::Read as _;
         let ep = shared.spool_episode.load(Ordering::Acquire);
-        if ep == 0 {
+        if ep == 0 || shared.spool_written.load(Ordering::Acquire) == 0 {
             return None;
         }
         if ep != self.episode {
             let dir = shared.spool_dir.get()?;
             self.file = std::fs::File::open(dir.join(format!("{ep:016}.buf"))).ok();
             self.episode = ep;
-            self.offset = 0;
+            self.offset = match self.file.as_mut().map(read_spool_file_header) {
+                Some(Ok((_, start))) => start,
+                _ => {
+                    self.file = None;
+                    0
+                }
+            };
         }
         if shared.spool_written.load(Ordering::Acquire) <= self.offset {
             return None;
         }
         let f = self.file.as_mut()?;
-        let mut h = [0u8; SPOOL_HEADER];
-        let r = f.read_exact(&mut h).and_then(|()| {
-            let len = u32::from_le_bytes(h[0..4].try_into().expect("4 bytes")) as usize;
-            into.bytes.resize(len, 0);
-            f.read_exact(&mut into.bytes)
-        });
-        let crc = u32::from_le_bytes(h[8..12].try_into().expect("4 bytes"));
-        if r.is_err() || crc32c::crc32c(&into.bytes) != crc {
-            shared.health.fail(
-                crate::sink::SinkErrorKind::Io,
-                &io::Error::other("the disk buffer could not be read back"),
-            );
-            into.bytes.clear();
-            return None;
+        match read_spool_chunk(f, into) {
+            Ok(n) => {
+                self.offset += n;
+                Some(n)
+            }
+            Err(_) => {
+                shared.health.fail(
+                    crate::sink::SinkErrorKind::Io,
+                    &io::Error::other("the disk buffer could not be read back"),
+                );
+                None
+            }
         }
-        into.records = u64::from(u32::from_le_bytes(h[4..8].try_into().expect("4 bytes")));
-        let n = (SPOOL_HEADER + into.bytes.len()) as u64;
-        self.offset += n;
-        Some(n)
     }
 }
 
 impl Shared {
     /// `n` records are stored.
     pub fn durable(&self, n: u64) {
-        self.durable.fetch_add(n, Ordering::AcqRel);
+        if self.replaying.load(Ordering::Acquire) {
+            self.health.replayed(n);
+        } else {
+            self.durable.fetch_add(n, Ordering::AcqRel);
+        }
     }
 
     /// `n` records can never be stored.
     pub fn lost(&self, n: u64) {
-        self.lost.fetch_add(n, Ordering::AcqRel);
+        if self.replaying.load(Ordering::Acquire) {
+            // An earlier run counted them as failed already; say so once more, never twice.
+            tracing::warn!(sink = %self.health.name, events = n, "events from an earlier run's disk buffer can never be stored");
+        } else {
+            self.lost.fetch_add(n, Ordering::AcqRel);
+        }
     }
 
     /// Whether retries must stop (the shutdown deadline passed).
@@ -289,7 +371,7 @@ pub struct RemoteSink {
     to_io: spsc::Producer<Chunk>,
     from_io: spsc::Consumer<Chunk>,
     shared: Arc<Shared>,
-    io: Option<thread::JoinHandle<()>>,
+    io: Option<thread::JoinHandle<Undelivered>>,
     handed: u64,
     acked: u64,
     lost: u64,
@@ -320,8 +402,108 @@ async fn deliver_or_abandon<B: Backend>(
     }
 }
 
+/// Delivers the disk buffer files an earlier run left, oldest first (see the module's text);
+/// `false` when the sink was abandoned meanwhile.
+async fn replay_leftovers<B: Backend>(backend: &mut B, shared: &Shared) -> bool {
+    while shared.has_leftovers.load(Ordering::Acquire) {
+        let next = {
+            let mut left = shared.leftovers.lock().unwrap_or_else(|e| e.into_inner());
+            let next = (!left.is_empty()).then(|| left.remove(0));
+            if left.is_empty() {
+                shared.has_leftovers.store(false, Ordering::Release);
+            }
+            next
+        };
+        let Some(path) = next else { break };
+        if !replay_file(backend, shared, &path).await {
+            return false;
+        }
+    }
+    true
+}
+
+/// Delivers one left-over disk buffer file from where its `.read` mark says it stopped, under
+/// its own run's ids; removes it once delivered, or marks how far it got when abandoned.
+async fn replay_file<B: Backend>(backend: &mut B, shared: &Shared, path: &std::path::Path) -> bool {
+    use std::io::{Seek as _, SeekFrom};
+    let name = &shared.health.name;
+    let mark = read_mark(path);
+    let set_aside = |why: &dyn std::fmt::Display| {
+        let to = path.with_extension("unreadable");
+        tracing::error!(sink = %name, file = %path.display(), to = %to.display(), reason = %why, "an earlier run's disk buffer cannot be replayed; set aside");
+        let _ = std::fs::rename(path, &to);
+        let _ = std::fs::remove_file(&mark);
+    };
+    let mut f = match std::fs::File::open(path) {
+        Ok(f) => f,
+        Err(e) => {
+            set_aside(&e);
+            return true;
+        }
+    };
+    let (ids, start) = match read_spool_file_header(&mut f) {
+        Ok(h) => h,
+        Err(e) => {
+            set_aside(&e);
+            return true;
+        }
+    };
+    let mut offset = std::fs::read(&mark)
+        .ok()
+        .and_then(|b| <[u8; 8]>::try_from(b).ok())
+        .map(u64::from_le_bytes)
+        .filter(|&o| o >= start)
+        .unwrap_or(start);
+    if let Err(e) = f.seek(SeekFrom::Start(offset)) {
+        set_aside(&e);
+        return true;
+    }
+    tracing::info!(sink = %name, file = %path.display(), from = offset, "delivering what an earlier run left in the disk buffer");
+    let mut chunk = Chunk::default();
+    shared.replaying.store(true, Ordering::Release);
+    let outcome = loop {
+        match read_spool_chunk(&mut f, &mut chunk) {
+            Ok(n) => {
+                shared.health.sent(chunk.records, chunk.bytes.len() as u64);
+                if !deliver_or_abandon(backend, &chunk, shared, &ids).await {
+                    break Some(false);
+                }
+                offset += n;
+            }
+            // The end, or a chunk torn by a crash mid-write: nothing more was ever whole.
+            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => break Some(true),
+            Err(e) => {
+                let _ = std::fs::write(&mark, offset.to_le_bytes());
+                set_aside(&e);
+                break None;
+            }
+        }
+    };
+    shared.replaying.store(false, Ordering::Release);
+    match outcome {
+        Some(true) => {
+            let _ = std::fs::remove_file(path);
+            let _ = std::fs::remove_file(&mark);
+            tracing::info!(sink = %name, file = %path.display(), "an earlier run's disk buffer is delivered");
+            true
+        }
+        Some(false) => {
+            let _ = std::fs::write(&mark, offset.to_le_bytes());
+            false
+        }
+        None => true,
+    }
+}
+
+/// What the I/O thread had not delivered when it stopped: the ring from the appender (with
+/// whatever is still queued in it) and the buffer it was delivering when abandoned.
+struct Undelivered {
+    from: spsc::Consumer<Chunk>,
+    current: Option<Chunk>,
+}
+
 /// The I/O thread: sets the backend up (reporting the outcome on `ready`), then delivers
-/// buffers in order until stopped.
+/// buffers in order until stopped; returns what it did not deliver.
 fn io_thread<B: Backend>(
     mut backend: B,
     ids: String,
@@ -330,7 +512,7 @@ fn io_thread<B: Backend>(
     mut back: spsc::Producer<Chunk>,
     ready: std::sync::mpsc::Sender<Result<(), String>>,
     setup_limit: Duration,
-) {
+) -> Undelivered {
     let rt = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -338,15 +520,22 @@ fn io_thread<B: Backend>(
         Ok(rt) => rt,
         Err(e) => {
             let _ = ready.send(Err(format!("starting the sink's runtime: {e}")));
-            return;
+            return Undelivered {
+                from,
+                current: None,
+            };
         }
     };
-    rt.block_on(async {
+    let current = rt.block_on(async {
         match tokio::time::timeout(setup_limit, backend.setup()).await {
             Ok(Ok(())) => {}
-            Ok(Err(e)) => return drop(ready.send(Err(e))),
+            Ok(Err(e)) => {
+                let _ = ready.send(Err(e));
+                return None;
+            }
             Err(_) => {
-                return drop(ready.send(Err(format!("no answer within {setup_limit:?}"))));
+                let _ = ready.send(Err(format!("no answer within {setup_limit:?}")));
+                return None;
             }
         }
         let _ = ready.send(Ok(()));
@@ -354,7 +543,13 @@ fn io_thread<B: Backend>(
         let mut spilled = Chunk::default();
         loop {
             if shared.abandoned() {
-                return;
+                return None;
+            }
+            // First what an earlier run left (its events are older than any of this run's).
+            if shared.has_leftovers.load(Ordering::Acquire)
+                && !replay_leftovers(&mut backend, &shared).await
+            {
+                return None;
             }
             let Some(mut chunk) = from.pop() else {
                 // Nothing in memory: what was spilled to disk, in order, if anything.
@@ -363,20 +558,21 @@ fn io_thread<B: Backend>(
                         .health
                         .sent(spilled.records, spilled.bytes.len() as u64);
                     if !deliver_or_abandon(&mut backend, &spilled, &shared, &ids).await {
-                        return;
+                        // Still in the disk buffer: its mark says how far it was delivered.
+                        return None;
                     }
                     shared.spool_read.fetch_add(n, Ordering::AcqRel);
                     continue;
                 }
                 if shared.stop.load(Ordering::Acquire) && from.is_empty() {
-                    return;
+                    return None;
                 }
                 tokio::time::sleep(Duration::from_micros(500)).await;
                 continue;
             };
             shared.health.sent(chunk.records, chunk.bytes.len() as u64);
             if !deliver_or_abandon(&mut backend, &chunk, &shared, &ids).await {
-                return;
+                return Some(chunk);
             }
             if let Some(t) = chunk.handed_at.take() {
                 shared.health.acked_after(t.elapsed(), chunk.records);
@@ -387,6 +583,7 @@ fn io_thread<B: Backend>(
             let _ = back.push(chunk);
         }
     });
+    Undelivered { from, current }
 }
 
 impl RemoteSink {
@@ -412,6 +609,10 @@ impl RemoteSink {
             spool_episode: AtomicU64::new(0),
             spool_written: AtomicU64::new(0),
             spool_read: AtomicU64::new(0),
+            ids: ids.clone(),
+            leftovers: std::sync::Mutex::new(Vec::new()),
+            has_leftovers: AtomicBool::new(false),
+            replaying: AtomicBool::new(false),
         });
         let (to_io, from_appender) = spsc::channel::<Chunk>(BUFFERS);
         let (mut spare, from_io) = spsc::channel::<Chunk>(BUFFERS);
@@ -459,10 +660,39 @@ impl RemoteSink {
     /// Holds at most about `bytes` in memory while the other side is behind (its buffers
     /// together); past that, buffers spill to a disk buffer in `dir` of at most `spool_bytes`
     /// (0: none, appends are refused instead).
+    ///
+    /// Files an earlier run left in `dir` are delivered first (see the module's text); this
+    /// run's files are numbered after them.
     #[must_use]
     pub fn with_limits(mut self, bytes: usize, dir: std::path::PathBuf, spool_bytes: u64) -> Self {
         self.max_chunk = (bytes / BUFFERS).max(64 * 1024);
         self.spool.max_bytes = spool_bytes;
+        let mut left: Vec<(u64, std::path::PathBuf)> = std::fs::read_dir(&dir)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|e| {
+                let p = e.path();
+                let ep = p
+                    .file_name()?
+                    .to_str()?
+                    .strip_suffix(".buf")?
+                    .parse::<u64>()
+                    .ok()?;
+                Some((ep, p))
+            })
+            .collect();
+        left.sort();
+        if let Some((last, _)) = left.last() {
+            tracing::warn!(sink = %self.shared.health.name, files = left.len(), dir = %dir.display(), "an earlier run left events in the disk buffer: delivering them first");
+            self.shared.spool_episode.store(*last, Ordering::Release);
+            *self
+                .shared
+                .leftovers
+                .lock()
+                .unwrap_or_else(|e| e.into_inner()) = left.into_iter().map(|(_, p)| p).collect();
+            self.shared.has_leftovers.store(true, Ordering::Release);
+        }
         let _ = self.shared.spool_dir.set(dir);
         self
     }
@@ -470,12 +700,26 @@ impl RemoteSink {
     /// Writes the batch to the disk buffer (starting an outage's file if none is open);
     /// `false` when there is none, it is full, or the write failed.
     fn spill(&mut self) -> bool {
+        let batch = core::mem::take(&mut self.batch);
+        let spilled = self.write_spill(&batch);
+        self.batch = batch;
+        if spilled {
+            self.handed += self.batch.records;
+            self.batch.bytes.clear();
+            self.batch.records = 0;
+        }
+        spilled
+    }
+
+    /// Appends `b` to the disk buffer's file (opening one if none is); `false` when there is
+    /// no disk buffer, it is full, or the write failed.
+    fn write_spill(&mut self, b: &Chunk) -> bool {
         use std::io::Write as _;
         use std::os::unix::fs::OpenOptionsExt as _;
         if self.spool.max_bytes == 0 {
             return false;
         }
-        let framed = (SPOOL_HEADER + self.batch.bytes.len()) as u64;
+        let framed = (SPOOL_HEADER + b.bytes.len()) as u64;
         if self.spool.written + framed > self.spool.max_bytes {
             return false;
         }
@@ -502,15 +746,25 @@ impl RemoteSink {
                     return false;
                 }
             };
+            let header = spool_file_header(&self.shared.ids);
+            let mut file = file;
+            if let Err(e) = file.write_all(&header) {
+                self.shared
+                    .health
+                    .fail(crate::sink::SinkErrorKind::of_write(&e), &e);
+                let _ = std::fs::remove_file(&path);
+                return false;
+            }
             tracing::warn!(sink = %self.shared.health.name, file = %path.display(), "the other side is behind: buffers spill to disk");
-            self.shared.spool_read.store(0, Ordering::Release);
+            let start = header.len() as u64;
+            // The reader starts past the header: what is read and written counts from there.
+            self.shared.spool_read.store(start, Ordering::Release);
             self.shared.spool_written.store(0, Ordering::Release);
             self.shared.spool_episode.store(ep, Ordering::Release);
             self.spool.file = Some((file, path));
-            self.spool.written = 0;
+            self.spool.written = start;
         }
         let (file, _) = self.spool.file.as_mut().expect("opened above");
-        let b = &self.batch;
         let mut h = [0u8; SPOOL_HEADER];
         h[0..4].copy_from_slice(&(b.bytes.len() as u32).to_le_bytes());
         h[4..8].copy_from_slice(&(b.records as u32).to_le_bytes());
@@ -526,9 +780,6 @@ impl RemoteSink {
         self.shared
             .spool_written
             .store(self.spool.written, Ordering::Release);
-        self.handed += b.records;
-        self.batch.bytes.clear();
-        self.batch.records = 0;
         true
     }
 
@@ -593,11 +844,26 @@ impl RemoteSink {
         self.shared.durable.load(Ordering::Acquire) + self.shared.lost.load(Ordering::Acquire)
     }
 
-    /// Stops the I/O thread now and joins it.
+    /// Stops the I/O thread now and joins it. With a disk buffer, what it had not delivered
+    /// (the buffer it was on, those queued behind it) is written there for the next run: still
+    /// counted as failed in this one, delivered by the next (after what had spilled already).
     fn abandon(&mut self) {
         self.shared.abandon.store(true, Ordering::Release);
-        if let Some(h) = self.io.take() {
-            let _ = h.join();
+        let Some(Ok(mut left)) = self.io.take().map(thread::JoinHandle::join) else {
+            return;
+        };
+        let mut kept = 0;
+        let current = left.current.take();
+        for chunk in current
+            .into_iter()
+            .chain(std::iter::from_fn(|| left.from.pop()))
+        {
+            if chunk.records > 0 && self.write_spill(&chunk) {
+                kept += chunk.records;
+            }
+        }
+        if kept > 0 {
+            tracing::warn!(sink = %self.shared.health.name, events = kept, "undelivered buffers written to the disk buffer at the stop");
         }
     }
 }
@@ -693,28 +959,30 @@ impl Sink for RemoteSink {
 
 impl Drop for RemoteSink {
     fn drop(&mut self) {
-        if self.io.is_none() {
-            return;
+        if self.io.is_some() {
+            // Whatever was appended is still handed over; the I/O thread delivers what is
+            // queued and stops, or is abandoned after a grace period.
+            self.hand_over(true);
+            self.shared.stop.store(true, Ordering::Release);
+            let deadline = Instant::now() + BLOCK_LIMIT * 5;
+            while let Some(h) = &self.io
+                && !h.is_finished()
+                && Instant::now() < deadline
+            {
+                thread::sleep(Duration::from_millis(1));
+            }
+            self.abandon();
         }
-        // Whatever was appended is still handed over; the I/O thread delivers what is queued
-        // and stops, or is abandoned after a grace period.
-        self.hand_over(true);
-        self.shared.stop.store(true, Ordering::Release);
-        let deadline = Instant::now() + BLOCK_LIMIT * 5;
-        while let Some(h) = &self.io
-            && !h.is_finished()
-            && Instant::now() < deadline
-        {
-            thread::sleep(Duration::from_millis(1));
-        }
-        self.abandon();
+        // Closed or abandoned: a disk buffer not yet delivered stays, marked for the next run.
         self.end_spill();
         if let Some((_, path)) = &self.spool.file {
+            let read = self.shared.spool_read.load(Ordering::Acquire);
+            let _ = std::fs::write(read_mark(path), read.to_le_bytes());
             tracing::warn!(
                 sink = %self.shared.health.name,
                 file = %path.display(),
                 events = self.in_flight(),
-                "events left undelivered in the disk buffer (counted as failed{{reason=\"shutdown\"}}; not replayed at the next start)"
+                "events left undelivered in the disk buffer (counted as failed{{reason=\"shutdown\"}} in this run; the next start delivers them)"
             );
         }
     }
