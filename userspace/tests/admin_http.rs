@@ -222,7 +222,7 @@ fn a_short_or_missing_token_file_is_a_clear_error_at_start() {
         }
         let cfg = tok_dir.join(format!("{name}.yaml"));
         std::fs::write(&cfg, config(&tok)).unwrap();
-        let o = std::process::Command::new(env!("CARGO_BIN_EXE_eventstream"))
+        let o = common::daemon::command()
             .args(["run", "--no-xdp", "--config"])
             .arg(&cfg)
             .env("RUST_BACKTRACE", "1")

@@ -52,7 +52,7 @@ fn xdp_tx_and_sendmmsg_into_af_xdp_reconcile_and_live_frames_count_exactly() {
         "xdp:\n  iface: \"\"\ningest:\n  udp:\n    bind: \"0.0.0.0:8082\"\n    frame_size: 4096\n  tcp:\n    bind: null\nadmin:\n  bind: \"127.0.0.1:0\"\n",
     )
     .unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_eventstream"))
+    let mut child = common::daemon::command()
         .args(["run", "--netns", &lab.rx_ns, "--iface", RX_IF, "--config"])
         .arg(&config)
         .stdout(Stdio::piped())
@@ -271,7 +271,7 @@ fn two_rx_queues_each_get_a_socket_and_exact_accounting() {
         "xdp:\n  queues: 2\ningest:\n  udp:\n    bind: \"0.0.0.0:8082\"\n  tcp:\n    bind: null\nadmin:\n  bind: \"127.0.0.1:0\"\nengine:\n  mode: inline\n",
     )
     .unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_eventstream"))
+    let mut child = common::daemon::command()
         .args(["run", "--netns", &lab.rx_ns, "--iface", RX_IF, "--config"])
         .arg(&config)
         .stdout(Stdio::piped())

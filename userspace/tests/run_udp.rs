@@ -123,7 +123,7 @@ fn bad_config_and_busy_port_are_clear_errors() {
         "admin:\n  bind: null\ningest:\n  tcp:\n    bind: null\n",
     )
     .unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_eventstream"))
+    let out = common::daemon::command()
         .args(["run", "--no-xdp", "--udp-bind", &port, "--config"])
         .arg(&ok)
         .output()
@@ -148,7 +148,7 @@ fn missing_interface_falls_back_to_kernel_udp_with_one_clear_line() {
         "ingest:\n  udp:\n    bind: \"127.0.0.1:0\"\n  tcp:\n    bind: \"127.0.0.1:0\"\nadmin:\n  bind: null\n",
     )
     .unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_eventstream"))
+    let out = common::daemon::command()
         .args(["run", "--iface", "nosuch0", "--duration", "1", "--config"])
         .arg(&cfg)
         .env("NO_COLOR", "1")

@@ -82,7 +82,7 @@ fn stale_pins_are_detected_removed_and_replaced() {
         "xdp:\n  attach: skb\ningest:\n  udp:\n    bind: \"0.0.0.0:0\"\n  tcp:\n    bind: null\nadmin:\n  bind: null\n",
     )
     .unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_eventstream"))
+    let out = common::daemon::command()
         .args(["run", "--netns", &ns, "--iface", IF, "--duration", "1"])
         .arg("--config")
         .arg(&cfg)

@@ -5,6 +5,24 @@ use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+/// `eventstream` as a child that dies with the thread that started it (`PR_SET_PDEATHSIG`): a
+/// test that fails before it stops its daemon leaves none running behind it.
+pub fn command() -> Command {
+    use std::os::unix::process::CommandExt as _;
+    let mut c = Command::new(env!("CARGO_BIN_EXE_eventstream"));
+    // SAFETY: the closure runs in the child between fork and exec and only calls prctl(2),
+    // which is async-signal-safe; it touches no memory of the parent's.
+    unsafe {
+        c.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    c
+}
+
 /// Starts the daemon with `config`, returns it and the UDP address it bound.
 pub fn start(
     config: &str,
@@ -56,7 +74,7 @@ fn spawn(
     std::fs::create_dir_all(&dir).unwrap();
     let path = dir.join("eventstream.yaml");
     std::fs::write(&path, config).unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_eventstream"))
+    let mut child = command()
         .arg("run")
         .args(args)
         .arg("--config")
