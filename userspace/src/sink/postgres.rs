@@ -2,11 +2,15 @@
 //! that wrote them has committed.
 //!
 //! A [`Backend`] of [`RemoteSink`] over tokio-postgres. Each batch of at most `max_in_flight`
-//! rows is one transaction: a binary `COPY` into a temporary staging table, then
-//! `INSERT ... SELECT ... ON CONFLICT (event_id) DO NOTHING` into the table, then `COMMIT`. A
-//! failure anywhere (the server restarting, a lost connection) rolls the transaction back;
-//! the batch is sent again on a new connection after a backoff, and because the event id is
-//! the primary key, a batch whose `COMMIT` landed but whose answer was lost makes no second row.
+//! rows is one transaction, written the cheap way while no event id is seen twice: a binary
+//! `COPY` straight into the table, then `COMMIT`. When the primary key refuses a row (a retry
+//! of a batch whose `COMMIT` had landed but whose answer was lost, or a second appliance
+//! sending the same sender ids), the transaction rolls back and the batch goes the deduplicating
+//! way: a binary `COPY` into a temporary staging table, then `INSERT ... SELECT ... ON CONFLICT
+//! (event_id) DO NOTHING`; the next [`DEDUP_BATCHES`] batches stay on that way before the cheap
+//! one is tried again. A failure anywhere else (the server restarting, a lost connection)
+//! rolls the transaction back; the batch is sent again on a new connection after a backoff.
+//! Either way no event ever makes a second row.
 //!
 //! The table is created if missing: `event_id text primary key, topic text, priority
 //! smallint, source text (the ingest path: xsk, udp, tcp), received_at timestamptz (the wall
@@ -26,6 +30,9 @@ use tokio_postgres::types::{ToSql, Type};
 use crate::sink::remote::{BACKOFF, Backend, Chunk, RemoteSink, Shared};
 use crate::sink::{SinkErrorKind, SinkHealth};
 use crate::wire::event::Source;
+
+/// Batches written the deduplicating way after a duplicate id was seen.
+pub const DEDUP_BATCHES: u32 = 64;
 
 /// `sinks.postgres:`
 #[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
@@ -79,6 +86,8 @@ struct Postgres {
     cfg: PostgresConfig,
     table: String,
     client: Option<tokio_postgres::Client>,
+    /// Batches still to write through the staging table (after a duplicate id).
+    dedup_left: u32,
 }
 
 impl Postgres {
@@ -100,17 +109,20 @@ impl Postgres {
         Ok(client)
     }
 
-    /// One transaction for the records at `ats`.
+    /// One transaction for the records at `ats`: `COPY` straight into `table`, or with
+    /// `dedup` into the staging table and on with `ON CONFLICT (event_id) DO NOTHING`.
     async fn write(
         client: &mut tokio_postgres::Client,
         table: &str,
         chunk: &Chunk,
         ats: &[usize],
         ids: &str,
+        dedup: bool,
     ) -> Result<(), tokio_postgres::Error> {
         let tx = client.transaction().await?;
+        let into = if dedup { "es_stage" } else { table };
         let sink = tx
-            .copy_in(&format!("COPY es_stage ({COLUMNS}) FROM STDIN BINARY"))
+            .copy_in(&format!("COPY {into} ({COLUMNS}) FROM STDIN BINARY"))
             .await?;
         let writer = tokio_postgres::binary_copy::BinaryCopyInWriter::new(
             sink,
@@ -145,14 +157,16 @@ impl Postgres {
             writer.as_mut().write(&row).await?;
         }
         writer.finish().await?;
-        tx.execute(
-            &format!(
-                "INSERT INTO {table} ({COLUMNS}) SELECT {COLUMNS} FROM es_stage \
-                 ON CONFLICT (event_id) DO NOTHING"
-            ),
-            &[],
-        )
-        .await?;
+        if dedup {
+            tx.execute(
+                &format!(
+                    "INSERT INTO {table} ({COLUMNS}) SELECT {COLUMNS} FROM es_stage \
+                     ON CONFLICT (event_id) DO NOTHING"
+                ),
+                &[],
+            )
+            .await?;
+        }
         tx.commit().await
     }
 }
@@ -197,9 +211,10 @@ impl Backend for Postgres {
         for group in ats.chunks(self.cfg.max_in_flight.max(1)) {
             let mut backoff = BACKOFF.0;
             loop {
+                let dedup = self.dedup_left > 0;
                 let r = match &mut self.client {
                     Some(c) if !c.is_closed() => {
-                        Self::write(c, &self.table, chunk, group, ids).await
+                        Self::write(c, &self.table, chunk, group, ids, dedup).await
                     }
                     _ => match self.connect().await {
                         Ok(c) => {
@@ -213,7 +228,17 @@ impl Backend for Postgres {
                     Ok(()) => {
                         shared.durable(group.len() as u64);
                         health.recovered();
+                        self.dedup_left = self.dedup_left.saturating_sub(1);
                         break;
+                    }
+                    // A row whose id is there already: not a failure, the batch goes the
+                    // deduplicating way at once (see the module's text).
+                    Err(e)
+                        if !dedup
+                            && e.code()
+                                == Some(&tokio_postgres::error::SqlState::UNIQUE_VIOLATION) =>
+                    {
+                        self.dedup_left = DEDUP_BATCHES;
                     }
                     Err(e) => {
                         health.fail(SinkErrorKind::Broker, &io::Error::other(e.to_string()));
@@ -259,6 +284,7 @@ pub fn open(cfg: &PostgresConfig, node_id: &str, run: u64, name: &str) -> io::Re
             cfg: cfg.clone(),
             table: quoted(&cfg.table),
             client: None,
+            dedup_left: 0,
         },
         Arc::new(SinkHealth::new(format!("postgres:{}:{name}", cfg.table))),
         format!("{node_id}-{run}-"),
