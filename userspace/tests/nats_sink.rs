@@ -261,7 +261,7 @@ fn a_stream_with_other_settings_is_a_clear_error_at_start() {
         ),
     )
     .unwrap();
-    let o = Command::new(env!("CARGO_BIN_EXE_eventstream"))
+    let o = common::daemon::command()
         .args(["run", "--no-xdp", "--config"])
         .arg(&yaml)
         .output()

@@ -103,6 +103,14 @@ impl Rec<'_> {
 }
 
 impl Chunk {
+    /// Makes this a copy of `other` (reusing this one's allocation).
+    pub fn copy_from(&mut self, other: &Chunk) {
+        self.bytes.clear();
+        self.bytes.extend_from_slice(&other.bytes);
+        self.records = other.records;
+        self.handed_at = other.handed_at;
+    }
+
     /// Records in it.
     pub const fn records(&self) -> u64 {
         self.records
@@ -359,8 +367,25 @@ pub trait Backend: Send + 'static {
 
     /// Delivers every record of `chunk`, counting each once with [`Shared::durable`] or
     /// [`Shared::lost`]; retries what fails (with [`BACKOFF`], reporting through
-    /// `shared.health`) until all are counted or [`Shared::abandoned`].
+    /// `shared.health`) until all are counted or [`Shared::abandoned`]. A backend may return
+    /// with the last chunk's acknowledgements still on their way (keeping a copy of it), so
+    /// that its pipeline does not drain between chunks; [`Backend::settle`] then finishes it.
     async fn deliver(&mut self, chunk: &Chunk, shared: &Shared, ids: &str);
+
+    /// Waits for what earlier deliveries left outstanding, retrying what failed; called when
+    /// no chunk is waiting, and before the I/O thread stops.
+    async fn settle(&mut self, _shared: &Shared, _ids: &str) {}
+
+    /// Whether [`Backend::settle`] has anything to do.
+    fn unsettled(&self) -> bool {
+        false
+    }
+
+    /// The copy of a chunk whose acknowledgements were still outstanding when the sink was
+    /// abandoned (for the disk buffer).
+    fn take_unsettled(&mut self) -> Option<Chunk> {
+        None
+    }
 }
 
 /// A [`Sink`] over a [`Backend`] on its own I/O thread.
@@ -460,6 +485,10 @@ async fn replay_file<B: Backend>(backend: &mut B, shared: &Shared, path: &std::p
     }
     tracing::info!(sink = %name, file = %path.display(), from = offset, "delivering what an earlier run left in the disk buffer");
     let mut chunk = Chunk::default();
+    // What this run delivered before is settled first: only the replay's acks count as replayed.
+    if backend.unsettled() && !settle_or_abandon(backend, shared, &shared.ids).await {
+        return false;
+    }
     shared.replaying.store(true, Ordering::Release);
     let outcome = loop {
         match read_spool_chunk(&mut f, &mut chunk) {
@@ -479,6 +508,12 @@ async fn replay_file<B: Backend>(backend: &mut B, shared: &Shared, path: &std::p
             }
         }
     };
+    let outcome = match outcome {
+        Some(true) if backend.unsettled() && !settle_or_abandon(backend, shared, &ids).await => {
+            Some(false)
+        }
+        other => other,
+    };
     shared.replaying.store(false, Ordering::Release);
     match outcome {
         Some(true) => {
@@ -496,10 +531,11 @@ async fn replay_file<B: Backend>(backend: &mut B, shared: &Shared, path: &std::p
 }
 
 /// What the I/O thread had not delivered when it stopped: the ring from the appender (with
-/// whatever is still queued in it) and the buffer it was delivering when abandoned.
+/// whatever is still queued in it) and, oldest first, the buffers it was delivering when
+/// abandoned.
 struct Undelivered {
     from: spsc::Consumer<Chunk>,
-    current: Option<Chunk>,
+    current: Vec<Chunk>,
 }
 
 /// The I/O thread: sets the backend up (reporting the outcome on `ready`), then delivers
@@ -522,11 +558,12 @@ fn io_thread<B: Backend>(
             let _ = ready.send(Err(format!("starting the sink's runtime: {e}")));
             return Undelivered {
                 from,
-                current: None,
+                current: Vec::new(),
             };
         }
     };
-    let current = rt.block_on(async {
+    let mut current = Vec::new();
+    let cut_off = rt.block_on(async {
         match tokio::time::timeout(setup_limit, backend.setup()).await {
             Ok(Ok(())) => {}
             Ok(Err(e)) => {
@@ -564,7 +601,11 @@ fn io_thread<B: Backend>(
                     shared.spool_read.fetch_add(n, Ordering::AcqRel);
                     continue;
                 }
-                if shared.stop.load(Ordering::Acquire) && from.is_empty() {
+                // Nothing waiting: finish what is still outstanding, then maybe stop.
+                if backend.unsettled() && !settle_or_abandon(&mut backend, &shared, &ids).await {
+                    return None;
+                }
+                if shared.stop.load(Ordering::Acquire) && from.is_empty() && !backend.unsettled() {
                     return None;
                 }
                 tokio::time::sleep(Duration::from_micros(500)).await;
@@ -583,7 +624,24 @@ fn io_thread<B: Backend>(
             let _ = back.push(chunk);
         }
     });
+    // Abandoned: the copy the backend kept of a chunk not yet acknowledged is older than the
+    // one being delivered.
+    current.extend(backend.take_unsettled());
+    current.extend(cut_off);
     Undelivered { from, current }
+}
+
+/// [`Backend::settle`], unless the sink is abandoned first (see [`deliver_or_abandon`]).
+async fn settle_or_abandon<B: Backend>(backend: &mut B, shared: &Shared, ids: &str) -> bool {
+    let abandoned = async {
+        while !shared.abandoned() {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    };
+    tokio::select! {
+        () = backend.settle(shared, ids) => true,
+        () = abandoned => false,
+    }
 }
 
 impl RemoteSink {
@@ -853,7 +911,7 @@ impl RemoteSink {
             return;
         };
         let mut kept = 0;
-        let current = left.current.take();
+        let current = std::mem::take(&mut left.current);
         for chunk in current
             .into_iter()
             .chain(std::iter::from_fn(|| left.from.pop()))
