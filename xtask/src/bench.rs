@@ -62,6 +62,16 @@ pub struct Args {
     /// Lab name (namespaces `<name>-tx`, `<name>-rx`).
     #[arg(long, default_value = "esbench")]
     lab: String,
+    /// Instead of the lab: each networked sink beside its bare client library on the same
+    /// server (NATS R1 and R3, Kafka, PostgreSQL, on loopback); JSON to target/bench/sinks.json.
+    #[arg(long)]
+    sinks: bool,
+    /// Events per run with --sinks.
+    #[arg(long, default_value_t = 200_000)]
+    sink_events: u64,
+    /// With --sinks, only this target (nats_r1, nats_r3, kafka, postgres); repeatable.
+    #[arg(long)]
+    sink_target: Vec<String>,
 }
 
 const PAYLOADS: [usize; 2] = [64, 512];
@@ -290,6 +300,9 @@ pub fn main(root: &Path, args: &Args) -> Result<()> {
             "--runs {}: PERF.md asks for medians of at least 3",
             args.runs
         );
+    }
+    if args.sinks {
+        return sinks(root, args);
     }
     let plan = if args.quick {
         Plan {
@@ -574,6 +587,70 @@ pub fn main(root: &Path, args: &Args) -> Result<()> {
         replace_between(&root.join("README.md"), START, END, &table)?;
         eprintln!("bench: README performance table updated");
     }
+    Ok(())
+}
+
+/// `--sinks`: the networked sinks against their bare clients (see `eventstream::tools::sinkbench`).
+fn sinks(root: &Path, args: &Args) -> Result<()> {
+    crate::appliance::install_missing(&[
+        ("nats-server", &["nats-server", "--version"]),
+        (
+            "postgresql",
+            &["sh", "-c", "ls /usr/lib/postgresql/*/bin/initdb"],
+        ),
+    ])?;
+    let out_dir = root.join("target/bench");
+    std::fs::create_dir_all(&out_dir)?;
+    let plan = eventstream::tools::sinkbench::Plan {
+        events: args.sink_events,
+        runs: args.runs,
+        payload: 64,
+        scratch: std::env::temp_dir().join(format!("es-sinkbench-{}", std::process::id())),
+        base_port: 23_000,
+        only: args.sink_target.clone(),
+    };
+    let mut doc = eventstream::tools::sinkbench::run(&plan)?;
+    doc["machine"] = machine();
+    doc["runs"] = json!(args.runs);
+    let path = args
+        .json
+        .clone()
+        .unwrap_or_else(|| out_dir.join("sinks.json"));
+    std::fs::write(&path, serde_json::to_string_pretty(&doc)? + "\n")?;
+    let m = &doc["machine"];
+    println!(
+        "Sink bench, measured {} on {} ({} cores); `cargo xtask bench --sinks`, {} events of 64 B per run, medians of {} runs (min–max).\n",
+        m["date"].as_str().unwrap_or("?"),
+        m["cpu"].as_str().unwrap_or("?"),
+        m["cores"],
+        args.sink_events,
+        args.runs
+    );
+    println!("| target | sink events/s | bare client events/s | sink / bare |");
+    println!("|---|---:|---:|---:|");
+    let f = |v: &Value| v.as_f64().unwrap_or(0.0);
+    for c in doc["cases"].as_array().into_iter().flatten() {
+        if let Some(why) = c["skipped"].as_str() {
+            println!(
+                "| {} | not run: {why} | | |",
+                c["target"].as_str().unwrap_or("?")
+            );
+            continue;
+        }
+        let (s, b) = (&c["sink_events_per_sec"], &c["bare_events_per_sec"]);
+        println!(
+            "| {} | {:.0} ({:.0}–{:.0}) | {:.0} ({:.0}–{:.0}) | **{:.2}** |",
+            c["target"].as_str().unwrap_or("?"),
+            f(&s["median"]),
+            f(&s["min"]),
+            f(&s["max"]),
+            f(&b["median"]),
+            f(&b["min"]),
+            f(&b["max"]),
+            f(&c["sink_over_bare"]),
+        );
+    }
+    eprintln!("bench --sinks: wrote {}", path.display());
     Ok(())
 }
 

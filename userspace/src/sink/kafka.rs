@@ -73,7 +73,7 @@ impl Default for KafkaConfig {
 }
 
 /// Options this sink's guarantees rest on: an operator's `librdkafka` map may not change them.
-const FIXED: [(&str, &str); 3] = [
+pub const FIXED: [(&str, &str); 3] = [
     ("enable.idempotence", "true"),
     ("acks", "all"),
     ("max.in.flight.requests.per.connection", "5"),
