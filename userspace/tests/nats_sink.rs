@@ -5,79 +5,28 @@
 //! Needs `nats-server` (Debian's package; `.ci/run` installs it): skips naming it when missing,
 //! fails instead under CI.
 
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
+
+use eventstream::tools::servers::NatsCluster;
 
 mod common;
 use common::daemon::{blast, start, stop};
 
-/// A JetStream cluster of three `nats-server`s on 127.0.0.1; killed and removed on drop.
-struct Cluster {
-    dir: std::path::PathBuf,
-    nodes: Vec<(String, Child)>,
-    ports: Vec<u16>,
+/// A three-node JetStream cluster of the test's own on 127.0.0.1 (stopped and removed on
+/// drop); `slot` keeps the tests' clusters, run at once, on ports of their own.
+fn cluster(tag: &str, slot: u16) -> NatsCluster {
+    let pid = std::process::id();
+    let dir = std::env::temp_dir().join(format!("es-nats-{tag}-{pid}"));
+    let base = 21_000 + (pid % 200) as u16 * 48 + slot * 8;
+    NatsCluster::start(&dir, base, 3).unwrap()
 }
 
-impl Cluster {
-    /// `slot` keeps the tests' clusters (run at once) on ports of their own.
-    fn start(tag: &str, slot: u16) -> Self {
-        let dir = std::env::temp_dir().join(format!("es-nats-{tag}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        let base = 21_000 + (std::process::id() % 400) as u16 * 24 + slot * 8;
-        let ports: Vec<u16> = (0..3).map(|i| base + i).collect();
-        let routes: Vec<String> = (0..3)
-            .map(|i| format!("nats://127.0.0.1:{}", base + 4 + i))
-            .collect();
-        let mut nodes = Vec::new();
-        for i in 0..3u16 {
-            let name = format!("n{}", i + 1);
-            let conf = dir.join(format!("{name}.conf"));
-            std::fs::write(
-                &conf,
-                format!(
-                    "server_name: {name}\nlisten: 127.0.0.1:{}\njetstream {{ store_dir: \"{}\" }}\ncluster {{ name: es, listen: 127.0.0.1:{}, routes: [{}] }}\n",
-                    ports[i as usize],
-                    dir.join(&name).display(),
-                    base + 4 + i,
-                    routes.join(", ")
-                ),
-            )
-            .unwrap();
-            let child = Command::new("nats-server")
-                .arg("-c")
-                .arg(&conf)
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .unwrap();
-            nodes.push((name, child));
-        }
-        Self { dir, nodes, ports }
-    }
-
-    fn urls(&self) -> Vec<String> {
-        self.ports
-            .iter()
-            .map(|p| format!("nats://127.0.0.1:{p}"))
-            .collect()
-    }
-
-    fn kill(&mut self, name: &str) {
-        let (_, c) = self.nodes.iter_mut().find(|(n, _)| n == name).unwrap();
-        c.kill().unwrap();
-        c.wait().unwrap();
-    }
-}
-
-impl Drop for Cluster {
-    fn drop(&mut self) {
-        for (_, c) in &mut self.nodes {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
+/// Kills (SIGKILL) the cluster's node `name`.
+fn kill(cluster: &mut NatsCluster, name: &str) {
+    let (_, c) = cluster.nodes.iter_mut().find(|(n, _)| n == name).unwrap();
+    c.kill().unwrap();
+    c.wait().unwrap();
 }
 
 fn rt() -> tokio::runtime::Runtime {
@@ -161,7 +110,7 @@ fn killing_the_stream_leader_mid_blast_loses_nothing_and_duplicates_nothing() {
     {
         return common::skip("nats-server is not installed (Debian: apt-get install nats-server)");
     }
-    let mut cluster = Cluster::start("leader", 0);
+    let mut cluster = cluster("leader", 0);
     let urls = cluster.urls();
     create_stream(&urls, "ESTEST", "es");
     let config = format!(
@@ -191,7 +140,7 @@ fn killing_the_stream_leader_mid_blast_loses_nothing_and_duplicates_nothing() {
         let (leader, so_far) = stream_state(&urls, "ESTEST").expect("a stream leader");
         eprintln!("killing stream leader {leader} with {so_far} messages stored");
         assert!(so_far > 0, "events were flowing before the kill");
-        cluster.kill(&leader);
+        kill(&mut cluster, &leader);
         sender.join().unwrap()
     });
     assert_eq!(sent["sent_events"].as_u64(), Some(total), "{sent}");
@@ -248,7 +197,7 @@ fn a_stream_with_other_settings_is_a_clear_error_at_start() {
     {
         return common::skip("nats-server is not installed (Debian: apt-get install nats-server)");
     }
-    let cluster = Cluster::start("mismatch", 1);
+    let cluster = cluster("mismatch", 1);
     let urls = cluster.urls();
     create_stream(&urls, "ESMIS", "mis");
     let yaml = cluster.dir.join("run.yaml");
@@ -283,7 +232,7 @@ fn two_appliances_sending_the_same_sender_ids_land_each_event_once() {
     {
         return common::skip("nats-server is not installed (Debian: apt-get install nats-server)");
     }
-    let cluster = Cluster::start("scaleout", 2);
+    let cluster = cluster("scaleout", 2);
     let urls = cluster.urls();
     create_stream(&urls, "ESOUT", "so");
     let servers = urls
@@ -345,7 +294,7 @@ fn an_outage_longer_than_memory_spills_to_disk_and_is_replayed_in_order_once() {
     {
         return common::skip("nats-server is not installed (Debian: apt-get install nats-server)");
     }
-    let cluster = Cluster::start("spill", 3);
+    let cluster = cluster("spill", 3);
     let urls = cluster.urls();
     create_stream(&urls, "ESSPILL", "sp");
     let servers = urls
@@ -441,7 +390,7 @@ fn a_disk_buffer_left_at_shutdown_is_delivered_by_the_next_run() {
     {
         return common::skip("nats-server is not installed (Debian: apt-get install nats-server)");
     }
-    let cluster = Cluster::start("left", 4);
+    let cluster = cluster("left", 4);
     let urls = cluster.urls();
     create_stream(&urls, "ESLEFT", "lf");
     let servers = urls

@@ -5,151 +5,35 @@
 //! Needs root, `runuser`, and Debian's PostgreSQL (`.ci/run` installs it): skips naming what is
 //! missing, fails instead under CI.
 
-use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
+
+use eventstream::tools::servers::Postgres;
 
 mod common;
 use common::daemon::{blast, start, stop};
 
-/// The newest `/usr/lib/postgresql/<version>/bin`.
-fn pg_bin() -> Option<PathBuf> {
-    let mut v: Vec<PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
-        .ok()?
-        .filter_map(|e| Some(e.ok()?.path().join("bin")))
-        .filter(|b| b.join("initdb").exists())
-        .collect();
-    v.sort();
-    v.pop()
-}
-
-/// A PostgreSQL server of the test's own; stopped and removed on drop.
-struct Pg {
-    bin: PathBuf,
-    dir: PathBuf,
-    port: u16,
-}
-
-fn as_postgres(cmd: &Path, args: &[&str]) -> bool {
-    Command::new("runuser")
-        .args(["-u", "postgres", "--"])
-        .arg(cmd)
-        .args(args)
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success())
-}
-
-impl Pg {
-    fn start(bin: PathBuf) -> Self {
-        let dir = std::env::temp_dir().join(format!("es-pg-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        assert!(
-            Command::new("chown")
-                .args(["postgres:postgres"])
-                .arg(&dir)
-                .status()
-                .unwrap()
-                .success()
-        );
-        let port = 25_000 + (std::process::id() % 5000) as u16;
-        let pg = Self { bin, dir, port };
-        let data = pg.data();
-        assert!(
-            as_postgres(
-                &pg.bin.join("initdb"),
-                &["-D", &data, "-A", "trust", "-U", "postgres"]
-            ),
-            "initdb"
-        );
-        assert!(pg.ctl("start"), "pg_ctl start");
-        pg
-    }
-
-    fn data(&self) -> String {
-        self.dir.join("data").display().to_string()
-    }
-
-    fn ctl(&self, what: &str) -> bool {
-        let opts = format!(
-            "-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync=off",
-            self.port,
-            self.dir.display()
-        );
-        as_postgres(
-            &self.bin.join("pg_ctl"),
-            &[
-                "-D",
-                &self.data(),
-                "-o",
-                &opts,
-                "-m",
-                "fast",
-                "-w",
-                "-t",
-                "30",
-                what,
-            ],
-        )
-    }
-
-    fn url(&self) -> String {
-        format!(
-            "host=127.0.0.1 port={} user=postgres dbname=postgres",
-            self.port
-        )
-    }
-
-    /// `(rows, distinct event ids)` in `table`.
-    fn count(&self, table: &str) -> (u64, u64) {
-        let s = self.query(&format!(
+/// `(rows, distinct event ids)` in `table`.
+fn count(pg: &Postgres, table: &str) -> (u64, u64) {
+    let s = pg
+        .query(&format!(
             "select count(*), count(distinct event_id) from {table}"
-        ));
-        let (a, b) = s.trim().split_once('|').unwrap();
-        (a.parse().unwrap(), b.parse().unwrap())
-    }
-
-    /// Rows of `table` that name a loopback sender and were received in the last hour.
-    fn with_sender(&self, table: &str) -> u64 {
-        self.query(&format!(
-            "select count(*) from {table} where sender like '127.0.0.1:%' \
-             and received_at > now() - interval '1 hour'"
         ))
-        .trim()
-        .parse()
-        .unwrap()
-    }
-
-    /// One query's unaligned output.
-    fn query(&self, sql: &str) -> String {
-        let o = Command::new("psql")
-            .args([
-                "-h",
-                "127.0.0.1",
-                "-p",
-                &self.port.to_string(),
-                "-U",
-                "postgres",
-                "-Atc",
-            ])
-            .arg(sql)
-            .output()
-            .unwrap();
-        assert!(o.status.success(), "{o:?}");
-        String::from_utf8(o.stdout).unwrap()
-    }
+        .unwrap();
+    let (a, b) = s.trim().split_once('|').unwrap();
+    (a.parse().unwrap(), b.parse().unwrap())
 }
 
-impl Drop for Pg {
-    fn drop(&mut self) {
-        let _ = as_postgres(
-            &self.bin.join("pg_ctl"),
-            &["-D", &self.data(), "-m", "immediate", "stop"],
-        );
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
+/// Rows of `table` that name a loopback sender and were received in the last hour.
+fn with_sender(pg: &Postgres, table: &str) -> u64 {
+    pg.query(&format!(
+        "select count(*) from {table} where sender like '127.0.0.1:%' \
+         and received_at > now() - interval '1 hour'"
+    ))
+    .unwrap()
+    .trim()
+    .parse()
+    .unwrap()
 }
 
 #[test]
@@ -158,13 +42,18 @@ fn a_server_restart_mid_blast_loses_nothing_and_duplicates_nothing() {
     if unsafe { libc::geteuid() } != 0 {
         return common::skip("needs root to run initdb as the postgres user");
     }
-    let Some(bin) = pg_bin() else {
+    if Postgres::bin().is_none() {
         return common::skip("PostgreSQL is not installed (Debian: apt-get install postgresql)");
-    };
+    }
     if Command::new("psql").arg("--version").output().is_err() {
         return common::skip("psql is not installed (Debian: postgresql-client)");
     }
-    let pg = Pg::start(bin);
+    let port = 25_000 + (std::process::id() % 5000) as u16;
+    let pg = Postgres::start(
+        &std::env::temp_dir().join(format!("es-pg-{}", std::process::id())),
+        port,
+    )
+    .unwrap();
     // The DLQ in a directory of the daemon's own (its data directory is the postgres user's).
     let dlq = std::env::temp_dir().join(format!("es-pg-dlq-{}", std::process::id()));
     let config = format!(
@@ -188,10 +77,10 @@ fn a_server_restart_mid_blast_loses_nothing_and_duplicates_nothing() {
             ])
         });
         std::thread::sleep(Duration::from_millis(1500));
-        let (so_far, _) = pg.count("es_events");
+        let (so_far, _) = count(&pg, "es_events");
         eprintln!("restarting PostgreSQL with {so_far} rows stored");
         assert!(so_far > 0, "rows were landing before the restart");
-        assert!(pg.ctl("restart"), "pg_ctl restart");
+        pg.ctl("restart").unwrap();
         sender.join().unwrap()
     });
     assert_eq!(sent["sent_events"].as_u64(), Some(total), "{sent}");
@@ -209,12 +98,12 @@ fn a_server_restart_mid_blast_loses_nothing_and_duplicates_nothing() {
     let failed: u64 = r["failed"].as_object().unwrap().values().map(n).sum();
     assert_eq!(failed, 0, "{r}");
     assert_eq!(
-        pg.count("es_events"),
+        count(&pg, "es_events"),
         (total, total),
         "one row per event, none twice"
     );
     assert_eq!(
-        pg.with_sender("es_events"),
+        with_sender(&pg, "es_events"),
         total,
         "every row names its sender and its wall-clock receive time"
     );
