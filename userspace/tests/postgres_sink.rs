@@ -110,3 +110,68 @@ fn a_server_restart_mid_blast_loses_nothing_and_duplicates_nothing() {
     let _ = std::fs::remove_dir_all(dir);
     let _ = std::fs::remove_dir_all(dlq);
 }
+
+/// Appends `ids` (as sender ids: `key: payload_id` events) to `sink` and waits until each is
+/// acknowledged; returns how many were.
+fn write_all(mut sink: eventstream::sink::remote::RemoteSink, ids: std::ops::Range<u64>) -> u64 {
+    use eventstream::sink::{EventRef, Sink as _};
+    use eventstream::wire::event::{Peer, Source};
+    let n = ids.end - ids.start;
+    for (i, id) in ids.enumerate() {
+        let payload = id.to_be_bytes();
+        sink.append(
+            &EventRef {
+                seq: i as u64,
+                sender_id: Some(id),
+                source: Source::Udp,
+                ingest_ns: 0,
+                peer: Peer::v4([127, 0, 0, 1], 40_000),
+                priority: 1,
+                topic: "dup.test",
+                payload: &payload,
+            },
+            None,
+        )
+        .unwrap();
+    }
+    let (mut acked, end) = (0, Instant::now() + Duration::from_secs(30));
+    while acked < n && Instant::now() < end {
+        sink.flush().unwrap();
+        acked += sink.acked().unwrap();
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    sink.close(Instant::now() + Duration::from_secs(5)).unwrap();
+    acked
+}
+
+#[test]
+fn ids_written_before_go_through_the_deduplicating_path_and_make_no_second_row() {
+    if Postgres::bin().is_none() {
+        return common::skip("PostgreSQL is not installed (Debian: apt-get install postgresql)");
+    }
+    if Command::new("psql").arg("--version").output().is_err() {
+        return common::skip("psql is not installed (Debian: postgresql-client)");
+    }
+    let port = 24_000 + (std::process::id() % 1000) as u16;
+    let pg = Postgres::start(
+        &std::env::temp_dir().join(format!("es-pgdup-{}", std::process::id())),
+        port,
+    )
+    .unwrap();
+    let cfg = eventstream::sink::postgres::PostgresConfig {
+        url: pg.url(),
+        table: "dups".into(),
+        max_in_flight: 100,
+        ..Default::default()
+    };
+    let open = |run| eventstream::sink::postgres::open(&cfg, "lab1", run, "realtime-0").unwrap();
+    // One appliance writes 0..1000; a second, later, 500..2000 with the same sender ids (the
+    // first half of its batches collide, as a retry after a lost COMMIT would).
+    assert_eq!(write_all(open(1), 0..1000), 1000);
+    assert_eq!(
+        write_all(open(2), 500..2000),
+        1500,
+        "every event acknowledged, the duplicates too"
+    );
+    assert_eq!(count(&pg, "dups"), (2000, 2000), "each id once");
+}
