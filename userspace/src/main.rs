@@ -76,6 +76,10 @@ enum Cmd {
         #[arg(long, hide = true, value_enum)]
         probe: Option<eventstream::daemon::Probe>,
     },
+    /// List every XDP program pinned under /sys/fs/bpf/eventstream, across network namespaces:
+    /// interface, namespace, whether its link is still attached (stale pins flagged), attach
+    /// mode, program and tag, and its verdict counters.
+    Status,
     /// Validate a configuration file and print it with defaults filled in.
     CheckConfig {
         /// Configuration file (YAML).
@@ -203,6 +207,10 @@ fn run() -> Result<()> {
             queues,
             json,
         } => show_topology(&config, iface, queues, json),
+        Cmd::Status => {
+            print!("{}", eventstream::xdp::status_text());
+            Ok(())
+        }
         Cmd::CheckConfig { file } => {
             let config = Config::load(&file)?;
             println!("{config:#?}");

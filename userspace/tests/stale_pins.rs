@@ -69,11 +69,31 @@ fn stale_pins_are_detected_removed_and_replaced() {
         assert!(rebuilt.foreign(&prog).unwrap().contains("another build"));
     })
     .unwrap();
+    // `eventstream status`, from the host's namespace, finds them in the lab's.
+    let status = || {
+        let o = Command::new(env!("CARGO_BIN_EXE_eventstream"))
+            .arg("status")
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{o:?}");
+        String::from_utf8(o.stdout).unwrap()
+    };
+    let s = status();
+    assert!(
+        s.contains(&format!("{IF} in netns {ns}: attached; "))
+            && s.contains("program eventstream_xdp tag"),
+        "{s}"
+    );
     // The interface goes away and comes back: the pinned link steers nothing now.
     ip(&ns, &["link", "del", IF]);
     make_if();
     let stale = lab::in_netns(&ns, || Pinned::open(IF).unwrap().stale).unwrap();
     assert!(stale.is_some(), "the pins are reported stale");
+    let s = status();
+    assert!(
+        s.contains(&format!("{IF} in netns {ns}: STALE, not trusted")),
+        "{s}"
+    );
 
     // The daemon does not reuse them: it removes them and attaches its own program.
     let cfg = std::env::temp_dir().join(format!("es-stale-{}.yaml", std::process::id()));
@@ -103,5 +123,15 @@ fn stale_pins_are_detected_removed_and_replaced() {
         "the stale pins are gone: {left:?}"
     );
     let _ = std::fs::remove_file(cfg);
+    // Pins made in a lab go with it: none is left for a later namespace to inherit.
+    let suffix = lab::in_netns(&ns, || {
+        let mut prog = XdpProgram::load(ObjectSource::Embedded).unwrap();
+        let link = prog.attach(IF, AttachMode::Skb).unwrap();
+        prog.pin(IF, link).unwrap();
+        eventstream::xdp::pin_dir(IF)
+    })
+    .unwrap();
+    assert!(suffix.exists());
     drop(lab);
+    assert!(!suffix.exists(), "{} outlived its lab", suffix.display());
 }

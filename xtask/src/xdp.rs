@@ -108,37 +108,6 @@ pub fn unload(iface: &str) -> Result<()> {
 }
 
 pub fn status() -> Result<()> {
-    let ifaces = Pinned::list();
-    if ifaces.is_empty() {
-        println!("no XDP program pinned (cargo xtask load --iface IF)");
-        return Ok(());
-    }
-    for iface in ifaces {
-        match Pinned::open(&iface) {
-            Ok(p) => {
-                let mode = AttachMode::from_u8(p.config.attach_mode);
-                println!(
-                    "{iface}: {} in {} mode, UDP port {}, VLAN {}",
-                    match &p.stale {
-                        None => "attached".to_owned(),
-                        Some(why) => format!(
-                            "STALE pins, not trusted ({why}; `cargo xtask unload --iface {iface}` removes them)"
-                        ),
-                    },
-                    mode.label(),
-                    p.config.udp_port,
-                    if p.config.allow_vlan != 0 {
-                        "steered"
-                    } else {
-                        "passed"
-                    },
-                );
-                for (label, n) in p.stats.labelled() {
-                    println!("  {label:<16} {n}");
-                }
-            }
-            Err(e) => println!("{iface}: unreadable pins: {e}"),
-        }
-    }
+    print!("{}", eventstream::xdp::status_text());
     Ok(())
 }

@@ -190,9 +190,18 @@ impl Lab {
         .remove()
     }
 
+    /// Removes the namespaces, and first the XDP pins made for their interfaces (pins are
+    /// keyed by the namespace's inode, which the kernel may give a later namespace).
     fn remove(&self) -> bool {
         let mut any = false;
         for ns in [&self.tx_ns, &self.rx_ns] {
+            if Self::exists(ns) {
+                let _ = in_netns(ns, || {
+                    for iface in crate::xdp::Pinned::list() {
+                        let _ = crate::xdp::Pinned::remove(&iface);
+                    }
+                });
+            }
             any |= ip(&["netns", "del", ns]).is_ok();
         }
         any

@@ -13,10 +13,10 @@ pub mod socket;
 pub mod sys;
 pub mod tx;
 
-use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
 use std::os::unix::fs::{DirBuilderExt as _, PermissionsExt as _};
 use std::path::{Path, PathBuf};
+use std::{fmt, io};
 
 use aya::Ebpf;
 use aya::maps::lpm_trie::LpmTrie;
@@ -584,6 +584,155 @@ fn netns_suffix() -> Option<String> {
 /// `<PIN_ROOT>/<iface>` (with the namespace suffix of [`pin_name`] outside the host's).
 pub fn pin_dir(iface: &str) -> PathBuf {
     Path::new(PIN_ROOT).join(pin_name(iface))
+}
+
+/// The network namespace a pin directory belongs to.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum PinNamespace {
+    /// The host's (PID 1's).
+    Host,
+    /// A named namespace (`/run/netns/NAME`, as `ip netns` makes them).
+    Named(String),
+    /// One no name under `/run/netns` refers to: deleted, or held only by a process.
+    Unnamed(u64),
+}
+
+impl fmt::Display for PinNamespace {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Host => f.write_str("the host's namespace"),
+            Self::Named(n) => write!(f, "netns {n}"),
+            Self::Unnamed(i) => write!(f, "netns inode {i} (no /run/netns name: deleted?)"),
+        }
+    }
+}
+
+/// One pin directory under [`PIN_ROOT`], wherever its namespace is.
+#[derive(Debug)]
+pub struct PinEntry {
+    /// The directory's name (`IF` or `IF@netns-INODE`).
+    pub dir: String,
+    /// The interface.
+    pub iface: String,
+    /// Its namespace.
+    pub netns: PinNamespace,
+    /// What is pinned there, read from inside that namespace; why not, when it cannot be.
+    pub pinned: Result<Pinned, String>,
+}
+
+/// Every pin directory under [`PIN_ROOT`], across network namespaces: each read from inside its
+/// own namespace (entered by its `/run/netns` name), so whether its link still steers its
+/// interface is judged there. Pins of a namespace that is gone are reported stale.
+pub fn survey() -> Vec<PinEntry> {
+    use std::os::unix::fs::MetadataExt as _;
+    let named: Vec<(u64, String)> = std::fs::read_dir("/run/netns")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| {
+            let ino = std::fs::metadata(e.path()).ok()?.ino();
+            Some((ino, e.file_name().into_string().ok()?))
+        })
+        .collect();
+    let host = std::fs::metadata("/proc/1/ns/net").ok().map(|m| m.ino());
+    let mut dirs: Vec<String> = std::fs::read_dir(PIN_ROOT)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| e.file_name().into_string().ok())
+        .collect();
+    dirs.sort();
+    dirs.into_iter()
+        .map(|dir| {
+            let (iface, ino) = match dir.split_once("@netns-") {
+                Some((i, n)) => (i.to_owned(), n.parse::<u64>().ok()),
+                None => (dir.clone(), host),
+            };
+            let netns = match ino {
+                i if i == host => PinNamespace::Host,
+                Some(i) => named
+                    .iter()
+                    .find(|(n, _)| *n == i)
+                    .map_or(PinNamespace::Unnamed(i), |(_, name)| {
+                        PinNamespace::Named(name.clone())
+                    }),
+                None => PinNamespace::Unnamed(0),
+            };
+            let pinned = match &netns {
+                PinNamespace::Host => Pinned::open(&iface).map_err(|e| e.to_string()),
+                PinNamespace::Named(ns) => crate::tools::lab::in_netns(ns, || {
+                    Pinned::open(&iface).map_err(|e| e.to_string())
+                })
+                .unwrap_or_else(|e| Err(e.to_string())),
+                PinNamespace::Unnamed(_) => Err(
+                    "its network namespace has no name here: stale unless a process still holds it"
+                        .into(),
+                ),
+            };
+            PinEntry {
+                dir,
+                iface,
+                netns,
+                pinned,
+            }
+        })
+        .collect()
+}
+
+/// [`survey`] as text for people: one line per pin directory (interface, namespace, state,
+/// attach mode, program and tag, port), then its verdict counters.
+pub fn status_text() -> String {
+    use fmt::Write as _;
+    let entries = survey();
+    if entries.is_empty() {
+        return format!("no XDP program pinned under {PIN_ROOT} (cargo xtask load --iface IF)\n");
+    }
+    let mut s = String::new();
+    for e in entries {
+        match &e.pinned {
+            Ok(p) => {
+                let state = match &p.stale {
+                    None => "attached".to_owned(),
+                    Some(why) => format!("STALE, not trusted ({why})"),
+                };
+                let _ = writeln!(
+                    s,
+                    "{} in {}: {state}; {} mode, program {} tag {:016x}, UDP port {}, VLAN {}, allow-list {}, rate limit {}",
+                    e.iface,
+                    e.netns,
+                    AttachMode::from_u8(p.config.attach_mode).label(),
+                    p.program_name,
+                    p.program_tag,
+                    p.config.udp_port,
+                    if p.config.allow_vlan != 0 {
+                        "steered"
+                    } else {
+                        "passed"
+                    },
+                    if p.config.allow_list != 0 {
+                        "on"
+                    } else {
+                        "off"
+                    },
+                    match p.config.rate_pps {
+                        0 => "off".to_owned(),
+                        r => format!("{r}/s burst {}", p.config.rate_burst),
+                    },
+                );
+                for (label, n) in p.stats.labelled() {
+                    let _ = writeln!(s, "  {label:<18} {n}");
+                }
+            }
+            Err(why) => {
+                let _ = writeln!(
+                    s,
+                    "{} in {}: STALE, not trusted ({why}); pins in {PIN_ROOT}/{}",
+                    e.iface, e.netns, e.dir
+                );
+            }
+        }
+    }
+    s
 }
 
 /// What is pinned for one interface.
