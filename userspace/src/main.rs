@@ -247,7 +247,7 @@ fn run() -> Result<()> {
                 cfg.xdp.queues = q;
             }
             cfg.validate()?;
-            eventstream::daemon::run(&cfg, no_xdp, duration, probe)
+            eventstream::daemon::run(&cfg, Some(&config), no_xdp, duration, probe)
         }
     }
 }

@@ -4,6 +4,7 @@
 //! worker, the state walks back to `RUNNING` as the queue empties, and every event is accounted
 //! for: delivered + DLQ = sent.
 
+use eventstream::engine::rules::{LiveRules, Rules};
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use eventstream::engine::control::{Command, ControlConfig, ControlPlane, PipelineState};
@@ -57,9 +58,13 @@ fn episode(fill: usize, step: u8) -> (Vec<u8>, Vec<(u8, DlqReason)>, EngineCount
         key: KeyFrom::TopicAndPayload,
     });
     let empty = || Bus::new(Vec::new(), false);
+    let rules = LiveRules::new(Rules {
+        router,
+        control: ControlConfig::default(),
+    });
     let dispatcher = Dispatcher {
         input: in_rx,
-        router,
+        rules: rules.view(),
         buses: [Bus::new(vec![w_tx], false), empty(), empty()],
         dlq: dlq_tx,
         control: ControlPlane::new(ControlConfig::default()),

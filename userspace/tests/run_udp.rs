@@ -930,3 +930,83 @@ fn tcp_slow_senders_are_cut_off_sources_are_capped_and_resets_count_as_truncated
     assert_eq!(r["received_events"]["tcp"], 0, "{r}");
     let _ = std::fs::remove_dir_all(dir);
 }
+
+#[test]
+fn sighup_and_post_reload_change_routes_and_a_bad_file_changes_nothing() {
+    let v1 = "ingest:\n  udp:\n    bind: \"127.0.0.1:0\"\n  tcp:\n    bind: null\nadmin:\n  bind: \"127.0.0.1:0\"\nengine:\n  default_route: null\nroutes:\n  - { topic: \"a.>\", class: realtime }\n";
+    let (child, mut out, addr, dir) = start(v1, "reload");
+    let admin = read_until(&mut out, "listening admin ");
+    read_until(&mut out, "ready");
+    let sock = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let send = |topic: &str, n: usize| {
+        for i in 0..n {
+            let mut d = Vec::new();
+            encode(5, topic, &(i as u32).to_be_bytes(), &mut d).unwrap();
+            sock.send_to(&d, &addr).unwrap();
+        }
+    };
+    let metric = |name: &str| series(&http(&admin, "GET", "/metrics", "").1, name);
+    let wait_for = |name: &str, want: u64| {
+        let end = Instant::now() + Duration::from_secs(10);
+        while metric(name) != want {
+            assert!(Instant::now() < end, "{name} never reached {want}");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    };
+    send("a.x", 100);
+    send("b.x", 100); // no route yet: the DLQ
+    wait_for("eventstream_received_events_total{source=\"udp\"}", 200);
+
+    // The file gains a route for b.>; SIGHUP puts it in force.
+    let path = dir.join("eventstream.yaml");
+    std::fs::write(
+        &path,
+        format!("{v1}  - {{ topic: \"b.>\", class: batch }}\n"),
+    )
+    .unwrap();
+    // SAFETY: kill(2) has no memory-safety preconditions; the pid is our own child's.
+    let rc = unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGHUP) };
+    assert_eq!(rc, 0);
+    wait_for("eventstream_config_reloads_total{result=\"ok\"}", 1);
+    send("b.x", 100);
+    wait_for("eventstream_received_events_total{source=\"udp\"}", 300);
+
+    // A file that does not validate is refused with its error; the rules in force stay.
+    std::fs::write(&path, "routes:\n  - { topic: \"b.>.c\", class: batch }\n").unwrap();
+    let (code, body) = http(&admin, "POST", "/config/reload", "");
+    assert_eq!(code, 422, "{body}");
+    assert!(body.contains("b.>.c"), "names what is wrong: {body}");
+    assert_eq!(
+        metric("eventstream_config_reloads_total{result=\"error\"}"),
+        1
+    );
+    assert_eq!(http(&admin, "GET", "/config/reload", "").0, 405);
+    send("b.x", 100);
+    wait_for("eventstream_received_events_total{source=\"udp\"}", 400);
+    // And POST puts a good file in force too.
+    std::fs::write(&path, v1).unwrap();
+    let (code, body) = http(&admin, "POST", "/config/reload", "");
+    assert_eq!(code, 200, "{body}");
+    send("b.x", 50); // no route again
+    wait_for("eventstream_received_events_total{source=\"udp\"}", 450);
+
+    let r = stop(child, out);
+    let n = |v: &serde_json::Value| v.as_u64().unwrap();
+    assert_eq!(n(&r["accepted_events"]), 450, "{r}");
+    assert_eq!(n(&r["delivered"]["realtime"]), 100, "{r}");
+    assert_eq!(
+        n(&r["delivered"]["batch"]),
+        200,
+        "routed by the reloaded rules: {r}"
+    );
+    assert_eq!(n(&r["dlq"]["no_route"]), 150, "{r}");
+    assert_eq!(
+        (
+            n(&r["config_reloads"]["ok"]),
+            n(&r["config_reloads"]["error"])
+        ),
+        (2, 1),
+        "{r}"
+    );
+    let _ = std::fs::remove_dir_all(dir);
+}

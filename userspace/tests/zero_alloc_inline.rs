@@ -7,6 +7,7 @@
 
 mod common;
 
+use eventstream::engine::rules::{LiveRules, Rules};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
@@ -73,14 +74,11 @@ fn run(sink: &mut dyn FnMut(&str) -> Box<dyn Sink>) -> (u64, EngineCounters) {
             sink("batch"),
         ),
     ];
-    let mut engine = Inline::new(
-        router(),
-        ControlConfig::default(),
-        steps,
-        DlqStep::new(sink("dlq")),
-        &counters,
-        &depth,
-    );
+    let rules = LiveRules::new(Rules {
+        router: router(),
+        control: ControlConfig::default(),
+    });
+    let mut engine = Inline::new(&rules, steps, DlqStep::new(sink("dlq")), &counters, &depth);
     let arena = FrameArena::new(2048, 64, RegionOptions::default()).unwrap();
     let mut owner = arena.owner().unwrap();
     let mut deliver = Deliver {

@@ -8,6 +8,8 @@
 //! (SIGINT, SIGTERM, `duration`, or `POST /state drain`) closes ingest, drains what is queued
 //! into the sinks, and prints the reconciliation as one JSON line on stdout.
 
+pub mod reload;
+
 use std::net::UdpSocket;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
@@ -19,14 +21,15 @@ use serde_json::json;
 use tracing::{info, warn};
 
 use crate::engine::control::{Command, ControlPlane, PipelineState};
-use crate::engine::dedup::{DedupWindow, KeyFrom, SharedDedupWindow};
+use crate::engine::dedup::{DedupWindow, SharedDedupWindow};
 use crate::engine::inline::DEPTH_ONE;
 use crate::engine::latency::LatencyFrom;
-use crate::engine::route::Router;
+use crate::engine::rules::LiveRules;
 use crate::engine::{
     Bus, ClassStep, Dedup, Dispatcher, DlqEntry, DlqReason, DlqStep, EngineCounters, FailReason,
-    Inline, Target, WorkerClass, WorkerKind, run_dlq, run_worker,
+    Inline, WorkerClass, WorkerKind, run_dlq, run_worker,
 };
+use crate::ingest::tcp::TcpLimits;
 use crate::ingest::{
     Discard, Enqueue, IngestCounters, RunInline, Slot, TcpIngest, UdpIngest, XskIngest, bind_udp,
 };
@@ -36,9 +39,7 @@ use crate::mem::numa::{self, Placement};
 use crate::mem::pool::{EventPool, Pooled};
 use crate::mem::topology::{self, PlanInput, Topology};
 use crate::ops::admin::MetricsView;
-use crate::ops::config::{
-    AttachPolicy, Config, EngineMode, KeyConfig, SinkKind, XdpConfig as XdpSection,
-};
+use crate::ops::config::{AttachPolicy, Config, EngineMode, SinkKind, XdpConfig as XdpSection};
 use crate::ops::privs;
 use crate::ring::{mpsc, spsc};
 use crate::sink::file::{FileSink, SegmentLog};
@@ -316,11 +317,15 @@ fn drop_privileges(keep_bpf: bool, p: &crate::ops::config::PrivilegesConfig) -> 
 /// input (any data-plane thread's receive ring, or the side queue), and the state published.
 fn housekeeping_tick(
     plane: &mut ControlPlane,
+    rules: &mut crate::engine::rules::RulesView<'_>,
     commands: &mut mpsc::Consumer<Command>,
     depths: &[AtomicU32],
     side: &mpsc::Producer<Pooled<'_, Event<'_>>>,
     counters: &EngineCounters,
 ) {
+    if rules.refresh() {
+        plane.set_config(rules.get().control);
+    }
     while let Some(cmd) = commands.pop() {
         let t = plane.command(cmd);
         counters.publish_transition(t, side.len());
@@ -382,14 +387,23 @@ pub enum Probe {
 /// # Errors
 /// Setup failures (a socket that cannot be bound, a sink directory that cannot be opened, the
 /// XDP program refused where it was required), and an ingest or sink failure during the run.
-pub fn run(cfg: &Config, no_xdp: bool, duration: u64, probe: Option<Probe>) -> Result<()> {
+pub fn run(
+    cfg: &Config,
+    config_path: Option<&std::path::Path>,
+    no_xdp: bool,
+    duration: u64,
+    probe: Option<Probe>,
+) -> Result<()> {
     // First: a stop asked for during setup (which may wait on a broker) is not a kill; the run
-    // then ends as soon as it starts, with its report.
+    // then ends as soon as it starts, with its report. SIGHUP asks for a reload, never a stop.
     let stop = Arc::new(AtomicBool::new(false));
     for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
         signal_hook::flag::register(sig, Arc::clone(&stop))
             .context("installing signal handlers")?;
     }
+    let hup = Arc::new(AtomicBool::new(false));
+    signal_hook::flag::register(signal_hook::consts::SIGHUP, Arc::clone(&hup))
+        .context("installing signal handlers")?;
     let x = &cfg.xdp;
     // Decide the ingest path, and say why in one line when it is kernel UDP.
     let want_xdp = if no_xdp {
@@ -554,26 +568,17 @@ pub fn run(cfg: &Config, no_xdp: bool, duration: u64, probe: Option<Probe>) -> R
         .collect();
     let counters: Vec<IngestCounters> = (0..producers).map(|_| IngestCounters::default()).collect();
     let (tx, rx) = mpsc::channel::<Pooled<'_, Event<'_>>>(cfg.queue.capacity);
-    let mut router = Router::new();
-    for r in &cfg.routes {
-        let key = match r.key {
-            KeyConfig::Hash => KeyFrom::TopicAndPayload,
-            KeyConfig::PayloadId => KeyFrom::PayloadId,
-        };
-        router.add(
-            &r.topic,
-            Target {
-                class: r.class,
-                key,
-            },
-        )?;
-    }
-    if let Some(class) = cfg.engine.default_route {
-        router.set_default(Target {
-            class,
-            key: KeyFrom::TopicAndPayload,
-        });
-    }
+    // What a reload may change: routes and control thresholds (whole, for the data plane) and
+    // the TCP limits.
+    let live_rules = LiveRules::new(reload::rules_of(cfg)?);
+    let (read_timeout, frame_timeout, per_source) = reload::tcp_limits_of(cfg);
+    let tcp_limits = TcpLimits::new(read_timeout, frame_timeout, per_source);
+    let reloader = reload::Reloader::new(
+        config_path.map(Into::into),
+        cfg.clone(),
+        &live_rules,
+        &tcp_limits,
+    );
     let e = &cfg.engine;
     // Where the engine runs: inline, in each receive queue's thread (run to completion), unless
     // the machine has a core for every thread of the pipelined mode (receive threads,
@@ -693,8 +698,7 @@ pub fn run(cfg: &Config, no_xdp: bool, duration: u64, probe: Option<Probe>) -> R
                 cfg.sinks.dlq_dir.join(format!("q{q}"))
             };
             engines.push(Inline::new(
-                router.clone(),
-                cfg.control,
+                &live_rules,
                 steps.try_into().expect("one step per class"),
                 DlqStep::new(open_sink(&dlq_dir, cfg.sinks.dlq_kind())?),
                 &engine_counters,
@@ -771,13 +775,11 @@ pub fn run(cfg: &Config, no_xdp: bool, duration: u64, probe: Option<Probe>) -> R
     };
     let tcp = TcpIngest {
         limits: cfg.protocol.limits(),
-        read_timeout: Duration::from_secs(t.read_timeout_secs),
+        tcp_limits: &tcp_limits,
         stop: &ingest_stop,
         refused: &tcp_refused,
         live: &tcp_live,
         accept_errors: &tcp_accept_errors,
-        per_source: t.max_connections_per_source,
-        frame_timeout: Duration::from_secs(t.frame_timeout_secs),
         paused: &engine_counters.paused,
         sources: std::sync::Mutex::default(),
     };
@@ -965,7 +967,7 @@ pub fn run(cfg: &Config, no_xdp: bool, duration: u64, probe: Option<Probe>) -> R
         {
             let dispatcher = Dispatcher {
                 input: side_rx.take().expect("the queue's consumer"),
-                router,
+                rules: live_rules.view(),
                 buses,
                 dlq: dlq_tx,
                 control: ControlPlane::new(cfg.control),
@@ -1021,6 +1023,8 @@ pub fn run(cfg: &Config, no_xdp: bool, duration: u64, probe: Option<Probe>) -> R
                 sinks: healths.clone(),
                 admin: &admin_counters,
                 xdp_verdicts: Box::new(verdicts),
+                reload: Box::new(|| reloader.reload()),
+                config_reloads: &reloader.counts,
             };
             let (cmd_tx, admin_stop, admin_counters) =
                 (cmd_tx.clone(), &admin_stop, &admin_counters);
@@ -1040,6 +1044,7 @@ pub fn run(cfg: &Config, no_xdp: bool, duration: u64, probe: Option<Probe>) -> R
                 })?;
         }
 
+        let mut hk_rules = live_rules.view();
         // Every thread is running and privileges are dropped: say so, for scripts and tests
         // that must not send before the appliance takes traffic.
         println!("ready");
@@ -1055,8 +1060,19 @@ pub fn run(cfg: &Config, no_xdp: bool, duration: u64, probe: Option<Probe>) -> R
             && engine_counters.state() != PipelineState::Draining
         {
             std::thread::sleep(tick);
+            if hup.swap(false, Ordering::Relaxed) {
+                // Logged and counted by the reloader either way.
+                let _ = reloader.reload();
+            }
             if let Some((plane, commands)) = &mut control {
-                housekeeping_tick(plane, commands, &depths, &tx, &engine_counters);
+                housekeeping_tick(
+                    plane,
+                    &mut hk_rules,
+                    commands,
+                    &depths,
+                    &tx,
+                    &engine_counters,
+                );
             }
             if duration > 0 && start.elapsed() >= Duration::from_secs(duration) {
                 break;
@@ -1082,7 +1098,14 @@ pub fn run(cfg: &Config, no_xdp: bool, duration: u64, probe: Option<Probe>) -> R
         engine_counters.set_shutdown_deadline(Duration::from_secs(cfg.sinks.shutdown_timeout_secs));
         let _ = cmd_tx.push(Command::Drain);
         if let Some((plane, commands)) = &mut control {
-            housekeeping_tick(plane, commands, &depths, &tx, &engine_counters);
+            housekeeping_tick(
+                plane,
+                &mut hk_rules,
+                commands,
+                &depths,
+                &tx,
+                &engine_counters,
+            );
         }
         ingest_stop.store(true, Ordering::Relaxed);
         let mut result = Ok(());
@@ -1154,6 +1177,7 @@ pub fn run(cfg: &Config, no_xdp: bool, duration: u64, probe: Option<Probe>) -> R
             "ack_latency_p50_le_us": h.ack_quantile_us(0.5),
             "ack_latency_p99_le_us": h.ack_quantile_us(0.99),
         })).collect::<Vec<_>>(),
+        "config_reloads": { "ok": reloader.counts[0].load(Ordering::Relaxed), "error": reloader.counts[1].load(Ordering::Relaxed) },
         "state_transitions": PipelineState::ALL.iter().map(|st| (st.as_str().to_owned(), json!(engine_counters.transitions[*st as usize].load(Ordering::Relaxed)))).collect::<serde_json::Map<_, _>>(),
         "rejected": rejected,
         "received_events": {

@@ -172,6 +172,12 @@ impl ControlPlane {
         }
     }
 
+    /// Takes new watermarks and priority floors (a reload); the state stays, and the next
+    /// observation applies them.
+    pub fn set_config(&mut self, cfg: ControlConfig) {
+        self.cfg = cfg;
+    }
+
     /// The current state.
     pub const fn state(&self) -> PipelineState {
         self.state

@@ -8,10 +8,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use xxhash_rust::xxh3::xxh3_64;
 
-use super::{DlqReason, EngineCounters, Ev, Target};
+use super::{DlqReason, EngineCounters, Ev};
 use crate::engine::control::{Command, ControlPlane, PipelineState};
 use crate::engine::idle::{Idle, backoff};
-use crate::engine::route::Router;
+use crate::engine::rules::RulesView;
 use crate::ring::{mpsc, spsc};
 
 /// One class's fan-out over its workers' rings (EventBusMulti).
@@ -54,8 +54,8 @@ pub type DlqEntry<'p, 'a> = (Ev<'p, 'a>, DlqReason);
 pub struct Dispatcher<'s, 'p, 'a> {
     /// The ingest → dispatcher queue.
     pub input: mpsc::Consumer<Ev<'p, 'a>>,
-    /// Topic routes.
-    pub router: Router<Target>,
+    /// Topic routes and the control plane's thresholds, as reloaded.
+    pub rules: RulesView<'s>,
     /// One bus per [`WorkerClass`], in `WorkerClass::ALL` order.
     pub buses: [Bus<'p, 'a>; 3],
     /// To the DLQ worker.
@@ -82,6 +82,9 @@ impl Dispatcher<'_, '_, '_> {
         let mut idle = Idle::new();
         let mut dispatched = 0u64;
         loop {
+            if self.rules.refresh() {
+                self.control.set_config(self.rules.get().control);
+            }
             while let Some(cmd) = self.commands.pop() {
                 let t = self.control.command(cmd);
                 self.transition(t);
@@ -100,6 +103,8 @@ impl Dispatcher<'_, '_, '_> {
                         crate::engine::control::Shed::Emergency => DlqReason::Emergency,
                     }),
                     Ok(()) => self
+                        .rules
+                        .get()
                         .router
                         .route(ev.topic())
                         .copied()

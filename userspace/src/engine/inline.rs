@@ -14,8 +14,8 @@
 use std::io;
 use std::sync::atomic::{AtomicU32, Ordering};
 
-use super::control::{ControlConfig, PipelineState, Shed, admit};
-use super::route::Router;
+use super::control::{PipelineState, Shed, admit};
+use super::rules::{LiveRules, RulesView};
 use super::worker::{BatchClock, ClassStep, DlqStep};
 use super::{DlqReason, EngineCounters, Target};
 use crate::engine::latency::realtime_ns;
@@ -27,8 +27,8 @@ pub const DEPTH_ONE: u32 = 1 << 16;
 /// One data-plane thread's engine.
 #[derive(Debug)]
 pub struct Inline<'s> {
-    router: Router<Target>,
-    control: ControlConfig,
+    /// Routes and thresholds, refreshed once per batch (a reload takes effect there).
+    rules: RulesView<'s>,
     /// One step per class, in `WorkerClass::ALL` order.
     steps: [ClassStep<'s>; 3],
     dlq: DlqStep,
@@ -80,8 +80,7 @@ struct RouteCache {
 impl<'s> Inline<'s> {
     /// An engine over `steps` (realtime, transactional, batch) and `dlq`.
     pub fn new(
-        router: Router<Target>,
-        control: ControlConfig,
+        rules: &'s LiveRules,
         steps: [ClassStep<'s>; 3],
         dlq: DlqStep,
         counters: &'s EngineCounters,
@@ -89,8 +88,7 @@ impl<'s> Inline<'s> {
     ) -> Self {
         let wants_wall = steps.iter().any(ClassStep::wants_wall);
         Self {
-            router,
-            control,
+            rules: rules.view(),
             steps,
             dlq,
             counters,
@@ -115,7 +113,7 @@ impl<'s> Inline<'s> {
         if c.len == t.len() && same_short(&c.topic, t) {
             return c.target;
         }
-        let target = self.router.route(topic).copied();
+        let target = self.rules.get().router.route(topic).copied();
         if t.len() <= CACHED_TOPIC {
             c.topic[..t.len()].copy_from_slice(t);
             c.len = t.len();
@@ -124,9 +122,13 @@ impl<'s> Inline<'s> {
         target
     }
 
-    /// Starts a batch: reads the pipeline state and the clocks once.
+    /// Starts a batch: reads the pipeline state, the rules and the clocks once.
     #[inline]
     pub fn begin(&mut self) {
+        if self.rules.refresh() {
+            // A route the cache remembers may be gone.
+            self.last.len = usize::MAX;
+        }
         self.state = self.counters.state();
         self.clock = BatchClock {
             mono: monotonic_ns(),
@@ -140,7 +142,7 @@ impl<'s> Inline<'s> {
     /// A sink's.
     #[inline]
     pub fn event(&mut self, mut ev: Event<'_>) -> io::Result<()> {
-        let routed = match admit(&self.control, self.state, ev.priority()) {
+        let routed = match admit(&self.rules.get().control, self.state, ev.priority()) {
             Err(Shed::Dropping) => Err(DlqReason::Dropping),
             Err(Shed::Emergency) => Err(DlqReason::Emergency),
             Ok(()) => self.route(ev.topic()).ok_or(DlqReason::NoRoute),

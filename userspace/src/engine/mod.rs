@@ -19,6 +19,7 @@ pub mod idle;
 pub mod inline;
 pub mod latency;
 pub mod route;
+pub mod rules;
 pub mod worker;
 
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};

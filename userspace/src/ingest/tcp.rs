@@ -42,13 +42,56 @@ pub struct Slot<'s, 'a, 'p> {
     pub counters: &'s IngestCounters,
 }
 
+/// The TCP limits an operator may change while the listener runs (a reload): read at accept
+/// and per read tick, never per event.
+#[derive(Debug, Default)]
+pub struct TcpLimits {
+    read_timeout_ms: AtomicU64,
+    frame_timeout_ms: AtomicU64,
+    per_source: AtomicU64,
+}
+
+impl TcpLimits {
+    /// Limits from the `ingest.tcp` keys.
+    pub fn new(read_timeout: Duration, frame_timeout: Duration, per_source: usize) -> Self {
+        let l = Self::default();
+        l.set(read_timeout, frame_timeout, per_source);
+        l
+    }
+
+    /// Puts new limits in force for every connection.
+    pub fn set(&self, read_timeout: Duration, frame_timeout: Duration, per_source: usize) {
+        let ms = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
+        self.read_timeout_ms
+            .store(ms(read_timeout), Ordering::Relaxed);
+        self.frame_timeout_ms
+            .store(ms(frame_timeout), Ordering::Relaxed);
+        self.per_source.store(per_source as u64, Ordering::Relaxed);
+    }
+
+    /// Close a connection idle this long.
+    pub fn read_timeout(&self) -> Duration {
+        Duration::from_millis(self.read_timeout_ms.load(Ordering::Relaxed))
+    }
+
+    /// Longest a frame may take to arrive once its first byte has.
+    pub fn frame_timeout(&self) -> Duration {
+        Duration::from_millis(self.frame_timeout_ms.load(Ordering::Relaxed))
+    }
+
+    /// Connections one source address may hold at once.
+    pub fn per_source(&self) -> usize {
+        self.per_source.load(Ordering::Relaxed) as usize
+    }
+}
+
 /// The TCP listener's settings and shared state.
 #[derive(Debug)]
 pub struct TcpIngest<'s> {
     /// Frame limits.
     pub limits: Limits,
-    /// Close a connection idle this long.
-    pub read_timeout: Duration,
+    /// Timeouts and the per-source cap (reloadable).
+    pub tcp_limits: &'s TcpLimits,
     /// Set to stop accepting and close every connection.
     pub stop: &'s AtomicBool,
     /// Connections refused because every slot was taken.
@@ -57,10 +100,6 @@ pub struct TcpIngest<'s> {
     pub live: &'s AtomicU64,
     /// Accept calls that failed (`EMFILE`, `ENFILE`, `ECONNABORTED`, `ENOBUFS`...), retried.
     pub accept_errors: &'s AtomicU64,
-    /// Connections one source address may hold at once; more are refused (counted).
-    pub per_source: usize,
-    /// Longest a frame may take to arrive once its first byte has.
-    pub frame_timeout: Duration,
     /// While set (`PAUSED`), connections are not read: TCP's own flow control holds senders.
     pub paused: &'s AtomicBool,
     /// Connections open per source address: touched at accept and at close, never per event.
@@ -140,11 +179,12 @@ impl TcpIngest<'_> {
             {
                 let mut m = sources.lock().unwrap_or_else(|p| p.into_inner());
                 let n = m.entry(ip).or_insert(0);
-                if *n >= self.per_source {
+                let limit = self.tcp_limits.per_source();
+                if *n >= limit {
                     drop(m);
                     let n = self.refused.fetch_add(1, Ordering::Relaxed) + 1;
                     if n.is_power_of_two() {
-                        warn!(%peer, refused = n, limit = self.per_source, "TCP connection refused: too many from this address");
+                        warn!(%peer, refused = n, limit, "TCP connection refused: too many from this address");
                     }
                     drop(stream);
                     continue;
@@ -243,9 +283,10 @@ impl TcpIngest<'_> {
                 frame_began = frame_began.map(|_| Instant::now());
                 continue;
             }
-            if frame_began.is_some_and(|t| t.elapsed() >= self.frame_timeout) {
+            let frame_timeout = self.tcp_limits.frame_timeout();
+            if frame_began.is_some_and(|t| t.elapsed() >= frame_timeout) {
                 end_mid_frame(&decoder, &mut tally, "frame timeout");
-                info!(%peer, timeout = ?self.frame_timeout, "TCP frame not complete in time; closing");
+                info!(%peer, timeout = ?frame_timeout, "TCP frame not complete in time; closing");
                 break;
             }
             let n = match stream.read(decoder.spare()) {
@@ -260,7 +301,7 @@ impl TcpIngest<'_> {
                         io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
                     ) =>
                 {
-                    if last_data.elapsed() >= self.read_timeout {
+                    if last_data.elapsed() >= self.tcp_limits.read_timeout() {
                         info!(%peer, "TCP connection idle past the read timeout; closing");
                         break;
                     }

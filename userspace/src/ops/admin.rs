@@ -5,6 +5,8 @@
 //! - `GET /healthz`: `ok`, or 503 naming each failing sink.
 //! - `GET /state`: the pipeline state as JSON.
 //! - `POST /state` with body `pause`, `resume` or `drain`: an operator command.
+//! - `POST /config/reload`: reads the configuration file again and puts its routes, control
+//!   thresholds and TCP limits in force (`200`), or refuses a bad file with its error (`422`).
 //!
 //! The hot path never touches this module: it reads the counters the ingest threads, the
 //! dispatcher and the workers flush once per batch.
@@ -40,6 +42,10 @@ pub struct MetricsView<'s> {
     pub admin: &'s AdminCounters,
     /// The XDP program's verdict counters (all CPUs summed), with AF_XDP.
     pub xdp_verdicts: Box<dyn Fn() -> Option<crate::xdp::VerdictCounts> + Send + Sync + 's>,
+    /// Reloads the configuration (`POST /config/reload`): what was put in force, or why not.
+    pub reload: Box<dyn Fn() -> Result<String, String> + Send + Sync + 's>,
+    /// Reloads put in force and refused (`eventstream_config_reloads_total{result}`).
+    pub config_reloads: &'s [std::sync::atomic::AtomicU64; 2],
 }
 
 /// The `/healthz` answer: `200 ok`, or `503` naming every failing sink and why.
@@ -414,6 +420,19 @@ pub fn render(v: &MetricsView<'_>) -> String {
             by_source(|c| ld(&c.receive_errors), s)
         );
     }
+    family(
+        &mut out,
+        "eventstream_config_reloads_total",
+        "counter",
+        "Configuration reloads (SIGHUP, POST /config/reload), put in force or refused.",
+    );
+    for (result, n) in ["ok", "error"].iter().zip(v.config_reloads) {
+        let _ = writeln!(
+            out,
+            "eventstream_config_reloads_total{{result=\"{result}\"}} {}",
+            n.load(Ordering::Relaxed)
+        );
+    }
     if let Some(verdicts) = (v.xdp_verdicts)() {
         family(
             &mut out,
@@ -730,7 +749,21 @@ async fn answer(
                 ),
             }
         }
-        (_, "/metrics" | "/healthz" | "/state") => {
+        (&Method::POST, "/config/reload") => {
+            if let Some(why) = forbidden(&req, policy) {
+                counters.forbidden.fetch_add(1, Ordering::Relaxed);
+                return reply(403, "text/plain", why.into());
+            }
+            match (view.reload)() {
+                Ok(what) => reply(200, "text/plain", format!("reloaded: {what}\n")),
+                Err(why) => reply(
+                    422,
+                    "text/plain",
+                    format!("refused, the configuration in force stays: {why}\n"),
+                ),
+            }
+        }
+        (_, "/metrics" | "/healthz" | "/state" | "/config/reload") => {
             reply(405, "text/plain", "method not allowed\n".into())
         }
         _ => reply(404, "text/plain", "not found\n".into()),
@@ -760,6 +793,10 @@ pub fn answer_bytes(input: &[u8]) -> Vec<u8> {
     let engine = EngineCounters::default();
     let ingest = IngestCounters::default();
     let admin = AdminCounters::default();
+    let reloads = [
+        std::sync::atomic::AtomicU64::new(0),
+        std::sync::atomic::AtomicU64::new(0),
+    ];
     let view = MetricsView {
         ingest: vec![(Source::Udp, &ingest)],
         engine: &engine,
@@ -768,6 +805,8 @@ pub fn answer_bytes(input: &[u8]) -> Vec<u8> {
         sinks: Vec::new(),
         admin: &admin,
         xdp_verdicts: Box::new(|| None),
+        reload: Box::new(|| Err("not in the fuzz harness".into())),
+        config_reloads: &reloads,
     };
     let (commands, _rx) = mpsc::channel::<Command>(4);
     let policy = Policy {
