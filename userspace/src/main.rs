@@ -11,6 +11,7 @@
 //! prints the reconciliation as one JSON line on stdout.
 
 use std::path::PathBuf;
+use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
@@ -80,6 +81,16 @@ enum Cmd {
     /// interface, namespace, whether its link is still attached (stale pins flagged), attach
     /// mode, program and tag, and its verdict counters.
     Status,
+    /// A live terminal view of a running appliance, from its /metrics: rates per source and
+    /// worker, queue fill, pipeline state, sinks, drops by reason, XDP verdicts, latency.
+    Top {
+        /// The appliance's admin address (`admin.bind`).
+        #[arg(long, default_value = "127.0.0.1:8090")]
+        admin: std::net::SocketAddr,
+        /// Milliseconds between scrapes.
+        #[arg(long, default_value_t = 1000)]
+        interval_ms: u64,
+    },
     /// Validate a configuration file and print it with defaults filled in.
     CheckConfig {
         /// Configuration file (YAML).
@@ -207,6 +218,11 @@ fn run() -> Result<()> {
             queues,
             json,
         } => show_topology(&config, iface, queues, json),
+        Cmd::Top { admin, interval_ms } => {
+            eventstream::ops::top::run(admin, Duration::from_millis(interval_ms.max(100)))
+                .with_context(|| format!("eventstream top: {admin}/metrics"))?;
+            Ok(())
+        }
         Cmd::Status => {
             print!("{}", eventstream::xdp::status_text());
             Ok(())
