@@ -789,7 +789,6 @@ fn http_builder(policy: &Policy) -> hyper::server::conn::http1::Builder {
 /// target's way in (`fuzz/fuzz_targets/admin_request.rs`). Commands it accepts go nowhere.
 #[doc(hidden)]
 pub fn answer_bytes(input: &[u8]) -> Vec<u8> {
-    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
     let engine = EngineCounters::default();
     let ingest = IngestCounters::default();
     let admin = AdminCounters::default();
@@ -815,22 +814,37 @@ pub fn answer_bytes(input: &[u8]) -> Vec<u8> {
         token: Some("fuzz-token-0123456789".into()),
         allowed_hosts: vec!["127.0.0.1:8090".into()],
     };
-    let Ok(rt) = tokio::runtime::Builder::new_current_thread()
-        .enable_time()
-        .build()
-    else {
-        return Vec::new();
-    };
+    thread_local! {
+        // One runtime per fuzzing thread: building one per input would cost more than the
+        // input itself.
+        static RT: Option<tokio::runtime::Runtime> = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .ok();
+    }
+    RT.with(|rt| match rt {
+        Some(rt) => serve_bytes(rt, input, &view, &commands, &policy, &admin),
+        None => Vec::new(),
+    })
+}
+
+/// [`answer_bytes`]' connection, on `rt`.
+fn serve_bytes(
+    rt: &tokio::runtime::Runtime,
+    input: &[u8],
+    view: &MetricsView<'_>,
+    commands: &mpsc::Producer<Command>,
+    policy: &Policy,
+    admin: &AdminCounters,
+) -> Vec<u8> {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
     rt.block_on(async {
         let (mut client, server) = tokio::io::duplex(64 * 1024);
-        let service = hyper::service::service_fn(|req| {
-            let (view, commands, policy, admin) = (&view, &commands, &policy, &admin);
-            async move {
-                Ok::<_, std::convert::Infallible>(answer(req, view, commands, policy, admin).await)
-            }
+        let service = hyper::service::service_fn(|req| async move {
+            Ok::<_, std::convert::Infallible>(answer(req, view, commands, policy, admin).await)
         });
         // The client's end of the input is a half-close: answer what came before it.
-        let mut http = http_builder(&policy);
+        let mut http = http_builder(policy);
         http.half_close(true);
         let conn = http.serve_connection(hyper_util::rt::TokioIo::new(server), service);
         let talk = async {
