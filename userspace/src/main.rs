@@ -91,6 +91,20 @@ enum Cmd {
         #[arg(long, default_value_t = 1000)]
         interval_ms: u64,
     },
+    /// The sink bench (`cargo xtask bench --sinks` runs it in this release binary): each
+    /// networked sink beside its bare client on loopback servers it starts; JSON on stdout.
+    #[command(hide = true)]
+    BenchSinks {
+        /// Events per run.
+        #[arg(long, default_value_t = 200_000)]
+        events: u64,
+        /// Runs per figure.
+        #[arg(long, default_value_t = 3)]
+        runs: usize,
+        /// Only these targets (nats_r1, nats_r3, kafka, postgres).
+        #[arg(long)]
+        target: Vec<String>,
+    },
     /// Validate a configuration file and print it with defaults filled in.
     CheckConfig {
         /// Configuration file (YAML).
@@ -221,6 +235,23 @@ fn run() -> Result<()> {
         Cmd::Top { admin, interval_ms } => {
             eventstream::ops::top::run(admin, Duration::from_millis(interval_ms.max(100)))
                 .with_context(|| format!("eventstream top: {admin}/metrics"))?;
+            Ok(())
+        }
+        Cmd::BenchSinks {
+            events,
+            runs,
+            target,
+        } => {
+            let plan = eventstream::tools::sinkbench::Plan {
+                events,
+                runs: runs.max(1),
+                payload: 64,
+                scratch: std::env::temp_dir().join(format!("es-sinkbench-{}", std::process::id())),
+                base_port: 23_000,
+                only: target,
+            };
+            let doc = eventstream::tools::sinkbench::run(&plan)?;
+            println!("{doc}");
             Ok(())
         }
         Cmd::Status => {

@@ -2,10 +2,12 @@
 //! the same server, in one run (PERF.md: each sink >= 0.8 of its bare client).
 //!
 //! - **NATS JetStream**, R1 (one server) and R3 (three): the sink (in process, events appended
-//!   as the data plane would) against an async-nats publish loop with the same payloads, a
-//!   `Nats-Msg-Id` each and the same number of acks in flight;
+//!   as the data plane would) against an async-nats publish loop sending the same messages (the
+//!   payload, a `Nats-Msg-Id` and the sink's metadata headers) with the same number of acks in
+//!   flight; and, to show what the metadata costs, the bare loop with the id alone;
 //! - **Kafka** (tansu): the sink against an rdkafka `FutureProducer` loop with the sink's fixed
-//!   guarantees (idempotence, `acks=all`);
+//!   guarantees (idempotence, `acks=all`), the same headers and timestamp (and with the id
+//!   alone);
 //! - **PostgreSQL**: the sink (binary `COPY` into a staging table, `INSERT ... ON CONFLICT`, one
 //!   transaction per `max_in_flight` rows) against a plain binary `COPY` of the same rows in
 //!   transactions of the same size.
@@ -120,9 +122,24 @@ fn drive_sink(mut sink: RemoteSink, n: u64, payload: &[u8]) -> io::Result<f64> {
     Ok(rate)
 }
 
-/// The bare async-nats loop: `n` publishes with a message id each, `NATS_IN_FLIGHT` acks
-/// awaited at once.
-fn nats_bare(urls: &[String], subject: &str, n: u64, payload: &[u8], run: u64) -> io::Result<f64> {
+/// The metadata every sink record carries beside its id: receive time (Unix ns) and sender.
+fn meta_now() -> (String, &'static str) {
+    let ns = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64);
+    (ns.to_string(), "198.18.0.1:40000")
+}
+
+/// The bare async-nats loop: `n` publishes with a message id each (and with `meta`, the sink's
+/// metadata headers), `NATS_IN_FLIGHT` acks awaited at once.
+fn nats_bare(
+    urls: &[String],
+    subject: &str,
+    n: u64,
+    payload: &[u8],
+    run: u64,
+    meta: bool,
+) -> io::Result<f64> {
     use futures_util::StreamExt as _;
     use futures_util::stream::FuturesUnordered;
     let io_err = |e: &dyn std::fmt::Display| io::Error::other(e.to_string());
@@ -141,9 +158,17 @@ fn nats_bare(urls: &[String], subject: &str, n: u64, payload: &[u8], run: u64) -
                     r?;
                 }
             }
-            let msg = async_nats::jetstream::message::PublishMessage::build()
+            let mut msg = async_nats::jetstream::message::PublishMessage::build()
                 .payload(body.clone())
-                .message_id(format!("bare-{run}-{i}"));
+                .message_id(format!("bare-{run}-{meta}-{i}"));
+            if meta {
+                let (at, from) = meta_now();
+                msg = msg
+                    .header("Es-Priority", "3")
+                    .header("Es-Source", "udp")
+                    .header("Es-Received-Unix-Ns", at.as_str())
+                    .header("Es-Sender", from);
+            }
             let ack = js
                 .send_publish(subject.to_owned(), msg)
                 .await
@@ -161,12 +186,20 @@ fn nats_bare(urls: &[String], subject: &str, n: u64, payload: &[u8], run: u64) -
     })
 }
 
-/// The bare rdkafka loop: `n` records with the sink's guarantees, `KAFKA_IN_FLIGHT` reports
-/// awaited at once.
-fn kafka_bare(bootstrap: &str, topic: &str, n: u64, payload: &[u8], run: u64) -> io::Result<f64> {
+/// The bare rdkafka loop: `n` records with the sink's guarantees (and with `meta`, its headers
+/// and timestamp), `KAFKA_IN_FLIGHT` reports awaited at once.
+fn kafka_bare(
+    bootstrap: &str,
+    topic: &str,
+    n: u64,
+    payload: &[u8],
+    run: u64,
+    meta: bool,
+) -> io::Result<f64> {
     use futures_util::StreamExt as _;
     use futures_util::stream::FuturesUnordered;
     use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+    use rdkafka::message::{Header, OwnedHeaders};
     use rdkafka::producer::{FutureProducer, FutureRecord};
     let mut c = rdkafka::ClientConfig::new();
     c.set("bootstrap.servers", bootstrap);
@@ -178,8 +211,28 @@ fn kafka_bare(bootstrap: &str, topic: &str, n: u64, payload: &[u8], run: u64) ->
         let mut reports = FuturesUnordered::new();
         let t0 = Instant::now();
         for i in 0..n {
-            let key = format!("bare-{run}-{i}");
+            let key = format!("bare-{run}-{meta}-{i}");
+            let (at, from) = meta_now();
             let mut record = FutureRecord::to(topic).payload(payload).key(key.as_str());
+            if meta {
+                record = record
+                    .timestamp((at.parse::<u64>().unwrap_or(0) / 1_000_000) as i64)
+                    .headers(
+                        OwnedHeaders::new()
+                            .insert(Header {
+                                key: "event-id",
+                                value: Some(key.as_str()),
+                            })
+                            .insert(Header {
+                                key: "received-unix-ns",
+                                value: Some(at.as_str()),
+                            })
+                            .insert(Header {
+                                key: "sender",
+                                value: Some(from),
+                            }),
+                    );
+            }
             loop {
                 while reports.len() >= KAFKA_IN_FLIGHT {
                     if let Some(r) = reports.next().await {
@@ -285,24 +338,37 @@ fn median(v: &mut [f64]) -> f64 {
     v[v.len() / 2]
 }
 
-/// One target: `runs` x (bare, then sink), each on fresh ids.
+/// One target: `runs` x (bare with the same messages, bare with the id alone where that
+/// differs, then the sink), each on fresh ids.
 fn measure(
     target: &str,
     plan: &Plan,
-    mut bare: impl FnMut(u64) -> io::Result<f64>,
+    id_only_differs: bool,
+    mut bare: impl FnMut(u64, bool) -> io::Result<f64>,
     mut sink: impl FnMut(u64) -> io::Result<RemoteSink>,
 ) -> io::Result<Value> {
     let payload = vec![0x5a; plan.payload];
     let (mut b, mut s, mut r) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut lean, mut lean_r) = (Vec::new(), Vec::new());
     for run in 0..plan.runs as u64 {
-        let bare_eps = bare(run)?;
+        let bare_eps = bare(run, true)?;
+        let id_only = if id_only_differs {
+            Some(bare(run, false)?)
+        } else {
+            None
+        };
         let sink_eps = drive_sink(sink(run)?, plan.events, &payload)?;
         eprintln!(
-            "bench --sinks: {target} run {run}: sink {sink_eps:.0} events/s, bare client {bare_eps:.0} events/s"
+            "bench --sinks: {target} run {run}: sink {sink_eps:.0} events/s, bare client {bare_eps:.0} events/s{}",
+            id_only.map_or(String::new(), |x| format!(" ({x:.0} with the id alone)"))
         );
         b.push(bare_eps);
         s.push(sink_eps);
         r.push(sink_eps / bare_eps);
+        if let Some(x) = id_only {
+            lean.push(x);
+            lean_r.push(sink_eps / x);
+        }
     }
     let stats = |v: &mut Vec<f64>| {
         let lo = v.iter().copied().fold(f64::INFINITY, f64::min);
@@ -310,14 +376,17 @@ fn measure(
         json!({ "median": median(v).round(), "min": lo.round(), "max": hi.round() })
     };
     let ratio = median(&mut r);
+    let round = |x: f64| (x * 1000.0).round() / 1000.0;
     Ok(json!({
         "target": target,
         "events": plan.events,
         "payload_bytes": plan.payload,
         "sink_events_per_sec": stats(&mut s),
         "bare_events_per_sec": stats(&mut b),
-        "sink_over_bare": (ratio * 1000.0).round() / 1000.0,
-        "per_run_ratios": r.iter().map(|x| (x * 1000.0).round() / 1000.0).collect::<Vec<_>>(),
+        "sink_over_bare": round(ratio),
+        "per_run_ratios": r.iter().map(|x| round(*x)).collect::<Vec<_>>(),
+        "bare_id_only_events_per_sec": (!lean.is_empty()).then(|| stats(&mut lean)),
+        "sink_over_bare_id_only": (!lean_r.is_empty()).then(|| round(median(&mut lean_r))),
     }))
 }
 
@@ -371,7 +440,8 @@ pub fn run(plan: &Plan) -> io::Result<Value> {
         cases.push(measure(
             target,
             plan,
-            |run| nats_bare(&urls, &subject, plan.events, &payload, run),
+            true,
+            |run, meta| nats_bare(&urls, &subject, plan.events, &payload, run, meta),
             |run| crate::sink::nats::open(&cfg, "bench", run + 1, "sink"),
         )?);
     }
@@ -392,7 +462,17 @@ pub fn run(plan: &Plan) -> io::Result<Value> {
             cases.push(measure(
                 "kafka",
                 plan,
-                |run| kafka_bare(&broker.bootstrap(), "bench", plan.events, &payload, run),
+                true,
+                |run, meta| {
+                    kafka_bare(
+                        &broker.bootstrap(),
+                        "bench",
+                        plan.events,
+                        &payload,
+                        run,
+                        meta,
+                    )
+                },
                 |run| crate::sink::kafka::open(&cfg, "bench", run + 1, "sink"),
             )?);
         }
@@ -415,7 +495,8 @@ pub fn run(plan: &Plan) -> io::Result<Value> {
             cases.push(measure(
                 "postgres",
                 plan,
-                |run| pg_bare(&pg.url(), "bench_bare", plan.events, &payload, run),
+                false,
+                |run, _| pg_bare(&pg.url(), "bench_bare", plan.events, &payload, run),
                 |run| crate::sink::postgres::open(&cfg, "bench", run + 1, "sink"),
             )?);
         }

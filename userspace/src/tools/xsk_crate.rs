@@ -154,10 +154,15 @@ impl CrateXsk {
                 r.release();
             }
             if n > 0 {
-                let mut w = self.fq.fill(n as u32);
-                w.insert(addrs[..n].iter().copied());
-                w.commit();
-                drop(w);
+                // xdpilone reserves what its cached view of the ring says is free, which may be
+                // fewer than asked: insert until every frame is back, or frames leak and the
+                // socket starves (the FILL ring cannot be full while we hold these frames).
+                let mut done = 0;
+                while done < n && !stop.load(Ordering::Relaxed) {
+                    let mut w = self.fq.fill((n - done) as u32);
+                    done += w.insert(addrs[done..n].iter().copied()) as usize;
+                    w.commit();
+                }
                 tally.datagrams += n as u64;
                 tally.flush(counters);
                 empty_since = None;
