@@ -502,3 +502,81 @@ fn a_disk_buffer_left_at_shutdown_is_delivered_by_the_next_run() {
     let _ = std::fs::remove_dir_all(dir);
     let _ = std::fs::remove_dir_all(dir2);
 }
+
+/// PERF-size version of the outage test, too long for every CI run:
+/// `cargo xtask test -- --ignored a_sixty_second_outage`.
+#[test]
+#[ignore = "long: a 60 s outage of the whole cluster under 50 000 events/s, then the drain"]
+fn a_sixty_second_outage_under_fifty_thousand_events_per_second_loses_nothing() {
+    if Command::new("nats-server")
+        .arg("--version")
+        .output()
+        .is_err()
+    {
+        return common::skip("nats-server is not installed (Debian: apt-get install nats-server)");
+    }
+    let cluster = cluster("outage60", 5);
+    let urls = cluster.urls();
+    create_stream(&urls, "ES60", "s60");
+    let servers = urls
+        .iter()
+        .map(|u| format!("\"{u}\""))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let config = format!(
+        "ingest:\n  udp:\n    bind: \"127.0.0.1:0\"\n    socket_buffer: 16777216\n  tcp:\n    bind: null\nadmin:\n  bind: null\nsinks:\n  kind: nats\n  dlq_dir: \"{}\"\n  shutdown_timeout_secs: 900\n  max_buffered_bytes: 8388608\n  buffer:\n    dir: \"{}\"\n    max_bytes: 4294967296\n  nats:\n    servers: [{servers}]\n    stream: ES60\n    subject_prefix: s60\n    replicas: 3\n",
+        cluster.dir.join("dlq").display(),
+        cluster.dir.join("buffer").display()
+    );
+    let (child, out, addr, dir) = start(&config, "nats-60");
+    let total = 50_000u64 * 75;
+    let sent = std::thread::scope(|s| {
+        let sender = s.spawn(|| {
+            common::daemon::blast_for(
+                &[
+                    "--to",
+                    &addr,
+                    "--count",
+                    &total.to_string(),
+                    "--rate",
+                    "50000",
+                ],
+                120,
+            )
+        });
+        std::thread::sleep(Duration::from_secs(5));
+        cluster.signal(libc::SIGSTOP);
+        std::thread::sleep(Duration::from_secs(60));
+        cluster.signal(libc::SIGCONT);
+        sender.join().unwrap()
+    });
+    assert_eq!(sent["sent_events"].as_u64(), Some(total), "{sent}");
+    // The drain: the stop waits (up to shutdown_timeout_secs) until every event is acknowledged.
+    let t0 = Instant::now();
+    // SAFETY: kill(2) has no memory-safety preconditions; the pid is our own child's.
+    unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
+    let r = common::daemon::exit_report_within(child, out, "no exit", Duration::from_secs(960));
+    let n = |v: &serde_json::Value| v.as_u64().unwrap();
+    eprintln!(
+        "drained in {:?}; kernel drops {}; sinks: {}",
+        t0.elapsed(),
+        r["kernel_drops"],
+        r["sinks"]
+    );
+    let accepted = n(&r["accepted_events"]);
+    assert_eq!(accepted + n(&r["kernel_drops"]), total, "{r}");
+    let failed: u64 = r["failed"].as_object().unwrap().values().map(n).sum();
+    assert_eq!(failed, 0, "{r}");
+    assert_eq!(n(&r["delivered_events"]), accepted, "{r}");
+    assert!(n(&r["sinks"][0]["spilled_events"]) > 0, "{r}");
+    let end = Instant::now() + Duration::from_secs(60);
+    let stored = loop {
+        match stream_state(&urls, "ES60") {
+            Some((_, m)) if m == accepted => break m,
+            other if Instant::now() >= end => break other.map_or(0, |(_, m)| m),
+            _ => std::thread::sleep(Duration::from_millis(500)),
+        }
+    };
+    assert_eq!(stored, accepted, "every event in the stream once");
+    let _ = std::fs::remove_dir_all(dir);
+}

@@ -174,12 +174,17 @@ pub fn http(addr: &str, method: &str, path: &str, body: &str) -> (u16, String) {
     (status, body)
 }
 
-/// Runs `eventstream blast` with `args` and returns its JSON tally.
+/// Runs `eventstream blast` with `args` (for at most 10 s) and returns its JSON tally.
 pub fn blast(args: &[&str]) -> serde_json::Value {
+    blast_for(args, 10)
+}
+
+/// [`blast`], for at most `secs` seconds.
+pub fn blast_for(args: &[&str], secs: u64) -> serde_json::Value {
     let out = Command::new(env!("CARGO_BIN_EXE_eventstream"))
         .arg("blast")
         .args(args)
-        .args(["--quiet", "--duration", "10"])
+        .args(["--quiet", "--duration", &secs.to_string()])
         .output()
         .unwrap();
     assert!(
