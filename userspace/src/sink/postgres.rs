@@ -22,7 +22,18 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 /// The columns the sink writes, in the order of the staging `COPY`.
-const COLUMNS: &str = "event_id, topic, priority, source, received_at, payload, sender";
+pub const COLUMNS: &str = "event_id, topic, priority, source, received_at, payload, sender";
+
+/// The types of [`COLUMNS`], for a binary `COPY`.
+pub const COLUMN_TYPES: [Type; 7] = [
+    Type::TEXT,
+    Type::TEXT,
+    Type::INT2,
+    Type::TEXT,
+    Type::TIMESTAMPTZ,
+    Type::BYTEA,
+    Type::TEXT,
+];
 
 use serde::Deserialize;
 use tokio_postgres::types::{ToSql, Type};
@@ -124,18 +135,7 @@ impl Postgres {
         let sink = tx
             .copy_in(&format!("COPY {into} ({COLUMNS}) FROM STDIN BINARY"))
             .await?;
-        let writer = tokio_postgres::binary_copy::BinaryCopyInWriter::new(
-            sink,
-            &[
-                Type::TEXT,
-                Type::TEXT,
-                Type::INT2,
-                Type::TEXT,
-                Type::TIMESTAMPTZ,
-                Type::BYTEA,
-                Type::TEXT,
-            ],
-        );
+        let writer = tokio_postgres::binary_copy::BinaryCopyInWriter::new(sink, &COLUMN_TYPES);
         let mut writer = std::pin::pin!(writer);
         for &at in ats {
             let (r, _) = chunk.record(at);

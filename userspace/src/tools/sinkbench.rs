@@ -275,7 +275,7 @@ fn check_report<E>(
 /// The bare PostgreSQL loop: binary `COPY` of `n` rows straight into `table`, `PG_ROWS` rows a
 /// transaction.
 fn pg_bare(url: &str, table: &str, n: u64, payload: &[u8], run: u64) -> io::Result<f64> {
-    use tokio_postgres::types::{ToSql, Type};
+    use tokio_postgres::types::ToSql;
     let io_err = |e: &dyn std::fmt::Display| io::Error::other(e.to_string());
     rt()?.block_on(async {
         let (mut client, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls)
@@ -298,22 +298,14 @@ fn pg_bare(url: &str, table: &str, n: u64, payload: &[u8], run: u64) -> io::Resu
             let tx = client.transaction().await.map_err(|e| io_err(&e))?;
             let sink = tx
                 .copy_in(&format!(
-                    "COPY {table} (event_id, topic, priority, source, received_at, payload, sender) \
-                     FROM STDIN BINARY"
+                    "COPY {table} ({}) FROM STDIN BINARY",
+                    crate::sink::postgres::COLUMNS
                 ))
                 .await
                 .map_err(|e| io_err(&e))?;
             let writer = tokio_postgres::binary_copy::BinaryCopyInWriter::new(
                 sink,
-                &[
-                    Type::TEXT,
-                    Type::TEXT,
-                    Type::INT2,
-                    Type::TEXT,
-                    Type::TIMESTAMPTZ,
-                    Type::BYTEA,
-                    Type::TEXT,
-                ],
+                &crate::sink::postgres::COLUMN_TYPES,
             );
             let mut writer = std::pin::pin!(writer);
             let end = (i + PG_ROWS as u64).min(n);
