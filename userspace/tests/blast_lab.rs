@@ -12,7 +12,7 @@ use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use eventstream::tools::lab::{Lab, LabError, RX_ADDR, RX_IF, TX_IF};
+use eventstream::tools::lab::{RX_ADDR, RX_IF, TX_IF};
 
 const PER: u64 = 2;
 
@@ -33,16 +33,8 @@ fn blast(args: &[&str]) -> serde_json::Value {
 
 #[test]
 fn xdp_tx_and_sendmmsg_into_af_xdp_reconcile_and_live_frames_count_exactly() {
-    // SAFETY: geteuid(2) has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        return common::skip("the blaster lab test needs root");
-    }
-    let lab = match Lab::up(&format!("esbl{}", std::process::id() % 100_000)) {
-        Ok(l) => l,
-        Err(e @ (LabError::NotPermitted(_) | LabError::NoIp)) => {
-            return common::skip(&e.to_string());
-        }
-        Err(e) => panic!("lab: {e}"),
+    let Some(lab) = common::lab_or_skip("esbl", 1, "the blaster lab test") else {
+        return;
     };
     let dir = std::env::temp_dir().join(format!("es-blastlab-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
@@ -252,16 +244,8 @@ fn xdp_tx_and_sendmmsg_into_af_xdp_reconcile_and_live_frames_count_exactly() {
 /// is exact on its own (sent to q = received on q + q's counted kernel drops).
 #[test]
 fn two_rx_queues_each_get_a_socket_and_exact_accounting() {
-    // SAFETY: geteuid(2) has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        return common::skip("the two-queue lab test needs root");
-    }
-    let lab = match Lab::up_with_queues(&format!("es2q{}", std::process::id() % 100_000), 2) {
-        Ok(l) => l,
-        Err(e @ (LabError::NotPermitted(_) | LabError::NoIp)) => {
-            return common::skip(&e.to_string());
-        }
-        Err(e) => panic!("lab: {e}"),
+    let Some(lab) = common::lab_or_skip("es2q", 2, "the two-queue lab test") else {
+        return;
     };
     let dir = std::env::temp_dir().join(format!("es-2q-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();

@@ -9,20 +9,12 @@
 mod common;
 
 use common::daemon::{blast, http, series, start_in_lab, stop};
-use eventstream::tools::lab::{self, Lab, LabError, RX_ADDR, RX_IF, TX_IF};
+use eventstream::tools::lab::{self, RX_ADDR, RX_IF, TX_IF};
 
 #[test]
 fn denied_and_rate_limited_sources_are_dropped_in_the_driver_and_counted() {
-    // SAFETY: geteuid(2) has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        return common::skip("the XDP defence lab test needs root");
-    }
-    let lab = match Lab::up(&format!("esdf{}", std::process::id() % 100_000)) {
-        Ok(l) => l,
-        Err(e @ (LabError::NotPermitted(_) | LabError::NoIp)) => {
-            return common::skip(&e.to_string());
-        }
-        Err(e) => panic!("lab: {e}"),
+    let Some(lab) = common::lab_or_skip("esdf", 1, "the XDP defence lab test") else {
+        return;
     };
     let config = "xdp:\n  allow_sources: [\"198.18.0.1/32\", \"2001:db8::/32\"]\n  rate_limit: { packets_per_sec: 2000, burst: 500 }\n\
                   ingest:\n  udp: { bind: \"0.0.0.0:8082\" }\n  tcp: { bind: null }\nadmin: { bind: \"127.0.0.1:0\" }\n";

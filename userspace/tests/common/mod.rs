@@ -30,6 +30,25 @@ pub fn bpf_object() -> Option<PathBuf> {
     p.exists().then_some(p)
 }
 
+/// A lab of `queues` RX queues called `name` (with the test's pid), or `None` after saying why
+/// it cannot be had here: not root, no `ip`, no privilege (a skip, or a failure under CI).
+pub fn lab_or_skip(name: &str, queues: u32, what: &str) -> Option<eventstream::tools::lab::Lab> {
+    use eventstream::tools::lab::{Lab, LabError};
+    // SAFETY: geteuid(2) has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        skip(&format!("{what} needs root"));
+        return None;
+    }
+    match Lab::up_with_queues(&format!("{name}{}", std::process::id() % 100_000), queues) {
+        Ok(l) => Some(l),
+        Err(e @ (LabError::NotPermitted(_) | LabError::NoIp)) => {
+            skip(&e.to_string());
+            None
+        }
+        Err(e) => panic!("lab: {e}"),
+    }
+}
+
 /// UDP from 198.18.0.1:40000 to 198.18.0.2:8082 over IPv4, the fixtures' and fake kernel's frame.
 pub fn udp_v4() -> eventstream::wire::packet::UdpSpec {
     eventstream::wire::packet::UdpSpec {
