@@ -310,11 +310,6 @@ fn an_outage_longer_than_memory_spills_to_disk_and_is_replayed_in_order_once() {
     );
     let (child, out, addr, dir) = start(&config, "nats-spill");
     let total = 160_000u64;
-    let pids: Vec<libc::pid_t> = cluster
-        .nodes
-        .iter()
-        .map(|(_, c)| c.id() as libc::pid_t)
-        .collect();
     let sent = std::thread::scope(|s| {
         let sender = s.spawn(|| {
             blast(&[
@@ -328,15 +323,9 @@ fn an_outage_longer_than_memory_spills_to_disk_and_is_replayed_in_order_once() {
         });
         std::thread::sleep(Duration::from_millis(1000));
         // The whole cluster stops answering (as a network partition would), then comes back.
-        for &p in &pids {
-            // SAFETY: kill(2) has no memory-safety preconditions; the pids are our children.
-            unsafe { libc::kill(p, libc::SIGSTOP) };
-        }
+        cluster.signal(libc::SIGSTOP);
         std::thread::sleep(Duration::from_secs(8));
-        for &p in &pids {
-            // SAFETY: as above.
-            unsafe { libc::kill(p, libc::SIGCONT) };
-        }
+        cluster.signal(libc::SIGCONT);
         sender.join().unwrap()
     });
     assert_eq!(sent["sent_events"].as_u64(), Some(total), "{sent}");
@@ -404,17 +393,6 @@ fn a_disk_buffer_left_at_shutdown_is_delivered_by_the_next_run() {
         cluster.dir.join("dlq").display(),
         buffer.display()
     );
-    let pids: Vec<libc::pid_t> = cluster
-        .nodes
-        .iter()
-        .map(|(_, c)| c.id() as libc::pid_t)
-        .collect();
-    let signal = |sig| {
-        for &p in &pids {
-            // SAFETY: kill(2) has no memory-safety preconditions; the pids are our children.
-            unsafe { libc::kill(p, sig) };
-        }
-    };
     // Run 1: the cluster stops answering mid-blast and is still down at the stop.
     let (child, out, addr, dir) = start(&config, "nats-left-1");
     let total = 60_000u64;
@@ -430,7 +408,7 @@ fn a_disk_buffer_left_at_shutdown_is_delivered_by_the_next_run() {
             ])
         });
         std::thread::sleep(Duration::from_millis(500));
-        signal(libc::SIGSTOP);
+        cluster.signal(libc::SIGSTOP);
         sender.join().unwrap()
     });
     assert_eq!(sent["sent_events"].as_u64(), Some(total), "{sent}");
@@ -454,7 +432,7 @@ fn a_disk_buffer_left_at_shutdown_is_delivered_by_the_next_run() {
     );
 
     // Run 2, the cluster back: it delivers what run 1 left before anything of its own.
-    signal(libc::SIGCONT);
+    cluster.signal(libc::SIGCONT);
     let (child, out, _, dir2) = start(&config, "nats-left-2");
     let end = Instant::now() + Duration::from_secs(60);
     let mut stored = 0;
