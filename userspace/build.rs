@@ -7,8 +7,34 @@
 //! current directory's workspace, is run from that crate's own directory.
 
 fn main() {
+    commit();
     #[cfg(feature = "embed-xdp")]
     embed::build();
+}
+
+/// `EVENTSTREAM_COMMIT`: the checkout's commit, for `eventstream_build_info` (`unknown` outside
+/// a git checkout). Rerun when the checkout's HEAD or branches move; uncommitted edits are
+/// not tracked.
+fn commit() {
+    let git = |args: &[&str]| {
+        std::process::Command::new("git")
+            .args(args)
+            .output()
+            .ok()
+            .filter(|o| o.status.success())
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+    };
+    let commit = match git(&["rev-parse", "--short=12", "HEAD"]) {
+        Some(c) if !c.is_empty() => c,
+        _ => "unknown".to_owned(),
+    };
+    println!("cargo:rustc-env=EVENTSTREAM_COMMIT={commit}");
+    if let Some(dir) = git(&["rev-parse", "--absolute-git-dir"]) {
+        for f in ["HEAD", "refs/heads", "packed-refs"] {
+            println!("cargo:rerun-if-changed={dir}/{f}");
+        }
+    }
+    println!("cargo:rerun-if-changed=build.rs");
 }
 
 #[cfg(feature = "embed-xdp")]

@@ -169,7 +169,7 @@ fn hostile_requests_neither_crash_nor_freeze_the_admin_port() {
     assert!(
         series(
             &m,
-            "eventstream_admin_rejected_requests_total{reason=\"forbidden\"}"
+            "eventstream_admin_request_errors_total{error_type=\"forbidden\"}"
         ) >= 4,
         "{m}"
     );

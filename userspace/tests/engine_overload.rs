@@ -71,6 +71,7 @@ fn episode(fill: usize, step: u8) -> (Vec<u8>, Vec<(u8, DlqReason)>, EngineCount
         commands: cmd_rx,
         ingest_done: &ingest_done,
         counters: &counters,
+        stage_latency: true,
     };
     let (mut delivered, mut dead) = (Vec::new(), Vec::new());
     std::thread::scope(|s| {

@@ -70,13 +70,9 @@ fn a_recorded_scrape_renders_every_panel() {
 fn grafana_dashboard_queries_only_exported_metrics() {
     let dash: serde_json::Value =
         serde_json::from_str(include_str!("../../config/grafana-dashboard.json")).unwrap();
-    // Every family the appliance exports, from a live AF_XDP scrape's TYPE lines.
-    let scrape = include_str!("data/scrape-2.prom");
-    let families: std::collections::HashSet<&str> = scrape
-        .lines()
-        .filter_map(|l| l.strip_prefix("# TYPE "))
-        .filter_map(|l| l.split_whitespace().next())
-        .collect();
+    // Every family the appliance can export, from the one table `/metrics` renders.
+    let table = eventstream::ops::admin::every_family();
+    let families: std::collections::HashSet<&str> = table.families.iter().map(|f| f.name).collect();
     let mut exprs = Vec::new();
     fn walk<'a>(v: &'a serde_json::Value, out: &mut Vec<&'a str>) {
         match v {
@@ -117,5 +113,88 @@ fn grafana_dashboard_queries_only_exported_metrics() {
             rest = &tail[end..];
         }
         assert!(named > 0, "{e:?} names no metric of ours");
+    }
+}
+
+#[test]
+fn the_readme_lists_every_exported_family_and_no_other() {
+    let readme = include_str!("../../README.md");
+    // The README's metric list: the table under "### Metrics".
+    let start = readme.find("\n### Metrics\n").expect("a Metrics section");
+    let section = &readme[start + 1..];
+    let section = &section[..section[4..].find("\n#").map_or(section.len(), |e| e + 4)];
+    let listed: std::collections::HashSet<&str> = section
+        .lines()
+        .filter_map(|l| l.strip_prefix("| `"))
+        .filter_map(|l| l.split('`').next())
+        .collect();
+    let table = eventstream::ops::admin::every_family();
+    let exported: std::collections::HashSet<&str> = table.families.iter().map(|f| f.name).collect();
+    let mut missing: Vec<_> = exported.difference(&listed).collect();
+    missing.sort();
+    assert!(
+        missing.is_empty(),
+        "exported, not in the README: {missing:?}"
+    );
+    let mut stale: Vec<_> = listed.difference(&exported).collect();
+    stale.sort();
+    assert!(stale.is_empty(), "in the README, not exported: {stale:?}");
+}
+
+#[test]
+fn every_family_follows_the_naming_conventions() {
+    use eventstream::ops::metrics::{Kind, Value};
+    let table = eventstream::ops::admin::every_family();
+    let mut series = std::collections::HashSet::new();
+    for f in &table.families {
+        assert!(f.name.starts_with("eventstream_"), "{}", f.name);
+        match f.kind {
+            Kind::Counter => assert!(f.name.ends_with("_total"), "{}", f.name),
+            Kind::Histogram => assert!(f.name.ends_with("_seconds"), "{}: base unit", f.name),
+            Kind::Gauge => assert!(!f.name.ends_with("_total"), "{}", f.name),
+        }
+        assert!(
+            !f.name.contains("_ms") && !f.name.contains("_us") && !f.name.contains("millis"),
+            "{}: base units only",
+            f.name
+        );
+        for s in &f.samples {
+            assert!(
+                series.insert((f.name, s.labels.clone())),
+                "{} twice",
+                f.name
+            );
+            assert_eq!(matches!(s.value, Value::Hist(_)), f.kind == Kind::Histogram);
+            for (k, _) in &s.labels {
+                assert_ne!(*k, "topic", "{}: no per-topic labels", f.name);
+            }
+        }
+    }
+    // Protocol rejections are errors with an error_type; discards say they are intentional;
+    // a DLQ event is not also delivered.
+    let labels = |name: &str| -> Vec<&'static str> {
+        table.get(name).unwrap().samples[0]
+            .labels
+            .iter()
+            .map(|(k, _)| *k)
+            .collect()
+    };
+    assert!(labels("eventstream_protocol_errors_total").contains(&"error_type"));
+    assert!(labels("eventstream_discarded_events_total").contains(&"intentional"));
+    assert!(labels("eventstream_sink_errors_total").contains(&"error_type"));
+    assert!(
+        table
+            .get("eventstream_delivered_events_total")
+            .unwrap()
+            .samples
+            .iter()
+            .all(|s| s.labels.iter().all(|(_, v)| v != "dlq"))
+    );
+    for needed in [
+        "eventstream_build_info",
+        "eventstream_uptime_seconds",
+        "eventstream_stage_latency_seconds",
+    ] {
+        assert!(table.get(needed).is_some(), "{needed}");
     }
 }

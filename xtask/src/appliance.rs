@@ -268,15 +268,15 @@ impl Appliance {
                 return Ok((d * u64::from(per), 0));
             }
         }
-        let sum = |f: &dyn Fn(&str) -> bool| -> u64 {
+        let sum = |family: &str| -> u64 {
             m.iter()
-                .filter(|(k, _)| k.starts_with("eventstream_delivered_events_total{") && f(k))
+                .filter(|(k, _)| k.starts_with(family))
                 .map(|(_, v)| *v as u64)
                 .sum()
         };
         Ok((
-            sum(&|k| !k.contains("sink=\"dlq\"")),
-            sum(&|k| k.contains("sink=\"dlq\"")),
+            sum("eventstream_delivered_events_total{"),
+            sum("eventstream_dlq_events_total{"),
         ))
     }
 

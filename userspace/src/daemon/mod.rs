@@ -23,7 +23,7 @@ use tracing::{info, warn};
 use crate::engine::control::{Command, ControlPlane, PipelineState};
 use crate::engine::dedup::{DedupWindow, SharedDedupWindow};
 use crate::engine::inline::DEPTH_ONE;
-use crate::engine::latency::LatencyFrom;
+use crate::engine::latency::{LatencyFrom, Stage};
 use crate::engine::rules::LiveRules;
 use crate::engine::{
     Bus, ClassStep, Dedup, Dispatcher, DlqEntry, DlqReason, DlqStep, EngineCounters, FailReason,
@@ -548,6 +548,7 @@ pub fn run(
             counters: &tcp_counters[i],
         })
         .collect();
+    let started = crate::ops::admin::Started::now();
     let (tcp_refused, tcp_live, tcp_accept_errors) =
         (AtomicU64::new(0), AtomicU64::new(0), AtomicU64::new(0));
 
@@ -697,13 +698,16 @@ pub fn run(
             } else {
                 cfg.sinks.dlq_dir.join(format!("q{q}"))
             };
-            engines.push(Inline::new(
-                &live_rules,
-                steps.try_into().expect("one step per class"),
-                DlqStep::new(open_sink(&dlq_dir, cfg.sinks.dlq_kind())?),
-                &engine_counters,
-                depth,
-            ));
+            engines.push(
+                Inline::new(
+                    &live_rules,
+                    steps.try_into().expect("one step per class"),
+                    DlqStep::new(open_sink(&dlq_dir, cfg.sinks.dlq_kind())?),
+                    &engine_counters,
+                    depth,
+                )
+                .stage_latency(cfg.engine.stage_latency),
+            );
         }
     } else {
         buses = Some(WorkerClass::ALL.map(|class| {
@@ -790,6 +794,31 @@ pub fn run(
             .chain(&tcp_counters)
             .map(|c| f(c).load(Ordering::Relaxed))
             .sum::<u64>()
+    };
+    // What `/metrics` and the exit report read: one table over every counter.
+    let metrics_view = || MetricsView {
+        ingest: counters
+            .iter()
+            .enumerate()
+            .map(|(i, c)| (source_of(i), c))
+            .chain(tcp_counters.iter().map(|c| (Source::Tcp, c)))
+            .collect(),
+        engine: &engine_counters,
+        queue: Box::new({
+            let tx = tx.clone();
+            move || (tx.len(), tx.capacity())
+        }),
+        sink: WorkerClass::ALL.map(|c| cfg.sinks.label(c)),
+        sinks: healths.clone(),
+        admin: &admin_counters,
+        xdp_verdicts: Box::new(verdicts),
+        reload: Box::new(|| reloader.reload()),
+        config_reloads: &reloader.counts,
+        tcp: crate::ops::admin::TcpAcceptCounters {
+            refused: &tcp_refused,
+            accept_errors: &tcp_accept_errors,
+        },
+        started,
     };
     let mut side_rx = Some(rx);
     let mut engines = engines.into_iter();
@@ -974,6 +1003,7 @@ pub fn run(
                 commands: cmd_rx.take().expect("the command queue"),
                 ingest_done: &ingest_done,
                 counters: &engine_counters,
+                stage_latency: cfg.engine.stage_latency,
             };
             let dispatcher_cpu = plan.dispatcher;
             engine_threads.push(
@@ -1007,25 +1037,7 @@ pub fn run(
         // Inline: the control plane runs here, on the housekeeping tick.
         let mut control = cmd_rx.map(|rx| (ControlPlane::new(cfg.control), rx));
         if let Some((listener, policy)) = admin {
-            let view = MetricsView {
-                ingest: counters
-                    .iter()
-                    .enumerate()
-                    .map(|(i, c)| (source_of(i), c))
-                    .chain(tcp_counters.iter().map(|c| (Source::Tcp, c)))
-                    .collect(),
-                engine: &engine_counters,
-                queue: Box::new({
-                    let tx = tx.clone();
-                    move || (tx.len(), tx.capacity())
-                }),
-                sink: WorkerClass::ALL.map(|c| cfg.sinks.label(c)),
-                sinks: healths.clone(),
-                admin: &admin_counters,
-                xdp_verdicts: Box::new(verdicts),
-                reload: Box::new(|| reloader.reload()),
-                config_reloads: &reloader.counts,
-            };
+            let view = metrics_view();
             let (cmd_tx, admin_stop, admin_counters) =
                 (cmd_tx.clone(), &admin_stop, &admin_counters);
             std::thread::Builder::new()
@@ -1154,6 +1166,16 @@ pub fn run(
         );
     }
     let lat = engine_counters.latency.quantiles();
+    let stage_latency = Stage::ALL
+        .iter()
+        .map(|st| {
+            let q = engine_counters.stages.get(*st).quantiles();
+            (
+                st.as_str().to_owned(),
+                json!({ "count": q.count, "p50_us": q.p50 as f64 / 1e3, "p99_us": q.p99 as f64 / 1e3, "max_us": q.max as f64 / 1e3 }),
+            )
+        })
+        .collect::<serde_json::Map<_, _>>();
     let mut report = json!({
         "source": source.as_str(),
         "engine_mode": if inline { "inline" } else { "pipelined" },
@@ -1199,6 +1221,8 @@ pub fn run(
             "max_us": lat.max as f64 / 1e3,
             "unstamped": engine_counters.unstamped.load(Ordering::Relaxed),
         },
+        "stage_latency": stage_latency,
+        "metrics": crate::ops::admin::collect(&metrics_view()).json(),
     });
     if let Some(attach) = attach {
         let verdicts = verdicts();

@@ -11,8 +11,10 @@ use xxhash_rust::xxh3::xxh3_64;
 use super::{DlqReason, EngineCounters, Ev};
 use crate::engine::control::{Command, ControlPlane, PipelineState};
 use crate::engine::idle::{Idle, backoff};
+use crate::engine::latency::{LocalLatency, Stage};
 use crate::engine::rules::RulesView;
 use crate::ring::{mpsc, spsc};
+use crate::wire::event::monotonic_ns;
 
 /// One class's fan-out over its workers' rings (EventBusMulti).
 #[derive(Debug)]
@@ -68,6 +70,8 @@ pub struct Dispatcher<'s, 'p, 'a> {
     pub ingest_done: &'s AtomicBool,
     /// Totals.
     pub counters: &'s EngineCounters,
+    /// Whether to sample receive → routed and stamp the hand-over (`engine.stage_latency`).
+    pub stage_latency: bool,
 }
 
 impl Dispatcher<'_, '_, '_> {
@@ -81,6 +85,7 @@ impl Dispatcher<'_, '_, '_> {
         let mut spins = 0;
         let mut idle = Idle::new();
         let mut dispatched = 0u64;
+        let mut routed = self.stage_latency.then(LocalLatency::default);
         loop {
             if self.rules.refresh() {
                 self.control.set_config(self.rules.get().control);
@@ -94,8 +99,18 @@ impl Dispatcher<'_, '_, '_> {
                 .observe(self.input.len(), self.input.capacity());
             self.transition(t);
             let mut n = 0;
+            // One clock read per batch: the sample and every event's hand-over stamp.
+            let now = if routed.is_some() { monotonic_ns() } else { 0 };
             while n < 256 {
-                let Some(ev) = self.input.pop() else { break };
+                let Some(mut ev) = self.input.pop() else {
+                    break;
+                };
+                if n == 0
+                    && let Some(l) = &mut routed
+                {
+                    l.record(now.saturating_sub(ev.ingest_ns));
+                }
+                ev.routed_ns = now;
                 n += 1;
                 let routed = match self.control.admit(ev.priority()) {
                     Err(shed) => Err(match shed {
@@ -135,8 +150,12 @@ impl Dispatcher<'_, '_, '_> {
                     .dispatched
                     .fetch_add(core::mem::take(&mut dispatched), Ordering::Relaxed);
             }
+            let done = n == 0 && self.ingest_done.load(Ordering::Acquire) && self.input.is_empty();
+            if let Some(l) = &mut routed {
+                l.merge_into(self.counters.stages.get(Stage::ReceiveToRouted), now, done);
+            }
             if n == 0 {
-                if self.ingest_done.load(Ordering::Acquire) && self.input.is_empty() {
+                if done {
                     return;
                 }
                 idle.wait();

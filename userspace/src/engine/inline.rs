@@ -18,7 +18,7 @@ use super::control::{PipelineState, Shed, admit};
 use super::rules::{LiveRules, RulesView};
 use super::worker::{BatchClock, ClassStep, DlqStep};
 use super::{DlqReason, EngineCounters, Target};
-use crate::engine::latency::realtime_ns;
+use crate::engine::latency::{LocalLatency, Stage, realtime_ns};
 use crate::wire::event::{Event, monotonic_ns};
 
 /// Depth is published as a fraction of capacity in units of 1 / `DEPTH_ONE`.
@@ -42,6 +42,10 @@ pub struct Inline<'s> {
     /// The last topic routed and where it went: traffic comes in runs of one topic, and a
     /// byte compare is cheaper than the route table's hash.
     last: RouteCache,
+    /// Receive → routed, sampled on the first event of each batch (`None`: not measured).
+    routed: Option<LocalLatency>,
+    /// Whether this batch's sample was taken.
+    sampled: bool,
 }
 
 /// Longest topic [`RouteCache`] remembers.
@@ -102,7 +106,17 @@ impl<'s> Inline<'s> {
                 topic: [0; CACHED_TOPIC],
                 target: None,
             },
+            routed: Some(LocalLatency::default()),
+            sampled: false,
         }
+    }
+
+    /// Turns the per-batch stage latency sample on (the default) or off
+    /// (`engine.stage_latency`).
+    #[must_use]
+    pub fn stage_latency(mut self, on: bool) -> Self {
+        self.routed = on.then(LocalLatency::default);
+        self
     }
 
     /// Where `topic` goes, from the one-entry cache or the route table.
@@ -130,6 +144,7 @@ impl<'s> Inline<'s> {
             self.last.len = usize::MAX;
         }
         self.state = self.counters.state();
+        self.sampled = false;
         self.clock = BatchClock {
             mono: monotonic_ns(),
             wall: if self.wants_wall { realtime_ns() } else { 0 },
@@ -142,6 +157,12 @@ impl<'s> Inline<'s> {
     /// A sink's.
     #[inline]
     pub fn event(&mut self, mut ev: Event<'_>) -> io::Result<()> {
+        if !self.sampled {
+            self.sampled = true;
+            if let Some(l) = &mut self.routed {
+                l.record(monotonic_ns().saturating_sub(ev.ingest_ns));
+            }
+        }
         let routed = match admit(&self.rules.get().control, self.state, ev.priority()) {
             Err(Shed::Dropping) => Err(DlqReason::Dropping),
             Err(Shed::Emergency) => Err(DlqReason::Emergency),
@@ -178,6 +199,13 @@ impl<'s> Inline<'s> {
             step.end(now, closing, self.counters);
         }
         self.dlq.end(self.counters, closing);
+        if let Some(l) = &mut self.routed {
+            l.merge_into(
+                self.counters.stages.get(Stage::ReceiveToRouted),
+                now,
+                closing,
+            );
+        }
         if self.dispatched != 0 {
             self.counters
                 .dispatched

@@ -1,4 +1,4 @@
-//! Sender → worker latency: the blaster's payload stamp and an HDR histogram per worker.
+//! Latency: the blaster's payload stamp, HDR histograms per thread, and the stages they time.
 //!
 //! v1 frames carry no timestamp, so the sender's clock travels in the payload when the sender
 //! says so. The layout is the blaster's (and anyone's who wants the same measurement):
@@ -13,6 +13,11 @@
 //! `CLOCK_MONOTONIC`. Each worker records into its own [`LocalLatency`] (no shared write per
 //! event) and merges it into the shared [`LatencyHistogram`] at most every
 //! [`MERGE_INTERVAL_NS`], with `try_lock`, so a scrape never stalls a worker.
+//!
+//! The stages of [`Stage`] are timed the same way, but sampled: one event per batch (the
+//! batch's first, which waited longest), so the cost is one clock read and one histogram
+//! record per batch, not per event (`engine.stage_latency`; the `engine` criterion bench
+//! shows what it costs).
 
 use std::sync::Mutex;
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -87,29 +92,105 @@ pub struct Quantiles {
     pub max: u64,
 }
 
-/// The merged latency histogram of all realtime workers (read by /metrics and the report).
+/// A stage of an event's way through the appliance, timed on `CLOCK_MONOTONIC` (the
+/// `stage` label of `eventstream_stage_latency_seconds`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Stage {
+    /// Receive stamp → the router took the event (inline: in the queue's own thread;
+    /// pipelined: in the dispatcher, after the ingest → dispatcher ring). Sampled per batch.
+    ReceiveToRouted = 0,
+    /// The router handed the event on → a worker took it (pipelined mode: across the SPSC
+    /// ring; inline mode runs the worker step inside the routing call, so nothing is recorded).
+    /// Sampled per batch.
+    RoutedToWorker = 1,
+}
+
+impl Stage {
+    /// All stages, in index order.
+    pub const ALL: [Stage; 2] = [Self::ReceiveToRouted, Self::RoutedToWorker];
+
+    /// The label.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::ReceiveToRouted => "receive_to_routed",
+            Self::RoutedToWorker => "routed_to_worker",
+        }
+    }
+}
+
+/// One histogram per [`Stage`], merged from the threads' own.
+#[derive(Debug, Default)]
+pub struct StageLatency {
+    /// Indexed by `Stage as usize`.
+    pub stages: [LatencyHistogram; Stage::ALL.len()],
+}
+
+impl StageLatency {
+    /// The merged histogram of `stage`.
+    pub fn get(&self, stage: Stage) -> &LatencyHistogram {
+        &self.stages[stage as usize]
+    }
+}
+
+/// The merged latency histogram of all threads recording one measure (read by /metrics and
+/// the report), with the exact sum of what was recorded.
 #[derive(Debug)]
 pub struct LatencyHistogram {
-    merged: Mutex<Histogram<u64>>,
+    merged: Mutex<Merged>,
+}
+
+#[derive(Debug)]
+struct Merged {
+    hist: Histogram<u64>,
+    sum_ns: u64,
 }
 
 impl Default for LatencyHistogram {
     fn default() -> Self {
         Self {
-            merged: Mutex::new(new_histogram()),
+            merged: Mutex::new(Merged {
+                hist: new_histogram(),
+                sum_ns: 0,
+            }),
         }
     }
 }
 
+/// A histogram read for exposition: cumulative counts at each bound, count and sum.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Buckets {
+    /// Upper bounds, in nanoseconds, ascending.
+    pub bounds_ns: Vec<u64>,
+    /// Events at or below each bound.
+    pub cumulative: Vec<u64>,
+    /// Events recorded.
+    pub count: u64,
+    /// Sum of what was recorded, in nanoseconds.
+    pub sum_ns: u64,
+}
+
 impl LatencyHistogram {
-    fn lock(&self) -> std::sync::MutexGuard<'_, Histogram<u64>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Merged> {
         // A worker that panicked mid-merge leaves counts that are still counts.
         self.merged.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// The histogram at `bounds_ns` (ascending), with its count and sum.
+    pub fn buckets(&self, bounds_ns: &[u64]) -> Buckets {
+        let (cumulative, count) = self.cumulative(bounds_ns);
+        Buckets {
+            bounds_ns: bounds_ns.to_vec(),
+            cumulative,
+            count,
+            sum_ns: self.lock().sum_ns,
+        }
+    }
+
     /// p50 / p99 / p99.9 / max of everything merged so far.
     pub fn quantiles(&self) -> Quantiles {
-        let h = self.lock();
+        let m = self.lock();
+        let h = &m.hist;
         Quantiles {
             count: h.len(),
             p50: h.value_at_quantile(0.5),
@@ -122,7 +203,8 @@ impl LatencyHistogram {
     /// Cumulative counts at each upper bound of `bounds_ns` (ascending), for a Prometheus
     /// histogram; the last element is the total.
     pub fn cumulative(&self, bounds_ns: &[u64]) -> (Vec<u64>, u64) {
-        let h = self.lock();
+        let m = self.lock();
+        let h = &m.hist;
         let mut out = vec![0u64; bounds_ns.len()];
         for v in h.iter_recorded() {
             let value = v.value_iterated_to();
@@ -139,6 +221,7 @@ impl LatencyHistogram {
 #[derive(Debug)]
 pub struct LocalLatency {
     hist: Histogram<u64>,
+    sum_ns: u64,
     last_merge_ns: u64,
     /// Events that carried no stamp (with [`LatencyFrom::Payload`]).
     pub unstamped: u64,
@@ -148,6 +231,7 @@ impl Default for LocalLatency {
     fn default() -> Self {
         Self {
             hist: new_histogram(),
+            sum_ns: 0,
             last_merge_ns: 0,
             unstamped: 0,
         }
@@ -158,7 +242,9 @@ impl LocalLatency {
     /// Records one latency (saturating at [`MAX_LATENCY_NS`]; 0 counts as 1 ns).
     #[inline]
     pub fn record(&mut self, ns: u64) {
-        self.hist.saturating_record(ns.clamp(1, MAX_LATENCY_NS));
+        let ns = ns.clamp(1, MAX_LATENCY_NS);
+        self.hist.saturating_record(ns);
+        self.sum_ns = self.sum_ns.saturating_add(ns);
     }
 
     /// Folds the local counts into `shared` if [`MERGE_INTERVAL_NS`] has passed (or `force`),
@@ -177,8 +263,12 @@ impl LocalLatency {
         };
         if let Some(mut merged) = guard {
             merged
+                .hist
                 .add(&self.hist)
                 .expect("histograms share their bounds");
+            merged.sum_ns = merged
+                .sum_ns
+                .saturating_add(core::mem::take(&mut self.sum_ns));
             self.hist.reset();
             self.last_merge_ns = now_ns;
         }
@@ -218,6 +308,12 @@ mod tests {
         let (cum, total) = shared.cumulative(&[1_000_000, 100_000_000]);
         assert_eq!(cum, vec![900, 1000]);
         assert_eq!(total, 1000);
+        let b = shared.buckets(&[1_000_000]);
+        assert_eq!((b.cumulative, b.count), (vec![900], 1000));
+        assert_eq!(
+            b.sum_ns,
+            (1..=900u64).sum::<u64>() * 1_000 + 100 * 50_000_000
+        );
     }
 
     #[test]

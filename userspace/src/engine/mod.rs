@@ -157,6 +157,8 @@ pub struct EngineCounters {
     pub latency: LatencyHistogram,
     /// Realtime events with `latency_from: payload` whose payload carried no stamp.
     pub unstamped: AtomicU64,
+    /// Latency by stage, sampled once per batch (see [`crate::engine::latency::Stage`]).
+    pub stages: crate::engine::latency::StageLatency,
 }
 
 impl EngineCounters {

@@ -23,7 +23,7 @@ use xxhash_rust::xxh3::xxh3_64;
 use super::{DlqEntry, DlqReason, EngineCounters, Ev, FailReason, WorkerClass};
 use crate::engine::dedup::{DedupWindow, SharedDedupWindow};
 use crate::engine::idle::Idle;
-use crate::engine::latency::{LatencyFrom, LocalLatency, read_stamp, realtime_ns};
+use crate::engine::latency::{LatencyFrom, LocalLatency, Stage, read_stamp, realtime_ns};
 use crate::ring::spsc;
 use crate::sink::{EventRef, Sink, is_refusal};
 use crate::wire::event::{Event, Peer, Source, monotonic_ns};
@@ -588,6 +588,9 @@ pub fn run_worker(
     counters: &EngineCounters,
 ) -> io::Result<()> {
     let mut idle = Idle::new();
+    // Routed → worker, sampled on each batch's first event (its hand-over stamp is 0 when the
+    // dispatcher does not measure).
+    let mut handed = LocalLatency::default();
     loop {
         let clock = BatchClock {
             mono: monotonic_ns(),
@@ -595,10 +598,18 @@ pub fn run_worker(
         };
         let mut n = 0;
         for ev in input.pop_batch(256) {
+            if n == 0 && ev.routed_ns != 0 {
+                handed.record(clock.mono.saturating_sub(ev.routed_ns));
+            }
             n += 1;
             step.event(&ev, clock);
         }
         let closing = n == 0 && input.is_abandoned() && input.is_empty();
+        handed.merge_into(
+            counters.stages.get(Stage::RoutedToWorker),
+            clock.mono,
+            closing,
+        );
         step.end(clock.mono, closing, counters);
         if n == 0 {
             if closing && step.is_drained() {

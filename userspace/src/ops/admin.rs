@@ -1,7 +1,7 @@
 //! Metrics and admin over HTTP, on one port (default 127.0.0.1:8090), on its own thread.
 //!
-//! - `GET /metrics`: Prometheus text. Every family is declared once in [`render`]; each drop
-//!   reason is its own series of `eventstream_discarded_events_total{reason}`.
+//! - `GET /metrics`: Prometheus text. Every family is declared once, in [`collect`], into the
+//!   [`Table`] that the exit report renders too.
 //! - `GET /healthz`: `ok`, or 503 naming each failing sink.
 //! - `GET /state`: the pipeline state as JSON.
 //! - `POST /state` with body `pause`, `resume` or `drain`: an operator command.
@@ -19,8 +19,10 @@ use std::time::Duration;
 use tracing::{info, warn};
 
 use crate::engine::control::{Command, PipelineState};
+use crate::engine::latency::Stage;
 use crate::engine::{DlqReason, EngineCounters, FailReason, WorkerClass};
 use crate::ingest::IngestCounters;
+use crate::ops::metrics::{Hist, Kind, Table, Value};
 use crate::ring::mpsc;
 use crate::sink::{SinkErrorKind, SinkHealth};
 use crate::wire::event::Source;
@@ -46,6 +48,41 @@ pub struct MetricsView<'s> {
     pub reload: Box<dyn Fn() -> Result<String, String> + Send + Sync + 's>,
     /// Reloads put in force and refused (`eventstream_config_reloads_total{result}`).
     pub config_reloads: &'s [std::sync::atomic::AtomicU64; 2],
+    /// The TCP listener's accept counters.
+    pub tcp: TcpAcceptCounters<'s>,
+    /// When the appliance started.
+    pub started: Started,
+}
+
+/// The TCP listener's accept counters.
+#[derive(Clone, Copy, Debug)]
+pub struct TcpAcceptCounters<'s> {
+    /// Connections refused at a cap.
+    pub refused: &'s std::sync::atomic::AtomicU64,
+    /// Transient accept errors.
+    pub accept_errors: &'s std::sync::atomic::AtomicU64,
+}
+
+/// When the appliance started, on both clocks (`eventstream_start_time_seconds`,
+/// `eventstream_uptime_seconds`).
+#[derive(Clone, Copy, Debug)]
+pub struct Started {
+    /// Monotonic.
+    pub at: std::time::Instant,
+    /// Seconds since the Unix epoch.
+    pub unix_seconds: f64,
+}
+
+impl Started {
+    /// Now.
+    pub fn now() -> Self {
+        Self {
+            at: std::time::Instant::now(),
+            unix_seconds: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0.0, |d| d.as_secs_f64()),
+        }
+    }
 }
 
 /// The `/healthz` answer: `200 ok`, or `503` naming every failing sink and why.
@@ -87,13 +124,17 @@ fn ld(a: &std::sync::atomic::AtomicU64) -> u64 {
     a.load(Ordering::Relaxed)
 }
 
-fn family(out: &mut String, name: &str, kind: &str, help: &str) {
-    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+/// Bounds of the latency histograms, 2^i µs from 1 µs to ~16.8 s.
+fn latency_bounds() -> Vec<u64> {
+    (0..25).map(|i| 1_000u64 << i).collect()
 }
 
-/// Renders the Prometheus text exposition.
-pub fn render(v: &MetricsView<'_>) -> String {
-    let mut out = String::with_capacity(4096);
+/// Every series the appliance exports, read now: the one table `/metrics` and the exit report
+/// render. Each accepted event is in exactly one outcome family: delivered, DLQ, discarded
+/// (intentionally: duplicates), failed, or still in flight.
+#[allow(clippy::too_many_lines)] // One declaration per family, in exposition order.
+pub fn collect(v: &MetricsView<'_>) -> Table {
+    let mut t = Table::default();
     let by_source = |f: fn(&IngestCounters) -> u64, s: Source| -> u64 {
         v.ingest
             .iter()
@@ -101,282 +142,102 @@ pub fn render(v: &MetricsView<'_>) -> String {
             .map(|(_, c)| f(c))
             .sum()
     };
+    let per_source = |t: &mut Table, name, help, f: fn(&IngestCounters) -> u64| {
+        let fam = t.counter(name, help);
+        for s in Source::ALL {
+            fam.add(&[("source", s.as_str())], by_source(f, s));
+        }
+    };
 
-    family(
-        &mut out,
+    // The process.
+    t.gauge(
+        "eventstream_build_info",
+        "1, labelled with the version, commit and build profile of the running binary.",
+    )
+    .add(
+        &[
+            ("version", env!("CARGO_PKG_VERSION")),
+            ("commit", env!("EVENTSTREAM_COMMIT")),
+            (
+                "profile",
+                if cfg!(debug_assertions) {
+                    "debug"
+                } else {
+                    "release"
+                },
+            ),
+        ],
+        1u64,
+    );
+    t.gauge(
+        "eventstream_start_time_seconds",
+        "When the appliance started, in seconds since the Unix epoch.",
+    )
+    .add(&[], v.started.unix_seconds);
+    t.gauge(
+        "eventstream_uptime_seconds",
+        "Seconds since the appliance started.",
+    )
+    .add(&[], v.started.at.elapsed().as_secs_f64());
+
+    // Ingest.
+    per_source(
+        &mut t,
         "eventstream_received_events_total",
-        "counter",
         "Events accepted from the wire, by ingest path.",
+        |c| ld(&c.events),
     );
-    for s in Source::ALL {
-        let _ = writeln!(
-            out,
-            "eventstream_received_events_total{{source=\"{}\"}} {}",
-            s.as_str(),
-            by_source(|c| ld(&c.events), s)
-        );
-    }
-    family(
-        &mut out,
+    per_source(
+        &mut t,
         "eventstream_received_bytes_total",
-        "counter",
-        "Bytes received, by ingest path.",
+        "Bytes received (UDP payload on the kernel paths, whole frames on AF_XDP), by ingest path.",
+        |c| ld(&c.bytes),
     );
-    for s in Source::ALL {
-        let _ = writeln!(
-            out,
-            "eventstream_received_bytes_total{{source=\"{}\"}} {}",
-            s.as_str(),
-            by_source(|c| ld(&c.bytes), s)
-        );
-    }
-    family(
-        &mut out,
+    per_source(
+        &mut t,
         "eventstream_received_datagrams_total",
-        "counter",
         "Datagrams received (UDP and AF_XDP) or TCP reads, by ingest path.",
+        |c| ld(&c.datagrams),
+    );
+    let fam = t.counter(
+        "eventstream_protocol_errors_total",
+        "Frames rejected as not PROTOCOL.md (never accepted as events), by path and error type.",
     );
     for s in Source::ALL {
-        let _ = writeln!(
-            out,
-            "eventstream_received_datagrams_total{{source=\"{}\"}} {}",
-            s.as_str(),
-            by_source(|c| ld(&c.datagrams), s)
-        );
-    }
-    family(
-        &mut out,
-        "eventstream_delivered_events_total",
-        "counter",
-        "Events written to a sink, by sink.",
-    );
-    for c in WorkerClass::ALL {
-        let _ = writeln!(
-            out,
-            "eventstream_delivered_events_total{{sink=\"{}\",worker=\"{}\"}} {}",
-            v.sink[c as usize],
-            c.as_str(),
-            ld(&v.engine.delivered[c as usize])
-        );
-    }
-    let _ = writeln!(
-        out,
-        "eventstream_delivered_events_total{{sink=\"dlq\",worker=\"dlq\"}} {}",
-        v.engine.dlq_total()
-    );
-    family(
-        &mut out,
-        "eventstream_discarded_events_total",
-        "counter",
-        "Events not delivered to their route, by reason.",
-    );
-    for r in RejectReason::ALL {
-        let n: u64 = v.ingest.iter().map(|(_, c)| c.rejected(r)).sum();
-        let _ = writeln!(
-            out,
-            "eventstream_discarded_events_total{{reason=\"{}\"}} {n}",
-            r.as_str()
-        );
-    }
-    for r in DlqReason::ALL {
-        let _ = writeln!(
-            out,
-            "eventstream_discarded_events_total{{reason=\"{}\"}} {}",
-            r.as_str(),
-            ld(&v.engine.dlq[r as usize])
-        );
-    }
-    let _ = writeln!(
-        out,
-        "eventstream_discarded_events_total{{reason=\"duplicate\"}} {}",
-        ld(&v.engine.duplicates)
-    );
-    family(
-        &mut out,
-        "eventstream_failed_events_total",
-        "counter",
-        "Accepted events that no sink persisted, by reason.",
-    );
-    for r in FailReason::ALL {
-        let _ = writeln!(
-            out,
-            "eventstream_failed_events_total{{reason=\"{}\"}} {}",
-            r.as_str(),
-            ld(&v.engine.failed[r as usize])
-        );
-    }
-    family(
-        &mut out,
-        "eventstream_sink_up",
-        "gauge",
-        "1 while a sink's last write succeeded, 0 while it fails and retries.",
-    );
-    for h in &v.sinks {
-        let _ = writeln!(
-            out,
-            "eventstream_sink_up{{sink=\"{}\"}} {}",
-            h.name,
-            u8::from(!h.is_failing())
-        );
-    }
-    family(
-        &mut out,
-        "eventstream_sink_in_flight_events",
-        "gauge",
-        "Events a sink took and has not yet made durable (or lost).",
-    );
-    for h in &v.sinks {
-        let _ = writeln!(
-            out,
-            "eventstream_sink_in_flight_events{{sink=\"{}\"}} {}",
-            h.name,
-            h.in_flight()
-        );
-    }
-    family(
-        &mut out,
-        "eventstream_sink_sent_events_total",
-        "counter",
-        "Events handed to a sink's I/O (written or published, before acknowledgement).",
-    );
-    for h in &v.sinks {
-        let _ = writeln!(
-            out,
-            "eventstream_sink_sent_events_total{{sink=\"{}\"}} {}",
-            h.name,
-            h.sent_totals().0
-        );
-    }
-    family(
-        &mut out,
-        "eventstream_sink_spilled_events_total",
-        "counter",
-        "Events a sink spilled to its disk buffer while the other side was behind or down.",
-    );
-    for h in &v.sinks {
-        let _ = writeln!(
-            out,
-            "eventstream_sink_spilled_events_total{{sink=\"{}\"}} {}",
-            h.name,
-            h.spill_totals().0
-        );
-    }
-    family(
-        &mut out,
-        "eventstream_sink_replayed_events_total",
-        "counter",
-        "Events an earlier run left in a sink's disk buffer, delivered by this run (not part of this run's accepted events).",
-    );
-    for h in &v.sinks {
-        let _ = writeln!(
-            out,
-            "eventstream_sink_replayed_events_total{{sink=\"{}\"}} {}",
-            h.name,
-            h.replayed_total()
-        );
-    }
-    family(
-        &mut out,
-        "eventstream_sink_disk_buffer_bytes",
-        "gauge",
-        "Bytes in a sink's disk buffer now (0 once delivered).",
-    );
-    for h in &v.sinks {
-        let _ = writeln!(
-            out,
-            "eventstream_sink_disk_buffer_bytes{{sink=\"{}\"}} {}",
-            h.name,
-            h.spill_totals().1
-        );
-    }
-    family(
-        &mut out,
-        "eventstream_sink_sent_bytes_total",
-        "counter",
-        "Bytes handed to a sink's I/O, as encoded for it.",
-    );
-    for h in &v.sinks {
-        let _ = writeln!(
-            out,
-            "eventstream_sink_sent_bytes_total{{sink=\"{}\"}} {}",
-            h.name,
-            h.sent_totals().1
-        );
-    }
-    family(
-        &mut out,
-        "eventstream_sink_ack_latency_seconds",
-        "histogram",
-        "Hand-over to acknowledgement (durable, PublishAck, COMMIT, delivery report), per event.",
-    );
-    for h in &v.sinks {
-        let (buckets, count, sum_ns) = h.ack_histogram();
-        let mut cum = 0;
-        for (le, n) in crate::sink::ACK_BUCKETS_US.iter().zip(buckets) {
-            cum += n;
-            let _ = writeln!(
-                out,
-                "eventstream_sink_ack_latency_seconds_bucket{{sink=\"{}\",le=\"{}\"}} {cum}",
-                h.name,
-                *le as f64 / 1e6
-            );
-        }
-        let _ = writeln!(
-            out,
-            "eventstream_sink_ack_latency_seconds_bucket{{sink=\"{}\",le=\"+Inf\"}} {count}\neventstream_sink_ack_latency_seconds_sum{{sink=\"{}\"}} {}\neventstream_sink_ack_latency_seconds_count{{sink=\"{}\"}} {count}",
-            h.name,
-            h.name,
-            sum_ns as f64 / 1e9,
-            h.name
-        );
-    }
-    family(
-        &mut out,
-        "eventstream_sink_errors_total",
-        "counter",
-        "Failed sink writes and syncs, by sink and reason.",
-    );
-    for h in &v.sinks {
-        for k in SinkErrorKind::ALL {
-            let _ = writeln!(
-                out,
-                "eventstream_sink_errors_total{{sink=\"{}\",reason=\"{}\"}} {}",
-                h.name,
-                k.as_str(),
-                h.errors(k)
-            );
+        for r in RejectReason::ALL {
+            let n: u64 = v
+                .ingest
+                .iter()
+                .filter(|(src, _)| *src == s)
+                .map(|(_, c)| c.rejected(r))
+                .sum();
+            fam.add(&[("source", s.as_str()), ("error_type", r.as_str())], n);
         }
     }
-    family(
-        &mut out,
-        "eventstream_sink_retries_total",
-        "counter",
-        "Retries of failed sink writes.",
+    fam.add(
+        &[
+            ("source", Source::Xsk.as_str()),
+            ("error_type", "bad_packet"),
+        ],
+        by_source(|c| ld(&c.bad_packets), Source::Xsk),
     );
-    for h in &v.sinks {
-        let _ = writeln!(
-            out,
-            "eventstream_sink_retries_total{{sink=\"{}\"}} {}",
-            h.name,
-            h.retries()
-        );
-    }
-    family(
-        &mut out,
-        "eventstream_duplicate_events_total",
-        "counter",
-        "Duplicates dropped by transactional workers.",
+    per_source(
+        &mut t,
+        "eventstream_receive_errors_total",
+        "Receive calls that failed (other than timeouts), retried.",
+        |c| ld(&c.receive_errors),
     );
-    let _ = writeln!(
-        out,
-        "eventstream_duplicate_events_total {}",
-        ld(&v.engine.duplicates)
+    t.counter(
+        "eventstream_kernel_dropped_datagrams_total",
+        "Datagrams the kernel UDP socket dropped (receive buffer full: SO_RXQ_OVFL).",
+    )
+    .add(
+        &[("source", "udp")],
+        by_source(|c| ld(&c.kernel_drops), Source::Udp),
     );
-    family(
-        &mut out,
+    let fam = t.counter(
         "eventstream_xsk_kernel_drops_total",
-        "counter",
-        "AF_XDP XDP_STATISTICS, by counter.",
+        "AF_XDP sockets' XDP_STATISTICS, by field.",
     );
     for (name, f) in [
         (
@@ -389,199 +250,318 @@ pub fn render(v: &MetricsView<'_>) -> String {
             ld(&c.xsk_rx_fill_ring_empty_descs)
         }),
     ] {
-        let _ = writeln!(
-            out,
-            "eventstream_xsk_kernel_drops_total{{counter=\"{name}\"}} {}",
-            by_source(f, Source::Xsk)
-        );
+        fam.add(&[("counter", name)], by_source(f, Source::Xsk));
     }
-    family(
-        &mut out,
-        "eventstream_kernel_dropped_datagrams_total",
-        "counter",
-        "Datagrams the kernel UDP socket dropped (receive buffer full: SO_RXQ_OVFL).",
-    );
-    let _ = writeln!(
-        out,
-        "eventstream_kernel_dropped_datagrams_total{{source=\"udp\"}} {}",
-        by_source(|c| ld(&c.kernel_drops), Source::Udp)
-    );
-    family(
-        &mut out,
-        "eventstream_receive_errors_total",
-        "counter",
-        "Receive calls that failed (other than timeouts), retried.",
-    );
-    for s in Source::ALL {
-        let _ = writeln!(
-            out,
-            "eventstream_receive_errors_total{{source=\"{}\"}} {}",
-            s.as_str(),
-            by_source(|c| ld(&c.receive_errors), s)
-        );
-    }
-    family(
-        &mut out,
-        "eventstream_config_reloads_total",
-        "counter",
-        "Configuration reloads (SIGHUP, POST /config/reload), put in force or refused.",
-    );
-    for (result, n) in ["ok", "error"].iter().zip(v.config_reloads) {
-        let _ = writeln!(
-            out,
-            "eventstream_config_reloads_total{{result=\"{result}\"}} {}",
-            n.load(Ordering::Relaxed)
-        );
-    }
+    t.counter(
+        "eventstream_xsk_invalid_descriptors_total",
+        "AF_XDP RX descriptors refused in userspace (outside the UMEM, or naming a frame not lent).",
+    )
+    .add(&[], by_source(|c| ld(&c.invalid_descs), Source::Xsk));
     if let Some(verdicts) = (v.xdp_verdicts)() {
-        family(
-            &mut out,
+        let fam = t.counter(
             "eventstream_xdp_packets_total",
-            "counter",
             "The XDP program's verdicts, by reason (all CPUs).",
         );
         for (verdict, n) in verdicts.labelled() {
-            let _ = writeln!(
-                out,
-                "eventstream_xdp_packets_total{{verdict=\"{verdict}\"}} {n}"
-            );
+            fam.add(&[("verdict", verdict)], n);
         }
     }
-    let (depth, cap) = (v.queue)();
-    family(
-        &mut out,
-        "eventstream_queue_depth",
-        "gauge",
-        "Events waiting in the ingest -> dispatcher queue.",
+    t.counter(
+        "eventstream_tcp_refused_connections_total",
+        "TCP connections closed at accept: the listener's or a source address's cap was reached.",
+    )
+    .add(&[], ld(v.tcp.refused));
+    t.counter(
+        "eventstream_tcp_accept_errors_total",
+        "Transient TCP accept errors (EMFILE, ENFILE, ECONNABORTED), retried.",
+    )
+    .add(&[], ld(v.tcp.accept_errors));
+
+    // The engine: where accepted events went.
+    t.counter(
+        "eventstream_dispatched_events_total",
+        "Events routed to a worker class.",
+    )
+    .add(&[], ld(&v.engine.dispatched));
+    let fam = t.counter(
+        "eventstream_delivered_events_total",
+        "Events a worker's sink acknowledged (durable, PublishAck, COMMIT, delivery report).",
     );
-    let _ = writeln!(out, "eventstream_queue_depth{{queue=\"ingest\"}} {depth}");
-    family(
-        &mut out,
-        "eventstream_queue_capacity",
-        "gauge",
-        "Slots in the ingest -> dispatcher queue.",
-    );
-    let _ = writeln!(out, "eventstream_queue_capacity{{queue=\"ingest\"}} {cap}");
-    family(
-        &mut out,
-        "eventstream_pipeline_state",
-        "gauge",
-        "1 for the current pipeline state.",
-    );
-    let now = v.engine.state();
-    for st in PipelineState::ALL {
-        let _ = writeln!(
-            out,
-            "eventstream_pipeline_state{{state=\"{}\"}} {}",
-            st.as_str(),
-            u8::from(st == now)
+    for c in WorkerClass::ALL {
+        fam.add(
+            &[("sink", v.sink[c as usize]), ("worker", c.as_str())],
+            ld(&v.engine.delivered[c as usize]),
         );
     }
-    family(
-        &mut out,
+    let fam = t.counter(
+        "eventstream_dlq_events_total",
+        "Events the dead-letter queue's sink made durable instead of their route, by reason.",
+    );
+    for r in DlqReason::ALL {
+        fam.add(&[("reason", r.as_str())], ld(&v.engine.dlq[r as usize]));
+    }
+    t.counter(
+        "eventstream_discarded_events_total",
+        "Accepted events dropped on purpose, by reason (duplicates within the dedup window).",
+    )
+    .add(
+        &[("reason", "duplicate"), ("intentional", "true")],
+        ld(&v.engine.duplicates),
+    );
+    let fam = t.counter(
+        "eventstream_failed_events_total",
+        "Accepted events that no sink persisted, by reason.",
+    );
+    for r in FailReason::ALL {
+        fam.add(&[("reason", r.as_str())], ld(&v.engine.failed[r as usize]));
+    }
+    t.counter(
+        "eventstream_dedup_evicted_keys_total",
+        "Dedup keys forgotten before their window ended (the window was full).",
+    )
+    .add(&[], ld(&v.engine.dedup_evictions));
+    t.counter(
+        "eventstream_batch_flushes_total",
+        "Groups the batch workers wrote.",
+    )
+    .add(&[], ld(&v.engine.batch_flushes));
+    t.counter(
+        "eventstream_batch_evicted_groups_total",
+        "Batch groups written early because a new topic needed the slot (engine.batch_max_topics).",
+    )
+    .add(&[], ld(&v.engine.batch_evicted_groups));
+    t.counter(
+        "eventstream_memory_sink_evicted_records_total",
+        "Delivered records the memory sink dropped, oldest first, to make room (by design).",
+    )
+    .add(&[], ld(&v.engine.sink_evicted));
+    let (depth, cap) = (v.queue)();
+    t.gauge(
+        "eventstream_queue_depth",
+        "Events waiting in the ingest -> dispatcher queue.",
+    )
+    .add(&[("queue", "ingest")], depth as u64);
+    t.gauge(
+        "eventstream_queue_capacity",
+        "Slots in the ingest -> dispatcher queue.",
+    )
+    .add(&[("queue", "ingest")], cap as u64);
+    let now = v.engine.state();
+    let fam = t.gauge(
+        "eventstream_pipeline_state",
+        "1 for the current pipeline state.",
+    );
+    for st in PipelineState::ALL {
+        fam.add(&[("state", st.as_str())], u64::from(st == now));
+    }
+    let fam = t.counter(
         "eventstream_pipeline_transitions_total",
-        "counter",
         "Transitions into each pipeline state.",
     );
     for st in PipelineState::ALL {
-        let _ = writeln!(
-            out,
-            "eventstream_pipeline_transitions_total{{state=\"{}\"}} {}",
-            st.as_str(),
-            ld(&v.engine.transitions[st as usize])
+        fam.add(
+            &[("state", st.as_str())],
+            ld(&v.engine.transitions[st as usize]),
         );
     }
-    family(
-        &mut out,
+
+    // Latency.
+    let bounds = latency_bounds();
+    let fam = t.histogram(
+        "eventstream_stage_latency_seconds",
+        "Latency by stage, sampled on each batch's first event: receive -> routed, routed -> worker (pipelined mode).",
+    );
+    for stage in Stage::ALL {
+        fam.add(
+            &[("stage", stage.as_str())],
+            Hist::from_ns(&v.engine.stages.get(stage).buckets(&bounds)),
+        );
+    }
+    t.histogram(
         "eventstream_realtime_latency_seconds",
-        "histogram",
-        "Sender to realtime worker latency.",
-    );
-    // Buckets at 2^i µs, 1 µs .. ~16.8 s, from the merged HDR histogram.
-    let bounds: Vec<u64> = (0..25).map(|i| 1_000u64 << i).collect();
-    let (cum, total) = v.engine.latency.cumulative(&bounds);
-    for (b, c) in bounds.iter().zip(&cum) {
-        let le = *b as f64 / 1e9;
-        let _ = writeln!(
-            out,
-            "eventstream_realtime_latency_seconds_bucket{{le=\"{le}\"}} {c}"
-        );
-    }
-    let _ = writeln!(
-        out,
-        "eventstream_realtime_latency_seconds_bucket{{le=\"+Inf\"}} {total}"
-    );
-    let _ = writeln!(out, "eventstream_realtime_latency_seconds_count {total}");
-    family(
-        &mut out,
+        "Receive (or, with engine.latency_from: payload, sender) -> realtime worker, every event.",
+    )
+    .add(&[], Hist::from_ns(&v.engine.latency.buckets(&bounds)));
+    let q = v.engine.latency.quantiles();
+    let fam = t.gauge(
         "eventstream_realtime_latency_quantile_seconds",
-        "gauge",
         "Realtime latency percentiles from the HDR histogram (0.1 % precision).",
     );
-    let q = v.engine.latency.quantiles();
     for (name, ns) in [
         ("0.5", q.p50),
         ("0.99", q.p99),
         ("0.999", q.p999),
         ("1", q.max),
     ] {
-        let _ = writeln!(
-            out,
-            "eventstream_realtime_latency_quantile_seconds{{quantile=\"{name}\"}} {}",
-            ns as f64 / 1e9
-        );
+        fam.add(&[("quantile", name)], ns as f64 / 1e9);
     }
-    family(
-        &mut out,
-        "eventstream_admin_refused_connections_total",
-        "counter",
-        "Admin connections closed at accept: admin.max_connections were open.",
+    t.counter(
+        "eventstream_realtime_unstamped_events_total",
+        "Realtime events without a sender stamp (engine.latency_from: payload).",
+    )
+    .add(&[], ld(&v.engine.unstamped));
+
+    // Sinks.
+    let per_sink = |t: &mut Table, name, kind, help, f: &dyn Fn(&SinkHealth) -> Value| {
+        let fam = t.family(name, kind, help);
+        for h in &v.sinks {
+            fam.add(&[("sink", &h.name)], f(h));
+        }
+    };
+    per_sink(
+        &mut t,
+        "eventstream_sink_up",
+        Kind::Gauge,
+        "1 while a sink's last write succeeded, 0 while it fails and retries.",
+        &|h| u64::from(!h.is_failing()).into(),
     );
+    per_sink(
+        &mut t,
+        "eventstream_sink_in_flight_events",
+        Kind::Gauge,
+        "Events a sink took and has not yet made durable (or lost).",
+        &|h| h.in_flight().into(),
+    );
+    per_sink(
+        &mut t,
+        "eventstream_sink_sent_events_total",
+        Kind::Counter,
+        "Events handed to a sink's I/O (written or published, before acknowledgement).",
+        &|h| h.sent_totals().0.into(),
+    );
+    per_sink(
+        &mut t,
+        "eventstream_sink_sent_bytes_total",
+        Kind::Counter,
+        "Bytes handed to a sink's I/O, as encoded for it.",
+        &|h| h.sent_totals().1.into(),
+    );
+    per_sink(
+        &mut t,
+        "eventstream_sink_spilled_events_total",
+        Kind::Counter,
+        "Events a sink spilled to its disk buffer while the other side was behind or down.",
+        &|h| h.spill_totals().0.into(),
+    );
+    per_sink(
+        &mut t,
+        "eventstream_sink_replayed_events_total",
+        Kind::Counter,
+        "Events an earlier run left in a sink's disk buffer, delivered by this run (not part of this run's accepted events).",
+        &|h| h.replayed_total().into(),
+    );
+    per_sink(
+        &mut t,
+        "eventstream_sink_disk_buffer_bytes",
+        Kind::Gauge,
+        "Bytes in a sink's disk buffer now (0 once delivered).",
+        &|h| h.spill_totals().1.into(),
+    );
+    per_sink(
+        &mut t,
+        "eventstream_sink_ack_latency_seconds",
+        Kind::Histogram,
+        "Worker -> sink acknowledged (durable, PublishAck, COMMIT, delivery report), every event.",
+        &|h| {
+            let (buckets, count, sum_ns) = h.ack_histogram();
+            let mut cum = 0;
+            Hist {
+                buckets: crate::sink::ACK_BUCKETS_US
+                    .iter()
+                    .zip(buckets)
+                    .map(|(le, n)| {
+                        cum += n;
+                        (*le as f64 / 1e6, cum)
+                    })
+                    .collect(),
+                count,
+                sum: sum_ns as f64 / 1e9,
+            }
+            .into()
+        },
+    );
+    let fam = t.counter(
+        "eventstream_sink_errors_total",
+        "Failed sink writes and syncs, by sink and error type.",
+    );
+    for h in &v.sinks {
+        for k in SinkErrorKind::ALL {
+            fam.add(
+                &[("sink", &h.name), ("error_type", k.as_str())],
+                h.errors(k),
+            );
+        }
+    }
+    per_sink(
+        &mut t,
+        "eventstream_sink_retries_total",
+        Kind::Counter,
+        "Retries of failed sink writes.",
+        &|h| h.retries().into(),
+    );
+
+    // Operations.
+    let fam = t.counter(
+        "eventstream_config_reloads_total",
+        "Configuration reloads (SIGHUP, POST /config/reload), put in force or refused.",
+    );
+    for (result, n) in ["ok", "error"].iter().zip(v.config_reloads) {
+        fam.add(&[("result", result)], ld(n));
+    }
     let a = v.admin;
-    let _ = writeln!(
-        out,
-        "eventstream_admin_refused_connections_total {}",
-        ld(&a.refused_connections)
+    t.counter(
+        "eventstream_admin_refused_connections_total",
+        "Admin connections closed at accept: admin.max_connections were open.",
+    )
+    .add(&[], ld(&a.refused_connections));
+    let fam = t.counter(
+        "eventstream_admin_request_errors_total",
+        "Admin requests refused, by error type (forbidden: token, Host or Origin).",
     );
-    family(
-        &mut out,
-        "eventstream_admin_rejected_requests_total",
-        "counter",
-        "Admin requests refused, by reason (forbidden: token, Host or Origin).",
-    );
-    for (reason, c) in [
+    for (error_type, c) in [
         ("bad_request", &a.bad_requests),
         ("forbidden", &a.forbidden),
     ] {
-        let _ = writeln!(
-            out,
-            "eventstream_admin_rejected_requests_total{{reason=\"{reason}\"}} {}",
-            ld(c)
-        );
+        fam.add(&[("error_type", error_type)], ld(c));
     }
-    family(
-        &mut out,
+    t.counter(
         "eventstream_admin_accept_errors_total",
-        "counter",
         "Transient admin accept errors (EMFILE, ECONNABORTED), retried.",
-    );
-    let _ = writeln!(
-        out,
-        "eventstream_admin_accept_errors_total {}",
-        ld(&a.accept_errors)
-    );
-    family(
-        &mut out,
-        "eventstream_realtime_unstamped_events_total",
-        "counter",
-        "Realtime events without a sender stamp (engine.latency_from: payload).",
-    );
-    let _ = writeln!(
-        out,
-        "eventstream_realtime_unstamped_events_total {}",
-        ld(&v.engine.unstamped)
-    );
-    out
+    )
+    .add(&[], ld(&a.accept_errors));
+    t
+}
+
+/// The table over fresh counters with every optional part present (an XDP program, a sink):
+/// every family the appliance can export, for checking dashboards and docs against.
+#[doc(hidden)]
+pub fn every_family() -> Table {
+    let engine = EngineCounters::default();
+    let ingest = IngestCounters::default();
+    let admin = AdminCounters::default();
+    let zeros: [std::sync::atomic::AtomicU64; 2] = Default::default();
+    let view = MetricsView {
+        ingest: vec![(Source::Xsk, &ingest)],
+        engine: &engine,
+        queue: Box::new(|| (0, 1)),
+        sink: ["memory"; 3],
+        sinks: vec![std::sync::Arc::new(SinkHealth::new("nats"))],
+        admin: &admin,
+        xdp_verdicts: Box::new(|| Some(crate::xdp::VerdictCounts::default())),
+        reload: Box::new(|| Err("a listing".into())),
+        config_reloads: &zeros,
+        tcp: TcpAcceptCounters {
+            refused: &zeros[0],
+            accept_errors: &zeros[1],
+        },
+        started: Started::now(),
+    };
+    collect(&view)
+}
+
+/// Renders the Prometheus text exposition of [`collect`].
+pub fn render(v: &MetricsView<'_>) -> String {
+    collect(v).prometheus()
 }
 
 /// The admin server's limits and credentials (from `admin:`).
@@ -806,6 +786,11 @@ pub fn answer_bytes(input: &[u8]) -> Vec<u8> {
         xdp_verdicts: Box::new(|| None),
         reload: Box::new(|| Err("not in the fuzz harness".into())),
         config_reloads: &reloads,
+        tcp: TcpAcceptCounters {
+            refused: &reloads[0],
+            accept_errors: &reloads[1],
+        },
+        started: Started::now(),
     };
     let (commands, _rx) = mpsc::channel::<Command>(4);
     let policy = Policy {

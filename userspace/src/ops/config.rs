@@ -367,6 +367,9 @@ pub struct EngineConfig {
     pub mode: EngineMode,
     /// `engine.batch_max_topics`: topics a batch worker groups at once.
     pub batch_max_topics: usize,
+    /// `engine.stage_latency`: sample latency by stage (receive → routed, routed → worker), one
+    /// event per batch.
+    pub stage_latency: bool,
 }
 
 /// `engine.mode`.
@@ -402,6 +405,7 @@ impl Default for EngineConfig {
             auto_placement: true,
             mode: EngineMode::Auto,
             batch_max_topics: 1024,
+            stage_latency: true,
         }
     }
 }

@@ -61,6 +61,41 @@ impl Scrape {
         })
     }
 
+    /// The `q` quantile (0..=1) of histogram `name`'s series with label set `labels` (without
+    /// `le`): the upper bound of the first bucket holding it, in the family's unit; `None`
+    /// when it has no samples.
+    pub fn quantile(&self, name: &str, labels: &str, q: f64) -> Option<f64> {
+        let sep = if labels.is_empty() { "" } else { "," };
+        let count = self.get(&format!("{name}_count{{{labels}}}")).or_else(|| {
+            labels
+                .is_empty()
+                .then(|| self.get(&format!("{name}_count")))
+                .flatten()
+        })?;
+        if count <= 0.0 {
+            return None;
+        }
+        let prefix = format!("{name}_bucket{{{labels}{sep}le=\"");
+        let mut buckets: Vec<(f64, f64)> = self
+            .samples
+            .iter()
+            .filter_map(|(series, v)| {
+                let le = series.strip_prefix(&prefix)?.strip_suffix("\"}")?;
+                Some((
+                    if le == "+Inf" {
+                        f64::INFINITY
+                    } else {
+                        le.parse().ok()?
+                    },
+                    *v,
+                ))
+            })
+            .collect();
+        buckets.sort_by(|a, b| a.0.total_cmp(&b.0));
+        let want = (q.clamp(0.0, 1.0) * count).ceil().max(1.0);
+        buckets.iter().find(|(_, n)| *n >= want).map(|(le, _)| *le)
+    }
+
     /// The label set of every series of family `name`, with its value.
     fn series_of<'a>(&'a self, name: &'a str) -> impl Iterator<Item = (&'a str, f64)> + 'a {
         let prefix = format!("{name}{{");
@@ -131,9 +166,11 @@ pub fn draw(frame: &mut Frame<'_>, s: &Snapshot<'_>) {
         .by_label("eventstream_pipeline_state", "state")
         .find(|(_, v)| *v >= 1.0)
         .map_or("?".to_owned(), |(st, _)| st);
-    let depth = now.get("eventstream_queue_depth").unwrap_or(0.0);
+    let depth = now
+        .get("eventstream_queue_depth{queue=\"ingest\"}")
+        .unwrap_or(0.0);
     let cap = now
-        .get("eventstream_queue_capacity")
+        .get("eventstream_queue_capacity{queue=\"ingest\"}")
         .unwrap_or(1.0)
         .max(1.0);
     let [st, q] = Layout::horizontal([Constraint::Length(48), Constraint::Min(20)]).areas(top);
@@ -275,15 +312,26 @@ pub fn draw(frame: &mut Frame<'_>, s: &Snapshot<'_>) {
     );
     let mut reasons: Vec<Row<'_>> = Vec::new();
     for (family, label, what) in [
+        ("eventstream_dlq_events_total", "reason", "dlq"),
         ("eventstream_discarded_events_total", "reason", "discarded"),
         ("eventstream_failed_events_total", "reason", "failed"),
+        (
+            "eventstream_protocol_errors_total",
+            "error_type",
+            "rejected",
+        ),
         ("eventstream_xsk_kernel_drops_total", "counter", "xsk"),
     ] {
-        for (reason, v) in now.by_label(family, label).filter(|(_, v)| *v > 0.0) {
+        for (labels, v) in now.series_of(family).filter(|(_, v)| *v > 0.0) {
+            let reason = label_value(labels, label).unwrap_or_default();
+            let name = match label_value(labels, "source") {
+                Some(src) => format!("{what} {src} {reason}"),
+                None => format!("{what} {reason}"),
+            };
             reasons.push(Row::new(vec![
-                Cell::from(format!("{what} {reason}")),
+                Cell::from(name),
                 Cell::from(human(v)),
-                Cell::from(s.rate_text(&format!("{family}{{{label}=\"{reason}\"}}"))),
+                Cell::from(s.rate_text(&format!("{family}{{{labels}}}"))),
             ]));
         }
     }
@@ -341,26 +389,69 @@ pub fn draw(frame: &mut Frame<'_>, s: &Snapshot<'_>) {
         .block(block(xdp_title)),
         xdp,
     );
+    // Latency: the realtime worker's quantiles (HDR), and each stage's from its buckets.
+    let stage = |labels: &str, q: f64| -> String {
+        now.quantile("eventstream_stage_latency_seconds", labels, q)
+            .map_or("-".into(), micros)
+    };
+    let ack = |q: f64| -> String {
+        now.series_of("eventstream_sink_ack_latency_seconds_count")
+            .filter_map(|(labels, _)| {
+                now.quantile("eventstream_sink_ack_latency_seconds", labels, q)
+            })
+            .reduce(f64::max)
+            .map_or("-".into(), micros)
+    };
     let lat_rows: Vec<Row<'_>> = now
         .by_label("eventstream_realtime_latency_quantile_seconds", "quantile")
         .map(|(q, secs)| {
-            let name = match q.parse::<f64>() {
-                Ok(x) if x >= 1.0 => "max".to_owned(),
-                Ok(x) => format!("p{}", (x * 1000.0).round() / 10.0),
-                Err(_) => q,
+            let x = q.parse::<f64>().unwrap_or(1.0);
+            let name = if x >= 1.0 {
+                "max".to_owned()
+            } else {
+                format!("p{}", (x * 1000.0).round() / 10.0)
             };
             Row::new(vec![
                 Cell::from(name),
-                Cell::from(format!("{:.1} µs", secs * 1e6)),
+                Cell::from(stage("stage=\"receive_to_routed\"", x)),
+                Cell::from(stage("stage=\"routed_to_worker\"", x)),
+                Cell::from(micros(secs)),
+                Cell::from(ack(x)),
             ])
         })
         .collect();
     frame.render_widget(
-        Table::new(lat_rows, [Constraint::Length(10), Constraint::Min(12)])
-            .header(header(&["latency", "realtime"]))
-            .block(block("latency (sender or receive → worker)")),
+        Table::new(
+            lat_rows,
+            [
+                Constraint::Length(6),
+                Constraint::Length(10),
+                Constraint::Length(10),
+                Constraint::Length(10),
+                Constraint::Min(10),
+            ],
+        )
+        .header(header(&["", "→routed", "→worker", "realtime", "sink ack"]))
+        .block(block("latency (≤ bucket bound for stages)")),
         lat,
     );
+}
+
+/// `0.000123` (seconds) as `123.0µs`, or in ms / s when larger.
+fn micros(secs: f64) -> String {
+    match secs {
+        s if s >= 1.0 => format!("{s:.2}s"),
+        s if s >= 1e-3 => format!("{:.2}ms", s * 1e3),
+        s => format!("{:.1}µs", s * 1e6),
+    }
+}
+
+/// The value of `label` in a series' label set (`a="x",b="y"`).
+fn label_value(labels: &str, label: &str) -> Option<String> {
+    labels.split(',').find_map(|kv| {
+        let (k, v) = kv.split_once('=')?;
+        (k == label).then(|| v.trim_matches('"').to_owned())
+    })
 }
 
 /// One `GET /metrics` from `addr` (plain HTTP/1.0, bounded by `timeout`).
@@ -446,6 +537,13 @@ mod tests {
             [("udp".to_owned(), 42.0)]
         );
         assert_eq!(human(1_234_567.0), "1.23M");
+        let h = Scrape::parse(
+            "h_bucket{stage=\"a\",le=\"0.001\"} 90\nh_bucket{stage=\"a\",le=\"0.01\"} 99\nh_bucket{stage=\"a\",le=\"+Inf\"} 100\nh_count{stage=\"a\"} 100\n",
+        );
+        assert_eq!(h.quantile("h", "stage=\"a\"", 0.5), Some(0.001));
+        assert_eq!(h.quantile("h", "stage=\"a\"", 0.99), Some(0.01));
+        assert_eq!(h.quantile("h", "stage=\"a\"", 1.0), Some(f64::INFINITY));
+        assert_eq!(h.quantile("h", "stage=\"b\"", 0.5), None);
         assert_eq!(human(12_345.0), "12.3k");
     }
 }

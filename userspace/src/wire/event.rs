@@ -169,6 +169,9 @@ pub struct Event<'a> {
     span: FrameSpan,
     /// Receive time, nanoseconds on `CLOCK_MONOTONIC`.
     pub ingest_ns: u64,
+    /// When the pipelined dispatcher handed the event on (`CLOCK_MONOTONIC` ns, the batch's
+    /// clock); 0 until then, and always in inline mode.
+    pub routed_ns: u64,
     /// Per-ingest-stream sequence number, gap-free for accepted events; the stream (receive
     /// queue, socket, TCP slot) is in the top 16 bits ([`STREAM_SHIFT`]), so it is unique in a
     /// run and, with the node and the run, the event's id.
@@ -279,6 +282,7 @@ impl<'a> Iterator for FrameEvents<'_, 'a> {
                     frame: self.frame.lease(),
                     span: span.offset_by(self.offset),
                     ingest_ns: self.stamp.ingest_ns,
+                    routed_ns: 0,
                     seq,
                     source: self.stamp.source,
                     key: 0,
