@@ -245,6 +245,31 @@ routes:
             + n(&r["duplicates"]),
         "accepted = delivered + DLQ + duplicates: {r}"
     );
+    // The same identity from the metrics table the report renders, family by family.
+    let m = r["metrics"].as_object().unwrap();
+    let family = |name: &str| -> u64 {
+        m.iter()
+            .filter(|(k, _)| k.starts_with(&format!("{name}{{")) || k.as_str() == name)
+            .map(|(_, v)| v.as_u64().unwrap())
+            .sum()
+    };
+    assert_eq!(
+        family("eventstream_received_events_total"),
+        family("eventstream_delivered_events_total")
+            + family("eventstream_dlq_events_total")
+            + family("eventstream_discarded_events_total")
+            + family("eventstream_failed_events_total"),
+        "received = delivered + dlq + discarded + failed: {r}"
+    );
+    // Latency by stage: receive -> routed sampled in both modes; routed -> worker only where
+    // a ring lies between them.
+    let samples = |stage: &str| n(&r["stage_latency"][stage]["count"]);
+    assert!(samples("receive_to_routed") >= 1, "{r}");
+    if mode == "pipelined" {
+        assert!(samples("routed_to_worker") >= 1, "{r}");
+    } else {
+        assert_eq!(samples("routed_to_worker"), 0, "{r}");
+    }
     let _ = std::fs::remove_dir_all(dir);
 }
 

@@ -11,7 +11,7 @@ use xxhash_rust::xxh3::xxh3_64;
 use super::{DlqReason, EngineCounters, Ev};
 use crate::engine::control::{Command, ControlPlane, PipelineState};
 use crate::engine::idle::{Idle, backoff};
-use crate::engine::latency::{LocalLatency, Stage};
+use crate::engine::latency::{LocalLatency, STAGE_SAMPLE_EVERY, Stage};
 use crate::engine::rules::RulesView;
 use crate::ring::{mpsc, spsc};
 use crate::wire::event::monotonic_ns;
@@ -86,6 +86,7 @@ impl Dispatcher<'_, '_, '_> {
         let mut idle = Idle::new();
         let mut dispatched = 0u64;
         let mut routed = self.stage_latency.then(LocalLatency::default);
+        let mut batches = 0u32;
         loop {
             if self.rules.refresh() {
                 self.control.set_config(self.rules.get().control);
@@ -99,18 +100,25 @@ impl Dispatcher<'_, '_, '_> {
                 .observe(self.input.len(), self.input.capacity());
             self.transition(t);
             let mut n = 0;
-            // One clock read per batch: the sample and every event's hand-over stamp.
-            let now = if routed.is_some() { monotonic_ns() } else { 0 };
+            // One clock read per sampled batch (the first, then one in STAGE_SAMPLE_EVERY): the
+            // sample and its events' hand-over stamps.
+            let mut now = 0;
             while n < 256 {
                 let Some(mut ev) = self.input.pop() else {
                     break;
                 };
-                if n == 0
-                    && let Some(l) = &mut routed
-                {
-                    l.record(now.saturating_sub(ev.ingest_ns));
+                if n == 0 {
+                    batches = batches.wrapping_add(1);
+                    if batches % STAGE_SAMPLE_EVERY == 1
+                        && let Some(l) = &mut routed
+                    {
+                        now = monotonic_ns();
+                        l.record(now.saturating_sub(ev.ingest_ns));
+                    }
                 }
-                ev.routed_ns = now;
+                if now != 0 {
+                    ev.routed_ns = now;
+                }
                 n += 1;
                 let routed = match self.control.admit(ev.priority()) {
                     Err(shed) => Err(match shed {
@@ -151,8 +159,14 @@ impl Dispatcher<'_, '_, '_> {
                     .fetch_add(core::mem::take(&mut dispatched), Ordering::Relaxed);
             }
             let done = n == 0 && self.ingest_done.load(Ordering::Acquire) && self.input.is_empty();
-            if let Some(l) = &mut routed {
-                l.merge_into(self.counters.stages.get(Stage::ReceiveToRouted), now, done);
+            if (now != 0 || done)
+                && let Some(l) = &mut routed
+            {
+                l.merge_into(
+                    self.counters.stages.get(Stage::ReceiveToRouted),
+                    monotonic_ns(),
+                    done,
+                );
             }
             if n == 0 {
                 if done {

@@ -18,7 +18,7 @@ use super::control::{PipelineState, Shed, admit};
 use super::rules::{LiveRules, RulesView};
 use super::worker::{BatchClock, ClassStep, DlqStep};
 use super::{DlqReason, EngineCounters, Target};
-use crate::engine::latency::{LocalLatency, Stage, realtime_ns};
+use crate::engine::latency::{LocalLatency, STAGE_SAMPLE_EVERY, Stage, realtime_ns};
 use crate::wire::event::{Event, monotonic_ns};
 
 /// Depth is published as a fraction of capacity in units of 1 / `DEPTH_ONE`.
@@ -42,10 +42,12 @@ pub struct Inline<'s> {
     /// The last topic routed and where it went: traffic comes in runs of one topic, and a
     /// byte compare is cheaper than the route table's hash.
     last: RouteCache,
-    /// Receive → routed, sampled on the first event of each batch (`None`: not measured).
+    /// Receive → routed, sampled on the first event of one batch in [`STAGE_SAMPLE_EVERY`] (`None`: not measured).
     routed: Option<LocalLatency>,
-    /// Whether this batch's sample was taken.
+    /// Whether this batch's first event was seen.
     sampled: bool,
+    /// Batches with events, for sampling the first and then one in [`STAGE_SAMPLE_EVERY`].
+    batches: u32,
 }
 
 /// Longest topic [`RouteCache`] remembers.
@@ -108,6 +110,7 @@ impl<'s> Inline<'s> {
             },
             routed: Some(LocalLatency::default()),
             sampled: false,
+            batches: 0,
         }
     }
 
@@ -159,7 +162,10 @@ impl<'s> Inline<'s> {
     pub fn event(&mut self, mut ev: Event<'_>) -> io::Result<()> {
         if !self.sampled {
             self.sampled = true;
-            if let Some(l) = &mut self.routed {
+            self.batches = self.batches.wrapping_add(1);
+            if self.batches % STAGE_SAMPLE_EVERY == 1
+                && let Some(l) = &mut self.routed
+            {
                 l.record(monotonic_ns().saturating_sub(ev.ingest_ns));
             }
         }

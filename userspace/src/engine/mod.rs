@@ -1,10 +1,10 @@
 //! The engine: what happens to an event between ingest and its sink.
 //!
-//! - [`stage`]: the one loop contract every data-plane and housekeeping thread runs under.
+//! - [`idle`]: waiting without locks when a ring is full (back off) or empty (yield, then sleep).
 //! - [`route`]: topic routes (exact, `*`, `>`/`#`) to a [`Target`].
 //! - [`control`]: the pipeline state machine (watermarks, hysteresis, priority shedding).
 //! - [`dedup`]: the transactional class's duplicate window.
-//! - [`latency`]: the sender's payload stamp and HDR histograms.
+//! - [`latency`]: the sender's payload stamp, HDR histograms, and latency by stage.
 //! - [`worker`]: the three worker classes (realtime, transactional, batch) and the DLQ, as steps.
 //! - [`inline`]: inline mode, the engine run to completion in each receive queue's thread.
 //! - [`dispatcher`]: pipelined mode's router thread and its fan-out over SPSC rings to worker

@@ -588,8 +588,8 @@ pub fn run_worker(
     counters: &EngineCounters,
 ) -> io::Result<()> {
     let mut idle = Idle::new();
-    // Routed → worker, sampled on each batch's first event (its hand-over stamp is 0 when the
-    // dispatcher does not measure).
+    // Routed → worker, sampled on a batch's first event when the dispatcher stamped it (one
+    // of its batches in `STAGE_SAMPLE_EVERY`).
     let mut handed = LocalLatency::default();
     loop {
         let clock = BatchClock {

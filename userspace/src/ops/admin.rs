@@ -369,7 +369,7 @@ pub fn collect(v: &MetricsView<'_>) -> Table {
     let bounds = latency_bounds();
     let fam = t.histogram(
         "eventstream_stage_latency_seconds",
-        "Latency by stage, sampled on each batch's first event: receive -> routed, routed -> worker (pipelined mode).",
+        "Latency by stage, sampled (the first event of one batch in 8): receive -> routed, routed -> worker (pipelined mode).",
     );
     for stage in Stage::ALL {
         fam.add(
