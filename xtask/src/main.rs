@@ -7,6 +7,7 @@
 //! - `lab up | down`: the netns + veth lab.
 //! - `demo`: the README's first command: the appliance end to end in the lab.
 //! - `bench`: the ingest lab bench (`xdp_drop`, `xsk`, `recvmmsg`, latency), JSON + Markdown.
+//! - `deb`: the Debian package (binary, config, systemd unit, system user), with cargo-deb.
 //! - `microbench`: runs the criterion benches N times and writes the side-by-side table
 //!   (PERF.md): JSON, Markdown, and optionally the README's performance section.
 
@@ -18,6 +19,7 @@ use clap::{Parser, Subcommand};
 
 mod appliance;
 mod bench;
+mod deb;
 mod demo;
 mod ebpf;
 mod fuzz;
@@ -53,6 +55,8 @@ enum Cmd {
     Bench(bench::Args),
     /// Run the criterion benches several times; write JSON and a Markdown table of ratios.
     Microbench(microbench::Args),
+    /// Build the Debian package (cargo-deb) and print its path.
+    Deb(deb::Args),
     /// Run every fuzz target for a bounded time (cargo-fuzz, nightly).
     Fuzz(fuzz::Args),
     /// The whole test suite, installing what its privileged tests need first (as root).
@@ -104,6 +108,11 @@ fn xtask_main() -> Result<()> {
         Cmd::Bench(args) => bench::main(&workspace_root(), &args),
         Cmd::Microbench(args) => microbench::main(&workspace_root(), &args),
         Cmd::Fuzz(args) => fuzz::main(&workspace_root(), &args),
+        Cmd::Deb(args) => {
+            let deb = deb::build(&workspace_root(), &args)?;
+            println!("{}", deb.display());
+            Ok(())
+        }
         Cmd::Test(args) => test::main(&workspace_root(), &args),
         Cmd::Load(args) => xdp::load(&workspace_root(), &args),
         Cmd::Unload { iface } => xdp::unload(&iface),

