@@ -294,6 +294,45 @@ fn the_allow_list_drops_event_traffic_from_other_sources_only() {
 }
 
 #[test]
+fn multicast_event_datagrams_are_steered_only_to_the_groups_joined() {
+    let Some(mut prog) = load() else { return };
+    let defence = Defence {
+        groups: vec!["239.18.0.7".parse().unwrap(), "ff15::7".parse().unwrap()],
+        ..Defence::default()
+    };
+    prog.set_allow_list(&defence).unwrap();
+    prog.configure(defence.apply(XdpConfig {
+        udp_port: PORT,
+        ..XdpConfig::default()
+    }))
+    .unwrap();
+    let to = |dst: &str| -> Vec<u8> {
+        let dst: IpAddr = dst.parse().unwrap();
+        match dst {
+            IpAddr::V4(_) => UdpSpec { dst, ..v4() },
+            IpAddr::V6(_) => UdpSpec { dst, ..v6() },
+        }
+        .frame(b"x")
+    };
+    // No socket is registered: a steered datagram falls back to the kernel as pass_no_socket.
+    for (dst, want) in [
+        ("239.18.0.7", Verdict::PassNoSocket),
+        ("239.18.0.9", Verdict::Pass),
+        ("224.0.0.1", Verdict::Pass),
+        ("ff15::7", Verdict::PassNoSocket),
+        ("ff15::9", Verdict::Pass),
+        ("198.18.0.2", Verdict::PassNoSocket),
+        ("2001:2::2", Verdict::PassNoSocket),
+    ] {
+        assert_eq!(verdict(&prog, &to(dst)), (XDP_PASS, want), "to {dst}");
+    }
+    // Replaced, not appended to: with no groups, every group's traffic is the kernel's.
+    prog.set_allow_list(&Defence::default()).unwrap();
+    assert_eq!(verdict(&prog, &to("239.18.0.7")).1, Verdict::Pass);
+    assert_eq!(verdict(&prog, &to("198.18.0.2")).1, Verdict::PassNoSocket);
+}
+
+#[test]
 fn each_source_gets_its_own_token_bucket() {
     let Some(mut prog) = load() else { return };
     // 1 datagram/s with a burst of 3: back-to-back test runs get 3 through, then drops (the

@@ -15,6 +15,9 @@ pub const STATS_MAP: &str = "STATS";
 pub const ALLOW_MAP: &str = "ALLOW";
 /// Name of the LRU map of per-source token buckets (when [`XdpConfig::rate_pps`] is set).
 pub const RATE_MAP: &str = "RATE";
+/// Name of the hash of multicast groups whose event datagrams are steered (any other group is
+/// passed to the kernel, which drops what no socket joined).
+pub const GROUPS_MAP: &str = "GROUPS";
 /// Name of the XDP program in the object file.
 pub const PROGRAM_NAME: &str = "eventstream_xdp";
 /// Name of the drop-everything program the lab bench measures the XDP_DROP ceiling with.
@@ -22,6 +25,9 @@ pub const DROP_PROGRAM_NAME: &str = "eventstream_drop";
 
 /// Maximum number of RX queues the `XskMap` can address.
 pub const MAX_QUEUES: u32 = 64;
+
+/// Most multicast groups [`GROUPS_MAP`] holds.
+pub const MAX_GROUPS: u32 = 64;
 
 /// Most CIDRs the source allow-list holds.
 pub const MAX_ALLOW_ENTRIES: u32 = 4096;

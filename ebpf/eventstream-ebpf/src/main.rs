@@ -7,6 +7,10 @@
 //! the error path and reassembly. Every header read is bounds-checked against `data_end`. Each
 //! packet bumps one per-CPU counter per [`Verdict`].
 //!
+//! Event datagrams to a multicast group are steered only when the group is in `GROUPS` (the
+//! groups the appliance joined); to any other group they are passed, and the kernel drops what
+//! no socket joined.
+//!
 //! The first line of defence, both off unless configured: event datagrams from a source outside
 //! the allow-list (`ALLOW`, an LPM trie of CIDRs) are dropped, and so are those over their
 //! source's rate (a token bucket per source in `RATE`, an LRU map, so a flood of spoofed sources
@@ -20,20 +24,24 @@ use aya_ebpf::bindings::xdp_action;
 use aya_ebpf::helpers::bpf_ktime_get_ns;
 use aya_ebpf::macros::{map, xdp};
 use aya_ebpf::maps::lpm_trie::{Key, LpmTrie};
-use aya_ebpf::maps::{Array, LruHashMap, PerCpuArray, XskMap};
+use aya_ebpf::maps::{Array, HashMap, LruHashMap, PerCpuArray, XskMap};
 use aya_ebpf::programs::XdpContext;
 use eventstream_common::wire::{
     ETH_HLEN, ETH_P_8021AD, ETH_P_8021Q, ETH_P_IP, ETH_P_IPV6, IPPROTO_UDP, IPV4_MIN_HLEN,
     IPV6_HLEN, UDP_HLEN, VLAN_HLEN,
 };
 use eventstream_common::{
-    MAX_ALLOW_ENTRIES, MAX_QUEUES, RATE_MAX_REFILL_NS, RATE_SOURCES, RateBucket, SourceAddr,
+    MAX_ALLOW_ENTRIES, MAX_GROUPS, MAX_QUEUES, RATE_MAX_REFILL_NS, RATE_SOURCES, RateBucket, SourceAddr,
     VERDICT_COUNT, Verdict, XdpConfig,
 };
 
 /// AF_XDP sockets by RX queue index; filled by userspace.
 #[map(name = "XSKS")]
 static XSKS: XskMap = XskMap::with_max_entries(MAX_QUEUES, 0);
+
+/// Multicast groups steered (IPv6 bytes, IPv4 as `::ffff:a.b.c.d`); the value is unused.
+#[map(name = "GROUPS")]
+static GROUPS: HashMap<SourceAddr, u8> = HashMap::with_max_entries(MAX_GROUPS, 0);
 
 /// Runtime configuration (one entry); all zero until userspace writes it.
 #[map(name = "CONFIG")]
@@ -80,9 +88,28 @@ fn be16(b: &[u8], at: usize) -> u16 {
 /// The first 12 bytes of an IPv4-mapped IPv6 address, `::ffff:0:0/96`.
 const V4_MAPPED: [u8; 12] = [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff];
 
+/// Where a packet's UDP header starts, who sent it and whether it went to a multicast group
+/// the program does not steer.
+struct Udp {
+    off: usize,
+    src: SourceAddr,
+    other_group: bool,
+}
+
+/// Whether `dst` (IPv6 bytes, IPv4 mapped) is a multicast group not in `GROUPS`.
+#[inline(always)]
+fn other_group(dst: &SourceAddr) -> bool {
+    let multicast = if dst[..12] == V4_MAPPED {
+        dst[12] & 0xf0 == 0xe0
+    } else {
+        dst[0] == 0xff
+    };
+    multicast && GROUPS.get_ptr(dst).is_none()
+}
+
 /// Where the UDP header starts and who sent the packet, or why it is not steerable.
 #[inline(always)]
-fn udp_offset(ctx: &XdpContext, cfg: &XdpConfig) -> Result<(usize, SourceAddr), Verdict> {
+fn udp_offset(ctx: &XdpContext, cfg: &XdpConfig) -> Result<Udp, Verdict> {
     let eth = bytes::<ETH_HLEN>(ctx, 0).ok_or(Verdict::PassMalformed)?;
     let mut proto = be16(eth, 12);
     let mut off = ETH_HLEN;
@@ -111,7 +138,14 @@ fn udp_offset(ctx: &XdpContext, cfg: &XdpConfig) -> Result<(usize, SourceAddr), 
             let mut src = [0u8; 16];
             src[..12].copy_from_slice(&V4_MAPPED);
             src[12..].copy_from_slice(&ip[12..16]);
-            Ok((off + ihl, src))
+            let mut dst = [0u8; 16];
+            dst[..12].copy_from_slice(&V4_MAPPED);
+            dst[12..].copy_from_slice(&ip[16..20]);
+            Ok(Udp {
+                off: off + ihl,
+                src,
+                other_group: other_group(&dst),
+            })
         }
         ETH_P_IPV6 => {
             let ip = bytes::<IPV6_HLEN>(ctx, off).ok_or(Verdict::PassMalformed)?;
@@ -129,7 +163,13 @@ fn udp_offset(ctx: &XdpContext, cfg: &XdpConfig) -> Result<(usize, SourceAddr), 
             if src[..12] == V4_MAPPED {
                 return Err(Verdict::PassMalformed);
             }
-            Ok((off + IPV6_HLEN, src))
+            let mut dst = [0u8; 16];
+            dst.copy_from_slice(&ip[24..40]);
+            Ok(Udp {
+                off: off + IPV6_HLEN,
+                src,
+                other_group: other_group(&dst),
+            })
         }
         _ => Err(Verdict::Pass),
     }
@@ -179,7 +219,11 @@ fn classify(ctx: &XdpContext) -> (Verdict, u32) {
     if cfg.udp_port == 0 {
         return (Verdict::Pass, xdp_action::XDP_PASS);
     }
-    let (off, src) = match udp_offset(ctx, cfg) {
+    let Udp {
+        off,
+        src,
+        other_group,
+    } = match udp_offset(ctx, cfg) {
         Ok(found) => found,
         Err(v) => return (v, xdp_action::XDP_PASS),
     };
@@ -192,6 +236,9 @@ fn classify(ctx: &XdpContext) -> (Verdict, u32) {
     }
     if usize::from(be16(udp, 4)) < UDP_HLEN {
         return (Verdict::PassMalformed, xdp_action::XDP_PASS);
+    }
+    if other_group {
+        return (Verdict::Pass, xdp_action::XDP_PASS);
     }
     if cfg.allow_list != 0 && ALLOW.get(&Key::new(128, src)).is_none() {
         return (Verdict::DropDenied, xdp_action::XDP_DROP);

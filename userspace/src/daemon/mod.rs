@@ -66,9 +66,12 @@ struct XskSetup<'a> {
     crate_queues: Vec<crate::tools::xsk_crate::CrateXsk>,
 }
 
-fn attach_program(x: &XdpSection) -> Result<(Program, AttachMode)> {
+fn attach_program(x: &XdpSection, groups: &[std::net::IpAddr]) -> Result<(Program, AttachMode)> {
     let mut program = XdpProgram::load(ObjectSource::from_config(&x.object))?;
-    let defence = x.defence();
+    let defence = crate::xdp::defence::Defence {
+        groups: groups.to_vec(),
+        ..x.defence()
+    };
     if Pinned::list().contains(&x.iface) {
         // A pinned program is reused only when it is this very program (name and tag) and its
         // link steers this interface here; anything else is stale, removed, never trusted.
@@ -127,11 +130,12 @@ fn attach_program(x: &XdpSection) -> Result<(Program, AttachMode)> {
 
 fn setup_xsk<'a>(
     x: &XdpSection,
+    groups: &[std::net::IpAddr],
     arenas: &'a [FrameArena],
     probe: Option<Probe>,
 ) -> Result<XskSetup<'a>> {
     let ifindex = if_index(&x.iface)?;
-    let (mut program, attach) = attach_program(x)?;
+    let (mut program, attach) = attach_program(x, groups)?;
     let register = |program: &mut Program, q: u32, fd| -> Result<()> {
         match program {
             Program::Pinned => Pinned::register_socket(&x.iface, q, fd)?,
@@ -437,7 +441,7 @@ pub fn run(
         info!(queues = arenas.len(), bytes_each = r.len(), pages = ?r.pages(), numa = ?r.numa(), locked = ?r.locked(), "UMEM mapped");
     }
     let xsk = if want_xdp {
-        match setup_xsk(x, &arenas, probe) {
+        match setup_xsk(x, &cfg.ingest.udp.multicast_groups, &arenas, probe) {
             Ok(s) => Some(s),
             Err(e) => {
                 warn!("AF_XDP unavailable ({e:#}); falling back to kernel UDP ingest (recvmmsg)");
@@ -493,6 +497,28 @@ pub fn run(
                 device.map_or(String::new(), |d| format!(" on {d}"))
             )
         })?;
+        if !u.multicast_groups.is_empty() {
+            let on = if u.multicast_iface.is_empty() {
+                device.or((!x.iface.is_empty()).then_some(x.iface.as_str()))
+            } else {
+                Some(u.multicast_iface.as_str())
+            };
+            let ifindex = match on {
+                Some(name) => if_index(name).with_context(|| {
+                    format!("ingest.udp.multicast_iface: no interface {name} here")
+                })?,
+                None => 0,
+            };
+            crate::ingest::udp::join_groups(&socket, &u.multicast_groups, ifindex).with_context(
+                || {
+                    format!(
+                        "ingest.udp.multicast_groups on {}",
+                        on.unwrap_or("the kernel's route")
+                    )
+                },
+            )?;
+            info!(groups = ?u.multicast_groups, iface = on.unwrap_or("(route)"), "multicast groups joined");
+        }
         // The rest share the port the first one got (when it asked for port 0).
         addr = socket.local_addr()?;
         let arena = FrameArena::new(

@@ -20,6 +20,53 @@ use crate::mem::frames::{FrameOwner, OwnedFrame};
 use crate::wire::event::{Peer, Source, Stamp, monotonic_ns};
 use crate::wire::protocol::{Limits, RejectReason};
 
+/// Joins `groups` on interface `ifindex` (0: the kernel picks by its routes), and turns
+/// `IP_MULTICAST_ALL` off so the socket takes only the groups it joined, not every group some
+/// other socket on the host joined for the same port.
+///
+/// # Errors
+/// The first join the kernel refuses, naming the group.
+pub fn join_groups(sock: &UdpSocket, groups: &[std::net::IpAddr], ifindex: u32) -> io::Result<()> {
+    let s = socket2::SockRef::from(sock);
+    let (level, opt) = if sock.local_addr()?.is_ipv4() {
+        (libc::IPPROTO_IP, libc::IP_MULTICAST_ALL)
+    } else {
+        (libc::IPPROTO_IPV6, libc::IPV6_MULTICAST_ALL)
+    };
+    if !groups.is_empty() {
+        let off: libc::c_int = 0;
+        // SAFETY: setsockopt reads `size_of::<c_int>()` bytes from a live `c_int`; the fd is
+        // open for the call.
+        let rc = unsafe {
+            libc::setsockopt(
+                sock.as_raw_fd(),
+                level,
+                opt,
+                (&raw const off).cast(),
+                size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        if rc != 0 {
+            let e = io::Error::last_os_error();
+            return Err(io::Error::new(
+                e.kind(),
+                format!("IP_MULTICAST_ALL off: {e}"),
+            ));
+        }
+    }
+    for g in groups {
+        let joined = match g {
+            std::net::IpAddr::V4(g) => {
+                s.join_multicast_v4_n(g, &socket2::InterfaceIndexOrAddress::Index(ifindex))
+            }
+            std::net::IpAddr::V6(g) => s.join_multicast_v6(g, ifindex),
+        };
+        joined
+            .map_err(|e| io::Error::new(e.kind(), format!("joining multicast group {g}: {e}")))?;
+    }
+    Ok(())
+}
+
 /// Binds a UDP socket: to `device` only when given (`SO_BINDTODEVICE`), `SO_REUSEPORT` when
 /// several share the address (`ingest.udp.sockets`),
 /// the receive buffer as asked (0 keeps the default), and a receive timeout so the loop

@@ -174,6 +174,7 @@ impl XdpConfig {
     /// What the XDP program enforces on event datagrams.
     pub fn defence(&self) -> crate::xdp::defence::Defence {
         crate::xdp::defence::Defence {
+            groups: Vec::new(),
             allow: self.allow_sources.clone(),
             rate_pps: self.rate_limit.packets_per_sec,
             burst: self.rate_limit.burst,
@@ -263,6 +264,9 @@ impl Default for TcpConfig {
     }
 }
 
+/// Most multicast groups the kernel UDP socket joins.
+pub const MAX_MULTICAST_GROUPS: usize = 64;
+
 /// `ingest.udp:`
 #[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
 #[serde(default, deny_unknown_fields)]
@@ -286,6 +290,12 @@ pub struct UdpConfig {
     /// `ingest.udp.sockets`: `SO_REUSEPORT` sockets bound to `bind` (without AF_XDP), each with
     /// its own receive thread; the kernel spreads flows across them by 4-tuple hash.
     pub sockets: usize,
+    /// `ingest.udp.multicast_groups`: groups the kernel UDP socket joins (IPv4 or IPv6, the
+    /// bind address's family), so datagrams sent to them are received like unicast ones.
+    pub multicast_groups: Vec<std::net::IpAddr>,
+    /// `ingest.udp.multicast_iface`: the interface to join them on; "" takes `xdp.iface` (or
+    /// `--iface`) when set, else lets the kernel choose by its routes.
+    pub multicast_iface: String,
 }
 
 impl Default for UdpConfig {
@@ -299,6 +309,8 @@ impl Default for UdpConfig {
             beside_xdp: true,
             cpu: None,
             sockets: 1,
+            multicast_groups: Vec::new(),
+            multicast_iface: String::new(),
         }
     }
 }
@@ -740,6 +752,43 @@ impl Config {
             64,
             "1..=64",
         )?;
+        let u = &self.ingest.udp;
+        check(
+            "ingest.udp.multicast_groups",
+            u.multicast_groups.len(),
+            0,
+            MAX_MULTICAST_GROUPS,
+            "at most 64 groups",
+        )?;
+        if let Some(g) = u
+            .multicast_groups
+            .iter()
+            .find(|g| !g.is_multicast() || g.is_ipv4() != u.bind.is_ipv4())
+        {
+            return Err(ConfigError::Invalid {
+                key: "ingest.udp.multicast_groups",
+                value: g.to_string(),
+                expected: "multicast addresses (224.0.0.0/4, ff00::/8) of ingest.udp.bind's family",
+            });
+        }
+        if !u.multicast_groups.is_empty() {
+            // A socket bound to one unicast address never sees group traffic; several
+            // SO_REUSEPORT sockets on the port would each get a copy.
+            if !u.bind.ip().is_unspecified() {
+                return Err(ConfigError::Invalid {
+                    key: "ingest.udp.bind",
+                    value: u.bind.to_string(),
+                    expected: "0.0.0.0:PORT or [::]:PORT with ingest.udp.multicast_groups",
+                });
+            }
+            if u.sockets != 1 {
+                return Err(ConfigError::Invalid {
+                    key: "ingest.udp.sockets",
+                    value: u.sockets.to_string(),
+                    expected: "1 with ingest.udp.multicast_groups",
+                });
+            }
+        }
         check(
             "xdp.busy_spin_us",
             x.busy_spin_us,

@@ -8,8 +8,8 @@ use std::fmt;
 use std::net::IpAddr;
 use std::str::FromStr;
 
-use aya::maps::MapData;
 use aya::maps::lpm_trie::{Key, LpmTrie};
+use aya::maps::{HashMap, MapData};
 use eventstream_common::{RATE_MAX_PPS, SourceAddr, XdpConfig};
 
 use super::XdpError;
@@ -137,9 +137,12 @@ impl<'de> serde::Deserialize<'de> for Cidr {
     }
 }
 
-/// What the program enforces on event datagrams.
+/// What the program enforces on event datagrams, and which multicast groups it steers.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Defence {
+    /// Multicast groups whose event datagrams are steered (`ingest.udp.multicast_groups`);
+    /// datagrams to any other group go to the kernel.
+    pub groups: Vec<IpAddr>,
     /// Sources allowed to send events; empty for everyone.
     pub allow: Vec<Cidr>,
     /// Datagrams per second per source; 0 for no limit.
@@ -160,6 +163,34 @@ impl Defence {
         };
         config
     }
+}
+
+/// A group's key in `GROUPS`: IPv6 bytes, IPv4 mapped (as the program reads destinations).
+pub fn group_key(group: IpAddr) -> SourceAddr {
+    match group {
+        IpAddr::V4(a) => a.to_ipv6_mapped().octets(),
+        IpAddr::V6(a) => a.octets(),
+    }
+}
+
+/// Replaces the content of the `GROUPS` hash with `groups`.
+pub(super) fn fill_groups<T: BorrowMut<MapData>>(
+    map: &mut HashMap<T, SourceAddr, u8>,
+    groups: &[IpAddr],
+) -> Result<(), XdpError> {
+    let old: Vec<SourceAddr> = map
+        .keys()
+        .collect::<Result<_, _>>()
+        .map_err(|e| XdpError::bpf("listing GROUPS", e))?;
+    for key in &old {
+        map.remove(key)
+            .map_err(|e| XdpError::bpf("clearing GROUPS", e))?;
+    }
+    for g in groups {
+        map.insert(group_key(*g), 1, 0)
+            .map_err(|e| XdpError::bpf(format!("adding {g} to GROUPS"), e))?;
+    }
+    Ok(())
 }
 
 /// Replaces the content of the `ALLOW` trie with `allow`.
@@ -224,12 +255,22 @@ mod tests {
     }
 
     #[test]
+    fn group_keys_are_ipv6_bytes_with_ipv4_mapped() {
+        assert_eq!(
+            group_key("239.18.0.7".parse().unwrap()),
+            [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, 239, 18, 0, 7]
+        );
+        assert_eq!(group_key("ff15::7".parse().unwrap())[..2], [0xff, 0x15]);
+    }
+
+    #[test]
     fn the_defence_sets_only_its_own_fields() {
         let base = XdpConfig::default();
         let d = Defence {
             allow: vec!["198.18.0.0/15".parse().unwrap()],
             rate_pps: 1000,
             burst: 0,
+            ..Defence::default()
         };
         let c = d.apply(base);
         assert_eq!((c.allow_list, c.rate_pps, c.rate_burst), (1, 1000, 1000));

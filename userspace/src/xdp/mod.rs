@@ -20,12 +20,12 @@ use std::{fmt, io};
 
 use aya::Ebpf;
 use aya::maps::lpm_trie::LpmTrie;
-use aya::maps::{Array, Map, MapData, PerCpuArray, XskMap};
+use aya::maps::{Array, HashMap, Map, MapData, PerCpuArray, XskMap};
 use aya::programs::links::{FdLink, PinnedLink};
 use aya::programs::{ProgramInfo, Xdp, XdpMode};
 use eventstream_common::{
-    ALLOW_MAP, AttachMode, CONFIG_MAP, DROP_PROGRAM_NAME, PROGRAM_NAME, RATE_MAP, STATS_MAP,
-    SourceAddr, VERDICT_COUNT, Verdict, XSKS_MAP, XdpConfig,
+    ALLOW_MAP, AttachMode, CONFIG_MAP, DROP_PROGRAM_NAME, GROUPS_MAP, PROGRAM_NAME, RATE_MAP,
+    STATS_MAP, SourceAddr, VERDICT_COUNT, Verdict, XSKS_MAP, XdpConfig,
 };
 
 use defence::{Defence, fill_allow};
@@ -421,11 +421,12 @@ impl XdpProgram {
             .tag())
     }
 
-    /// Replaces the source allow-list (the `ALLOW` trie); the program reads it only while
-    /// [`XdpConfig::allow_list`] is set.
+    /// Replaces the source allow-list (the `ALLOW` trie; the program reads it only while
+    /// [`XdpConfig::allow_list`] is set) and the multicast groups steered (`GROUPS`).
     ///
     /// # Errors
-    /// When the map refuses an update (more than `MAX_ALLOW_ENTRIES` networks).
+    /// When a map refuses an update (more than `MAX_ALLOW_ENTRIES` networks, `MAX_GROUPS`
+    /// groups).
     pub fn set_allow_list(&mut self, defence: &Defence) -> Result<(), XdpError> {
         let map = self
             .ebpf
@@ -433,7 +434,14 @@ impl XdpProgram {
             .ok_or_else(|| XdpError::Missing(format!("map {ALLOW_MAP}")))?;
         let mut trie: LpmTrie<&mut MapData, SourceAddr, u8> =
             LpmTrie::try_from(map).map_err(|e| XdpError::bpf("opening ALLOW", e))?;
-        fill_allow(&mut trie, &defence.allow)
+        fill_allow(&mut trie, &defence.allow)?;
+        let map = self
+            .ebpf
+            .map_mut(GROUPS_MAP)
+            .ok_or_else(|| XdpError::Missing(format!("map {GROUPS_MAP}")))?;
+        let mut groups: HashMap<&mut MapData, SourceAddr, u8> =
+            HashMap::try_from(map).map_err(|e| XdpError::bpf("opening GROUPS", e))?;
+        defence::fill_groups(&mut groups, &defence.groups)
     }
 
     fn xdp(&mut self) -> &mut Xdp {
@@ -550,7 +558,9 @@ impl XdpProgram {
         self.xdp()
             .pin(dir.join("prog"))
             .map_err(|e| XdpError::bpf("pinning the program", e))?;
-        for name in [XSKS_MAP, CONFIG_MAP, STATS_MAP, ALLOW_MAP, RATE_MAP] {
+        for name in [
+            XSKS_MAP, CONFIG_MAP, STATS_MAP, ALLOW_MAP, RATE_MAP, GROUPS_MAP,
+        ] {
             let map = self
                 .ebpf
                 .map(name)
@@ -844,6 +854,10 @@ impl Pinned {
         let mut trie: LpmTrie<MapData, SourceAddr, u8> =
             LpmTrie::try_from(allow).map_err(|e| XdpError::bpf("pinned ALLOW", e))?;
         fill_allow(&mut trie, &defence.allow)?;
+        let groups = open_map(&dir, GROUPS_MAP)?;
+        let mut groups: HashMap<MapData, SourceAddr, u8> =
+            HashMap::try_from(groups).map_err(|e| XdpError::bpf("pinned GROUPS", e))?;
+        defence::fill_groups(&mut groups, &defence.groups)?;
         let cfg = open_map(&dir, CONFIG_MAP)?;
         let mut cfg: Array<MapData, XdpConfig> =
             Array::try_from(cfg).map_err(|e| XdpError::bpf("pinned CONFIG", e))?;

@@ -57,6 +57,26 @@ pub fn start_in_lab(
     )
 }
 
+/// Starts the daemon on the kernel paths only (`--no-xdp`) in the lab namespace `netns`;
+/// returns it and the UDP address it bound.
+pub fn start_kernel_in_lab(
+    config: &str,
+    tag: &str,
+    netns: &str,
+) -> (
+    std::process::Child,
+    BufReader<std::process::ChildStdout>,
+    String,
+    std::path::PathBuf,
+) {
+    spawn(
+        &["--netns", netns, "--no-xdp"],
+        config,
+        tag,
+        "listening udp ",
+    )
+}
+
 /// Writes `config` into a directory of its own, runs `eventstream run ARGS --config FILE` and
 /// reads stdout up to the line starting with `ready`; returns what follows `ready` on it.
 fn spawn(
