@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use eventstream::tools::servers::NatsCluster;
 
 mod common;
-use common::daemon::{blast, start, stop};
+use common::daemon::{blast, http, read_until, start, stop};
 
 /// A three-node JetStream cluster of the test's own on 127.0.0.1 (stopped and removed on
 /// drop); `slot` keeps the tests' clusters, run at once, on ports of their own.
@@ -24,9 +24,7 @@ fn cluster(tag: &str, slot: u16) -> NatsCluster {
 
 /// Kills (SIGKILL) the cluster's node `name`.
 fn kill(cluster: &mut NatsCluster, name: &str) {
-    let (_, c) = cluster.nodes.iter_mut().find(|(n, _)| n == name).unwrap();
-    c.kill().unwrap();
-    c.wait().unwrap();
+    cluster.kill(name).unwrap();
 }
 
 fn rt() -> tokio::runtime::Runtime {
@@ -556,5 +554,79 @@ fn a_sixty_second_outage_under_fifty_thousand_events_per_second_loses_nothing() 
         }
     };
     assert_eq!(stored, accepted, "every event in the stream once");
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+fn healthz_names_the_sink_within_a_second_of_losing_nats_and_recovers() {
+    if Command::new("nats-server")
+        .arg("--version")
+        .output()
+        .is_err()
+    {
+        return common::skip("nats-server is not installed (Debian: apt-get install nats-server)");
+    }
+    // One server: when it dies the client has nowhere to go.
+    let pid = std::process::id();
+    let mut server = NatsCluster::start(
+        &std::env::temp_dir().join(format!("es-nats-health-{pid}")),
+        21_000 + (pid % 200) as u16 * 48 + 5 * 8,
+        1,
+    )
+    .unwrap();
+    let url = server.urls()[0].clone();
+    let config = format!(
+        "ingest:\n  udp:\n    bind: \"127.0.0.1:0\"\n  tcp:\n    bind: null\nadmin:\n  bind: \"127.0.0.1:0\"\nsinks:\n  kind: nats\n  dlq_dir: \"{}\"\n  buffer:\n    dir: \"{}\"\n  nats:\n    servers: [\"{url}\"]\n    stream: ESHEALTH\n    subject_prefix: hl\n    replicas: 1\n",
+        server.dir.join("dlq").display(),
+        server.dir.join("buffer").display()
+    );
+    let (child, mut out, addr, dir) = start(&config, "nats-health");
+    let admin = read_until(&mut out, "listening admin ");
+    let healthz = || http(&admin, "GET", "/healthz", "");
+    assert_eq!(healthz(), (200, "ok\n".into()));
+    let sock = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let send = |n: u64, from: u64| {
+        for i in from..from + n {
+            let mut d = Vec::new();
+            eventstream::wire::protocol::encode(5, "hl.t", &i.to_be_bytes(), &mut d).unwrap();
+            sock.send_to(&d, &addr).unwrap();
+        }
+    };
+    send(100, 0);
+
+    server.kill("n1").unwrap();
+    let t0 = Instant::now();
+    let (code, body) = loop {
+        let (code, body) = healthz();
+        if code != 200 || t0.elapsed() > Duration::from_secs(5) {
+            break (code, body);
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let took = t0.elapsed();
+    assert_eq!(code, 503, "{body}");
+    assert!(body.contains("nats:ESHEALTH"), "names the sink: {body}");
+    assert!(took < Duration::from_secs(1), "503 after {took:?}: {body}");
+    // Events keep coming while it is down: buffered, not lost.
+    send(100, 100);
+
+    server.restart("n1").unwrap();
+    let t1 = Instant::now();
+    while healthz().0 != 200 {
+        assert!(
+            t1.elapsed() < Duration::from_secs(30),
+            "not healthy again 30 s after the server came back: {:?}",
+            healthz()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    eprintln!(
+        "healthz: 503 {took:?} after the kill, 200 {:?} after the restart",
+        t1.elapsed()
+    );
+    let r = stop(child, out);
+    let n = |v: &serde_json::Value| v.as_u64().unwrap_or(0);
+    assert_eq!(n(&r["accepted_events"]), 200, "{r}");
+    assert_eq!(n(&r["delivered_events"]), 200, "{r}");
     let _ = std::fs::remove_dir_all(dir);
 }

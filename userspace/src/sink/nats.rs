@@ -130,6 +130,9 @@ struct Nats {
     prev_failed: Vec<usize>,
     cur_failed: Vec<usize>,
     last_error: Option<String>,
+    /// This sink's health: the client's connection events mark it failing the moment the last
+    /// server is lost (not an ack timeout later) and healthy again when one answers.
+    health: Arc<SinkHealth>,
 }
 
 type AckResult = Result<
@@ -141,8 +144,9 @@ type AckFuture =
     std::pin::Pin<Box<dyn std::future::Future<Output = (u64, usize, AckResult)> + Send>>;
 
 impl Nats {
-    fn new(cfg: NatsConfig) -> Self {
+    fn new(cfg: NatsConfig, health: Arc<SinkHealth>) -> Self {
         Self {
+            health,
             cfg,
             js: None,
             prev: Chunk::default(),
@@ -331,8 +335,26 @@ impl Backend for Nats {
                     .map_err(|e| format!("sinks.nats.servers: {s}: {e}"))
             })
             .collect::<Result<_, _>>()?;
+        let health = Arc::clone(&self.health);
         let client = async_nats::ConnectOptions::new()
             .connection_timeout(Duration::from_secs(self.cfg.connect_timeout_secs))
+            .event_callback(move |event| {
+                let health = Arc::clone(&health);
+                async move {
+                    match event {
+                        async_nats::Event::Disconnected => health.fail(
+                            SinkErrorKind::Broker,
+                            &io::Error::new(
+                                io::ErrorKind::NotConnected,
+                                "disconnected from NATS (reconnecting)",
+                            ),
+                        ),
+                        // Publishes can flow again; an ack that still fails marks it again.
+                        async_nats::Event::Connected => health.recovered(),
+                        _ => {}
+                    }
+                }
+            })
             .connect(addrs)
             .await
             .map_err(|e| format!("connecting to {:?}: {e}", self.cfg.servers))?;
@@ -383,10 +405,11 @@ impl Backend for Nats {
 /// # Errors
 /// When no server answers, the stream cannot be created, or it exists with other settings.
 pub fn open(cfg: &NatsConfig, node_id: &str, run: u64, name: &str) -> io::Result<RemoteSink> {
+    let health = Arc::new(SinkHealth::new(format!("nats:{}:{name}", cfg.stream)));
     RemoteSink::open(
         "nats",
-        Nats::new(cfg.clone()),
-        Arc::new(SinkHealth::new(format!("nats:{}:{name}", cfg.stream))),
+        Nats::new(cfg.clone(), Arc::clone(&health)),
+        health,
         format!("{node_id}-{run}-"),
         Duration::from_secs(cfg.connect_timeout_secs.max(1)),
     )

@@ -43,6 +43,15 @@ fn stop_child(c: &mut Child) {
     let _ = c.wait();
 }
 
+fn spawn_nats(conf: &Path) -> io::Result<Child> {
+    Command::new("nats-server")
+        .arg("-c")
+        .arg(conf)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+}
+
 /// A JetStream cluster of one or three `nats-server`s on loopback.
 #[derive(Debug)]
 pub struct NatsCluster {
@@ -102,18 +111,46 @@ impl NatsCluster {
                     dir.join(&name).display(),
                 ),
             )?;
-            let child = Command::new("nats-server")
-                .arg("-c")
-                .arg(&conf)
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()?;
+            let child = spawn_nats(&conf)?;
             started.nodes.push((name, child));
         }
         for &p in &started.ports {
             wait_listening(p, Duration::from_secs(20), "nats-server")?;
         }
         Ok(started)
+    }
+
+    /// Kills (SIGKILL) node `name` and starts it again on its configuration and store, waiting
+    /// until it listens.
+    ///
+    /// # Errors
+    /// No such node; the spawn's error; not listening within 20 s.
+    pub fn kill(&mut self, name: &str) -> io::Result<()> {
+        let (_, c) = self
+            .nodes
+            .iter_mut()
+            .find(|(n, _)| n == name)
+            .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, format!("no node {name}")))?;
+        c.kill()?;
+        c.wait()?;
+        Ok(())
+    }
+
+    /// Starts node `name` again (after [`Self::kill`]) on its configuration and store, and
+    /// waits until it listens.
+    ///
+    /// # Errors
+    /// No such node; the spawn's error; not listening within 20 s.
+    pub fn restart(&mut self, name: &str) -> io::Result<()> {
+        let i = self
+            .nodes
+            .iter()
+            .position(|(n, _)| n == name)
+            .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, format!("no node {name}")))?;
+        let child = spawn_nats(&self.dir.join(format!("{name}.conf")))?;
+        let old = std::mem::replace(&mut self.nodes[i].1, child);
+        drop(old);
+        wait_listening(self.ports[i], Duration::from_secs(20), "nats-server")
     }
 
     /// `nats://` URLs of every server.
