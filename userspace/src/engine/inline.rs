@@ -42,8 +42,10 @@ pub struct Inline<'s> {
     /// The last topic routed and where it went: traffic comes in runs of one topic, and a
     /// byte compare is cheaper than the route table's hash.
     last: RouteCache,
-    /// Receive → routed, sampled on the first event of one batch in [`STAGE_SAMPLE_EVERY`] (`None`: not measured).
-    routed: Option<LocalLatency>,
+    /// Receive → routed, sampled on the first event of one batch in [`STAGE_SAMPLE_EVERY`].
+    routed: LocalLatency,
+    /// Whether to sample it (`engine.stage_latency`).
+    sample: bool,
     /// Whether this batch's first event was seen.
     sampled: bool,
     /// Batches with events, for sampling the first and then one in [`STAGE_SAMPLE_EVERY`].
@@ -108,7 +110,8 @@ impl<'s> Inline<'s> {
                 topic: [0; CACHED_TOPIC],
                 target: None,
             },
-            routed: Some(LocalLatency::default()),
+            routed: LocalLatency::default(),
+            sample: true,
             sampled: false,
             batches: 0,
         }
@@ -118,8 +121,13 @@ impl<'s> Inline<'s> {
     /// (`engine.stage_latency`).
     #[must_use]
     pub fn stage_latency(mut self, on: bool) -> Self {
-        self.routed = on.then(LocalLatency::default);
+        self.sample = on;
         self
+    }
+
+    /// As [`Self::stage_latency`], in place (the engine bench flips it between measurements).
+    pub fn set_stage_latency(&mut self, on: bool) {
+        self.sample = on;
     }
 
     /// Where `topic` goes, from the one-entry cache or the route table.
@@ -163,10 +171,9 @@ impl<'s> Inline<'s> {
         if !self.sampled {
             self.sampled = true;
             self.batches = self.batches.wrapping_add(1);
-            if self.batches % STAGE_SAMPLE_EVERY == 1
-                && let Some(l) = &mut self.routed
-            {
-                l.record(monotonic_ns().saturating_sub(ev.ingest_ns));
+            if self.sample && self.batches % STAGE_SAMPLE_EVERY == 1 {
+                self.routed
+                    .record(monotonic_ns().saturating_sub(ev.ingest_ns));
             }
         }
         let routed = match admit(&self.rules.get().control, self.state, ev.priority()) {
@@ -205,13 +212,11 @@ impl<'s> Inline<'s> {
             step.end(now, closing, self.counters);
         }
         self.dlq.end(self.counters, closing);
-        if let Some(l) = &mut self.routed {
-            l.merge_into(
-                self.counters.stages.get(Stage::ReceiveToRouted),
-                now,
-                closing,
-            );
-        }
+        self.routed.merge_into(
+            self.counters.stages.get(Stage::ReceiveToRouted),
+            now,
+            closing,
+        );
         if self.dispatched != 0 {
             self.counters
                 .dispatched
