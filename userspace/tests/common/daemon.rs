@@ -77,6 +77,26 @@ pub fn start_kernel_in_lab(
     )
 }
 
+/// Where each daemon started by [`spawn`] writes its log (stderr), by pid: a failed stop shows
+/// the log's end.
+static LOGS: std::sync::Mutex<Vec<(u32, std::path::PathBuf)>> = std::sync::Mutex::new(Vec::new());
+
+/// The last lines of the log of daemon `pid`, if it was started here.
+fn log_tail(pid: u32) -> String {
+    let path = LOGS
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .iter()
+        .find(|(p, _)| *p == pid)
+        .map(|(_, l)| l.clone());
+    path.and_then(|p| std::fs::read_to_string(p).ok())
+        .map(|t| {
+            let lines: Vec<&str> = t.lines().collect();
+            lines[lines.len().saturating_sub(30)..].join("\n")
+        })
+        .unwrap_or_default()
+}
+
 /// Writes `config` into a directory of its own, runs `eventstream run ARGS --config FILE` and
 /// reads stdout up to the line starting with `ready`; returns what follows `ready` on it.
 fn spawn(
@@ -94,15 +114,19 @@ fn spawn(
     std::fs::create_dir_all(&dir).unwrap();
     let path = dir.join("eventstream.yaml");
     std::fs::write(&path, config).unwrap();
+    let log = dir.join("daemon.stderr");
     let mut child = command()
         .arg("run")
         .args(args)
         .arg("--config")
         .arg(&path)
         .stdout(Stdio::piped())
-        .stderr(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
         .spawn()
         .unwrap();
+    LOGS.lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .push((child.id(), log));
     let mut out = BufReader::new(child.stdout.take().unwrap());
     let addr = read_until(&mut out, ready);
     (child, out, addr, dir)
@@ -140,10 +164,18 @@ pub fn exit_report_within(
         if let Some(s) = child.try_wait().unwrap() {
             break s;
         }
-        assert!(Instant::now() < deadline, "{why}");
+        assert!(
+            Instant::now() < deadline,
+            "{why}; its log ends:\n{}",
+            log_tail(child.id())
+        );
         std::thread::sleep(Duration::from_millis(20));
     };
-    assert!(status.success(), "{status}");
+    assert!(
+        status.success(),
+        "{status}; its log ends:\n{}",
+        log_tail(child.id())
+    );
     read_report(&mut out)
 }
 
