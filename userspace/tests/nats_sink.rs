@@ -22,6 +22,18 @@ fn cluster(tag: &str, slot: u16) -> NatsCluster {
     NatsCluster::start(&dir, base, 3).unwrap()
 }
 
+/// Whether `nats-server` is here; if not, the test skips saying so (fails under CI).
+fn have_nats() -> bool {
+    let ok = Command::new("nats-server")
+        .arg("--version")
+        .output()
+        .is_ok();
+    if !ok {
+        common::skip("nats-server is not installed (Debian: apt-get install nats-server)");
+    }
+    ok
+}
+
 /// Kills (SIGKILL) the cluster's node `name`.
 fn kill(cluster: &mut NatsCluster, name: &str) {
     cluster.kill(name).unwrap();
@@ -101,12 +113,8 @@ fn header(urls: &[String], stream: &str, seq: u64, name: &str) -> Option<String>
 
 #[test]
 fn killing_the_stream_leader_mid_blast_loses_nothing_and_duplicates_nothing() {
-    if Command::new("nats-server")
-        .arg("--version")
-        .output()
-        .is_err()
-    {
-        return common::skip("nats-server is not installed (Debian: apt-get install nats-server)");
+    if !have_nats() {
+        return;
     }
     let mut cluster = cluster("leader", 0);
     let urls = cluster.urls();
@@ -188,12 +196,8 @@ fn killing_the_stream_leader_mid_blast_loses_nothing_and_duplicates_nothing() {
 
 #[test]
 fn a_stream_with_other_settings_is_a_clear_error_at_start() {
-    if Command::new("nats-server")
-        .arg("--version")
-        .output()
-        .is_err()
-    {
-        return common::skip("nats-server is not installed (Debian: apt-get install nats-server)");
+    if !have_nats() {
+        return;
     }
     let cluster = cluster("mismatch", 1);
     let urls = cluster.urls();
@@ -223,12 +227,8 @@ fn a_stream_with_other_settings_is_a_clear_error_at_start() {
 
 #[test]
 fn two_appliances_sending_the_same_sender_ids_land_each_event_once() {
-    if Command::new("nats-server")
-        .arg("--version")
-        .output()
-        .is_err()
-    {
-        return common::skip("nats-server is not installed (Debian: apt-get install nats-server)");
+    if !have_nats() {
+        return;
     }
     let cluster = cluster("scaleout", 2);
     let urls = cluster.urls();
@@ -285,12 +285,8 @@ fn two_appliances_sending_the_same_sender_ids_land_each_event_once() {
 
 #[test]
 fn an_outage_longer_than_memory_spills_to_disk_and_is_replayed_in_order_once() {
-    if Command::new("nats-server")
-        .arg("--version")
-        .output()
-        .is_err()
-    {
-        return common::skip("nats-server is not installed (Debian: apt-get install nats-server)");
+    if !have_nats() {
+        return;
     }
     let cluster = cluster("spill", 3);
     let urls = cluster.urls();
@@ -370,12 +366,8 @@ fn an_outage_longer_than_memory_spills_to_disk_and_is_replayed_in_order_once() {
 
 #[test]
 fn a_disk_buffer_left_at_shutdown_is_delivered_by_the_next_run() {
-    if Command::new("nats-server")
-        .arg("--version")
-        .output()
-        .is_err()
-    {
-        return common::skip("nats-server is not installed (Debian: apt-get install nats-server)");
+    if !have_nats() {
+        return;
     }
     let cluster = cluster("left", 4);
     let urls = cluster.urls();
@@ -484,12 +476,8 @@ fn a_disk_buffer_left_at_shutdown_is_delivered_by_the_next_run() {
 #[test]
 #[ignore = "long: a 60 s outage of the whole cluster under 50 000 events/s, then the drain"]
 fn a_sixty_second_outage_under_fifty_thousand_events_per_second_loses_nothing() {
-    if Command::new("nats-server")
-        .arg("--version")
-        .output()
-        .is_err()
-    {
-        return common::skip("nats-server is not installed (Debian: apt-get install nats-server)");
+    if !have_nats() {
+        return;
     }
     let cluster = cluster("outage60", 5);
     let urls = cluster.urls();
@@ -559,12 +547,8 @@ fn a_sixty_second_outage_under_fifty_thousand_events_per_second_loses_nothing() 
 
 #[test]
 fn healthz_names_the_sink_within_a_second_of_losing_nats_and_recovers() {
-    if Command::new("nats-server")
-        .arg("--version")
-        .output()
-        .is_err()
-    {
-        return common::skip("nats-server is not installed (Debian: apt-get install nats-server)");
+    if !have_nats() {
+        return;
     }
     // One server: when it dies the client has nowhere to go.
     let pid = std::process::id();

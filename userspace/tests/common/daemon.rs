@@ -5,6 +5,15 @@ use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+/// A daemon started by a test: the child, its stdout (after the line waited for), what that
+/// line named (an address), and the directory holding its config and log.
+pub type Started = (
+    std::process::Child,
+    BufReader<std::process::ChildStdout>,
+    String,
+    std::path::PathBuf,
+);
+
 /// `eventstream` as a child that dies with the thread that started it (`PR_SET_PDEATHSIG`): a
 /// test that fails before it stops its daemon leaves none running behind it.
 pub fn command() -> Command {
@@ -24,31 +33,13 @@ pub fn command() -> Command {
 }
 
 /// Starts the daemon with `config`, returns it and the UDP address it bound.
-pub fn start(
-    config: &str,
-    tag: &str,
-) -> (
-    std::process::Child,
-    BufReader<std::process::ChildStdout>,
-    String,
-    std::path::PathBuf,
-) {
+pub fn start(config: &str, tag: &str) -> Started {
     spawn(&["--no-xdp"], config, tag, "listening udp ")
 }
 
 /// Starts the daemon on AF_XDP in the lab namespace `netns` on `iface`; returns it and its admin
 /// address (printed once the sockets are bound and registered).
-pub fn start_in_lab(
-    config: &str,
-    tag: &str,
-    netns: &str,
-    iface: &str,
-) -> (
-    std::process::Child,
-    BufReader<std::process::ChildStdout>,
-    String,
-    std::path::PathBuf,
-) {
+pub fn start_in_lab(config: &str, tag: &str, netns: &str, iface: &str) -> Started {
     spawn(
         &["--netns", netns, "--iface", iface],
         config,
@@ -59,16 +50,7 @@ pub fn start_in_lab(
 
 /// Starts the daemon on the kernel paths only (`--no-xdp`) in the lab namespace `netns`;
 /// returns it and the UDP address it bound.
-pub fn start_kernel_in_lab(
-    config: &str,
-    tag: &str,
-    netns: &str,
-) -> (
-    std::process::Child,
-    BufReader<std::process::ChildStdout>,
-    String,
-    std::path::PathBuf,
-) {
+pub fn start_kernel_in_lab(config: &str, tag: &str, netns: &str) -> Started {
     spawn(
         &["--netns", netns, "--no-xdp"],
         config,
@@ -99,17 +81,7 @@ fn log_tail(pid: u32) -> String {
 
 /// Writes `config` into a directory of its own, runs `eventstream run ARGS --config FILE` and
 /// reads stdout up to the line starting with `ready`; returns what follows `ready` on it.
-fn spawn(
-    args: &[&str],
-    config: &str,
-    tag: &str,
-    ready: &str,
-) -> (
-    std::process::Child,
-    BufReader<std::process::ChildStdout>,
-    String,
-    std::path::PathBuf,
-) {
+fn spawn(args: &[&str], config: &str, tag: &str, ready: &str) -> Started {
     let dir = std::env::temp_dir().join(format!("es-{tag}-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let path = dir.join("eventstream.yaml");
