@@ -115,8 +115,13 @@ pub struct PinnedLab {
 impl PinnedLab {
     /// Brings the lab `name` up and pins the program from `object` on its receiver.
     pub fn up(name: &str, object: &Path) -> Result<Self> {
+        Self::up_with_queues(name, object, 1)
+    }
+
+    /// As [`Self::up`], with `queues` RX queues on the receiver.
+    pub fn up_with_queues(name: &str, object: &Path, queues: u32) -> Result<Self> {
         // Pins are kept per network namespace (`es-rx@netns-INODE`), so labs never share them.
-        let lab = Lab::up(name)?;
+        let lab = Lab::up_with_queues(name, queues)?;
         let mode = in_netns(&lab.rx_ns, || {
             crate::xdp::attach_and_pin(
                 object,

@@ -150,15 +150,48 @@ impl Step {
     }
 }
 
-fn step(app: &Appliance, ns: &str, f: &[String]) -> Result<Step> {
+/// One step: the generators (one per flag set: one per RX queue) run at once; what they sent
+/// against what the appliance delivered meanwhile.
+fn step(app: &Appliance, ns: &str, gens: &[Vec<String>]) -> Result<Step> {
     let before = app.settle(Duration::from_secs(3))?;
-    let t = blast(ns, f)?;
+    let tallies: Vec<Result<Tally>> = std::thread::scope(|s| {
+        let running: Vec<_> = gens.iter().map(|f| s.spawn(move || blast(ns, f))).collect();
+        running
+            .into_iter()
+            .map(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
+            .collect()
+    });
+    let (mut sent, mut secs) = (0, 0.0f64);
+    for t in tallies {
+        let t = t?;
+        sent += t.events;
+        secs = secs.max(t.elapsed.as_secs_f64());
+    }
     let after = app.settle(Duration::from_secs(5))?;
     Ok(Step {
-        sent: t.events,
+        sent,
         delivered: after.0 - before.0,
-        secs: t.elapsed.as_secs_f64().max(1e-9),
+        secs: secs.max(1e-9),
     })
+}
+
+/// Live-frames flags for `queues` generators, one per RX queue, sharing `rate` (0: each as
+/// fast as it can).
+fn live_queues(
+    object: &Path,
+    payload: usize,
+    per: u16,
+    secs: f64,
+    rate: u64,
+    queues: u32,
+) -> Vec<Vec<String>> {
+    (0..queues)
+        .map(|q| {
+            let mut f = live(object, payload, per, secs, rate / u64::from(queues), false);
+            f.extend(["--queue".into(), q.to_string()]);
+            f
+        })
+        .collect()
 }
 
 /// One throughput run on a running appliance: full offered load, then down to no loss.
@@ -166,11 +199,10 @@ fn search(
     app: &Appliance,
     ns: &str,
     object: &Path,
-    payload: usize,
-    per: u16,
+    (payload, per, queues): (usize, u16, u32),
     secs: f64,
 ) -> Result<Value> {
-    let max = step(app, ns, &live(object, payload, per, secs, 0, false))?;
+    let max = step(app, ns, &live_queues(object, payload, per, secs, 0, queues))?;
     let mut sustainable = (max.loss() <= 0.0).then_some(max);
     let mut tries = vec![max];
     // Down from what was delivered until a step loses nothing...
@@ -180,7 +212,7 @@ fn search(
         let s = step(
             app,
             ns,
-            &live(object, payload, per, secs, rate as u64, false),
+            &live_queues(object, payload, per, secs, rate as u64, queues),
         )?;
         tries.push(s);
         if s.loss() <= 0.0 {
@@ -198,7 +230,7 @@ fn search(
             let s = step(
                 app,
                 ns,
-                &live(object, payload, per, secs, mid as u64, false),
+                &live_queues(object, payload, per, secs, mid as u64, queues),
             )?;
             tries.push(s);
             if s.loss() <= 0.0 {
@@ -339,7 +371,8 @@ pub fn main(root: &Path, args: &Args) -> Result<()> {
         ),
     )?;
     let log = out_dir.join("appliance.log");
-    let lab = PinnedLab::up(&args.lab, &object)?;
+    // Two RX queues: the one-queue cases use queue 0; `xsk_2q` serves both.
+    let lab = PinnedLab::up_with_queues(&args.lab, &object, 2)?;
     let (rx, tx) = (lab.lab.rx_ns.clone(), lab.lab.tx_ns.clone());
     eprintln!(
         "bench: lab {} up, XDP attached in {} mode",
@@ -388,14 +421,21 @@ pub fn main(root: &Path, args: &Args) -> Result<()> {
         ),
         ("xsk_parse", &["--iface", RX_IF, "--probe", "parse"][..]),
         ("xsk", &["--iface", RX_IF][..]),
+        // Two queues, a socket and a data-plane thread each, a generator per queue: on two
+        // cores they share the CPUs with the generators (reported, no target).
+        ("xsk_2q", &["--iface", RX_IF, "--queues", "2"][..]),
         ("recvmmsg", &["--no-xdp"][..]),
     ] {
+        let queues = if path == "xsk_2q" { 2 } else { 1 };
         let app = Appliance::start(&bin, &config, &rx, extra, Some(&log))?;
         let mut results = Vec::new();
         for &payload in &PAYLOADS {
             for &per in &PER_DATAGRAM {
                 if let Some(why) = unfit(payload, per) {
                     results.push((payload, per, Err(why)));
+                    continue;
+                }
+                if queues > 1 && payload != 64 {
                     continue;
                 }
                 let mut runs = Vec::new();
@@ -406,7 +446,13 @@ pub fn main(root: &Path, args: &Args) -> Result<()> {
                 });
                 let before = xsk_drops(&app)?;
                 for _ in 0..plan.runs {
-                    runs.push(search(&app, &rx, &object, payload, per, plan.secs)?);
+                    runs.push(search(
+                        &app,
+                        &rx,
+                        &object,
+                        (payload, per, queues),
+                        plan.secs,
+                    )?);
                 }
                 let after = xsk_drops(&app)?;
                 let drops: serde_json::Map<String, Value> = after
@@ -426,7 +472,21 @@ pub fn main(root: &Path, args: &Args) -> Result<()> {
             }
         }
         let report = app.stop()?;
-        let mode = if path.starts_with("xsk") {
+        let mode = if path == "xsk_2q" {
+            // Per queue, over every step of every run: the split the generators made.
+            let per_queue: Vec<String> = report["xsk"]["queues"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|q| q["events"].to_string())
+                .collect();
+            format!(
+                "{}, {}, 2 queues (events per queue {}); shares the CPUs with the generators",
+                xsk_mode(&report),
+                report["engine_mode"].as_str().unwrap_or("?"),
+                per_queue.join(" + ")
+            )
+        } else if path.starts_with("xsk") {
             xsk_label = xsk_mode(&report);
             format!(
                 "{xsk_label}, {}",
