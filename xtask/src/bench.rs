@@ -28,7 +28,7 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail};
 use clap::Parser;
 use eventstream::tools::blast::{BlastArgs, Tally};
-use eventstream::tools::lab::{RX_ADDR, RX_IF, in_netns};
+use eventstream::tools::lab::{RX_ADDR, RX_IF, TX_IF, in_netns};
 use eventstream_common::DEFAULT_UDP_PORT;
 use serde_json::{Value, json};
 
@@ -150,12 +150,15 @@ impl Step {
     }
 }
 
-/// One step: the generators (one per flag set: one per RX queue) run at once; what they sent
-/// against what the appliance delivered meanwhile.
-fn step(app: &Appliance, ns: &str, gens: &[Vec<String>]) -> Result<Step> {
+/// One step: the generators (one per RX queue, each `(namespace, blaster flags)`) run at once;
+/// what they sent against what the appliance delivered meanwhile.
+fn step(app: &Appliance, gens: &[(String, Vec<String>)]) -> Result<Step> {
     let before = app.settle(Duration::from_secs(3))?;
     let tallies: Vec<Result<Tally>> = std::thread::scope(|s| {
-        let running: Vec<_> = gens.iter().map(|f| s.spawn(move || blast(ns, f))).collect();
+        let running: Vec<_> = gens
+            .iter()
+            .map(|(ns, f)| s.spawn(move || blast(ns, f)))
+            .collect();
         running
             .into_iter()
             .map(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
@@ -175,45 +178,75 @@ fn step(app: &Appliance, ns: &str, gens: &[Vec<String>]) -> Result<Step> {
     })
 }
 
-/// Live-frames flags for `queues` generators, one per RX queue, sharing `rate` (0: each as
-/// fast as it can).
-fn live_queues(
-    object: &Path,
-    payload: usize,
-    per: u16,
-    secs: f64,
-    rate: u64,
-    queues: u32,
-) -> Vec<Vec<String>> {
-    (0..queues)
-        .map(|q| {
-            let mut f = live(object, payload, per, secs, rate / u64::from(queues), false);
-            f.extend(["--queue".into(), q.to_string()]);
-            f
-        })
-        .collect()
+/// Where a case's load comes from.
+#[derive(Debug, Clone, Copy)]
+enum Generator<'a> {
+    /// `BPF_PROG_TEST_RUN` live frames on the receiver, in its namespace. The kernel's live-frames
+    /// mode gives every frame RX queue 0 (its `xdp_rxq_info` is its own, queue index 0,
+    /// whatever `rx_queue_index` the run asks for; seen here: `--queue 1` frames all reached
+    /// queue 0's socket), so it can only feed one queue.
+    Live { rx: &'a str },
+    /// One AF_XDP TX socket per queue on the sender's veth end: veth hands a frame sent on TX
+    /// queue q to the peer's RX queue q.
+    XdpTx { tx: &'a str, queues: u32 },
+}
+
+impl Generator<'_> {
+    /// Flags of each generator at `rate` events/s in all (0: each as fast as it can).
+    fn flags(
+        self,
+        object: &Path,
+        (payload, per): (usize, u16),
+        secs: f64,
+        rate: u64,
+    ) -> Vec<(String, Vec<String>)> {
+        match self {
+            Self::Live { rx } => {
+                vec![(rx.to_owned(), live(object, payload, per, secs, rate, false))]
+            }
+            Self::XdpTx { tx, queues } => (0..queues)
+                .map(|q| {
+                    let f = flags(&[
+                        "--xdp-tx",
+                        "--iface",
+                        TX_IF,
+                        "--queue",
+                        &q.to_string(),
+                        "--to",
+                        &format!("{RX_ADDR}:{DEFAULT_UDP_PORT}"),
+                        "--payload-bytes",
+                        &payload.to_string(),
+                        "--events-per-datagram",
+                        &per.to_string(),
+                        "--duration",
+                        &secs.to_string(),
+                        "--rate",
+                        &(rate / u64::from(queues)).to_string(),
+                    ]);
+                    (tx.to_owned(), f)
+                })
+                .collect(),
+        }
+    }
 }
 
 /// One throughput run on a running appliance: full offered load, then down to no loss.
 fn search(
     app: &Appliance,
-    ns: &str,
+    generator: Generator<'_>,
     object: &Path,
-    (payload, per, queues): (usize, u16, u32),
+    (payload, per): (usize, u16),
     secs: f64,
 ) -> Result<Value> {
-    let max = step(app, ns, &live_queues(object, payload, per, secs, 0, queues))?;
+    let load = |rate: u64| generator.flags(object, (payload, per), secs, rate);
+    let max = step(app, &load(0))?;
     let mut sustainable = (max.loss() <= 0.0).then_some(max);
     let mut tries = vec![max];
     // Down from what was delivered until a step loses nothing...
     let mut lossy = max.offered();
     let mut rate = max.delivered_rate() * 0.9;
     while sustainable.is_none() && tries.len() < 5 && rate >= 1000.0 {
-        let s = step(
-            app,
-            ns,
-            &live_queues(object, payload, per, secs, rate as u64, queues),
-        )?;
+        let s = step(app, &load(rate as u64))?;
         tries.push(s);
         if s.loss() <= 0.0 {
             sustainable = Some(s);
@@ -227,11 +260,7 @@ fn search(
         let (mut lo, mut hi) = (good.offered(), lossy.min(good.offered() * 2.0));
         for _ in 0..2 {
             let mid = (lo + hi) / 2.0;
-            let s = step(
-                app,
-                ns,
-                &live_queues(object, payload, per, secs, mid as u64, queues),
-            )?;
+            let s = step(app, &load(mid as u64))?;
             tries.push(s);
             if s.loss() <= 0.0 {
                 lo = s.offered();
@@ -446,13 +475,12 @@ pub fn main(root: &Path, args: &Args) -> Result<()> {
                 });
                 let before = xsk_drops(&app)?;
                 for _ in 0..plan.runs {
-                    runs.push(search(
-                        &app,
-                        &rx,
-                        &object,
-                        (payload, per, queues),
-                        plan.secs,
-                    )?);
+                    let generator = if queues > 1 {
+                        Generator::XdpTx { tx: &tx, queues }
+                    } else {
+                        Generator::Live { rx: &rx }
+                    };
+                    runs.push(search(&app, generator, &object, (payload, per), plan.secs)?);
                 }
                 let after = xsk_drops(&app)?;
                 let drops: serde_json::Map<String, Value> = after
@@ -481,7 +509,7 @@ pub fn main(root: &Path, args: &Args) -> Result<()> {
                 .map(|q| q["events"].to_string())
                 .collect();
             format!(
-                "{}, {}, 2 queues (events per queue {}); shares the CPUs with the generators",
+                "{}, {}, 2 queues (events per queue {}), AF_XDP TX generators (live frames reach queue 0 only); shares the CPUs with them",
                 xsk_mode(&report),
                 report["engine_mode"].as_str().unwrap_or("?"),
                 per_queue.join(" + ")

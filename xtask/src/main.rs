@@ -78,6 +78,9 @@ enum Cmd {
         /// Name prefix of the two namespaces (`<name>-tx`, `<name>-rx`).
         #[arg(long, default_value = "eslab")]
         name: String,
+        /// RX and TX queues of each veth end (`up`).
+        #[arg(long, default_value_t = 1)]
+        queues: u32,
     },
 }
 
@@ -117,15 +120,19 @@ fn xtask_main() -> Result<()> {
         Cmd::Load(args) => xdp::load(&workspace_root(), &args),
         Cmd::Unload { iface } => xdp::unload(&iface),
         Cmd::Status => xdp::status(),
-        Cmd::Lab { action, name } => lab(&action, &name),
+        Cmd::Lab {
+            action,
+            name,
+            queues,
+        } => lab(&action, &name, queues),
     }
 }
 
-fn lab(action: &str, name: &str) -> Result<()> {
+fn lab(action: &str, name: &str, queues: u32) -> Result<()> {
     use eventstream::tools::lab::{Lab, RX_ADDR, RX_IF, TX_ADDR, TX_IF};
     match action {
         "up" => {
-            let lab = Lab::up(name)?;
+            let lab = Lab::up_with_queues(name, queues)?;
             println!(
                 "lab up: netns {} ({TX_IF} {TX_ADDR}) <-> netns {} ({RX_IF} {RX_ADDR})",
                 lab.tx_ns, lab.rx_ns
