@@ -31,8 +31,8 @@ use eventstream_common::wire::{
     IPV6_HLEN, UDP_HLEN, VLAN_HLEN,
 };
 use eventstream_common::{
-    MAX_ALLOW_ENTRIES, MAX_GROUPS, MAX_QUEUES, RATE_MAX_REFILL_NS, RATE_SOURCES, RateBucket, SourceAddr,
-    VERDICT_COUNT, Verdict, XdpConfig,
+    MAX_ALLOW_ENTRIES, MAX_GROUPS, MAX_QUEUES, RATE_MAX_REFILL_NS, RATE_SOURCES, RateBucket,
+    SourceAddr, VERDICT_COUNT, Verdict, XdpConfig,
 };
 
 /// AF_XDP sockets by RX queue index; filled by userspace.
