@@ -118,7 +118,7 @@ fn a_full_disk_is_retried_counted_reported_and_recovered() {
             + failed,
         "received = delivered + in flight + failed while failing: {m}"
     );
-    assert!(m.contains("reason=\"no_space\"} "), "{m}");
+    assert!(m.contains("error_type=\"no_space\"} "), "{m}");
     for family in [
         "eventstream_sink_sent_events_total{",
         "eventstream_sink_sent_bytes_total{",
