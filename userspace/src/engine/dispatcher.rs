@@ -11,7 +11,7 @@ use xxhash_rust::xxh3::xxh3_64;
 use super::{DlqReason, EngineCounters, Ev};
 use crate::engine::control::{Command, ControlPlane, PipelineState};
 use crate::engine::idle::{Idle, backoff};
-use crate::engine::latency::{LocalLatency, STAGE_SAMPLE_EVERY, Stage};
+use crate::engine::latency::{BatchSampler, LocalLatency, Stage};
 use crate::engine::rules::RulesView;
 use crate::ring::{mpsc, spsc};
 use crate::wire::event::monotonic_ns;
@@ -86,7 +86,7 @@ impl Dispatcher<'_, '_, '_> {
         let mut idle = Idle::new();
         let mut dispatched = 0u64;
         let mut routed = self.stage_latency.then(LocalLatency::default);
-        let mut batches = 0u32;
+        let mut batches = BatchSampler::default();
         loop {
             if self.rules.refresh() {
                 self.control.set_config(self.rules.get().control);
@@ -107,14 +107,12 @@ impl Dispatcher<'_, '_, '_> {
                 let Some(mut ev) = self.input.pop() else {
                     break;
                 };
-                if n == 0 {
-                    batches = batches.wrapping_add(1);
-                    if batches % STAGE_SAMPLE_EVERY == 1
-                        && let Some(l) = &mut routed
-                    {
-                        now = monotonic_ns();
-                        l.record(now.saturating_sub(ev.ingest_ns));
-                    }
+                if n == 0
+                    && batches.next_batch()
+                    && let Some(l) = &mut routed
+                {
+                    now = monotonic_ns();
+                    l.record(now.saturating_sub(ev.ingest_ns));
                 }
                 if now != 0 {
                     ev.routed_ns = now;

@@ -18,7 +18,7 @@ use super::control::{PipelineState, Shed, admit};
 use super::rules::{LiveRules, RulesView};
 use super::worker::{BatchClock, ClassStep, DlqStep};
 use super::{DlqReason, EngineCounters, Target};
-use crate::engine::latency::{LocalLatency, STAGE_SAMPLE_EVERY, Stage, realtime_ns};
+use crate::engine::latency::{BatchSampler, LocalLatency, Stage, realtime_ns};
 use crate::wire::event::{Event, monotonic_ns};
 
 /// Depth is published as a fraction of capacity in units of 1 / `DEPTH_ONE`.
@@ -42,14 +42,15 @@ pub struct Inline<'s> {
     /// The last topic routed and where it went: traffic comes in runs of one topic, and a
     /// byte compare is cheaper than the route table's hash.
     last: RouteCache,
-    /// Receive → routed, sampled on the first event of one batch in [`STAGE_SAMPLE_EVERY`].
+    /// Receive → routed, sampled on the first event of one batch in
+    /// [`STAGE_SAMPLE_EVERY`](crate::engine::latency::STAGE_SAMPLE_EVERY).
     routed: LocalLatency,
     /// Whether to sample it (`engine.stage_latency`).
     sample: bool,
     /// Whether this batch's first event was seen.
     sampled: bool,
-    /// Batches with events, for sampling the first and then one in [`STAGE_SAMPLE_EVERY`].
-    batches: u32,
+    /// Which batches with events are sampled.
+    batches: BatchSampler,
 }
 
 /// Longest topic [`RouteCache`] remembers.
@@ -113,7 +114,7 @@ impl<'s> Inline<'s> {
             routed: LocalLatency::default(),
             sample: true,
             sampled: false,
-            batches: 0,
+            batches: BatchSampler::default(),
         }
     }
 
@@ -170,8 +171,7 @@ impl<'s> Inline<'s> {
     pub fn event(&mut self, mut ev: Event<'_>) -> io::Result<()> {
         if !self.sampled {
             self.sampled = true;
-            self.batches = self.batches.wrapping_add(1);
-            if self.sample && self.batches % STAGE_SAMPLE_EVERY == 1 {
+            if self.batches.next_batch() && self.sample {
                 self.routed
                     .record(monotonic_ns().saturating_sub(ev.ingest_ns));
             }

@@ -28,6 +28,20 @@ use serde::Deserialize;
 /// One batch in this many is sampled for latency by stage.
 pub const STAGE_SAMPLE_EVERY: u32 = 8;
 
+/// Which batches are sampled for latency by stage: the first, then one in
+/// [`STAGE_SAMPLE_EVERY`].
+#[derive(Debug, Default, Clone, Copy)]
+pub struct BatchSampler(u32);
+
+impl BatchSampler {
+    /// Counts a batch (call once per batch with events); whether it is sampled.
+    #[inline]
+    pub fn next_batch(&mut self) -> bool {
+        self.0 = self.0.wrapping_add(1);
+        self.0 % STAGE_SAMPLE_EVERY == 1
+    }
+}
+
 /// Bytes of the payload stamp.
 pub const STAMP_LEN: usize = 16;
 
