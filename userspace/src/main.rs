@@ -294,7 +294,19 @@ fn run() -> Result<()> {
                 cfg.xdp.queues = q;
             }
             cfg.validate()?;
-            eventstream::daemon::run(&cfg, Some(&config), no_xdp, duration, probe)
+            let opts = eventstream::daemon::Options {
+                config_path: Some(&config),
+                no_xdp,
+                duration,
+                probe,
+            };
+            let umem = eventstream::daemon::Umem::map(&cfg, &opts)?;
+            let setup = eventstream::daemon::setup(&cfg, &umem, opts)?;
+            let report = eventstream::daemon::run(setup);
+            if let Some(json) = &report.json {
+                println!("{json}");
+            }
+            report.outcome
         }
     }
 }

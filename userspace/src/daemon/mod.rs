@@ -1,13 +1,22 @@
 //! The assembly: builds the appliance from a [`Config`] and runs it until it is told to stop.
 //!
-//! With an interface, one AF_XDP socket and pinned ingest thread per RX queue (UMEM on the NIC's
-//! NUMA node, the XDP program reused from `cargo xtask load` or loaded and owned here); without
-//! one, or where XDP cannot be had (no privileges, no interface, no AF_XDP), the kernel UDP
-//! socket with `recvmmsg`, announced in one log line that says why. On stdout it prints one
-//! `listening <what> <addr>` line per bound socket, then `ready` once every thread runs. A stop
-//! (SIGINT, SIGTERM, `duration`, or `POST /state drain`) closes ingest, drains what is queued
-//! into the sinks, and prints the reconciliation as one JSON line on stdout.
+//! Three steps, so the privileged work is done and over before any event is taken, and tests
+//! can build the appliance in process:
+//! - [`Umem::map`]: the ingest path decided, the host topology read, UMEM mapped on the NIC's
+//!   NUMA node and locked;
+//! - [`setup`] (privileged): with an interface, the XDP program (reused from
+//!   `cargo xtask load`, or loaded and owned here) and one AF_XDP socket per RX queue over that
+//!   UMEM; without one, or where XDP cannot be had (no privileges, no interface, no AF_XDP),
+//!   kernel UDP sockets with `recvmmsg`, announced in one log line that says why; the TCP and
+//!   admin listeners; then every capability dropped but the one the run needs. It prints one
+//!   `listening <what> <addr>` line per bound socket.
+//! - [`run`] (unprivileged): sinks opened, one data-plane thread per receive queue (and,
+//!   pipelined, the dispatcher, workers and DLQ), `ready` printed, and the rest on one mostly
+//!   sleeping housekeeping thread ([`house`]). A stop (SIGINT, SIGTERM, `duration`, or
+//!   `POST /state drain`) closes ingest and drains what is queued into the sinks while `/metrics`
+//!   keeps answering; the [`Report`] reconciles what was accepted with what was delivered.
 
+pub mod house;
 pub mod reload;
 
 use std::net::UdpSocket;
@@ -31,7 +40,8 @@ use crate::engine::{
 };
 use crate::ingest::tcp::TcpLimits;
 use crate::ingest::{
-    Discard, Enqueue, IngestCounters, RunInline, Slot, TcpIngest, UdpIngest, XskIngest, bind_udp,
+    Acceptor, Discard, Enqueue, IngestCounters, RunInline, Slot, TcpIngest, UdpIngest, XskIngest,
+    bind_udp,
 };
 use crate::mem::RegionOptions;
 use crate::mem::frames::{FrameArena, FrameOwner};
@@ -385,19 +395,149 @@ pub enum Probe {
     BareCrate,
 }
 
-/// Runs the appliance described by `cfg` (already validated) until a signal, a drain command,
-/// or `duration` seconds (0: no limit).
+/// What `eventstream run` asks for beyond the configuration.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Options<'c> {
+    /// The configuration file, read again on a reload (SIGHUP, `POST /reload`); `None`: reloads
+    /// are refused.
+    pub config_path: Option<&'c std::path::Path>,
+    /// Kernel UDP ingest even where `xdp.iface` is set.
+    pub no_xdp: bool,
+    /// Stop after this many seconds (0: no limit).
+    pub duration: u64,
+    /// One of the bench's probes instead of the engine.
+    pub probe: Option<Probe>,
+}
+
+/// The memory the AF_XDP sockets are built over: one frame arena (UMEM) per RX queue, on the
+/// NIC's NUMA node, hugepage-backed where the host has them, locked. The caller owns it, for
+/// as long as the [`Setup`] that lends it to the kernel; mapping and locking it is privileged
+/// work, done first.
+pub struct Umem {
+    want_xdp: bool,
+    topo: Topology,
+    arenas: Vec<FrameArena>,
+}
+
+impl core::fmt::Debug for Umem {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_struct("Umem")
+            .field("want_xdp", &self.want_xdp)
+            .field("arenas", &self.arenas.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Umem {
+    /// Decides the ingest path (saying why in one line when it is kernel UDP), discovers the
+    /// host's topology, and maps one arena per `xdp.queues` when AF_XDP is wanted.
+    ///
+    /// # Errors
+    /// When the memory cannot be mapped or locked.
+    pub fn map(cfg: &Config, opts: &Options<'_>) -> Result<Self> {
+        let x = &cfg.xdp;
+        let want_xdp = if opts.no_xdp {
+            info!("--no-xdp: kernel UDP ingest (recvmmsg)");
+            false
+        } else if x.iface.is_empty() {
+            info!("xdp.iface is not set: kernel UDP ingest (recvmmsg)");
+            false
+        } else {
+            true
+        };
+        let topo = Topology::discover(want_xdp.then_some(x.iface.as_str()));
+        for line in topo.to_string().lines() {
+            info!("topology: {}", line.trim());
+        }
+        let umem_opts = RegionOptions {
+            hugepages: true,
+            placement: topo.nic_node.map_or(Placement::Any, Placement::Node),
+            lock: true,
+        };
+        let arenas: Vec<FrameArena> = if want_xdp {
+            (0..x.queues)
+                .map(|_| FrameArena::new(x.frame_size, x.frames, umem_opts))
+                .collect::<Result<_, _>>()?
+        } else {
+            Vec::new()
+        };
+        if let Some(a) = arenas.first() {
+            let r = a.region();
+            info!(queues = arenas.len(), bytes_each = r.len(), pages = ?r.pages(), numa = ?r.numa(), locked = ?r.locked(), "UMEM mapped");
+        }
+        Ok(Self {
+            want_xdp,
+            topo,
+            arenas,
+        })
+    }
+}
+
+/// Where the appliance listens, with the ports the kernel chose for port 0.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Addresses {
+    /// The (first) kernel UDP socket.
+    pub udp: Option<std::net::SocketAddr>,
+    /// The TCP listener.
+    pub tcp: Option<std::net::SocketAddr>,
+    /// The admin server.
+    pub admin: Option<std::net::SocketAddr>,
+}
+
+/// The appliance after its privileged setup: XDP program attached, sockets bound, capabilities
+/// dropped. [`run`] takes it from here.
+pub struct Setup<'c, 'm> {
+    cfg: &'c Config,
+    opts: Options<'c>,
+    stop: Arc<AtomicBool>,
+    hup: Arc<AtomicBool>,
+    plan: topology::Plan,
+    xsk: Option<XskSetup<'m>>,
+    udp: Vec<(UdpSocket, FrameArena)>,
+    tcp_listener: Option<std::net::TcpListener>,
+    admin: Option<(std::net::TcpListener, crate::ops::admin::Policy)>,
+    addresses: Addresses,
+    started: crate::ops::admin::Started,
+}
+
+impl core::fmt::Debug for Setup<'_, '_> {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_struct("Setup")
+            .field("addresses", &self.addresses)
+            .field("xdp", &self.xsk.is_some())
+            .field("udp_sockets", &self.udp.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Setup<'_, '_> {
+    /// Where it listens.
+    pub fn addresses(&self) -> Addresses {
+        self.addresses
+    }
+
+    /// The stop flag SIGTERM and SIGINT set: set it to stop the run as they do (tests that run
+    /// the appliance in process).
+    pub fn stopper(&self) -> Arc<AtomicBool> {
+        Arc::clone(&self.stop)
+    }
+
+    /// Whether events come from AF_XDP sockets (else kernel UDP).
+    pub fn is_xdp(&self) -> bool {
+        self.xsk.is_some()
+    }
+}
+
+/// The privileged part: signal handlers, the XDP program and AF_XDP sockets over `umem`, the
+/// kernel UDP sockets, the TCP and admin listeners, then every capability dropped but the one
+/// the run needs (see [`crate::ops::privs`]). Prints one `listening <what> <addr>` line per
+/// bound socket.
 ///
 /// # Errors
-/// Setup failures (a socket that cannot be bound, a sink directory that cannot be opened, the
-/// XDP program refused where it was required), and an ingest or sink failure during the run.
-pub fn run(
-    cfg: &Config,
-    config_path: Option<&std::path::Path>,
-    no_xdp: bool,
-    duration: u64,
-    probe: Option<Probe>,
-) -> Result<()> {
+/// A socket that cannot be bound, a bad admin token file, capabilities that cannot be dropped,
+/// or the XDP program refused where it was required. Where AF_XDP cannot be had at all, the
+/// kernel UDP path is set up instead, with one log line that says why.
+pub fn setup<'c, 'm>(cfg: &'c Config, umem: &'m Umem, opts: Options<'c>) -> Result<Setup<'c, 'm>> {
     // First: a stop asked for during setup (which may wait on a broker) is not a kill; the run
     // then ends as soon as it starts, with its report. SIGHUP asks for a reload, never a stop.
     let stop = Arc::new(AtomicBool::new(false));
@@ -409,39 +549,13 @@ pub fn run(
     signal_hook::flag::register(signal_hook::consts::SIGHUP, Arc::clone(&hup))
         .context("installing signal handlers")?;
     let x = &cfg.xdp;
-    // Decide the ingest path, and say why in one line when it is kernel UDP.
-    let want_xdp = if no_xdp {
-        info!("--no-xdp: kernel UDP ingest (recvmmsg)");
-        false
-    } else if x.iface.is_empty() {
-        info!("xdp.iface is not set: kernel UDP ingest (recvmmsg)");
-        false
-    } else {
-        true
-    };
-    let topo = Topology::discover(want_xdp.then_some(x.iface.as_str()));
-    for line in topo.to_string().lines() {
-        info!("topology: {}", line.trim());
-    }
-    let node = topo.nic_node;
-    let umem_opts = RegionOptions {
-        hugepages: true,
-        placement: node.map_or(Placement::Any, Placement::Node),
-        lock: true,
-    };
-    let arenas: Vec<FrameArena> = if want_xdp {
-        (0..x.queues)
-            .map(|_| FrameArena::new(x.frame_size, x.frames, umem_opts))
-            .collect::<Result<_, _>>()?
-    } else {
-        Vec::new()
-    };
-    if let Some(a) = arenas.first() {
-        let r = a.region();
-        info!(queues = arenas.len(), bytes_each = r.len(), pages = ?r.pages(), numa = ?r.numa(), locked = ?r.locked(), "UMEM mapped");
-    }
-    let xsk = if want_xdp {
-        match setup_xsk(x, &cfg.ingest.udp.multicast_groups, &arenas, probe) {
+    let xsk = if umem.want_xdp {
+        match setup_xsk(
+            x,
+            &cfg.ingest.udp.multicast_groups,
+            &umem.arenas,
+            opts.probe,
+        ) {
             Ok(s) => Some(s),
             Err(e) => {
                 warn!("AF_XDP unavailable ({e:#}); falling back to kernel UDP ingest (recvmmsg)");
@@ -454,7 +568,7 @@ pub fn run(
 
     let e = &cfg.engine;
     let plan = topology::plan(
-        &topo,
+        &umem.topo,
         &PlanInput {
             queues: xsk.as_ref().map_or(0, |s| s.queues.len() as u32),
             dispatcher_cpu: e.dispatcher_cpu,
@@ -466,6 +580,7 @@ pub fn run(
     for why in &plan.why {
         info!("placement: {why}");
     }
+    let mut addresses = Addresses::default();
 
     let u = &cfg.ingest.udp;
     // Kernel UDP sockets: `ingest.udp.sockets` of them without AF_XDP, one beside it.
@@ -532,11 +647,10 @@ pub fn run(
         info!(addr = %addr, device = ?device, socket = k, frames, frame_size, pages = ?arena.region().pages(), "kernel UDP ingest bound");
         if k == 0 {
             println!("listening udp {addr}");
+            addresses.udp = Some(addr);
         }
         udp.push((socket, arena));
     }
-    // The kernel TCP listener: connection slots made now, so the events they mint can outlive
-    // any one connection inside the thread scope.
     let t = &cfg.ingest.tcp;
     let tcp_listener = match t.bind {
         Some(addr) => {
@@ -547,11 +661,152 @@ pub fn run(
                     device.map_or(String::new(), |d| format!(" on {d}"))
                 )
             })?;
-            println!("listening tcp {}", l.local_addr()?);
+            let bound = l.local_addr()?;
+            println!("listening tcp {bound}");
+            addresses.tcp = Some(bound);
             Some(l)
         }
         None => None,
     };
+    let started = crate::ops::admin::Started::now();
+    let admin = match cfg.admin.bind {
+        Some(addr) => {
+            let (listener, bound) = crate::ops::admin::bind(addr)
+                .with_context(|| format!("binding admin {addr} (admin.bind)"))?;
+            let a = &cfg.admin;
+            let token = match &a.token_file {
+                Some(path) => {
+                    let t = std::fs::read_to_string(path).with_context(|| {
+                        format!(
+                            "reading the admin token {} (admin.token_file)",
+                            path.display()
+                        )
+                    })?;
+                    let t = t.trim().to_owned();
+                    if t.len() < 16 {
+                        return Err(anyhow!(
+                            "the admin token in {} is shorter than 16 characters (admin.token_file)",
+                            path.display()
+                        ));
+                    }
+                    Some(t)
+                }
+                None => None,
+            };
+            let policy = crate::ops::admin::Policy {
+                max_connections: a.max_connections,
+                timeout: Duration::from_secs(a.timeout_secs),
+                token,
+                allowed_hosts: crate::ops::admin::Policy::hosts_for(bound, &a.allowed_hosts),
+            };
+            println!("listening admin {bound}");
+            addresses.admin = Some(bound);
+            Some((listener, policy))
+        }
+        None => None,
+    };
+    // Every socket is bound and the XDP program set up: before any thread starts (sinks start
+    // their I/O threads as they open, and threads inherit the set), keep only what the run
+    // loop needs.
+    drop_privileges(xsk.is_some(), &cfg.privileges)?;
+    Ok(Setup {
+        cfg,
+        opts,
+        stop,
+        hup,
+        plan,
+        xsk,
+        udp,
+        tcp_listener,
+        admin,
+        addresses,
+        started,
+    })
+}
+
+/// How a run ended: the reconciliation (printed as one JSON line by `eventstream run`), and
+/// the error that ended it, if one did.
+#[derive(Debug)]
+pub struct Report {
+    /// Accepted, delivered, DLQ, duplicates and failures, every metric, latency by stage;
+    /// `None` when the run failed before any thread started (a sink that cannot be opened).
+    pub json: Option<serde_json::Value>,
+    /// `Ok` for a stop (signal, drain command, `duration`); the ingest or sink error otherwise.
+    pub outcome: Result<()>,
+}
+
+/// Where the stop is: each phase waits for the threads it stopped to finish, without blocking
+/// the housekeeping thread.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Phase {
+    /// Taking traffic.
+    Running,
+    /// Ingest threads that feed others (TCP connections, the beside-XDP socket, pipelined
+    /// receive threads) are stopping.
+    Ingest,
+    /// Data-plane threads (inline) serve what those queued, close windows, and stop.
+    DataPlane,
+    /// Pipelined: the dispatcher, workers and DLQ drain their rings into the sinks.
+    Engine,
+}
+
+/// Once every handle in `handles` has finished, joins them (an error or panic into `result`,
+/// labelled `what`) and says true; until then, false, without waiting.
+fn join_finished(
+    handles: &mut Vec<std::thread::ScopedJoinHandle<'_, std::io::Result<()>>>,
+    what: &str,
+    result: &mut Result<()>,
+) -> bool {
+    if !handles
+        .iter()
+        .all(std::thread::ScopedJoinHandle::is_finished)
+    {
+        return false;
+    }
+    for h in handles.drain(..) {
+        match h.join() {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => *result = Err(anyhow::Error::from(e).context(what.to_owned())),
+            Err(_) => warn!(thread = what, "a thread panicked"),
+        }
+    }
+    true
+}
+
+/// The unprivileged part: opens the sinks, starts one data-plane thread per receive queue (and,
+/// pipelined, the dispatcher, workers and DLQ), prints `ready`, and runs the housekeeping
+/// thread ([`house`]) here until a signal, a drain command, `duration` seconds, or a thread's
+/// failure; then stops ingest, drains what is queued into the sinks, and reports.
+///
+/// The report is made whatever ended the run (a failed sink included), so what was accepted
+/// and what was delivered can still be reconciled from outside.
+pub fn run(setup: Setup<'_, '_>) -> Report {
+    let mut json = None;
+    let outcome = run_with(setup, &mut json);
+    if let (Some(json), Err(e)) = (&mut json, &outcome) {
+        json["error"] = json!(format!("{e:#}"));
+    }
+    Report { json, outcome }
+}
+
+fn run_with(setup: Setup<'_, '_>, report_out: &mut Option<serde_json::Value>) -> Result<()> {
+    let Setup {
+        cfg,
+        opts,
+        stop,
+        hup,
+        plan,
+        xsk,
+        udp,
+        tcp_listener,
+        admin,
+        addresses: _,
+        started,
+    } = setup;
+    let (x, u, t) = (&cfg.xdp, &cfg.ingest.udp, &cfg.ingest.tcp);
+    let probe = opts.probe;
+    // The kernel TCP listener: connection slots made now, so the events they mint can outlive
+    // any one connection inside the thread scope.
     let tcp_slots_n = if tcp_listener.is_some() {
         t.max_connections
     } else {
@@ -574,7 +829,6 @@ pub fn run(
             counters: &tcp_counters[i],
         })
         .collect();
-    let started = crate::ops::admin::Started::now();
     let (tcp_refused, tcp_live, tcp_accept_errors) =
         (AtomicU64::new(0), AtomicU64::new(0), AtomicU64::new(0));
 
@@ -601,7 +855,7 @@ pub fn run(
     let (read_timeout, frame_timeout, per_source) = reload::tcp_limits_of(cfg);
     let tcp_limits = TcpLimits::new(read_timeout, frame_timeout, per_source);
     let reloader = reload::Reloader::new(
-        config_path.map(Into::into),
+        opts.config_path.map(Into::into),
         cfg.clone(),
         &live_rules,
         &tcp_limits,
@@ -651,46 +905,7 @@ pub fn run(
     let ingest_done = AtomicBool::new(false);
     let engine_counters = EngineCounters::default();
     let depths: Vec<AtomicU32> = (0..data_plane).map(|_| AtomicU32::new(0)).collect();
-    let admin = match cfg.admin.bind {
-        Some(addr) => {
-            let (listener, bound) = crate::ops::admin::bind(addr)
-                .with_context(|| format!("binding admin {addr} (admin.bind)"))?;
-            let a = &cfg.admin;
-            let token = match &a.token_file {
-                Some(path) => {
-                    let t = std::fs::read_to_string(path).with_context(|| {
-                        format!(
-                            "reading the admin token {} (admin.token_file)",
-                            path.display()
-                        )
-                    })?;
-                    let t = t.trim().to_owned();
-                    if t.len() < 16 {
-                        return Err(anyhow!(
-                            "the admin token in {} is shorter than 16 characters (admin.token_file)",
-                            path.display()
-                        ));
-                    }
-                    Some(t)
-                }
-                None => None,
-            };
-            let policy = crate::ops::admin::Policy {
-                max_connections: a.max_connections,
-                timeout: Duration::from_secs(a.timeout_secs),
-                token,
-                allowed_hosts: crate::ops::admin::Policy::hosts_for(bound, &a.allowed_hosts),
-            };
-            println!("listening admin {bound}");
-            Some((listener, policy))
-        }
-        None => None,
-    };
     let admin_counters = crate::ops::admin::AdminCounters::default();
-    // Every socket is bound and the XDP program set up: before any thread starts (sinks start
-    // their I/O threads as they open, and threads inherit the set), keep only what the run
-    // loop needs.
-    drop_privileges(xsk.is_some(), &cfg.privileges)?;
     // Sinks are opened (and file logs recovered) before any thread starts, so a bad directory
     // is a clean error at start, not a failure mid-run.
     let mut healths = Vec::new();
@@ -769,14 +984,13 @@ pub fn run(
         )?));
     }
     let healths = healths;
-    let admin_stop = AtomicBool::new(false);
 
     // Ingest threads that feed others (TCP connections, the beside-XDP socket, pipelined
     // receive threads) stop first; data-plane threads (inline) stop after them, having served
     // what those queued.
     let ingest_stop = AtomicBool::new(false);
     let dataplane_stop = AtomicBool::new(false);
-    let ingest_threads = producers as u64 + u64::from(tcp_listener.is_some());
+    let ingest_threads = producers as u64;
     let ingest_running = AtomicU64::new(ingest_threads);
     let source = if xsk.is_some() {
         Source::Xsk
@@ -846,6 +1060,7 @@ pub fn run(
         },
         started,
     };
+    let (admin_listener, admin_policy) = admin.map_or((None, None), |(l, p)| (Some(l), Some(p)));
     let mut side_rx = Some(rx);
     let mut engines = engines.into_iter();
     let busy_spin = Duration::from_micros(u64::from(x.busy_spin_us));
@@ -1002,18 +1217,6 @@ pub fn run(
                 ingest.push(h)
             }
         }
-        if let Some(listener) = &tcp_listener {
-            let (tcp, slots, tx, ingest_running) = (&tcp, &tcp_slots, &tx, &ingest_running);
-            ingest.push(
-                std::thread::Builder::new()
-                    .name("tcp-accept".into())
-                    .spawn_scoped(s, move || {
-                        let r = tcp.run(s, listener, slots, tx);
-                        ingest_running.fetch_sub(1, Ordering::AcqRel);
-                        r
-                    })?,
-            );
-        }
         // Pipelined: the dispatcher, the workers per class, and the DLQ, each a thread.
         let mut engine_threads = Vec::new();
         let mut cmd_rx = Some(cmd_rx);
@@ -1060,27 +1263,25 @@ pub fn run(
                     .spawn_scoped(s, move || run_dlq(dlq_step, dlq_rx, counters))?,
             );
         }
-        // Inline: the control plane runs here, on the housekeeping tick.
+        // Inline: the control plane runs on the housekeeping thread's tick.
         let mut control = cmd_rx.map(|rx| (ControlPlane::new(cfg.control), rx));
-        if let Some((listener, policy)) = admin {
-            let view = metrics_view();
-            let (cmd_tx, admin_stop, admin_counters) =
-                (cmd_tx.clone(), &admin_stop, &admin_counters);
-            std::thread::Builder::new()
-                .name("admin".into())
-                .spawn_scoped(s, move || {
-                    if let Err(e) = crate::ops::admin::serve(
-                        listener,
-                        &view,
-                        &cmd_tx,
-                        admin_stop,
-                        &policy,
-                        admin_counters,
-                    ) {
-                        tracing::error!(reason = %e, "the admin server failed");
-                    }
-                })?;
-        }
+        let view = metrics_view();
+        let mut acceptor = match &tcp_listener {
+            Some(l) => Some(
+                Acceptor::new(&tcp, s, l, &tcp_slots, &tx)
+                    .context("the TCP listener (ingest.tcp.bind)")?,
+            ),
+            None => None,
+        };
+        let admin = admin_listener
+            .zip(admin_policy.as_ref())
+            .map(|(listener, policy)| house::Admin {
+                listener,
+                view: &view,
+                commands: &cmd_tx,
+                policy,
+                counters: &admin_counters,
+            });
 
         let mut hk_rules = live_rules.view();
         // Every thread is running and privileges are dropped: say so, for scripts and tests
@@ -1088,96 +1289,104 @@ pub fn run(
         println!("ready");
         let start = Instant::now();
         let mut last = (start, 0u64);
-        let tick = if inline {
+        // Inline, the control plane's watermarks are read on this tick.
+        let period = if inline {
             Duration::from_millis(1)
         } else {
             Duration::from_millis(100)
         };
-        while !stop.load(Ordering::Relaxed)
-            && ingest_running.load(Ordering::Acquire) == ingest_threads
-            && engine_counters.state() != PipelineState::Draining
-        {
-            std::thread::sleep(tick);
-            if hup.swap(false, Ordering::Relaxed) {
-                // Logged and counted by the reloader either way.
-                let _ = reloader.reload();
-            }
-            if let Some((plane, commands)) = &mut control {
-                housekeeping_tick(
-                    plane,
-                    &mut hk_rules,
-                    commands,
-                    &depths,
-                    &tx,
-                    &engine_counters,
-                );
-            }
-            if duration > 0 && start.elapsed() >= Duration::from_secs(duration) {
-                break;
-            }
-            let now = Instant::now();
-            if now.duration_since(last.0) >= Duration::from_secs(1) {
-                let ev = sum(|c| &c.events);
-                let rate = (ev - last.1) as f64 / now.duration_since(last.0).as_secs_f64();
-                info!(
-                    source = source.as_str(),
-                    events = ev,
-                    rate = format!("{rate:.0}/s"),
-                    queue = tx.len(),
-                    "ingest"
-                );
-                last = (now, ev);
-            }
-        }
-        info!(
-            timeout_secs = cfg.sinks.shutdown_timeout_secs,
-            "stopping: ingest closes, queues drain into the sinks"
-        );
-        engine_counters.set_shutdown_deadline(Duration::from_secs(cfg.sinks.shutdown_timeout_secs));
-        let _ = cmd_tx.push(Command::Drain);
-        if let Some((plane, commands)) = &mut control {
-            housekeeping_tick(
-                plane,
-                &mut hk_rules,
-                commands,
-                &depths,
-                &tx,
-                &engine_counters,
-            );
-        }
-        ingest_stop.store(true, Ordering::Relaxed);
+        let mut phase = Phase::Running;
         let mut result = Ok(());
-        for h in ingest {
-            match h.join() {
-                Ok(r) => {
-                    if let Err(e) = r {
-                        result = Err(anyhow::Error::from(e).context("ingest"));
+        let tick = || -> house::Flow {
+            loop {
+                match phase {
+                    Phase::Running => {
+                        if hup.swap(false, Ordering::Relaxed) {
+                            // Logged and counted by the reloader either way.
+                            let _ = reloader.reload();
+                        }
+                        if let Some((plane, commands)) = &mut control {
+                            housekeeping_tick(
+                                plane,
+                                &mut hk_rules,
+                                commands,
+                                &depths,
+                                &tx,
+                                &engine_counters,
+                            );
+                        }
+                        let now = Instant::now();
+                        if now.duration_since(last.0) >= Duration::from_secs(1) {
+                            let ev = sum(|c| &c.events);
+                            let rate =
+                                (ev - last.1) as f64 / now.duration_since(last.0).as_secs_f64();
+                            info!(
+                                source = source.as_str(),
+                                events = ev,
+                                rate = format!("{rate:.0}/s"),
+                                queue = tx.len(),
+                                "ingest"
+                            );
+                            last = (now, ev);
+                        }
+                        let over = stop.load(Ordering::Relaxed)
+                            || ingest_running.load(Ordering::Acquire) != ingest_threads
+                            || engine_counters.state() == PipelineState::Draining
+                            || (opts.duration > 0
+                                && start.elapsed() >= Duration::from_secs(opts.duration));
+                        if !over {
+                            return house::Flow::Continue;
+                        }
+                        info!(
+                            timeout_secs = cfg.sinks.shutdown_timeout_secs,
+                            "stopping: ingest closes, queues drain into the sinks"
+                        );
+                        engine_counters.set_shutdown_deadline(Duration::from_secs(
+                            cfg.sinks.shutdown_timeout_secs,
+                        ));
+                        let _ = cmd_tx.push(Command::Drain);
+                        if let Some((plane, commands)) = &mut control {
+                            housekeeping_tick(
+                                plane,
+                                &mut hk_rules,
+                                commands,
+                                &depths,
+                                &tx,
+                                &engine_counters,
+                            );
+                        }
+                        ingest_stop.store(true, Ordering::Relaxed);
+                        phase = Phase::Ingest;
+                    }
+                    Phase::Ingest => {
+                        // TCP connections end within one read tick of the stop.
+                        if tcp_live.load(Ordering::Acquire) != 0
+                            || !join_finished(&mut ingest, "ingest", &mut result)
+                        {
+                            return house::Flow::Continue;
+                        }
+                        dataplane_stop.store(true, Ordering::Relaxed);
+                        phase = Phase::DataPlane;
+                    }
+                    Phase::DataPlane => {
+                        if !join_finished(&mut dataplane, "data plane", &mut result) {
+                            return house::Flow::Continue;
+                        }
+                        ingest_done.store(true, Ordering::Release);
+                        phase = Phase::Engine;
+                    }
+                    Phase::Engine => {
+                        if !join_finished(&mut engine_threads, "a sink failed", &mut result) {
+                            return house::Flow::Continue;
+                        }
+                        return house::Flow::Done;
                     }
                 }
-                Err(_) => warn!("an ingest thread panicked"),
             }
-        }
-        dataplane_stop.store(true, Ordering::Relaxed);
-        for h in dataplane {
-            match h.join() {
-                Ok(Err(e)) => result = Err(anyhow::Error::from(e).context("data plane")),
-                Err(_) => warn!("a data-plane thread panicked"),
-                Ok(Ok(())) => {}
-            }
-        }
-        ingest_done.store(true, Ordering::Release);
-        for h in engine_threads {
-            match h.join() {
-                Ok(Err(e)) => result = Err(anyhow::Error::from(e).context("a sink failed")),
-                Err(_) => warn!("a worker panicked"),
-                Ok(Ok(())) => {}
-            }
-        }
-        admin_stop.store(true, Ordering::Relaxed);
+        };
+        house::run(period, admin, acceptor.as_mut(), tick);
         result
     });
-    // The report is printed whatever ended the run (a failed sink included), so what was
-    // accepted and what was delivered can still be reconciled from outside.
 
     let mut rejected = serde_json::Map::new();
     for r in RejectReason::ALL {
@@ -1273,9 +1482,6 @@ pub fn run(
             "verdicts": verdicts.map(|v| v.labelled().map(|(k, n)| (k.to_owned(), json!(n))).collect::<serde_json::Map<_, _>>()),
         });
     }
-    if let Err(e) = &outcome {
-        report["error"] = json!(format!("{e:#}"));
-    }
-    println!("{report}");
+    *report_out = Some(report);
     outcome
 }

@@ -4,15 +4,17 @@
 //! topic hash where per-topic order or dedup needs it). Events it turns away go to the DLQ
 //! worker with their reason.
 
+use std::io;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use xxhash_rust::xxh3::xxh3_64;
 
 use super::{DlqReason, EngineCounters, Ev};
 use crate::engine::control::{Command, ControlPlane, PipelineState};
-use crate::engine::idle::{Idle, backoff};
+use crate::engine::idle::backoff;
 use crate::engine::latency::{BatchSampler, LocalLatency, Stage};
 use crate::engine::rules::RulesView;
+use crate::engine::stage::{self, Pass};
 use crate::ring::{mpsc, spsc};
 use crate::wire::event::monotonic_ns;
 
@@ -81,99 +83,120 @@ impl Dispatcher<'_, '_, '_> {
 
     /// Runs until ingest is done and the input queue is empty; dropping `self` then closes the
     /// workers' rings, and they finish what is queued.
-    pub fn run(mut self) {
+    pub fn run(self) {
+        let routed = self.stage_latency.then(LocalLatency::default);
+        let mut stage = DispatchStage {
+            d: self,
+            dispatched: 0,
+            routed,
+            batches: BatchSampler::default(),
+        };
+        // The dispatcher's passes cannot fail: full rings are waited on (backpressure).
+        let _ = stage::drive(&mut stage, 256);
+    }
+}
+
+/// The dispatcher's loop as a [`stage::Stage`]: a pass reads commands and the input's depth
+/// into the control plane, then routes up to a budget of events.
+struct DispatchStage<'s, 'p, 'a> {
+    d: Dispatcher<'s, 'p, 'a>,
+    /// Routed this batch, published by `flush`.
+    dispatched: u64,
+    /// Receive → routed, sampled (`engine.stage_latency`).
+    routed: Option<LocalLatency>,
+    batches: BatchSampler,
+}
+
+impl stage::Stage for DispatchStage<'_, '_, '_> {
+    fn poll(&mut self, budget: usize) -> io::Result<Pass> {
+        let d = &mut self.d;
+        if d.rules.refresh() {
+            d.control.set_config(d.rules.get().control);
+        }
+        while let Some(cmd) = d.commands.pop() {
+            let t = d.control.command(cmd);
+            d.transition(t);
+        }
+        let t = d.control.observe(d.input.len(), d.input.capacity());
+        d.transition(t);
         let mut spins = 0;
-        let mut idle = Idle::new();
-        let mut dispatched = 0u64;
-        let mut routed = self.stage_latency.then(LocalLatency::default);
-        let mut batches = BatchSampler::default();
-        loop {
-            if self.rules.refresh() {
-                self.control.set_config(self.rules.get().control);
-            }
-            while let Some(cmd) = self.commands.pop() {
-                let t = self.control.command(cmd);
-                self.transition(t);
-            }
-            let t = self
-                .control
-                .observe(self.input.len(), self.input.capacity());
-            self.transition(t);
-            let mut n = 0;
-            // One clock read per sampled batch (the first, then one in STAGE_SAMPLE_EVERY): the
-            // sample and its events' hand-over stamps.
-            let mut now = 0;
-            while n < 256 {
-                let Some(mut ev) = self.input.pop() else {
-                    break;
-                };
-                if n == 0
-                    && batches.next_batch()
-                    && let Some(l) = &mut routed
-                {
-                    now = monotonic_ns();
-                    l.record(now.saturating_sub(ev.ingest_ns));
-                }
-                if now != 0 {
-                    ev.routed_ns = now;
-                }
-                n += 1;
-                let routed = match self.control.admit(ev.priority()) {
-                    Err(shed) => Err(match shed {
-                        crate::engine::control::Shed::Dropping => DlqReason::Dropping,
-                        crate::engine::control::Shed::Emergency => DlqReason::Emergency,
-                    }),
-                    Ok(()) => self
-                        .rules
-                        .get()
-                        .router
-                        .route(ev.topic())
-                        .copied()
-                        .ok_or(DlqReason::NoRoute),
-                };
-                match routed {
-                    Ok(target) => {
-                        let mut ev = ev;
-                        crate::engine::dedup::identify(&mut ev, target);
-                        while let Err(back) = self.buses[target.class as usize].push(ev) {
-                            ev = back;
-                            backoff(&mut spins);
-                        }
-                        dispatched += 1;
-                    }
-                    Err(reason) => {
-                        let mut entry = (ev, reason);
-                        // Counted by the DLQ's step once its sink made it durable.
-                        while let Err(back) = self.dlq.push(entry) {
-                            entry = back;
-                            backoff(&mut spins);
-                        }
-                    }
-                }
-            }
-            if dispatched != 0 {
-                self.counters
-                    .dispatched
-                    .fetch_add(core::mem::take(&mut dispatched), Ordering::Relaxed);
-            }
-            let done = n == 0 && self.ingest_done.load(Ordering::Acquire) && self.input.is_empty();
-            if (now != 0 || done)
-                && let Some(l) = &mut routed
+        let mut n = 0;
+        // One clock read per sampled batch (the first, then one in STAGE_SAMPLE_EVERY): the
+        // sample and its events' hand-over stamps.
+        let mut now = 0;
+        while n < budget {
+            let Some(mut ev) = d.input.pop() else {
+                break;
+            };
+            if n == 0
+                && self.batches.next_batch()
+                && let Some(l) = &mut self.routed
             {
-                l.merge_into(
-                    self.counters.stages.get(Stage::ReceiveToRouted),
-                    monotonic_ns(),
-                    done,
-                );
+                now = monotonic_ns();
+                l.record(now.saturating_sub(ev.ingest_ns));
             }
-            if n == 0 {
-                if done {
-                    return;
+            if now != 0 {
+                ev.routed_ns = now;
+            }
+            n += 1;
+            let routed = match d.control.admit(ev.priority()) {
+                Err(shed) => Err(match shed {
+                    crate::engine::control::Shed::Dropping => DlqReason::Dropping,
+                    crate::engine::control::Shed::Emergency => DlqReason::Emergency,
+                }),
+                Ok(()) => d
+                    .rules
+                    .get()
+                    .router
+                    .route(ev.topic())
+                    .copied()
+                    .ok_or(DlqReason::NoRoute),
+            };
+            match routed {
+                Ok(target) => {
+                    let mut ev = ev;
+                    crate::engine::dedup::identify(&mut ev, target);
+                    while let Err(back) = d.buses[target.class as usize].push(ev) {
+                        ev = back;
+                        backoff(&mut spins);
+                    }
+                    self.dispatched += 1;
                 }
-                idle.wait();
-            } else {
-                idle.busy();
+                Err(reason) => {
+                    let mut entry = (ev, reason);
+                    // Counted by the DLQ's step once its sink made it durable.
+                    while let Err(back) = d.dlq.push(entry) {
+                        entry = back;
+                        backoff(&mut spins);
+                    }
+                }
             }
+        }
+        let done = n == 0 && d.ingest_done.load(Ordering::Acquire) && d.input.is_empty();
+        if (now != 0 || done)
+            && let Some(l) = &mut self.routed
+        {
+            l.merge_into(
+                d.counters.stages.get(Stage::ReceiveToRouted),
+                monotonic_ns(),
+                done,
+            );
+        }
+        Ok(if n > 0 {
+            Pass::Worked(n)
+        } else if done {
+            Pass::Done
+        } else {
+            Pass::Idle
+        })
+    }
+
+    fn flush(&mut self) {
+        if self.dispatched != 0 {
+            self.d
+                .counters
+                .dispatched
+                .fetch_add(core::mem::take(&mut self.dispatched), Ordering::Relaxed);
         }
     }
 }

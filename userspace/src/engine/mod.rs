@@ -1,5 +1,7 @@
 //! The engine: what happens to an event between ingest and its sink.
 //!
+//! - [`stage`]: the stage contract every loop follows (poll with a budget, flush after work,
+//!   housekeeping on a schedule, done) and its one driver.
 //! - [`idle`]: waiting without locks when a ring is full (back off) or empty (yield, then sleep).
 //! - [`route`]: topic routes (exact, `*`, `>`/`#`) to a [`Target`].
 //! - [`control`]: the pipeline state machine (watermarks, hysteresis, priority shedding).
@@ -20,6 +22,7 @@ pub mod inline;
 pub mod latency;
 pub mod route;
 pub mod rules;
+pub mod stage;
 pub mod worker;
 
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};

@@ -10,7 +10,7 @@
 //! - **DLQ** ([`DlqStep`]): writes each turned-away event with its reason.
 //!
 //! The same steps run in both engine modes: in the queue's own thread (inline, see
-//! [`super::inline`]) or in a worker thread fed by an SPSC ring ([`run_worker`], pipelined).
+//! [`super::inline`]) or in a worker thread fed by an SPSC ring ([`run_worker`], pipelined, a [`stage::Stage`]).
 //! An event counts as delivered only when the sink's flush that covers it has returned.
 
 use std::collections::{HashMap, VecDeque};
@@ -22,8 +22,8 @@ use xxhash_rust::xxh3::xxh3_64;
 
 use super::{DlqEntry, DlqReason, EngineCounters, Ev, FailReason, WorkerClass};
 use crate::engine::dedup::{DedupWindow, SharedDedupWindow};
-use crate::engine::idle::Idle;
 use crate::engine::latency::{LatencyFrom, LocalLatency, Stage, read_stamp, realtime_ns};
+use crate::engine::stage::{self, Pass};
 use crate::ring::spsc;
 use crate::sink::{EventRef, Sink, is_refusal};
 use crate::wire::event::{Event, Peer, Source, monotonic_ns};
@@ -578,46 +578,95 @@ impl DlqStep {
     }
 }
 
+/// A pipelined worker thread as a [`stage::Stage`]: its class's step over the SPSC ring the
+/// dispatcher fills; done when that ring is closed (the dispatcher is gone), empty, and the
+/// step holds nothing.
+struct WorkerStage<'w, 'p, 'a> {
+    step: ClassStep<'w>,
+    input: spsc::Consumer<Ev<'p, 'a>>,
+    counters: &'w EngineCounters,
+    /// Routed → worker, sampled on a batch's first event when the dispatcher stamped it (one
+    /// of its batches in `STAGE_SAMPLE_EVERY`).
+    handed: LocalLatency,
+}
+
+impl stage::Stage for WorkerStage<'_, '_, '_> {
+    fn poll(&mut self, budget: usize) -> io::Result<Pass> {
+        let clock = BatchClock {
+            mono: monotonic_ns(),
+            wall: if self.step.wants_wall() {
+                realtime_ns()
+            } else {
+                0
+            },
+        };
+        let mut n = 0;
+        for ev in self.input.pop_batch(budget) {
+            if n == 0 && ev.routed_ns != 0 {
+                self.handed.record(clock.mono.saturating_sub(ev.routed_ns));
+            }
+            n += 1;
+            self.step.event(&ev, clock);
+        }
+        let closing = n == 0 && self.input.is_abandoned() && self.input.is_empty();
+        self.handed.merge_into(
+            self.counters.stages.get(Stage::RoutedToWorker),
+            clock.mono,
+            closing,
+        );
+        self.step.end(clock.mono, closing, self.counters);
+        Ok(if n > 0 {
+            Pass::Worked(n)
+        } else if closing && self.step.is_drained() {
+            Pass::Done
+        } else {
+            Pass::Idle
+        })
+    }
+}
+
 /// Runs one pipelined worker until its ring is closed (the dispatcher is gone) and empty.
 ///
 /// # Errors
 /// The sink's I/O error (the worker stops; the caller logs it).
 pub fn run_worker(
-    mut step: ClassStep<'_>,
-    mut input: spsc::Consumer<Ev<'_, '_>>,
+    step: ClassStep<'_>,
+    input: spsc::Consumer<Ev<'_, '_>>,
     counters: &EngineCounters,
 ) -> io::Result<()> {
-    let mut idle = Idle::new();
-    // Routed → worker, sampled on a batch's first event when the dispatcher stamped it (one
-    // of its batches in `STAGE_SAMPLE_EVERY`).
-    let mut handed = LocalLatency::default();
-    loop {
-        let clock = BatchClock {
-            mono: monotonic_ns(),
-            wall: if step.wants_wall() { realtime_ns() } else { 0 },
-        };
+    stage::drive(
+        &mut WorkerStage {
+            step,
+            input,
+            counters,
+            handed: LocalLatency::default(),
+        },
+        256,
+    )
+}
+
+/// The pipelined DLQ worker as a [`stage::Stage`].
+struct DlqStage<'w, 'p, 'a> {
+    step: DlqStep,
+    input: spsc::Consumer<DlqEntry<'p, 'a>>,
+    counters: &'w EngineCounters,
+}
+
+impl stage::Stage for DlqStage<'_, '_, '_> {
+    fn poll(&mut self, budget: usize) -> io::Result<Pass> {
         let mut n = 0;
-        for ev in input.pop_batch(256) {
-            if n == 0 && ev.routed_ns != 0 {
-                handed.record(clock.mono.saturating_sub(ev.routed_ns));
-            }
+        for (ev, reason) in self.input.pop_batch(budget) {
+            self.step.event(&ev, reason);
             n += 1;
-            step.event(&ev, clock);
         }
-        let closing = n == 0 && input.is_abandoned() && input.is_empty();
-        handed.merge_into(
-            counters.stages.get(Stage::RoutedToWorker),
-            clock.mono,
-            closing,
-        );
-        step.end(clock.mono, closing, counters);
-        if n == 0 {
-            if closing && step.is_drained() {
-                return Ok(());
-            }
-            idle.wait();
+        if n > 0 {
+            self.step.end(self.counters, false);
+            Ok(Pass::Worked(n))
+        } else if self.input.is_abandoned() && self.input.is_empty() {
+            self.step.end(self.counters, true);
+            Ok(Pass::Done)
         } else {
-            idle.busy();
+            Ok(Pass::Idle)
         }
     }
 }
@@ -627,25 +676,16 @@ pub fn run_worker(
 /// # Errors
 /// The sink's I/O error.
 pub fn run_dlq(
-    mut step: DlqStep,
-    mut input: spsc::Consumer<DlqEntry<'_, '_>>,
+    step: DlqStep,
+    input: spsc::Consumer<DlqEntry<'_, '_>>,
     counters: &EngineCounters,
 ) -> io::Result<()> {
-    let mut idle = Idle::new();
-    loop {
-        let mut n = 0;
-        for (ev, reason) in input.pop_batch(256) {
-            step.event(&ev, reason);
-            n += 1;
-        }
-        if n > 0 {
-            step.end(counters, false);
-            idle.busy();
-        } else if input.is_abandoned() && input.is_empty() {
-            step.end(counters, true);
-            return Ok(());
-        } else {
-            idle.wait();
-        }
-    }
+    stage::drive(
+        &mut DlqStage {
+            step,
+            input,
+            counters,
+        },
+        256,
+    )
 }

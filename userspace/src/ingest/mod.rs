@@ -29,7 +29,7 @@ use crate::ring::mpsc;
 use crate::wire::event::{Event, Stamp};
 use crate::wire::protocol::{Limits, RejectReason};
 
-pub use tcp::{Slot, TcpIngest};
+pub use tcp::{AcceptPass, Acceptor, Slot, TcpIngest};
 pub use udp::{UdpIngest, bind_udp};
 pub use xsk::XskIngest;
 

@@ -1,8 +1,9 @@
 //! Kernel TCP ingest, for clients that cannot use UDP (default port 8081).
 //!
 //! A fixed set of connection slots is made at start, each with its own receive arena, event
-//! pool and counters; the accept thread hands a free slot to a new connection thread, and
-//! refuses (closes, counts) connections beyond `max_connections`. A connection reassembles
+//! pool and counters; the [`Acceptor`] (run by the housekeeping thread when the listener is
+//! readable) hands a free slot to a new connection thread, and refuses (closes, counts)
+//! connections beyond `max_connections`. A connection reassembles
 //! frames with [`StreamDecoder`] and applies the stream rules of PROTOCOL.md: `malformed` and
 //! `too_large` close the connection with a logged error, a bad topic rejects that frame only,
 //! a stream that ends mid-frame is `truncated`, and an idle connection is closed after
@@ -13,6 +14,7 @@
 //! events are minted from there by the same [`Deliver`] step as the other paths. Zero-copy is
 //! the AF_XDP path's promise; the kernel has already copied TCP data once anyway.
 
+use core::fmt;
 use std::io::{self, Read};
 use std::net::{TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -126,115 +128,179 @@ fn take_frame<'a>(owner: &mut FrameOwner<'a>) -> OwnedFrame<'a> {
     }
 }
 
-impl TcpIngest<'_> {
-    /// Accepts on `listener` until `stop`, serving each connection on a scoped thread with a
-    /// free slot; returns when every connection has closed.
-    ///
-    /// Accept errors never end it: out of descriptors or memory, or a connection aborted
-    /// before it was taken, each is counted, logged once per burst, and retried after a
-    /// backoff (up to 1 s).
+/// What one [`Acceptor::accept_ready`] pass ended on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AcceptPass {
+    /// The listener has nothing more to accept now (`EAGAIN`): wait for it to be readable.
+    Drained,
+    /// An accept failed (counted and logged); the next try is after a backoff
+    /// ([`Acceptor::may_accept`] says when).
+    BackingOff,
+    /// Ingest is stopping: nothing more is accepted.
+    Stopped,
+}
+
+/// The TCP listener's accepting side, run by the housekeeping thread whenever the listener is
+/// readable: each accepted connection gets a free slot and a scoped thread of its own.
+///
+/// Accept errors never end it: out of descriptors or memory, or a connection aborted before it
+/// was taken, each is counted, logged once per burst, and retried after a backoff (10 ms, up to
+/// 1 s). Connections beyond `max_connections`, or beyond the per-source cap, are closed at
+/// once and counted (`refused`).
+pub struct Acceptor<'scope, 'env, 'a, 'p> {
+    tcp: &'scope TcpIngest<'scope>,
+    scope: &'scope std::thread::Scope<'scope, 'env>,
+    listener: &'scope TcpListener,
+    slots: &'scope [Slot<'scope, 'a, 'p>],
+    queue: &'scope mpsc::Producer<Pooled<'p, Event<'a>>>,
+    free_tx: mpsc::Producer<usize>,
+    free_rx: mpsc::Consumer<usize>,
+    backoff: Duration,
+    retry_at: Option<Instant>,
+}
+
+impl<'scope, 'env, 'a: 'scope, 'p: 'scope> Acceptor<'scope, 'env, 'a, 'p> {
+    /// An acceptor over `listener` (made non-blocking), lending `slots` to connections that
+    /// push their events into `queue`.
     ///
     /// # Errors
     /// When the listener cannot be made non-blocking.
-    pub fn run<'scope, 'a: 'scope, 'p: 'scope>(
-        &'scope self,
-        scope: &'scope std::thread::Scope<'scope, '_>,
-        listener: &TcpListener,
+    pub fn new(
+        tcp: &'scope TcpIngest<'scope>,
+        scope: &'scope std::thread::Scope<'scope, 'env>,
+        listener: &'scope TcpListener,
         slots: &'scope [Slot<'scope, 'a, 'p>],
         queue: &'scope mpsc::Producer<Pooled<'p, Event<'a>>>,
-    ) -> io::Result<()> {
+    ) -> io::Result<Self> {
         listener.set_nonblocking(true)?;
-        let free = mpsc::channel::<usize>(slots.len().max(1));
-        let (free_tx, mut free_rx) = free;
+        let (free_tx, free_rx) = mpsc::channel::<usize>(slots.len().max(1));
         for i in 0..slots.len() {
             let _ = free_tx.push(i);
         }
-        let live = self.live;
-        let sources = &self.sources;
-        let mut backoff = Duration::from_millis(10);
-        while !self.stop.load(Ordering::Relaxed) {
-            let (stream, peer) = match listener.accept() {
-                Ok(c) => {
-                    backoff = Duration::from_millis(10);
-                    c
+        Ok(Self {
+            tcp,
+            scope,
+            listener,
+            slots,
+            queue,
+            free_tx,
+            free_rx,
+            backoff: Duration::from_millis(10),
+            retry_at: None,
+        })
+    }
+
+    /// The listener's descriptor, for the housekeeping thread's readiness wait.
+    pub fn fd(&self) -> std::os::fd::BorrowedFd<'scope> {
+        std::os::fd::AsFd::as_fd(self.listener)
+    }
+
+    /// Whether an accept may be tried now: ingest is not stopping and no backoff is running.
+    pub fn may_accept(&self) -> bool {
+        !self.tcp.stop.load(Ordering::Relaxed) && self.retry_at.is_none_or(|t| Instant::now() >= t)
+    }
+
+    /// Connections open now (their threads still running).
+    pub fn live(&self) -> u64 {
+        self.tcp.live.load(Ordering::Acquire)
+    }
+
+    /// Accepts every connection waiting on the listener.
+    pub fn accept_ready(&mut self) -> AcceptPass {
+        loop {
+            if self.tcp.stop.load(Ordering::Relaxed) {
+                return AcceptPass::Stopped;
+            }
+            match self.listener.accept() {
+                Ok((stream, peer)) => {
+                    self.backoff = Duration::from_millis(10);
+                    self.retry_at = None;
+                    self.start(stream, peer);
                 }
-                Err(e)
-                    if e.kind() == io::ErrorKind::WouldBlock
-                        || e.kind() == io::ErrorKind::Interrupted =>
-                {
-                    std::thread::sleep(Duration::from_millis(10));
-                    continue;
-                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return AcceptPass::Drained,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => {
-                    let n = self.accept_errors.fetch_add(1, Ordering::Relaxed) + 1;
+                    let n = self.tcp.accept_errors.fetch_add(1, Ordering::Relaxed) + 1;
                     if n.is_power_of_two() {
                         warn!(reason = %e, errors = n, "TCP accept failed; retrying");
                     }
-                    std::thread::sleep(backoff);
-                    backoff = (backoff * 2).min(Duration::from_secs(1));
-                    continue;
+                    self.retry_at = Some(Instant::now() + self.backoff);
+                    self.backoff = (self.backoff * 2).min(Duration::from_secs(1));
+                    return AcceptPass::BackingOff;
                 }
-            };
-            let ip = peer.ip();
-            {
-                let mut m = sources.lock().unwrap_or_else(|p| p.into_inner());
-                let n = m.entry(ip).or_insert(0);
-                let limit = self.tcp_limits.per_source();
-                if *n >= limit {
-                    drop(m);
-                    let n = self.refused.fetch_add(1, Ordering::Relaxed) + 1;
-                    if n.is_power_of_two() {
-                        warn!(%peer, refused = n, limit, "TCP connection refused: too many from this address");
-                    }
-                    drop(stream);
-                    continue;
-                }
-                *n += 1;
-            }
-            let release_source = move || {
-                let mut m = sources.lock().unwrap_or_else(|p| p.into_inner());
-                if let Some(n) = m.get_mut(&ip) {
-                    *n -= 1;
-                    if *n == 0 {
-                        m.remove(&ip);
-                    }
-                }
-            };
-            let Some(i) = free_rx.pop() else {
-                release_source();
-                let n = self.refused.fetch_add(1, Ordering::Relaxed) + 1;
-                if n.is_power_of_two() {
-                    warn!(%peer, refused = n, "TCP connection refused: every connection slot is in use");
-                }
-                drop(stream);
-                continue;
-            };
-            live.fetch_add(1, Ordering::AcqRel);
-            let (slot, slot_back) = (&slots[i], free_tx.clone());
-            let spawned = std::thread::Builder::new()
-                .name(format!("tcp-{i}"))
-                .spawn_scoped(scope, move || {
-                    debug!(%peer, slot = i, "TCP connection");
-                    if let Err(e) = self.serve(stream, i, slot, queue) {
-                        debug!(%peer, reason = %e, "TCP connection ended with an error");
-                    }
-                    let _ = slot_back.push(i);
-                    release_source();
-                    live.fetch_sub(1, Ordering::AcqRel);
-                });
-            if let Err(e) = spawned {
-                release_source();
-                live.fetch_sub(1, Ordering::AcqRel);
-                let _ = free_tx.push(i);
-                warn!(reason = %e, "could not start a TCP connection thread");
             }
         }
-        while live.load(Ordering::Acquire) != 0 {
-            std::thread::sleep(Duration::from_millis(5));
-        }
-        Ok(())
     }
 
+    /// Gives `stream` a free slot and a thread, or closes it and counts it refused.
+    fn start(&mut self, stream: TcpStream, peer: std::net::SocketAddr) {
+        let tcp = self.tcp;
+        let ip = peer.ip();
+        {
+            let mut m = tcp.sources.lock().unwrap_or_else(|p| p.into_inner());
+            let n = m.entry(ip).or_insert(0);
+            let limit = tcp.tcp_limits.per_source();
+            if *n >= limit {
+                drop(m);
+                let n = tcp.refused.fetch_add(1, Ordering::Relaxed) + 1;
+                if n.is_power_of_two() {
+                    warn!(%peer, refused = n, limit, "TCP connection refused: too many from this address");
+                }
+                return;
+            }
+            *n += 1;
+        }
+        let sources = &tcp.sources;
+        let release_source = move || {
+            let mut m = sources.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(n) = m.get_mut(&ip) {
+                *n -= 1;
+                if *n == 0 {
+                    m.remove(&ip);
+                }
+            }
+        };
+        let Some(i) = self.free_rx.pop() else {
+            release_source();
+            let n = tcp.refused.fetch_add(1, Ordering::Relaxed) + 1;
+            if n.is_power_of_two() {
+                warn!(%peer, refused = n, "TCP connection refused: every connection slot is in use");
+            }
+            return;
+        };
+        let live = tcp.live;
+        live.fetch_add(1, Ordering::AcqRel);
+        let (slot, slot_back, queue) = (&self.slots[i], self.free_tx.clone(), self.queue);
+        let spawned = std::thread::Builder::new()
+            .name(format!("tcp-{i}"))
+            .spawn_scoped(self.scope, move || {
+                debug!(%peer, slot = i, "TCP connection");
+                if let Err(e) = tcp.serve(stream, i, slot, queue) {
+                    debug!(%peer, reason = %e, "TCP connection ended with an error");
+                }
+                let _ = slot_back.push(i);
+                release_source();
+                live.fetch_sub(1, Ordering::AcqRel);
+            });
+        if let Err(e) = spawned {
+            release_source();
+            live.fetch_sub(1, Ordering::AcqRel);
+            let _ = self.free_tx.push(i);
+            warn!(reason = %e, "could not start a TCP connection thread");
+        }
+    }
+}
+
+impl fmt::Debug for Acceptor<'_, '_, '_, '_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Acceptor")
+            .field("slots", &self.slots.len())
+            .field("retry_at", &self.retry_at)
+            .finish_non_exhaustive()
+    }
+}
+
+impl TcpIngest<'_> {
     /// Serves one connection until EOF, a fatal frame error, idleness, or shutdown.
     fn serve<'a, 'p>(
         &self,

@@ -15,7 +15,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use super::{Deliver, Handoff, IngestCounters, Tally};
-use crate::engine::idle::backoff;
+use crate::engine::idle::{Idle, backoff};
+use crate::engine::stage::{self, Pass};
 use crate::mem::frames::{FrameOwner, OwnedFrame};
 use crate::wire::event::{Peer, Source, Stamp, monotonic_ns};
 use crate::wire::protocol::{Limits, RejectReason};
@@ -204,7 +205,8 @@ pub struct UdpIngest<'s> {
 }
 
 impl UdpIngest<'_> {
-    /// Receives until `stop` is set. Allocates its batch arrays once, before the loop.
+    /// Receives until `stop` is set, as a [`stage::Stage`] driven by [`stage::drive`]. Allocates
+    /// its batch arrays once, before the first pass.
     ///
     /// # Errors
     /// A sink's (inline mode); receive errors are counted and retried, never returned.
@@ -216,153 +218,222 @@ impl UdpIngest<'_> {
         self.socket
             .set_read_timeout(Some(self.idle_poll.max(Duration::from_micros(100))))?;
         let batch = self.batch.max(1);
-        let mut held: Vec<OwnedFrame<'a>> = Vec::with_capacity(batch);
-        let mut iovecs: Vec<libc::iovec> = Vec::with_capacity(batch);
-        let mut msgs: Vec<libc::mmsghdr> = Vec::with_capacity(batch);
-        let mut ctrl: Vec<[u64; CTRL_WORDS]> = vec![[0; CTRL_WORDS]; batch];
-        // SAFETY: sockaddr_storage is plain C data for which all-zero is a valid value.
-        let mut names: Vec<libc::sockaddr_storage> =
-            vec![unsafe { MaybeUninit::zeroed().assume_init() }; batch];
-        // The socket's drop count as last seen (cumulative since it was made).
-        let mut drops = 0u32;
-        let mut errors = 0u64;
-        let mut error_backoff = Duration::from_millis(1);
-        let fd = self.socket.as_raw_fd();
-        let mut seq = self.seq_base;
-        let mut tally = Tally::default();
-        let mut spins = 0;
-        let mut deliver = Deliver {
-            limits: self.limits,
-            handoff,
+        let mut stage = UdpStage {
+            job: self,
+            frames,
+            held: Vec::with_capacity(batch),
+            iovecs: Vec::with_capacity(batch),
+            msgs: Vec::with_capacity(batch),
+            ctrl: vec![[0; CTRL_WORDS]; batch],
+            // SAFETY: sockaddr_storage is plain C data for which all-zero is a valid value.
+            names: vec![unsafe { MaybeUninit::zeroed().assume_init() }; batch],
+            drops: 0,
+            errors: 0,
+            error_backoff: Duration::from_millis(1),
+            seq: self.seq_base,
+            tally: Tally::default(),
+            spins: 0,
+            deliver: Deliver {
+                limits: self.limits,
+                handoff,
+            },
+            wait: UdpWait::Received,
         };
-        while !self.stop.load(Ordering::Relaxed) {
-            if self.paused.load(Ordering::Relaxed) {
-                // Queued work continues: the side queue is still served.
-                if deliver.handoff.side()? == 0 {
-                    deliver.handoff.end(false)?;
-                    std::thread::sleep(Duration::from_millis(1));
-                }
-                continue;
+        stage::drive(&mut stage, batch)
+    }
+}
+
+/// How a [`UdpStage`] waits after a pass that found nothing.
+#[derive(Clone, Copy, Debug)]
+enum UdpWait {
+    /// The pass's `recvmmsg` already waited (its receive timeout): go again.
+    Received,
+    /// Paused: 1 ms.
+    Paused,
+    /// Every frame holds live events: back off until the pipeline releases some.
+    Frames,
+    /// `recvmmsg` failed: this long before the retry.
+    Error(Duration),
+}
+
+/// One kernel UDP socket's receive loop as a [`stage::Stage`]: a pass serves the side queue,
+/// then receives one `recvmmsg` batch (blocking up to the receive timeout) and parses it.
+struct UdpStage<'j, 's, 'f, 'a, H> {
+    job: &'j UdpIngest<'s>,
+    frames: &'f mut FrameOwner<'a>,
+    held: Vec<OwnedFrame<'a>>,
+    iovecs: Vec<libc::iovec>,
+    msgs: Vec<libc::mmsghdr>,
+    ctrl: Vec<[u64; CTRL_WORDS]>,
+    names: Vec<libc::sockaddr_storage>,
+    /// The socket's drop count as last seen (cumulative since it was made).
+    drops: u32,
+    errors: u64,
+    error_backoff: Duration,
+    seq: u64,
+    tally: Tally,
+    spins: u32,
+    deliver: Deliver<H>,
+    wait: UdpWait,
+}
+
+impl<'a, H: Handoff<'a>> stage::Stage for UdpStage<'_, '_, '_, 'a, H> {
+    fn poll(&mut self, budget: usize) -> io::Result<Pass> {
+        let job = self.job;
+        let fd = job.socket.as_raw_fd();
+        if job.stop.load(Ordering::Relaxed) {
+            // Stopped: what other threads queued for this one is served, then windows close.
+            let served = self.deliver.handoff.side()?;
+            if served > 0 {
+                return Ok(Pass::Worked(served));
             }
-            if deliver.handoff.side()? > 0 {
-                continue;
-            }
-            while held.len() < batch {
-                match frames.take() {
-                    Some(f) => held.push(f),
-                    None => break,
-                }
-            }
-            if held.is_empty() {
-                // Every frame holds live events: wait for the pipeline to release some.
-                backoff(&mut spins);
-                continue;
-            }
-            iovecs.clear();
-            msgs.clear();
-            for f in &mut held {
-                let buf = f.bytes_mut();
-                iovecs.push(libc::iovec {
-                    iov_base: buf.as_mut_ptr().cast(),
-                    iov_len: buf.len(),
-                });
-            }
-            for ((iov, c), name) in iovecs.iter_mut().zip(&mut ctrl).zip(&mut names) {
-                // SAFETY: mmsghdr is plain C data for which all-zero is a valid value.
-                let mut m: libc::mmsghdr = unsafe { MaybeUninit::zeroed().assume_init() };
-                m.msg_hdr.msg_name = (name as *mut libc::sockaddr_storage).cast();
-                m.msg_hdr.msg_namelen = size_of::<libc::sockaddr_storage>() as libc::socklen_t;
-                m.msg_hdr.msg_iov = iov;
-                m.msg_hdr.msg_iovlen = 1;
-                m.msg_hdr.msg_control = c.as_mut_ptr().cast();
-                m.msg_hdr.msg_controllen = size_of_val(c) as _;
-                msgs.push(m);
-            }
-            // SAFETY: `msgs` holds `held.len()` headers, each pointing at one iovec that
-            // describes one whole owned frame, at its own control buffer and at its own address
-            // buffer; the frames, iovecs, buffers and headers all outlive the call, and nothing
-            // else touches them during it.
-            let n = unsafe {
-                libc::recvmmsg(
-                    fd,
-                    msgs.as_mut_ptr(),
-                    msgs.len() as libc::c_uint,
-                    libc::MSG_WAITFORONE,
-                    core::ptr::null_mut(),
-                )
-            };
-            if n < 0 {
-                let e = io::Error::last_os_error();
-                match e.kind() {
-                    io::ErrorKind::WouldBlock
-                    | io::ErrorKind::TimedOut
-                    | io::ErrorKind::Interrupted => {
-                        deliver.handoff.end(false)?;
-                        continue;
-                    }
-                    // Anything else (ENOMEM, a socket error such as ECONNREFUSED queued by
-                    // ICMP): counted, logged once per burst, retried with backoff. Never the
-                    // end of the appliance.
-                    _ => {
-                        errors += 1;
-                        self.counters.receive_errors.fetch_add(1, Ordering::Relaxed);
-                        if errors.is_power_of_two() {
-                            tracing::warn!(reason = %e, errors, "recvmmsg failed; retrying");
-                        }
-                        deliver.handoff.end(false)?;
-                        std::thread::sleep(error_backoff);
-                        error_backoff = (error_backoff * 2).min(Duration::from_millis(100));
-                        continue;
-                    }
-                }
-            }
-            error_backoff = Duration::from_millis(1);
-            let stamp = Stamp {
-                source: Source::Udp,
-                ingest_ns: monotonic_ns(),
-            };
-            deliver.handoff.begin();
-            for ((mut frame, msg), name) in held.drain(..n as usize).zip(&msgs).zip(&names) {
-                let len = msg.msg_len as usize;
-                tally.datagrams += 1;
-                tally.bytes += len as u64;
-                if msg.msg_hdr.msg_flags & libc::MSG_TRUNC != 0 {
-                    // Longer than a frame: its tail is gone, so none of it is trusted.
-                    tally.rejected[RejectReason::Truncated as usize] += 1;
-                    continue; // `frame` drops here and goes back to the owner
-                }
-                frame.set_peer(peer_of(name));
-                let mut shared = frame.share(0..len);
-                deliver.frame(&mut shared, stamp, &mut seq, &mut tally)?;
-            }
-            deliver.handoff.end(false)?;
-            tally.flush(self.counters);
-            // The newest count in the batch is the socket's total so far.
-            if let Some(d) = msgs[..n as usize]
-                .iter()
-                .rev()
-                .find_map(|m| ovfl_drops(&m.msg_hdr))
-                && d != drops
+            // Drops after the last datagram received carry no control message: read the total.
+            if let Some(d) = meminfo_drops(fd)
+                && d.wrapping_sub(self.drops) < u32::MAX / 2
             {
-                self.counters
+                job.counters
                     .kernel_drops
-                    .fetch_add(u64::from(d.wrapping_sub(drops)), Ordering::Relaxed);
-                drops = d;
+                    .fetch_add(u64::from(d.wrapping_sub(self.drops)), Ordering::Relaxed);
+                self.drops = d;
+            }
+            self.deliver.handoff.end(true)?;
+            return Ok(Pass::Done);
+        }
+        if job.paused.load(Ordering::Relaxed) {
+            // Queued work continues: the side queue is still served.
+            let served = self.deliver.handoff.side()?;
+            if served == 0 {
+                self.deliver.handoff.end(false)?;
+                self.wait = UdpWait::Paused;
+                return Ok(Pass::Idle);
+            }
+            return Ok(Pass::Worked(served));
+        }
+        let served = self.deliver.handoff.side()?;
+        if served > 0 {
+            return Ok(Pass::Worked(served));
+        }
+        let batch = budget.min(self.ctrl.len());
+        while self.held.len() < batch {
+            match self.frames.take() {
+                Some(f) => self.held.push(f),
+                None => break,
             }
         }
-        // Drops after the last datagram received carry no control message: read the total.
-        if let Some(d) = meminfo_drops(fd)
-            && d.wrapping_sub(drops) < u32::MAX / 2
-        {
-            self.counters
-                .kernel_drops
-                .fetch_add(u64::from(d.wrapping_sub(drops)), Ordering::Relaxed);
+        if self.held.is_empty() {
+            self.wait = UdpWait::Frames;
+            return Ok(Pass::Idle);
         }
-        // Stopped: what other threads queued for this one is served, then windows close.
-        while deliver.handoff.side()? > 0 {}
-        deliver.handoff.end(true)?;
-        tally.flush(self.counters);
-        Ok(())
+        self.spins = 0;
+        self.iovecs.clear();
+        self.msgs.clear();
+        for f in &mut self.held {
+            let buf = f.bytes_mut();
+            self.iovecs.push(libc::iovec {
+                iov_base: buf.as_mut_ptr().cast(),
+                iov_len: buf.len(),
+            });
+        }
+        for ((iov, c), name) in self
+            .iovecs
+            .iter_mut()
+            .zip(&mut self.ctrl)
+            .zip(&mut self.names)
+        {
+            // SAFETY: mmsghdr is plain C data for which all-zero is a valid value.
+            let mut m: libc::mmsghdr = unsafe { MaybeUninit::zeroed().assume_init() };
+            m.msg_hdr.msg_name = (name as *mut libc::sockaddr_storage).cast();
+            m.msg_hdr.msg_namelen = size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+            m.msg_hdr.msg_iov = iov;
+            m.msg_hdr.msg_iovlen = 1;
+            m.msg_hdr.msg_control = c.as_mut_ptr().cast();
+            m.msg_hdr.msg_controllen = size_of_val(c) as _;
+            self.msgs.push(m);
+        }
+        // SAFETY: `msgs` holds `held.len()` headers, each pointing at one iovec that describes
+        // one whole owned frame, at its own control buffer and at its own address buffer; the
+        // frames, iovecs, buffers and headers all outlive the call, and nothing else touches
+        // them during it.
+        let n = unsafe {
+            libc::recvmmsg(
+                fd,
+                self.msgs.as_mut_ptr(),
+                self.msgs.len() as libc::c_uint,
+                libc::MSG_WAITFORONE,
+                core::ptr::null_mut(),
+            )
+        };
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            self.deliver.handoff.end(false)?;
+            match e.kind() {
+                io::ErrorKind::WouldBlock
+                | io::ErrorKind::TimedOut
+                | io::ErrorKind::Interrupted => self.wait = UdpWait::Received,
+                // Anything else (ENOMEM, a socket error such as ECONNREFUSED queued by ICMP):
+                // counted, logged once per burst, retried with backoff. Never the end of the
+                // appliance.
+                _ => {
+                    self.errors += 1;
+                    job.counters.receive_errors.fetch_add(1, Ordering::Relaxed);
+                    if self.errors.is_power_of_two() {
+                        tracing::warn!(reason = %e, errors = self.errors, "recvmmsg failed; retrying");
+                    }
+                    self.wait = UdpWait::Error(self.error_backoff);
+                    self.error_backoff = (self.error_backoff * 2).min(Duration::from_millis(100));
+                }
+            }
+            return Ok(Pass::Idle);
+        }
+        self.error_backoff = Duration::from_millis(1);
+        let stamp = Stamp {
+            source: Source::Udp,
+            ingest_ns: monotonic_ns(),
+        };
+        let n = n as usize;
+        self.deliver.handoff.begin();
+        for ((mut frame, msg), name) in self.held.drain(..n).zip(&self.msgs).zip(&self.names) {
+            let len = msg.msg_len as usize;
+            self.tally.datagrams += 1;
+            self.tally.bytes += len as u64;
+            if msg.msg_hdr.msg_flags & libc::MSG_TRUNC != 0 {
+                // Longer than a frame: its tail is gone, so none of it is trusted.
+                self.tally.rejected[RejectReason::Truncated as usize] += 1;
+                continue; // `frame` drops here and goes back to the owner
+            }
+            frame.set_peer(peer_of(name));
+            let mut shared = frame.share(0..len);
+            self.deliver
+                .frame(&mut shared, stamp, &mut self.seq, &mut self.tally)?;
+        }
+        self.deliver.handoff.end(false)?;
+        // The newest count in the batch is the socket's total so far.
+        if let Some(d) = self.msgs[..n]
+            .iter()
+            .rev()
+            .find_map(|m| ovfl_drops(&m.msg_hdr))
+            && d != self.drops
+        {
+            job.counters
+                .kernel_drops
+                .fetch_add(u64::from(d.wrapping_sub(self.drops)), Ordering::Relaxed);
+            self.drops = d;
+        }
+        Ok(Pass::Worked(n))
+    }
+
+    #[inline]
+    fn flush(&mut self) {
+        self.tally.flush(self.job.counters);
+    }
+
+    fn wait(&mut self, _idle: &mut Idle) {
+        match self.wait {
+            UdpWait::Received => {}
+            UdpWait::Paused => std::thread::sleep(Duration::from_millis(1)),
+            UdpWait::Frames => backoff(&mut self.spins),
+            UdpWait::Error(d) => std::thread::sleep(d),
+        }
     }
 }
 

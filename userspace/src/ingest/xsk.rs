@@ -13,6 +13,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use super::{Deliver, Handoff, IngestCounters, Tally};
+use crate::engine::idle::Idle;
+use crate::engine::stage::{self, Pass};
 use crate::mem::frames::FrameOwner;
 use crate::wire::event::{Peer, Source, Stamp, monotonic_ns};
 use crate::wire::packet::udp_payload;
@@ -51,7 +53,8 @@ pub struct XskIngest<'s> {
 
 impl XskIngest<'_> {
     /// Receives until `stop` is set, handing each event to `handoff`; then serves what the
-    /// hand-off still holds and closes it.
+    /// hand-off still holds and closes it. The loop is a [`stage::Stage`] driven by
+    /// [`stage::drive`], `batch` descriptors a pass.
     ///
     /// Waiting: an empty RX ring is re-checked for up to `busy_spin` (no syscall), then the
     /// thread sleeps in `poll` for at most `idle_poll`. The kernel is kicked only when it set
@@ -60,150 +63,33 @@ impl XskIngest<'_> {
     /// # Errors
     /// The hand-off's (a sink's, inline); the kernel's wake-up and poll errors are counted
     /// (`receive_errors`) and retried.
-    pub fn run<'a>(
+    pub fn run<'a, R: XskRings, H: Handoff<'a>>(
         &self,
-        sock: &mut impl XskRings,
+        sock: &mut R,
         frames: &mut FrameOwner<'a>,
-        handoff: impl Handoff<'a>,
+        handoff: H,
     ) -> io::Result<()> {
-        let fs = u64::from(sock.frame_size());
-        let umem_len = sock.umem_len();
-        let ring = sock.rings().1.size() as usize;
-        let idle_ms = i32::try_from(self.idle_poll.as_millis()).unwrap_or(i32::MAX);
-        let spin_ns = self.busy_spin.as_nanos() as u64;
-        let mut deliver = Deliver {
-            limits: self.limits,
-            handoff,
+        let mut stage = XskStage {
+            fs: u64::from(sock.frame_size()),
+            umem_len: sock.umem_len(),
+            ring: sock.rings().1.size() as usize,
+            idle_ms: i32::try_from(self.idle_poll.as_millis()).unwrap_or(i32::MAX),
+            spin_ns: self.busy_spin.as_nanos() as u64,
+            job: self,
+            sock,
+            frames,
+            deliver: Deliver {
+                limits: self.limits,
+                handoff,
+            },
+            tally: Tally::default(),
+            seq: self.seq_base,
+            empty_since: None,
+            errs: (0, Duration::from_millis(1)),
+            paused: false,
         };
-        let mut tally = Tally::default();
-        let mut seq = self.seq_base;
-        let mut next_stats = monotonic_ns();
-        let mut empty_since: Option<u64> = None;
-        // Kernel errors on wake-up and poll (ENETDOWN while the link flaps, ENXIO, ENOBUFS):
-        // counted, logged once per burst, retried after a backoff; never the end of ingest.
-        // (errors so far, the next backoff)
-        let mut errs = (0u64, Duration::from_millis(1));
-        let retry = |errs: &mut (u64, Duration), e: io::Error| {
-            errs.0 += 1;
-            self.counters.receive_errors.fetch_add(1, Ordering::Relaxed);
-            if errs.0.is_power_of_two() {
-                tracing::warn!(reason = %e, errors = errs.0, "AF_XDP wake-up or poll failed; retrying");
-            }
-            std::thread::sleep(errs.1);
-            errs.1 = (errs.1 * 2).min(Duration::from_millis(100));
-        };
-        while !self.stop.load(Ordering::Relaxed) {
-            if self.paused.load(Ordering::Relaxed) {
-                // Queued work continues: the side queue is still served.
-                if deliver.handoff.side()? == 0 {
-                    deliver.handoff.end(false)?;
-                    std::thread::sleep(Duration::from_millis(1));
-                }
-                continue;
-            }
-            // Refill: released frames first, then as many as FILL has room for. (The bare probe
-            // recycles the frames FILL was stocked with, as a bare loop does.)
-            let (fill, _) = sock.rings();
-            let room = if self.bare { 0 } else { fill.free(self.batch) };
-            let mut n = 0;
-            while n < room {
-                let Some(frame) = frames.take() else { break };
-                fill.write(n, u64::from(frames.lend(frame)) * fs);
-                n += 1;
-            }
-            if n > 0 {
-                fill.submit(n);
-            }
-            if fill.needs_wakeup()
-                && let Err(e) = sock.wakeup_rx()
-            {
-                retry(&mut errs, e);
-            }
-
-            let rx = sock.rings().1;
-            let ready = rx.available(self.batch);
-            if ready == 0 {
-                let served = deliver.handoff.side()?;
-                deliver.handoff.end(false)?;
-                if served > 0 {
-                    continue;
-                }
-                let now = monotonic_ns();
-                let since = *empty_since.get_or_insert(now);
-                if now - since < spin_ns {
-                    core::hint::spin_loop();
-                    continue;
-                }
-                match sock.poll_rx(idle_ms) {
-                    Ok(_) => errs.1 = Duration::from_millis(1),
-                    Err(e) => retry(&mut errs, e),
-                }
-                self.read_stats(sock, &mut next_stats);
-                continue;
-            }
-            empty_since = None;
-            if self.bare {
-                // The socket's own limit: every descriptor straight back to FILL, unread.
-                self.bare_batch(sock, frames, ready, fs, umem_len, &mut tally);
-                tally.flush(self.counters);
-                self.read_stats(sock, &mut next_stats);
-                continue;
-            }
-            // How deep the ring is, for the control plane (once per batch).
-            deliver
-                .handoff
-                .depth(rx.available(ring as u32) as usize, ring);
-            let stamp = Stamp {
-                source: Source::Xsk,
-                ingest_ns: monotonic_ns(),
-            };
-            deliver.handoff.begin();
-            for i in 0..ready {
-                let desc = sock.rings().1.read(i);
-                let len = u64::from(desc.len);
-                let offset = desc.addr % fs;
-                // The descriptor must lie inside the UMEM and inside one frame, and name a frame
-                // we lent; anything else is refused without touching memory.
-                let frame = (desc
-                    .addr
-                    .checked_add(len)
-                    .is_some_and(|end| end <= umem_len)
-                    && offset + len <= fs)
-                    .then(|| frames.claim((desc.addr / fs) as u32))
-                    .flatten();
-                let Some(frame) = frame else {
-                    tally.invalid_descs += 1;
-                    continue;
-                };
-                tally.datagrams += 1;
-                tally.bytes += len;
-                let start = offset as usize;
-                let Some((payload, meta)) =
-                    udp_payload(&frame.bytes()[start..start + desc.len as usize])
-                else {
-                    tally.bad_packets += 1;
-                    continue; // `frame` drops here and returns to the free list
-                };
-                let mut frame = frame;
-                frame.set_peer(Peer::from(std::net::SocketAddr::new(
-                    meta.src,
-                    meta.src_port,
-                )));
-                let mut shared = frame.share(start + payload.start..start + payload.end);
-                deliver.frame(&mut shared, stamp, &mut seq, &mut tally)?;
-            }
-            sock.rings().1.release(ready);
-            deliver.handoff.end(false)?;
-            tally.flush(self.counters);
-            self.read_stats(sock, &mut next_stats);
-        }
-        // Stopped: what other threads queued for this one is served, then windows close.
-        while deliver.handoff.side()? > 0 {}
-        deliver.handoff.end(true)?;
-        tally.flush(self.counters);
-        Ok(())
+        stage::drive(&mut stage, self.batch.max(1) as usize)
     }
-
     /// `xsk_bare`: returns `ready` RX descriptors to FILL as they are (bounds-checked, never
     /// read), counting datagrams and bytes. Where FILL has no room (the refill above keeps it
     /// stocked from spare frames), the frame goes back to the free list instead.
@@ -241,22 +127,199 @@ impl XskIngest<'_> {
         sock.rings().0.submit(n);
         sock.rings().1.release(ready);
     }
+}
 
-    /// Copies `XDP_STATISTICS` into the counters every [`STATS_EVERY`].
-    fn read_stats(&self, sock: &impl XskRings, next: &mut u64) {
-        let now = monotonic_ns();
-        if now < *next {
-            return;
+/// One queue's receive loop as a [`stage::Stage`]: a pass refills FILL with released frames,
+/// reads up to a budget of RX descriptors and parses them (or, with nothing to read, serves the
+/// side queue and closes due batch windows).
+struct XskStage<'j, 's, 'r, 'a, R, H> {
+    job: &'j XskIngest<'s>,
+    sock: &'r mut R,
+    frames: &'r mut FrameOwner<'a>,
+    deliver: Deliver<H>,
+    tally: Tally,
+    seq: u64,
+    fs: u64,
+    umem_len: u64,
+    /// The RX ring's size.
+    ring: usize,
+    idle_ms: i32,
+    spin_ns: u64,
+    /// Since when RX has been empty (the busy-spin window).
+    empty_since: Option<u64>,
+    /// Kernel errors on wake-up and poll (ENETDOWN while the link flaps, ENXIO, ENOBUFS):
+    /// counted, logged once per burst, retried after a backoff; never the end of ingest.
+    /// (errors so far, the next backoff)
+    errs: (u64, Duration),
+    /// The last pass found the pipeline paused.
+    paused: bool,
+}
+
+impl<R: XskRings, H> XskStage<'_, '_, '_, '_, R, H> {
+    fn retry(&mut self, e: io::Error) {
+        self.errs.0 += 1;
+        self.job
+            .counters
+            .receive_errors
+            .fetch_add(1, Ordering::Relaxed);
+        if self.errs.0.is_power_of_two() {
+            tracing::warn!(reason = %e, errors = self.errs.0, "AF_XDP wake-up or poll failed; retrying");
         }
-        *next = now + STATS_EVERY.as_nanos() as u64;
-        if let Ok(s) = sock.stats() {
-            let c = self.counters;
+        std::thread::sleep(self.errs.1);
+        self.errs.1 = (self.errs.1 * 2).min(Duration::from_millis(100));
+    }
+}
+
+impl<'a, R: XskRings, H: Handoff<'a>> stage::Stage for XskStage<'_, '_, '_, 'a, R, H> {
+    #[inline]
+    fn poll(&mut self, budget: usize) -> io::Result<Pass> {
+        let job = self.job;
+        if job.stop.load(Ordering::Relaxed) {
+            // Stopped: what other threads queued for this one is served, then windows close.
+            let served = self.deliver.handoff.side()?;
+            if served > 0 {
+                return Ok(Pass::Worked(served));
+            }
+            self.deliver.handoff.end(true)?;
+            return Ok(Pass::Done);
+        }
+        self.paused = job.paused.load(Ordering::Relaxed);
+        if self.paused {
+            // Queued work continues: the side queue is still served.
+            let served = self.deliver.handoff.side()?;
+            if served == 0 {
+                self.deliver.handoff.end(false)?;
+                return Ok(Pass::Idle);
+            }
+            return Ok(Pass::Worked(served));
+        }
+        let budget = u32::try_from(budget).unwrap_or(u32::MAX);
+        let (fs, umem_len) = (self.fs, self.umem_len);
+        // Refill: released frames first, then as many as FILL has room for. (The bare probe
+        // recycles the frames FILL was stocked with, as a bare loop does.)
+        let (fill, _) = self.sock.rings();
+        let room = if job.bare { 0 } else { fill.free(budget) };
+        let mut n = 0;
+        while n < room {
+            let Some(frame) = self.frames.take() else {
+                break;
+            };
+            fill.write(n, u64::from(self.frames.lend(frame)) * fs);
+            n += 1;
+        }
+        if n > 0 {
+            fill.submit(n);
+        }
+        if fill.needs_wakeup()
+            && let Err(e) = self.sock.wakeup_rx()
+        {
+            self.retry(e);
+        }
+
+        let rx = self.sock.rings().1;
+        let ready = rx.available(budget);
+        if ready == 0 {
+            let served = self.deliver.handoff.side()?;
+            self.deliver.handoff.end(false)?;
+            return Ok(if served > 0 {
+                Pass::Worked(served)
+            } else {
+                Pass::Idle
+            });
+        }
+        self.empty_since = None;
+        if job.bare {
+            // The socket's own limit: every descriptor straight back to FILL, unread.
+            job.bare_batch(self.sock, self.frames, ready, fs, umem_len, &mut self.tally);
+            return Ok(Pass::Worked(ready as usize));
+        }
+        // How deep the ring is, for the control plane (once per batch).
+        self.deliver
+            .handoff
+            .depth(rx.available(self.ring as u32) as usize, self.ring);
+        let stamp = Stamp {
+            source: Source::Xsk,
+            ingest_ns: monotonic_ns(),
+        };
+        self.deliver.handoff.begin();
+        for i in 0..ready {
+            let desc = self.sock.rings().1.read(i);
+            let len = u64::from(desc.len);
+            let offset = desc.addr % fs;
+            // The descriptor must lie inside the UMEM and inside one frame, and name a frame we
+            // lent; anything else is refused without touching memory.
+            let frame = (desc
+                .addr
+                .checked_add(len)
+                .is_some_and(|end| end <= umem_len)
+                && offset + len <= fs)
+                .then(|| self.frames.claim((desc.addr / fs) as u32))
+                .flatten();
+            let Some(frame) = frame else {
+                self.tally.invalid_descs += 1;
+                continue;
+            };
+            self.tally.datagrams += 1;
+            self.tally.bytes += len;
+            let start = offset as usize;
+            let Some((payload, meta)) =
+                udp_payload(&frame.bytes()[start..start + desc.len as usize])
+            else {
+                self.tally.bad_packets += 1;
+                continue; // `frame` drops here and returns to the free list
+            };
+            let mut frame = frame;
+            frame.set_peer(Peer::from(std::net::SocketAddr::new(
+                meta.src,
+                meta.src_port,
+            )));
+            let mut shared = frame.share(start + payload.start..start + payload.end);
+            self.deliver
+                .frame(&mut shared, stamp, &mut self.seq, &mut self.tally)?;
+        }
+        self.sock.rings().1.release(ready);
+        self.deliver.handoff.end(false)?;
+        Ok(Pass::Worked(ready as usize))
+    }
+
+    #[inline]
+    fn flush(&mut self) {
+        self.tally.flush(self.job.counters);
+    }
+
+    fn housekeeping_every(&self) -> Duration {
+        STATS_EVERY
+    }
+
+    /// Copies `XDP_STATISTICS` into the counters.
+    fn housekeeping(&mut self, _now: u64) {
+        if let Ok(s) = self.sock.stats() {
+            let c = self.job.counters;
             c.xsk_rx_dropped.store(s.rx_dropped, Ordering::Relaxed);
             c.xsk_rx_invalid_descs
                 .store(s.rx_invalid_descs, Ordering::Relaxed);
             c.xsk_rx_ring_full.store(s.rx_ring_full, Ordering::Relaxed);
             c.xsk_rx_fill_ring_empty_descs
                 .store(s.rx_fill_ring_empty_descs, Ordering::Relaxed);
+        }
+    }
+
+    /// Paused: 1 ms. RX empty: spin for `busy_spin` (no syscall), then sleep in `poll` until
+    /// the kernel has something or `idle_poll` passes.
+    fn wait(&mut self, _idle: &mut Idle) {
+        if self.paused {
+            std::thread::sleep(Duration::from_millis(1));
+            return;
+        }
+        let now = monotonic_ns();
+        let since = *self.empty_since.get_or_insert(now);
+        if now - since < self.spin_ns {
+            core::hint::spin_loop();
+            return;
+        }
+        match self.sock.poll_rx(self.idle_ms) {
+            Ok(_) => self.errs.1 = Duration::from_millis(1),
+            Err(e) => self.retry(e),
         }
     }
 }

@@ -13,7 +13,7 @@
 
 use std::fmt::Write as _;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use tracing::{info, warn};
@@ -847,70 +847,63 @@ fn serve_bytes(
     })
 }
 
-/// Serves until `stop` is set, on a current-thread tokio runtime in the calling thread: one
-/// task per connection (no thread), at most `policy.max_connections`, each request's head
-/// limited in size and time, bodies in size and time, and every connection's life bounded, so
-/// no client can crash it or hold it. Commands go to the control plane through `commands`.
+/// Serves `listener` for as long as the returned future is polled (the housekeeping thread's
+/// runtime drives it, see [`crate::daemon`]): one task per connection (no thread), at most
+/// `policy.max_connections`, each request's head limited in size and time, bodies in size and
+/// time, and every connection's life bounded, so no client can crash it or hold it. Commands go
+/// to the control plane through `commands`. Accept errors are counted and retried; the future
+/// ends only with an error from registering the listener with the runtime.
 ///
 /// # Errors
-/// When the runtime or the listener cannot be set up.
-pub fn serve(
+/// When the listener cannot be registered with the runtime.
+pub async fn serve(
     listener: std::net::TcpListener,
     view: &MetricsView<'_>,
     commands: &mpsc::Producer<Command>,
-    stop: &AtomicBool,
     policy: &Policy,
     counters: &AdminCounters,
 ) -> std::io::Result<()> {
     use futures_util::StreamExt as _;
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_io()
-        .enable_time()
-        .build()?;
-    rt.block_on(async {
-        let listener = tokio::net::TcpListener::from_std(listener)?;
-        info!(addr = ?listener.local_addr().ok(), max_connections = policy.max_connections, token = policy.token.is_some(), "metrics and admin listening");
-        let http = http_builder(policy);
-        let mut conns = futures_util::stream::FuturesUnordered::new();
-        let mut tick = tokio::time::interval(Duration::from_millis(100));
-        let mut accept_backoff = Duration::from_millis(5);
-        while !stop.load(Ordering::Relaxed) {
-            tokio::select! {
-                accepted = listener.accept() => match accepted {
-                    Ok((sock, _peer)) => {
-                        accept_backoff = Duration::from_millis(5);
-                        if conns.len() >= policy.max_connections {
-                            counters.refused_connections.fetch_add(1, Ordering::Relaxed);
-                            continue; // dropped: closed at once
-                        }
-                        let _ = sock.set_nodelay(true);
-                        let service = hyper::service::service_fn(move |req| async move {
-                            Ok::<_, std::convert::Infallible>(answer(req, view, commands, policy, counters).await)
-                        });
-                        let conn = http.serve_connection(hyper_util::rt::TokioIo::new(sock), service);
-                        // A connection lives at most this long, however it behaves (a slow
-                        // reader of responses included).
-                        let life = policy.timeout * 12;
-                        conns.push(async move {
-                            let _ = tokio::time::timeout(life, conn).await;
-                        });
+    listener.set_nonblocking(true)?;
+    let listener = tokio::net::TcpListener::from_std(listener)?;
+    info!(addr = ?listener.local_addr().ok(), max_connections = policy.max_connections, token = policy.token.is_some(), "metrics and admin listening");
+    let http = http_builder(policy);
+    let mut conns = futures_util::stream::FuturesUnordered::new();
+    let mut accept_backoff = Duration::from_millis(5);
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((sock, _peer)) => {
+                    accept_backoff = Duration::from_millis(5);
+                    if conns.len() >= policy.max_connections {
+                        counters.refused_connections.fetch_add(1, Ordering::Relaxed);
+                        continue; // dropped: closed at once
                     }
-                    Err(e) => {
-                        // EMFILE, ENFILE, ECONNABORTED...: counted, retried after a pause.
-                        let n = counters.accept_errors.fetch_add(1, Ordering::Relaxed) + 1;
-                        if n.is_power_of_two() {
-                            warn!(reason = %e, errors = n, "admin accept failed; retrying");
-                        }
-                        tokio::time::sleep(accept_backoff).await;
-                        accept_backoff = (accept_backoff * 2).min(Duration::from_secs(1));
+                    let _ = sock.set_nodelay(true);
+                    let service = hyper::service::service_fn(move |req| async move {
+                        Ok::<_, std::convert::Infallible>(answer(req, view, commands, policy, counters).await)
+                    });
+                    let conn = http.serve_connection(hyper_util::rt::TokioIo::new(sock), service);
+                    // A connection lives at most this long, however it behaves (a slow
+                    // reader of responses included).
+                    let life = policy.timeout * 12;
+                    conns.push(async move {
+                        let _ = tokio::time::timeout(life, conn).await;
+                    });
+                }
+                Err(e) => {
+                    // EMFILE, ENFILE, ECONNABORTED...: counted, retried after a pause.
+                    let n = counters.accept_errors.fetch_add(1, Ordering::Relaxed) + 1;
+                    if n.is_power_of_two() {
+                        warn!(reason = %e, errors = n, "admin accept failed; retrying");
                     }
-                },
-                Some(()) = conns.next(), if !conns.is_empty() => {}
-                _ = tick.tick() => {}
-            }
+                    tokio::time::sleep(accept_backoff).await;
+                    accept_backoff = (accept_backoff * 2).min(Duration::from_secs(1));
+                }
+            },
+            Some(()) = conns.next(), if !conns.is_empty() => {}
         }
-        Ok(())
-    })
+    }
 }
 
 #[cfg(test)]
