@@ -176,3 +176,72 @@ fn run_plain(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::io::{Read as _, Write as _};
+    use std::time::Instant;
+
+    use super::*;
+    use crate::ops::admin::Fresh;
+    use crate::wire::event::Source;
+
+    fn get_metrics(addr: std::net::SocketAddr) -> u16 {
+        let mut c = std::net::TcpStream::connect(addr).unwrap();
+        c.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+        write!(c, "GET /metrics HTTP/1.0\r\nHost: {addr}\r\n\r\n").unwrap();
+        let mut resp = String::new();
+        c.read_to_string(&mut resp).unwrap();
+        resp.split_whitespace().nth(1).unwrap().parse().unwrap()
+    }
+
+    /// While the tick is still waiting on a drain (here: 400 ms of ticks that say "not yet"),
+    /// the admin server on the same thread answers.
+    #[test]
+    fn metrics_answer_while_the_tick_waits_for_a_drain() {
+        let fresh = Fresh::default();
+        let view = fresh.view(Source::Udp, Vec::new(), Box::new(|| None));
+        let (commands, _rx) = mpsc::channel::<Command>(4);
+        let counters = AdminCounters::default();
+        let (listener, bound) = crate::ops::admin::bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let policy = Policy {
+            max_connections: 4,
+            timeout: Duration::from_secs(1),
+            token: None,
+            allowed_hosts: Policy::hosts_for(bound, &[]),
+        };
+        let client = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(100));
+            (get_metrics(bound), Instant::now())
+        });
+        let start = Instant::now();
+        let mut ticks = 0u32;
+        run(
+            Duration::from_millis(1),
+            Some(Admin {
+                listener,
+                view: &view,
+                commands: &commands,
+                policy: &policy,
+                counters: &counters,
+            }),
+            None,
+            || {
+                ticks += 1;
+                if start.elapsed() < Duration::from_millis(400) {
+                    Flow::Continue
+                } else {
+                    Flow::Done
+                }
+            },
+        );
+        let done = Instant::now();
+        let (status, answered) = client.join().unwrap();
+        assert_eq!(status, 200);
+        assert!(answered < done, "answered before the drain ended");
+        assert!(
+            ticks > 50,
+            "the tick kept running beside the server: {ticks}"
+        );
+    }
+}

@@ -118,7 +118,7 @@ mod tests {
         fn poll(&mut self, budget: usize) -> io::Result<Pass> {
             self.passes += 1;
             // Every third pass finds nothing.
-            if self.passes % 3 == 0 {
+            if self.passes.is_multiple_of(3) {
                 return Ok(Pass::Idle);
             }
             if self.done == self.n {

@@ -536,27 +536,51 @@ pub fn collect(v: &MetricsView<'_>) -> Table {
 /// every family the appliance can export, for checking dashboards and docs against.
 #[doc(hidden)]
 pub fn every_family() -> Table {
-    let engine = EngineCounters::default();
-    let ingest = IngestCounters::default();
-    let admin = AdminCounters::default();
-    let zeros: [std::sync::atomic::AtomicU64; 2] = Default::default();
-    let view = MetricsView {
-        ingest: vec![(Source::Xsk, &ingest)],
-        engine: &engine,
-        queue: Box::new(|| (0, 1)),
-        sink: ["memory"; 3],
-        sinks: vec![std::sync::Arc::new(SinkHealth::new("nats"))],
-        admin: &admin,
-        xdp_verdicts: Box::new(|| Some(crate::xdp::VerdictCounts::default())),
-        reload: Box::new(|| Err("a listing".into())),
-        config_reloads: &zeros,
-        tcp: TcpAcceptCounters {
-            refused: &zeros[0],
-            accept_errors: &zeros[1],
-        },
-        started: Started::now(),
-    };
+    let fresh = Fresh::default();
+    let view = fresh.view(
+        Source::Xsk,
+        vec![std::sync::Arc::new(SinkHealth::new("nats"))],
+        Box::new(|| Some(crate::xdp::VerdictCounts::default())),
+    );
     collect(&view)
+}
+
+/// Counters at zero and a [`MetricsView`] over them: what the metric table's own tests, the
+/// fuzz harness ([`answer_bytes`]) and the housekeeping thread's tests serve.
+#[doc(hidden)]
+#[derive(Debug, Default)]
+pub struct Fresh {
+    engine: EngineCounters,
+    ingest: IngestCounters,
+    admin: AdminCounters,
+    zeros: [std::sync::atomic::AtomicU64; 2],
+}
+
+impl Fresh {
+    /// A view with one ingest source, these sinks and these verdicts; reloads are refused.
+    pub fn view<'a>(
+        &'a self,
+        source: Source,
+        sinks: Vec<std::sync::Arc<SinkHealth>>,
+        xdp_verdicts: Box<dyn Fn() -> Option<crate::xdp::VerdictCounts> + Send + Sync + 'a>,
+    ) -> MetricsView<'a> {
+        MetricsView {
+            ingest: vec![(source, &self.ingest)],
+            engine: &self.engine,
+            queue: Box::new(|| (0, 1)),
+            sink: ["memory"; 3],
+            sinks,
+            admin: &self.admin,
+            xdp_verdicts,
+            reload: Box::new(|| Err("no configuration file here".into())),
+            config_reloads: &self.zeros,
+            tcp: TcpAcceptCounters {
+                refused: &self.zeros[0],
+                accept_errors: &self.zeros[1],
+            },
+            started: Started::now(),
+        }
+    }
 }
 
 /// Renders the Prometheus text exposition of [`collect`].
@@ -769,29 +793,9 @@ fn http_builder(policy: &Policy) -> hyper::server::conn::http1::Builder {
 /// target's way in (`fuzz/fuzz_targets/admin_request.rs`). Commands it accepts go nowhere.
 #[doc(hidden)]
 pub fn answer_bytes(input: &[u8]) -> Vec<u8> {
-    let engine = EngineCounters::default();
-    let ingest = IngestCounters::default();
+    let fresh = Fresh::default();
+    let view = fresh.view(Source::Udp, Vec::new(), Box::new(|| None));
     let admin = AdminCounters::default();
-    let reloads = [
-        std::sync::atomic::AtomicU64::new(0),
-        std::sync::atomic::AtomicU64::new(0),
-    ];
-    let view = MetricsView {
-        ingest: vec![(Source::Udp, &ingest)],
-        engine: &engine,
-        queue: Box::new(|| (0, 1)),
-        sink: ["memory"; 3],
-        sinks: Vec::new(),
-        admin: &admin,
-        xdp_verdicts: Box::new(|| None),
-        reload: Box::new(|| Err("not in the fuzz harness".into())),
-        config_reloads: &reloads,
-        tcp: TcpAcceptCounters {
-            refused: &reloads[0],
-            accept_errors: &reloads[1],
-        },
-        started: Started::now(),
-    };
     let (commands, _rx) = mpsc::channel::<Command>(4);
     let policy = Policy {
         max_connections: 1,
