@@ -83,6 +83,7 @@ fn engine(c: &mut Criterion) {
             engine: &mut inline,
             side: None,
             ring_depth: (0, 1),
+            control: None,
         },
     };
     let topics = ["rt.a", "tx.b", "batch.c", "rt.d"];

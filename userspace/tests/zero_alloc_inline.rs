@@ -87,6 +87,7 @@ fn run(sink: &mut dyn FnMut(&str) -> Box<dyn Sink>) -> (u64, EngineCounters) {
             engine: &mut engine,
             side: None,
             ring_depth: (0, 1),
+            control: None,
         },
     };
     let topics = ["rt.a", "tx.b", "batch.c", "batch.d", "nowhere"];

@@ -31,7 +31,7 @@ use tracing::{info, warn};
 
 use crate::engine::control::{Command, ControlPlane, PipelineState};
 use crate::engine::dedup::{DedupWindow, SharedDedupWindow};
-use crate::engine::inline::DEPTH_ONE;
+use crate::engine::inline::InlineControl;
 use crate::engine::latency::{LatencyFrom, Stage};
 use crate::engine::rules::LiveRules;
 use crate::engine::{
@@ -325,34 +325,6 @@ fn drop_privileges(keep_bpf: bool, p: &crate::ops::config::PrivilegesConfig) -> 
         "setup done; capabilities dropped"
     );
     Ok(())
-}
-
-/// The inline control plane's tick: operator commands, then the watermarks over the deepest
-/// input (any data-plane thread's receive ring, or the side queue), and the state published.
-fn housekeeping_tick(
-    plane: &mut ControlPlane,
-    rules: &mut crate::engine::rules::RulesView<'_>,
-    commands: &mut mpsc::Consumer<Command>,
-    depths: &[AtomicU32],
-    side: &mpsc::Producer<Pooled<'_, Event<'_>>>,
-    counters: &EngineCounters,
-) {
-    if rules.refresh() {
-        plane.set_config(rules.get().control);
-    }
-    while let Some(cmd) = commands.pop() {
-        let t = plane.command(cmd);
-        counters.publish_transition(t, side.len());
-    }
-    let deepest = depths
-        .iter()
-        .map(|d| d.load(Ordering::Relaxed))
-        .max()
-        .unwrap_or(0);
-    let side_depth = (side.len() as u64 * u64::from(DEPTH_ONE)) / side.capacity().max(1) as u64;
-    let depth = u64::from(deepest).max(side_depth) as usize;
-    let t = plane.observe(depth, DEPTH_ONE as usize);
-    counters.publish_transition(t, depth);
 }
 
 /// A TCP listener on `addr`, on `device` only when given (`SO_BINDTODEVICE`).
@@ -1061,6 +1033,20 @@ fn run_with(setup: Setup<'_, '_>, report_out: &mut Option<serde_json::Value>) ->
         started,
     };
     let (admin_listener, admin_policy) = admin.map_or((None, None), |(l, p)| (Some(l), Some(p)));
+    // Inline: the control plane runs on the first data-plane thread (the one that serves the
+    // side queue), on its stage's housekeeping schedule. Pipelined: in the dispatcher.
+    let mut cmd_rx = Some(cmd_rx);
+    let mut inline_control = if inline {
+        cmd_rx.take().map(|commands| InlineControl {
+            plane: ControlPlane::new(cfg.control),
+            rules: live_rules.view(),
+            commands,
+            depths: &depths,
+            counters: &engine_counters,
+        })
+    } else {
+        None
+    };
     let mut side_rx = Some(rx);
     let mut engines = engines.into_iter();
     let busy_spin = Duration::from_micros(u64::from(x.busy_spin_us));
@@ -1111,10 +1097,10 @@ fn run_with(setup: Setup<'_, '_>, report_out: &mut Option<serde_json::Value>) ->
                     paused: &engine_counters.paused,
                 };
                 let mut engine = engines.next();
-                let side = if q == 0 && engine.is_some() {
-                    side_rx.take()
+                let (side, control) = if q == 0 && engine.is_some() {
+                    (side_rx.take(), inline_control.take())
                 } else {
-                    None
+                    (None, None)
                 };
                 let h = std::thread::Builder::new()
                     .name(format!("ingest-q{q}"))
@@ -1131,6 +1117,7 @@ fn run_with(setup: Setup<'_, '_>, report_out: &mut Option<serde_json::Value>) ->
                                     engine,
                                     side,
                                     ring_depth: (0, 1),
+                                    control,
                                 },
                             ),
                             None => {
@@ -1167,6 +1154,7 @@ fn run_with(setup: Setup<'_, '_>, report_out: &mut Option<serde_json::Value>) ->
                 None
             };
             let side = engine.as_ref().and_then(|_| side_rx.take());
+            let control = engine.as_ref().and_then(|_| inline_control.take());
             let is_dataplane = engine.is_some();
             let (ingest_stop, dataplane_stop) = (&ingest_stop, &dataplane_stop);
             let h = std::thread::Builder::new()
@@ -1195,6 +1183,7 @@ fn run_with(setup: Setup<'_, '_>, report_out: &mut Option<serde_json::Value>) ->
                                 engine,
                                 side,
                                 ring_depth: (0, 1),
+                                control,
                             },
                         ),
                         None => {
@@ -1219,7 +1208,6 @@ fn run_with(setup: Setup<'_, '_>, report_out: &mut Option<serde_json::Value>) ->
         }
         // Pipelined: the dispatcher, the workers per class, and the DLQ, each a thread.
         let mut engine_threads = Vec::new();
-        let mut cmd_rx = Some(cmd_rx);
         if let (Some(buses), Some((dlq_tx, dlq_rx)), Some(dlq_step)) =
             (buses.take(), dlq_ring.take(), dlq_step.take())
         {
@@ -1263,8 +1251,6 @@ fn run_with(setup: Setup<'_, '_>, report_out: &mut Option<serde_json::Value>) ->
                     .spawn_scoped(s, move || run_dlq(dlq_step, dlq_rx, counters))?,
             );
         }
-        // Inline: the control plane runs on the housekeeping thread's tick.
-        let mut control = cmd_rx.map(|rx| (ControlPlane::new(cfg.control), rx));
         let view = metrics_view();
         let mut acceptor = match &tcp_listener {
             Some(l) => Some(
@@ -1283,18 +1269,23 @@ fn run_with(setup: Setup<'_, '_>, report_out: &mut Option<serde_json::Value>) ->
                 counters: &admin_counters,
             });
 
-        let mut hk_rules = live_rules.view();
+        // The housekeeping thread keeps off the receive queues' cores (its 1 ms tick would
+        // otherwise preempt them); threads started from here on (TCP connections) inherit it.
+        if !plan.housekeeping.is_empty() {
+            match numa::pin_current_thread_to(&plan.housekeeping) {
+                Ok(()) => {
+                    info!(cpus = %topology::cpu_list(&plan.housekeeping), "housekeeping thread placed")
+                }
+                Err(e) => warn!(reason = %e, "could not place the housekeeping thread"),
+            }
+        }
         // Every thread is running and privileges are dropped: say so, for scripts and tests
         // that must not send before the appliance takes traffic.
         println!("ready");
         let start = Instant::now();
         let mut last = (start, 0u64);
-        // Inline, the control plane's watermarks are read on this tick.
-        let period = if inline {
-            Duration::from_millis(1)
-        } else {
-            Duration::from_millis(100)
-        };
+        // Signals, reloads, the log and the stop's steps: the control plane is not here.
+        let period = Duration::from_millis(10);
         let mut phase = Phase::Running;
         let mut result = Ok(());
         let tick = || -> house::Flow {
@@ -1304,16 +1295,6 @@ fn run_with(setup: Setup<'_, '_>, report_out: &mut Option<serde_json::Value>) ->
                         if hup.swap(false, Ordering::Relaxed) {
                             // Logged and counted by the reloader either way.
                             let _ = reloader.reload();
-                        }
-                        if let Some((plane, commands)) = &mut control {
-                            housekeeping_tick(
-                                plane,
-                                &mut hk_rules,
-                                commands,
-                                &depths,
-                                &tx,
-                                &engine_counters,
-                            );
                         }
                         let now = Instant::now();
                         if now.duration_since(last.0) >= Duration::from_secs(1) {
@@ -1344,17 +1325,9 @@ fn run_with(setup: Setup<'_, '_>, report_out: &mut Option<serde_json::Value>) ->
                         engine_counters.set_shutdown_deadline(Duration::from_secs(
                             cfg.sinks.shutdown_timeout_secs,
                         ));
+                        // The control plane takes it on its next tick (the data plane's last
+                        // housekeeping at the latest).
                         let _ = cmd_tx.push(Command::Drain);
-                        if let Some((plane, commands)) = &mut control {
-                            housekeeping_tick(
-                                plane,
-                                &mut hk_rules,
-                                commands,
-                                &depths,
-                                &tx,
-                                &engine_counters,
-                            );
-                        }
                         ingest_stop.store(true, Ordering::Relaxed);
                         phase = Phase::Ingest;
                     }

@@ -3,18 +3,20 @@
 //! [`Inline`] admits (the pipeline state is read once per batch), routes (the dispatcher's
 //! table), and runs the worker classes' steps ([`ClassStep`]) and the DLQ's in the receive
 //! thread, so an event's bytes stay in one core's cache from the RX ring to the sink, with no
-//! ring, no pool slot and no cross-thread release per event. The control plane stays apart, on
-//! the housekeeping thread: each data-plane thread publishes its input depth once per batch
-//! ([`Inline::publish_depth`]); the housekeeping tick runs the watermarks over the deepest and
-//! publishes the state in one atomic.
+//! ring, no pool slot and no cross-thread release per event. The control plane stays apart from
+//! the per-event path: each data-plane thread publishes its input depth once per batch
+//! ([`Inline::publish_depth`]); [`InlineControl`], run by the first data-plane thread on its
+//! stage's housekeeping schedule (every [`CONTROL_EVERY`]), takes operator commands, runs the
+//! watermarks over the deepest input and publishes the state in one atomic.
 //!
 //! Order per topic within a queue is kept (one thread, in arrival order). Dedup is exact across
 //! queues: every queue's transactional step shares one lock-free window.
 
 use std::io;
 use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
 
-use super::control::{PipelineState, Shed, admit};
+use super::control::{Command, ControlPlane, PipelineState, Shed, admit};
 use super::rules::{LiveRules, RulesView};
 use super::worker::{BatchClock, ClassStep, DlqStep};
 use super::{DlqReason, EngineCounters, Target};
@@ -23,6 +25,50 @@ use crate::wire::event::{Event, monotonic_ns};
 
 /// Depth is published as a fraction of capacity in units of 1 / `DEPTH_ONE`.
 pub const DEPTH_ONE: u32 = 1 << 16;
+
+/// How often the inline control plane ticks.
+pub const CONTROL_EVERY: Duration = Duration::from_millis(1);
+
+/// The inline control plane: operator commands, then the watermarks over the deepest input
+/// (any data-plane thread's receive ring, or the side queue), and the state published. The
+/// first data-plane thread runs it on its housekeeping schedule, so no other thread wakes up
+/// every millisecond for it.
+#[derive(Debug)]
+pub struct InlineControl<'s> {
+    /// The state machine.
+    pub plane: ControlPlane,
+    /// Thresholds, as reloaded.
+    pub rules: RulesView<'s>,
+    /// Operator commands (pause, resume, drain).
+    pub commands: crate::ring::mpsc::Consumer<Command>,
+    /// Every data-plane thread's published input depth.
+    pub depths: &'s [AtomicU32],
+    /// Where transitions are published.
+    pub counters: &'s EngineCounters,
+}
+
+impl InlineControl<'_> {
+    /// One tick; `side` is the side queue's (used, capacity).
+    pub fn tick(&mut self, side: (usize, usize)) {
+        if self.rules.refresh() {
+            self.plane.set_config(self.rules.get().control);
+        }
+        while let Some(cmd) = self.commands.pop() {
+            let t = self.plane.command(cmd);
+            self.counters.publish_transition(t, side.0);
+        }
+        let deepest = self
+            .depths
+            .iter()
+            .map(|d| d.load(Ordering::Relaxed))
+            .max()
+            .unwrap_or(0);
+        let side_depth = (side.0 as u64 * u64::from(DEPTH_ONE)) / side.1.max(1) as u64;
+        let depth = u64::from(deepest).max(side_depth) as usize;
+        let t = self.plane.observe(depth, DEPTH_ONE as usize);
+        self.counters.publish_transition(t, depth);
+    }
+}
 
 /// One data-plane thread's engine.
 #[derive(Debug)]

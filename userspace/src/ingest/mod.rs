@@ -21,6 +21,7 @@ use std::io;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::engine::Inline;
+use crate::engine::inline::InlineControl;
 
 use crate::engine::idle::backoff;
 use crate::mem::frames::SharedFrame;
@@ -147,6 +148,10 @@ pub trait Handoff<'a> {
     fn is_drained(&self) -> bool {
         true
     }
+    /// Scheduled work of the hand-off (the inline control plane's tick), every
+    /// [`crate::engine::inline::CONTROL_EVERY`] of the receive loop's housekeeping.
+    #[inline]
+    fn housekeeping(&mut self) {}
 }
 
 /// Pipelined hand-off: a pool slot, then the dispatcher's queue (waiting while either is
@@ -196,6 +201,8 @@ pub struct RunInline<'i, 's, 'p, 'a> {
     pub side: Option<mpsc::Consumer<Pooled<'p, Event<'a>>>>,
     /// Depth of the receive ring last published.
     pub ring_depth: (usize, usize),
+    /// The control plane, on the first data-plane thread only.
+    pub control: Option<InlineControl<'s>>,
 }
 
 impl<'a> Handoff<'a> for RunInline<'_, '_, '_, 'a> {
@@ -244,6 +251,15 @@ impl<'a> Handoff<'a> for RunInline<'_, '_, '_, 'a> {
     }
     fn is_drained(&self) -> bool {
         self.side.as_ref().is_none_or(|s| s.is_empty())
+    }
+    fn housekeeping(&mut self) {
+        if let Some(c) = &mut self.control {
+            let side = self
+                .side
+                .as_ref()
+                .map_or((0, 1), |s| (s.len(), s.capacity()));
+            c.tick(side);
+        }
     }
 }
 

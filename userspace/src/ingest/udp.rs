@@ -16,6 +16,7 @@ use std::time::Duration;
 
 use super::{Deliver, Handoff, IngestCounters, Tally};
 use crate::engine::idle::{Idle, backoff};
+use crate::engine::inline::CONTROL_EVERY;
 use crate::engine::stage::{self, Pass};
 use crate::mem::frames::{FrameOwner, OwnedFrame};
 use crate::wire::event::{Peer, Source, Stamp, monotonic_ns};
@@ -425,6 +426,15 @@ impl<'a, H: Handoff<'a>> stage::Stage for UdpStage<'_, '_, '_, 'a, H> {
     #[inline]
     fn flush(&mut self) {
         self.tally.flush(self.job.counters);
+    }
+
+    fn housekeeping_every(&self) -> Duration {
+        CONTROL_EVERY
+    }
+
+    /// The hand-off's: the inline control plane.
+    fn housekeeping(&mut self, _now: u64) {
+        self.deliver.handoff.housekeeping();
     }
 
     fn wait(&mut self, _idle: &mut Idle) {

@@ -14,6 +14,7 @@ use std::time::Duration;
 
 use super::{Deliver, Handoff, IngestCounters, Tally};
 use crate::engine::idle::Idle;
+use crate::engine::inline::CONTROL_EVERY;
 use crate::engine::stage::{self, Pass};
 use crate::mem::frames::FrameOwner;
 use crate::wire::event::{Peer, Source, Stamp, monotonic_ns};
@@ -87,6 +88,7 @@ impl XskIngest<'_> {
             empty_since: None,
             errs: (0, Duration::from_millis(1)),
             paused: false,
+            next_stats: 0,
         };
         stage::drive(&mut stage, self.batch.max(1) as usize)
     }
@@ -153,6 +155,8 @@ struct XskStage<'j, 's, 'r, 'a, R, H> {
     errs: (u64, Duration),
     /// The last pass found the pipeline paused.
     paused: bool,
+    /// When `XDP_STATISTICS` are next read ([`monotonic_ns`]).
+    next_stats: u64,
 }
 
 impl<R: XskRings, H> XskStage<'_, '_, '_, '_, R, H> {
@@ -181,6 +185,8 @@ impl<'a, R: XskRings, H: Handoff<'a>> stage::Stage for XskStage<'_, '_, '_, 'a, 
                 return Ok(Pass::Worked(served));
             }
             self.deliver.handoff.end(true)?;
+            // The driver's last housekeeping reads the kernel's final statistics.
+            self.next_stats = 0;
             return Ok(Pass::Done);
         }
         self.paused = job.paused.load(Ordering::Relaxed);
@@ -288,11 +294,17 @@ impl<'a, R: XskRings, H: Handoff<'a>> stage::Stage for XskStage<'_, '_, '_, 'a, 
     }
 
     fn housekeeping_every(&self) -> Duration {
-        STATS_EVERY
+        CONTROL_EVERY
     }
 
-    /// Copies `XDP_STATISTICS` into the counters.
-    fn housekeeping(&mut self, _now: u64) {
+    /// The hand-off's (the inline control plane), and every [`STATS_EVERY`] `XDP_STATISTICS`
+    /// copied into the counters.
+    fn housekeeping(&mut self, now: u64) {
+        self.deliver.handoff.housekeeping();
+        if now < self.next_stats {
+            return;
+        }
+        self.next_stats = now + STATS_EVERY.as_nanos() as u64;
         if let Ok(s) = self.sock.stats() {
             let c = self.job.counters;
             c.xsk_rx_dropped.store(s.rx_dropped, Ordering::Relaxed);

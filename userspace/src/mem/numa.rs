@@ -98,12 +98,23 @@ pub fn node_cpus(node: u32) -> Vec<u32> {
 /// # Errors
 /// `EINVAL` for a CPU that is offline or outside the process's allowed set.
 pub fn pin_current_thread(cpu: u32) -> io::Result<()> {
+    pin_current_thread_to(&[cpu])
+}
+
+/// Confines the calling thread to `cpus`.
+///
+/// # Errors
+/// `EINVAL` when none of `cpus` is online and in the process's allowed set.
+pub fn pin_current_thread_to(cpus: &[u32]) -> io::Result<()> {
     #[cfg(all(target_os = "linux", not(miri)))]
     {
         // SAFETY: cpu_set_t is plain data; all-zero is the empty set.
         let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
-        // SAFETY: CPU_SET writes one bit of `set`; out-of-range CPUs are ignored by the macro.
-        unsafe { libc::CPU_SET(cpu as usize, &mut set) };
+        for &cpu in cpus {
+            // SAFETY: CPU_SET writes one bit of `set`; out-of-range CPUs are ignored by the
+            // macro.
+            unsafe { libc::CPU_SET(cpu as usize, &mut set) };
+        }
         // SAFETY: pid 0 is the calling thread; `set` is a valid cpu_set_t of the size given.
         let rc = unsafe { libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &set) };
         if rc != 0 {
@@ -113,7 +124,7 @@ pub fn pin_current_thread(cpu: u32) -> io::Result<()> {
     }
     #[cfg(not(all(target_os = "linux", not(miri))))]
     {
-        let _ = cpu;
+        let _ = cpus;
         Err(io::ErrorKind::Unsupported.into())
     }
 }

@@ -246,6 +246,10 @@ pub struct Plan {
     pub dispatcher: Option<u32>,
     /// Each worker's core (realtime workers first, then transactional, then batch).
     pub workers: Vec<Option<u32>>,
+    /// Where the housekeeping thread (admin, accepts, the tick) may run: every core that no
+    /// ingest thread has, so its wake-ups never preempt a receive queue's thread; empty (left
+    /// to the scheduler) when ingest has every core or nothing is pinned.
+    pub housekeeping: Vec<u32>,
     /// How each choice was made, for the log.
     pub why: Vec<String>,
 }
@@ -333,11 +337,26 @@ pub fn plan(topo: &Topology, input: &PlanInput<'_>) -> Plan {
     } else {
         vec![None; input.workers]
     };
+    let housekeeping: Vec<u32> = if ingest.is_empty() {
+        Vec::new()
+    } else {
+        topo.all_cpus()
+            .into_iter()
+            .filter(|c| !ingest.contains(c))
+            .collect()
+    };
+    if !housekeeping.is_empty() {
+        why.push(format!(
+            "housekeeping on {} (no ingest thread there)",
+            cpu_list(&housekeeping)
+        ));
+    }
     Plan {
         node,
         ingest,
         dispatcher,
         workers,
+        housekeeping,
         why,
     }
 }
@@ -389,6 +408,11 @@ mod tests {
         assert_eq!(p.dispatcher, Some(6));
         assert_eq!(p.workers, vec![Some(7), None, None]);
         assert!(p.why.iter().any(|w| w.contains("1 of 3 workers")), "{p:?}");
+        assert_eq!(
+            p.housekeeping,
+            vec![0, 1, 2, 3, 6, 7],
+            "every core but the receive queues'"
+        );
     }
 
     #[test]
@@ -423,6 +447,10 @@ mod tests {
         );
         assert!(kernel.ingest.is_empty() && kernel.dispatcher.is_none());
         assert_eq!(kernel.workers, vec![None, None]);
+        assert!(
+            kernel.housekeeping.is_empty(),
+            "nothing pinned, nothing to avoid"
+        );
         let off = plan(
             &t,
             &PlanInput {
