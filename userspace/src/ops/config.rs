@@ -197,7 +197,7 @@ impl Default for XdpConfig {
             frames: 8192,
             batch: 64,
             allow_vlan: true,
-            busy_spin_us: 200,
+            busy_spin_us: 2000,
             allow_sources: Vec::new(),
             rate_limit: RateLimitConfig::default(),
         }
