@@ -337,6 +337,25 @@ fn throughput_case(
     })
 }
 
+/// Steers the sending namespace's socket traffic to transmit queue 0 of its veth end (XPS:
+/// every CPU on `tx-0`, none on the others), so it arrives on receive queue 0.
+fn steer_to_queue0(tx_ns: &str) -> Result<()> {
+    let cpus = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
+    let all = (0..cpus).fold(0u128, |m, c| m | (1u128 << c));
+    let script = format!(
+        "set -e; for q in /sys/class/net/{TX_IF}/queues/tx-*; do echo 0 > $q/xps_cpus; done; \
+         echo {all:x} > /sys/class/net/{TX_IF}/queues/tx-0/xps_cpus"
+    );
+    let st = std::process::Command::new("ip")
+        .args(["netns", "exec", tx_ns, "sh", "-c", &script])
+        .status()
+        .context("running ip netns exec")?;
+    if !st.success() {
+        bail!("steering {TX_IF}'s traffic to queue 0 (XPS) in {tx_ns} failed: {st}");
+    }
+    Ok(())
+}
+
 /// Settings by `--quick`.
 struct Plan {
     runs: usize,
@@ -537,7 +556,13 @@ pub fn main(root: &Path, args: &Args) -> Result<()> {
             });
         }
     }
-    // Latency at fixed offered loads, from the sending namespace through the veth.
+    // Latency at fixed offered loads, from the sending namespace through the veth. The lab has
+    // two queues (for `xsk_2q`), and veth hands a packet to the receive queue numbered like the
+    // sender's transmit queue, which the socket layer picks by flow hash: one run's flow could
+    // land on queue 1, where no AF_XDP socket is bound and the program passes it to the kernel
+    // path. XPS steers every CPU to transmit queue 0, so the AF_XDP rows measure queue 0's
+    // socket; each run's kernel-path events are recorded and must be none.
+    steer_to_queue0(&tx)?;
     for path in ["xsk", "recvmmsg"] {
         let extra: &[&str] = if path == "xsk" {
             &["--iface", RX_IF]
@@ -571,11 +596,19 @@ pub fn main(root: &Path, args: &Args) -> Result<()> {
                 };
                 let secs = t.elapsed.as_secs_f64().max(1e-9);
                 let l = &r["latency"];
+                let kernel_path = r["received_events"]["udp"].as_u64().unwrap_or(0);
+                if path == "xsk" && kernel_path != 0 {
+                    bail!(
+                        "latency xsk at {load}/s: {kernel_path} events took the kernel path \
+                         (queue 1?), so the row would not measure AF_XDP"
+                    );
+                }
                 runs.push(json!({
                     "offered": t.events as f64 / secs,
                     "delivered": delivered as f64 / secs,
                     "loss": 1.0 - delivered as f64 / t.events.max(1) as f64,
                     "p50_us": l["p50_us"], "p99_us": l["p99_us"], "p999_us": l["p999_us"],
+                    "received_events": r["received_events"],
                 }));
             }
             let (p50, p50_min, p50_max) = stats(&runs, "p50_us");

@@ -7,10 +7,11 @@
 //!   `/reload`), one task per connection;
 //! - the TCP listener's accepting side ([`Acceptor`]), woken by the kernel when the listener is
 //!   readable (epoll), never by polling;
-//! - the tick, every `period`: the daemon's chores (reload on SIGHUP, the inline control plane,
-//!   the per-second log) and the stop: ingest closed, queues drained, threads joined, each a
-//!   step that never blocks (a thread is joined once it has finished), so `/metrics` keeps
-//!   answering while the sinks drain.
+//! - the tick, every `period` (10 ms): the daemon's chores (reload on SIGHUP, the per-second
+//!   log) and the stop: ingest closed, queues drained, threads joined, each a step that never
+//!   blocks (a thread is joined once it has finished), so `/metrics` keeps answering while the
+//!   sinks drain. The control plane is not here: inline, the first data-plane thread ticks it
+//!   ([`crate::engine::inline::InlineControl`]); pipelined, the dispatcher.
 //!
 //! Where no runtime can be had, the tick still runs, from a plain sleep loop (no admin server;
 //! TCP accepts once per tick), so the daemon can always be stopped.

@@ -851,6 +851,8 @@ fn run_with(setup: Setup<'_, '_>, report_out: &mut Option<serde_json::Value>) ->
         data_plane_threads = data_plane,
         "engine"
     );
+    // Forced pipelined on too few cores: waits sleep instead of yielding.
+    crate::engine::idle::set_oversubscribed(!inline && pipelined_threads > cores);
     let window_ns = e.dedup_window_secs * 1_000_000_000;
     // Inline: one dedup window shared by every queue's thread, lock-free.
     let shared_dedup = SharedDedupWindow::new(if inline { e.dedup_capacity } else { 1 }, window_ns);

@@ -7,8 +7,33 @@
 //!   appliance costs almost nothing and a busy one answers within microseconds. The sleeps
 //!   assume a tight timer slack, which [`Idle::new`] sets for the calling thread (the default
 //!   50 µs slack would otherwise dominate a 20 µs sleep).
+//!
+//! Where the appliance's threads outnumber the cores (`engine.mode: pipelined` forced on a
+//! small machine), `sched_yield` is no way to wait: the thread that would make progress may be
+//! the one yielded to, or not. The daemon says so once ([`set_oversubscribed`]), and both waits
+//! then sleep where they would have yielded.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
+
+/// Set when threads that wait on each other outnumber the cores.
+static OVERSUBSCRIBED: AtomicBool = AtomicBool::new(false);
+
+/// Says whether threads that wait on each other outnumber the cores: then waits sleep instead
+/// of yielding.
+pub fn set_oversubscribed(yes: bool) {
+    OVERSUBSCRIBED.store(yes, Ordering::Relaxed);
+}
+
+/// The yield step of a wait: `sched_yield`, or a short sleep where yielding cannot be trusted.
+#[inline]
+fn give_way() {
+    if OVERSUBSCRIBED.load(Ordering::Relaxed) {
+        std::thread::sleep(SHORT_SLEEP);
+    } else {
+        std::thread::yield_now();
+    }
+}
 
 /// One step of waiting for room in a full ring.
 #[inline]
@@ -18,7 +43,7 @@ pub fn backoff(spins: &mut u32) {
         core::hint::spin_loop();
     } else {
         *spins = 0;
-        std::thread::yield_now();
+        give_way();
     }
 }
 
@@ -59,7 +84,7 @@ impl Idle {
     pub fn wait(&mut self) {
         self.empty = self.empty.saturating_add(1);
         std::thread::sleep(match self.empty {
-            0..=YIELDS => return std::thread::yield_now(),
+            0..=YIELDS => return give_way(),
             n if n <= YIELDS + SHORT_SLEEPS => SHORT_SLEEP,
             _ => LONG_SLEEP,
         });
