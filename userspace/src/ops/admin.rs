@@ -1,4 +1,5 @@
-//! Metrics and admin over HTTP, on one port (default 127.0.0.1:8090), on its own thread.
+//! Metrics and admin over HTTP, on one port (default 127.0.0.1:8090), served by the housekeeping
+//! thread's runtime ([`crate::daemon::house`]).
 //!
 //! - `GET /metrics`: Prometheus text. Every family is declared once, in [`collect`], into the
 //!   [`Table`] that the exit report renders too.
