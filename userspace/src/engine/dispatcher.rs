@@ -60,7 +60,7 @@ pub struct Dispatcher<'s, 'p, 'a> {
     pub input: mpsc::Consumer<Ev<'p, 'a>>,
     /// Topic routes and the control plane's thresholds, as reloaded.
     pub rules: RulesView<'s>,
-    /// One bus per [`WorkerClass`], in `WorkerClass::ALL` order.
+    /// One bus per [`WorkerClass`](super::WorkerClass), in `WorkerClass::ALL` order.
     pub buses: [Bus<'p, 'a>; 3],
     /// To the DLQ worker.
     pub dlq: spsc::Producer<DlqEntry<'p, 'a>>,

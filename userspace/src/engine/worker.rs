@@ -1,6 +1,6 @@
 //! The worker classes as steps: what each does with one event, and at the end of a batch.
 //!
-//! - **realtime** ([`ClassStep::Realtime`]): delivers each event as it comes, recording its
+//! - **realtime** (a [`ClassStep`] of [`WorkerClass::Realtime`]): delivers each event as it comes, recording its
 //!   latency (ingest → worker, or sender → worker from the payload stamp);
 //! - **transactional**: drops duplicates within the dedup window (counted, not delivered);
 //! - **batch**: groups events per topic, copied out of their receive frames so no window pins a

@@ -1,7 +1,7 @@
 //! Kernel UDP ingest (the no-XDP path): `recvmmsg` batches straight into arena frames, parsed
 //! in place.
 //!
-//! Each call receives up to `batch` datagrams, each into its own free [`FrameArena`] frame (no
+//! Each call receives up to `batch` datagrams, each into its own free [`FrameArena`](crate::mem::frames::FrameArena) frame (no
 //! intermediate buffer, so the only copy is the kernel's). Each datagram is then frozen as a
 //! [`SharedFrame`](crate::mem::frames::SharedFrame), its frames parsed into pooled events that borrow
 //! it, and the events pushed to the ingest → dispatcher queue. The frame returns to this thread

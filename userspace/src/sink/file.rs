@@ -414,7 +414,7 @@ pub struct Entry<'e> {
 /// are durable by the policy ([`SegmentLog::acked`]): after the sync that covers them for
 /// `always` and `interval`, after the write for `never`. A fixed set of buffers is in flight at
 /// most; with all of them queued the appender waits (backpressure: the receive rings fill), up
-/// to [`BLOCK_LIMIT`] while the writer is healthy, not at all while it is failing: then appends
+/// to `BLOCK_LIMIT` (1 s) while the writer is healthy, not at all while it is failing: then appends
 /// are refused (the caller sends the event to the DLQ or counts it failed) while the writer
 /// retries, and taken again once it recovers.
 #[derive(Debug)]

@@ -1,5 +1,5 @@
 //! Where delivered events go: the [`Sink`] contract, the bounded in-memory sink, and the file
-//! segment log ([`file`]) that also backs the DLQ.
+//! segment log ([`file`](mod@file)) that also backs the DLQ.
 //!
 //! A sink takes a batch in two calls: [`Sink::append`] once per event (buffered, nothing durable
 //! yet), then [`Sink::flush`] once per batch, which writes and makes the batch durable per the

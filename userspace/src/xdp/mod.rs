@@ -591,7 +591,7 @@ fn netns_suffix() -> Option<String> {
     (host != Some(mine)).then(|| format!("@netns-{mine}"))
 }
 
-/// `<PIN_ROOT>/<iface>` (with the namespace suffix of [`pin_name`] outside the host's).
+/// `<PIN_ROOT>/<iface>` (with the namespace suffix `pin_name` adds outside the host's).
 pub fn pin_dir(iface: &str) -> PathBuf {
     Path::new(PIN_ROOT).join(pin_name(iface))
 }
