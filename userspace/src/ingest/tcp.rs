@@ -200,11 +200,6 @@ impl<'scope, 'env, 'a: 'scope, 'p: 'scope> Acceptor<'scope, 'env, 'a, 'p> {
         !self.tcp.stop.load(Ordering::Relaxed) && self.retry_at.is_none_or(|t| Instant::now() >= t)
     }
 
-    /// Connections open now (their threads still running).
-    pub fn live(&self) -> u64 {
-        self.tcp.live.load(Ordering::Acquire)
-    }
-
     /// Accepts every connection waiting on the listener.
     pub fn accept_ready(&mut self) -> AcceptPass {
         loop {
