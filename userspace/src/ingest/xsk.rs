@@ -93,8 +93,8 @@ impl XskIngest<'_> {
         stage::drive(&mut stage, self.batch.max(1) as usize)
     }
     /// `xsk_bare`: returns `ready` RX descriptors to FILL as they are (bounds-checked, never
-    /// read), counting datagrams and bytes. Where FILL has no room (the refill above keeps it
-    /// stocked from spare frames), the frame goes back to the free list instead.
+    /// read), counting datagrams and bytes. Where FILL has no room, the frame goes back to the
+    /// free list, from which the next pass's refill lends it again.
     fn bare_batch<'a>(
         &self,
         sock: &mut impl XskRings,
@@ -201,10 +201,11 @@ impl<'a, R: XskRings, H: Handoff<'a>> stage::Stage for XskStage<'_, '_, '_, 'a, 
         }
         let budget = u32::try_from(budget).unwrap_or(u32::MAX);
         let (fs, umem_len) = (self.fs, self.umem_len);
-        // Refill: released frames first, then as many as FILL has room for. (The bare probe
-        // recycles the frames FILL was stocked with, as a bare loop does.)
+        // Refill: released frames first, then as many as FILL has room for. The bare probe
+        // does the same with the frames it could not put straight back, so both run on the
+        // same frame depth (the crate's probe too).
         let (fill, _) = self.sock.rings();
-        let room = if job.bare { 0 } else { fill.free(budget) };
+        let room = fill.free(budget);
         let mut n = 0;
         while n < room {
             let Some(frame) = self.frames.take() else {

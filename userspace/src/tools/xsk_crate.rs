@@ -7,7 +7,9 @@
 //! COMPLETION on the socket, an RX ring, bind; the XDP program's `XskMap[queue]` then gets the
 //! socket's fd. The loop batches like ours: up to `batch` descriptors per pass, FILL refilled
 //! with the same addresses, a kick only when the kernel sets `need_wakeup`, a bounded busy
-//! spin, then `poll`.
+//! spin, then `poll`. It runs on the same frame depth as ours: FILL is stocked with a ring's
+//! worth, and the frames beyond that wait in a spare list that refills FILL whenever it has
+//! room (a burst that parks frames in RX does not leave FILL empty).
 
 use core::num::NonZeroU32;
 use core::ptr::NonNull;
@@ -31,6 +33,8 @@ pub struct CrateXsk {
     _umem: Umem,
     _mem: Region,
     frame_size: u32,
+    /// Frames neither in FILL nor with the kernel: they refill FILL when it has room.
+    spare: Vec<u64>,
 }
 
 // SAFETY: xdpilone's types hold raw pointers into the rings' and the UMEM's mappings, so they
@@ -110,6 +114,9 @@ impl CrateXsk {
         w.commit();
         drop(w);
         umem.bind(&user).map_err(|e| errno("bind", e))?;
+        // Room for every frame, so the loop never grows it.
+        let mut spare = Vec::with_capacity(frames as usize);
+        spare.extend((u64::from(stock)..u64::from(frames)).map(|i| i * u64::from(frame_size)));
         Ok(Self {
             rx,
             fq,
@@ -118,6 +125,7 @@ impl CrateXsk {
             _umem: umem,
             _mem: mem,
             frame_size,
+            spare,
         })
     }
 
@@ -153,16 +161,22 @@ impl CrateXsk {
                 }
                 r.release();
             }
+            // Spare frames first (as ours: released frames refill before received ones return),
+            // then what was received; xdpilone reserves what its view of the ring says is free,
+            // and what does not fit waits in the spare list.
+            if !self.spare.is_empty() {
+                let mut w = self.fq.fill(self.spare.len().min(batch as usize) as u32);
+                let k = w.insert(self.spare.iter().rev().copied()) as usize;
+                w.commit();
+                drop(w);
+                self.spare.truncate(self.spare.len() - k);
+            }
             if n > 0 {
-                // xdpilone reserves what its cached view of the ring says is free, which may be
-                // fewer than asked: insert until every frame is back, or frames leak and the
-                // socket starves (the FILL ring cannot be full while we hold these frames).
-                let mut done = 0;
-                while done < n && !stop.load(Ordering::Relaxed) {
-                    let mut w = self.fq.fill((n - done) as u32);
-                    done += w.insert(addrs[done..n].iter().copied()) as usize;
-                    w.commit();
-                }
+                let mut w = self.fq.fill(n as u32);
+                let k = w.insert(addrs[..n].iter().copied()) as usize;
+                w.commit();
+                drop(w);
+                self.spare.extend_from_slice(&addrs[k..n]);
                 tally.datagrams += n as u64;
                 tally.flush(counters);
                 empty_since = None;
