@@ -214,7 +214,7 @@ impl<'s> Inline<'s> {
     /// # Errors
     /// A sink's.
     #[inline]
-    pub fn event(&mut self, mut ev: Event<'_>) -> io::Result<()> {
+    pub fn event(&mut self, ev: &mut Event<'_>) -> io::Result<()> {
         if !self.sampled {
             self.sampled = true;
             if self.batches.next_batch() && self.sample {
@@ -229,11 +229,11 @@ impl<'s> Inline<'s> {
         };
         match routed {
             Ok(target) => {
-                super::dedup::identify(&mut ev, target);
+                super::dedup::identify(ev, target);
                 self.dispatched += 1;
-                self.steps[target.class as usize].event(&ev, self.clock);
+                self.steps[target.class as usize].event(ev, self.clock);
             }
-            Err(reason) => self.dlq.event(&ev, reason),
+            Err(reason) => self.dlq.event(ev, reason),
         }
         Ok(())
     }

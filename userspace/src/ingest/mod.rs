@@ -119,11 +119,13 @@ pub trait Handoff<'a> {
     /// Before a batch.
     #[inline]
     fn begin(&mut self) {}
-    /// One parsed event.
+    /// One parsed event. A hand-off that is done with the event when this returns (inline:
+    /// the sinks copied what they keep) gives it back, and its frame lease is settled without
+    /// an atomic; one that keeps it (a pool slot) returns `None`.
     ///
     /// # Errors
     /// A sink's (inline mode).
-    fn event(&mut self, ev: Event<'a>) -> io::Result<()>;
+    fn event(&mut self, ev: Event<'a>) -> io::Result<Option<Event<'a>>>;
     /// After a batch, and on every idle pass (batch windows close on time). `closing` at exit.
     ///
     /// # Errors
@@ -165,7 +167,7 @@ pub struct Enqueue<'d, 'a, 'p> {
 
 impl<'a> Handoff<'a> for Enqueue<'_, 'a, '_> {
     #[inline]
-    fn event(&mut self, mut ev: Event<'a>) -> io::Result<()> {
+    fn event(&mut self, mut ev: Event<'a>) -> io::Result<Option<Event<'a>>> {
         let mut spins = 0;
         let mut pooled = loop {
             match self.pool.acquire(ev) {
@@ -180,7 +182,7 @@ impl<'a> Handoff<'a> for Enqueue<'_, 'a, '_> {
             pooled = back;
             backoff(&mut spins);
         }
-        Ok(())
+        Ok(None)
     }
 }
 
@@ -211,8 +213,9 @@ impl<'a> Handoff<'a> for RunInline<'_, '_, '_, 'a> {
         self.engine.begin();
     }
     #[inline]
-    fn event(&mut self, ev: Event<'a>) -> io::Result<()> {
-        self.engine.event(ev)
+    fn event(&mut self, mut ev: Event<'a>) -> io::Result<Option<Event<'a>>> {
+        self.engine.event(&mut ev)?;
+        Ok(Some(ev))
     }
     fn end(&mut self, closing: bool) -> io::Result<()> {
         self.engine.end(closing)
@@ -236,7 +239,7 @@ impl<'a> Handoff<'a> for RunInline<'_, '_, '_, 'a> {
         let mut n = 0;
         while n < 256 {
             let Some(ev) = side.pop() else { break };
-            self.engine.event(ev.into_inner())?;
+            self.engine.event(&mut ev.into_inner())?;
             n += 1;
         }
         self.engine.end(false)?;
@@ -269,9 +272,8 @@ pub struct Discard;
 
 impl<'a> Handoff<'a> for Discard {
     #[inline]
-    fn event(&mut self, ev: Event<'a>) -> io::Result<()> {
-        drop(ev);
-        Ok(())
+    fn event(&mut self, ev: Event<'a>) -> io::Result<Option<Event<'a>>> {
+        Ok(Some(ev))
     }
 }
 
@@ -300,10 +302,13 @@ impl<H> Deliver<H> {
     where
         H: Handoff<'a>,
     {
-        for parsed in frame.events(self.limits, stamp, seq) {
+        let mut events = frame.events(self.limits, stamp, seq);
+        while let Some(parsed) = events.next() {
             match parsed {
                 Ok(ev) => {
-                    self.handoff.event(ev)?;
+                    if let Some(done) = self.handoff.event(ev)? {
+                        events.give_back(done);
+                    }
                     tally.events += 1;
                 }
                 Err(e) => tally.rejected[e.reason() as usize] += 1,

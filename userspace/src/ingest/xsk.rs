@@ -249,7 +249,12 @@ impl<'a, R: XskRings, H: Handoff<'a>> stage::Stage for XskStage<'_, '_, '_, 'a, 
             ingest_ns: monotonic_ns(),
         };
         self.deliver.handoff.begin();
+        let arena = self.frames.arena();
         for i in 0..ready {
+            if i + 1 < ready {
+                let next = self.sock.rings().1.read(i + 1);
+                arena.prefetch(next.addr, next.len);
+            }
             let desc = self.sock.rings().1.read(i);
             let len = u64::from(desc.len);
             let offset = desc.addr % fs;

@@ -269,6 +269,15 @@ pub struct FrameEvents<'s, 'a> {
     seq: &'s mut u64,
 }
 
+impl<'a> FrameEvents<'_, 'a> {
+    /// Returns an event this iterator minted, once its holder is done with it: its lease goes
+    /// back to the frame without an atomic ([`SharedFrame::take_back`]).
+    #[inline]
+    pub fn give_back(&mut self, ev: Event<'a>) {
+        self.frame.take_back(ev.frame);
+    }
+}
+
 impl<'a> Iterator for FrameEvents<'_, 'a> {
     type Item = Result<Event<'a>, FrameError>;
 
