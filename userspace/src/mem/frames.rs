@@ -154,7 +154,9 @@ impl FrameArena {
     #[inline]
     pub fn prefetch(&self, offset: u64, len: u32) {
         let size = self.frame_size as u64 * u64::from(self.count);
-        let end = offset.saturating_add(u64::from(len.min(PREFETCH_MAX))).min(size);
+        let end = offset
+            .saturating_add(u64::from(len.min(PREFETCH_MAX)))
+            .min(size);
         let base = self.region.as_ptr();
         let mut at = offset & !63;
         while at < end {
@@ -441,8 +443,7 @@ impl<'a> SharedFrame<'a> {
     /// frame is dropped as usual.
     #[inline]
     pub fn take_back(&mut self, lease: FrameLease<'a>) {
-        if core::ptr::eq(lease.arena, self.arena) && lease.index == self.index && self.minted > 0
-        {
+        if core::ptr::eq(lease.arena, self.arena) && lease.index == self.index && self.minted > 0 {
             // The count still holds this lease's unit inside the bias; forgetting the lease
             // and un-minting it leaves the sum the drops subtract equal to the bias.
             self.minted -= 1;
