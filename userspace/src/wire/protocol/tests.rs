@@ -455,6 +455,13 @@ proptest! {
     #![proptest_config(ProptestConfig { cases: if cfg!(miri) { 4 } else { 256 }, ..ProptestConfig::default() })]
 
     #[test]
+    fn inline_ascii_check_agrees_with_core(b in proptest::collection::vec(any::<u8>(), 0..40), ascii in any::<bool>()) {
+        // Half the cases all-ASCII, so both answers are exercised at every length.
+        let b: Vec<u8> = if ascii { b.iter().map(|x| x & 0x7f).collect() } else { b };
+        prop_assert_eq!(is_ascii(&b), b.is_ascii());
+    }
+
+    #[test]
     fn encode_then_parse_round_trips(frames in proptest::collection::vec(arb_frame(), 1..16)) {
         let mut d = Vec::new();
         for (p, t, b) in &frames {
