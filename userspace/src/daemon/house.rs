@@ -7,6 +7,10 @@
 //!   `/reload`), one task per connection;
 //! - the TCP listener's accepting side ([`Acceptor`]), woken by the kernel when the listener is
 //!   readable (epoll), never by polling;
+//! - the kernel UDP socket beside AF_XDP ([`SideUdp`]), for the traffic the XDP program passes
+//!   to the kernel: woken when the socket is readable, served in bounded turns through a
+//!   hand-off that never waits (its events go to the first data-plane thread's side queue), and
+//!   retried on the tick when that queue was full;
 //! - the tick, every `period` (10 ms): the daemon's chores (reload on SIGHUP, the per-second
 //!   log) and the stop: ingest closed, queues drained, threads joined, each a step that never
 //!   blocks (a thread is joined once it has finished), so `/metrics` keeps answering while the
@@ -18,6 +22,7 @@
 
 use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd, RawFd};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use tokio::io::Interest;
@@ -25,7 +30,7 @@ use tokio::io::unix::AsyncFd;
 use tracing::{error, warn};
 
 use crate::engine::control::Command;
-use crate::ingest::{AcceptPass, Acceptor};
+use crate::ingest::{AcceptPass, Acceptor, Handoff, SideTurn, SideUdp};
 use crate::ops::admin::{AdminCounters, MetricsView, Policy};
 use crate::ring::mpsc;
 
@@ -80,12 +85,48 @@ async fn readable<'f, 'l>(
     }
 }
 
+/// Receive passes per turn of the beside-XDP socket before the thread serves the others.
+const SIDE_PASSES: usize = 16;
+
+/// The kernel UDP socket beside AF_XDP, and the flag set once it has finished (ingest stopped
+/// and everything it received is on the queue): the stop's ingest step waits for it.
+pub struct Side<'r, 'j, 's, 'f, 'a, H> {
+    /// The socket's receive loop.
+    pub udp: &'r mut SideUdp<'j, 's, 'f, 'a, H>,
+    /// Set when it has finished.
+    pub done: &'r AtomicBool,
+}
+
+impl<'a, H: Handoff<'a>> Side<'_, '_, '_, '_, 'a, H> {
+    /// One turn; a hand-off error (none for the non-waiting hand-off) is logged and retried.
+    fn turn(&mut self) -> SideTurn {
+        let t = match self.udp.serve(SIDE_PASSES) {
+            Ok(t) => t,
+            Err(e) => {
+                error!(reason = %e, "the beside-XDP UDP socket's hand-off failed; retrying");
+                SideTurn::Blocked
+            }
+        };
+        if t == SideTurn::Done {
+            self.done.store(true, Ordering::Release);
+        }
+        t
+    }
+}
+
+impl<H> core::fmt::Debug for Side<'_, '_, '_, '_, '_, H> {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_struct("Side").field("udp", &self.udp).finish()
+    }
+}
+
 /// Runs the housekeeping thread until `tick` says [`Flow::Done`]: the admin server (if any),
-/// TCP accepts (if a listener), and `tick` every `period`.
-pub fn run(
+/// TCP accepts (if a listener), the beside-XDP socket (if any), and `tick` every `period`.
+pub fn run<'a, H: Handoff<'a>>(
     period: Duration,
     admin: Option<Admin<'_>>,
     mut accept: Option<&mut Acceptor<'_, '_, '_, '_>>,
+    mut side: Option<Side<'_, '_, '_, '_, 'a, H>>,
     mut tick: impl FnMut() -> Flow,
 ) {
     let rt = match tokio::runtime::Builder::new_current_thread()
@@ -95,8 +136,8 @@ pub fn run(
     {
         Ok(rt) => rt,
         Err(e) => {
-            error!(reason = %e, "no runtime for the housekeeping thread: admin server off, TCP accepted once per tick");
-            return run_plain(period, accept, tick);
+            error!(reason = %e, "no runtime for the housekeeping thread: admin server off, TCP accepted and the beside-XDP socket read once per tick");
+            return run_plain(period, accept, side, tick);
         }
     };
     rt.block_on(async {
@@ -126,19 +167,59 @@ pub fn run(
                 },
                 None => None,
             };
+            let side_fd = match side.as_ref() {
+                // SAFETY: as for the listener: `Fd` borrows the socket's descriptor, which the
+                // daemon keeps open past this block, where the `AsyncFd` is dropped.
+                Some(sd) => match unsafe {
+                    AsyncFd::register_with_interest(Fd(sd.udp.fd()), Interest::READABLE)
+                } {
+                    Ok(fd) => Some(fd),
+                    Err(e) => {
+                        warn!(reason = %e, "the beside-XDP UDP socket cannot be watched; reading it once per tick");
+                        None
+                    }
+                },
+                None => None,
+            };
+            // The last turn could not finish (queue full, paused, out of frames): the tick
+            // retries it rather than the readiness of a socket still holding datagrams.
+            let mut side_blocked = false;
             let mut interval = tokio::time::interval(period);
             interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
                 let may_accept = fd.is_some() && accept.as_deref().is_some_and(Acceptor::may_accept);
+                let side_read = side_fd.is_some()
+                    && !side_blocked
+                    && side.as_ref().is_some_and(|sd| !sd.udp.is_done());
                 tokio::select! {
                     _ = interval.tick() => {
                         if fd.is_none() && let Some(a) = accept.as_deref_mut() && a.may_accept() {
                             a.accept_ready();
                         }
+                        // Every tick: a blocked turn is retried, and a stop is seen even when
+                        // no datagram arrives.
+                        if let Some(sd) = side.as_mut() && !sd.udp.is_done() {
+                            side_blocked = sd.turn() == SideTurn::Blocked;
+                        }
                         if tick() == Flow::Done {
                             return;
                         }
                     }
+                    ready = readable(side_fd.as_ref()), if side_read => match ready {
+                        Ok(mut guard) => {
+                            if let Some(sd) = side.as_mut() {
+                                match sd.turn() {
+                                    SideTurn::Drained => guard.clear_ready(),
+                                    SideTurn::Blocked => side_blocked = true,
+                                    // Datagrams keep coming: the admin server gets its turn
+                                    // before the next one.
+                                    SideTurn::Busy => tokio::task::yield_now().await,
+                                    SideTurn::Done => {}
+                                }
+                            }
+                        }
+                        Err(e) => warn!(reason = %e, "waiting on the beside-XDP UDP socket failed"),
+                    },
                     ready = readable(fd.as_ref()), if may_accept => match ready {
                         Ok(mut guard) => {
                             if let Some(a) = accept.as_deref_mut()
@@ -160,9 +241,10 @@ pub fn run(
 }
 
 /// The tick from a sleep loop, for when no runtime can be built.
-fn run_plain(
+fn run_plain<'a, H: Handoff<'a>>(
     period: Duration,
     mut accept: Option<&mut Acceptor<'_, '_, '_, '_>>,
+    mut side: Option<Side<'_, '_, '_, '_, 'a, H>>,
     mut tick: impl FnMut() -> Flow,
 ) {
     loop {
@@ -171,6 +253,9 @@ fn run_plain(
             && a.may_accept()
         {
             a.accept_ready();
+        }
+        if let Some(sd) = side.as_mut() {
+            while sd.turn() == SideTurn::Busy {}
         }
         if tick() == Flow::Done {
             return;
@@ -227,6 +312,7 @@ mod tests {
                 counters: &counters,
             }),
             None,
+            None::<Side<'_, '_, '_, '_, '_, crate::ingest::Discard>>,
             || {
                 ticks += 1;
                 if start.elapsed() < Duration::from_millis(400) {

@@ -40,8 +40,8 @@ use crate::engine::{
 };
 use crate::ingest::tcp::TcpLimits;
 use crate::ingest::{
-    Acceptor, Discard, Enqueue, IngestCounters, RunInline, Slot, TcpIngest, UdpIngest, XskIngest,
-    bind_udp,
+    Acceptor, Discard, Enqueue, IngestCounters, RunInline, SideUdp, Slot, TcpIngest, TryEnqueue,
+    UdpIngest, XskIngest, bind_udp,
 };
 use crate::mem::RegionOptions;
 use crate::mem::frames::{FrameArena, FrameOwner};
@@ -1145,16 +1145,18 @@ fn run_with(setup: Setup<'_, '_>, report_out: &mut Option<serde_json::Value>) ->
             }
         }
         let paused = &engine_counters.paused;
+        // Beside AF_XDP, the kernel socket is served by the housekeeping thread (below).
+        let mut beside = None;
         for (k, (socket, arena)) in udp.iter().enumerate() {
+            if xsk_queues > 0 {
+                beside = Some((k, socket, arena));
+                continue;
+            }
             let (counters, pool) = (&counters[xsk_queues + k], &pools[xsk_queues + k]);
             let cpu = u.cpu.map(|c| c + k as u32);
             let (ingest_running, tx) = (&ingest_running, &tx);
-            // Without AF_XDP and inline, this socket's thread is the data plane.
-            let mut engine = if xsk_queues == 0 {
-                engines.next()
-            } else {
-                None
-            };
+            // Inline, this socket's thread is the data plane.
+            let mut engine = engines.next();
             let side = engine.as_ref().and_then(|_| side_rx.take());
             let control = engine.as_ref().and_then(|_| inline_control.take());
             let is_dataplane = engine.is_some();
@@ -1281,6 +1283,38 @@ fn run_with(setup: Setup<'_, '_>, report_out: &mut Option<serde_json::Value>) ->
                 Err(e) => warn!(reason = %e, "could not place the housekeeping thread"),
             }
         }
+        // The kernel socket beside AF_XDP: a receive loop the housekeeping thread serves when
+        // the socket is readable, handing its events to the first data-plane thread's side
+        // queue without ever waiting for room there.
+        let side_done = AtomicBool::new(beside.is_none());
+        let (side_job, mut side_frames, mut side_acq, mut side_udp);
+        let side = match beside {
+            Some((k, socket, arena)) => {
+                side_job = UdpIngest {
+                    socket,
+                    batch: u.batch,
+                    limits: cfg.protocol.limits(),
+                    stop: &ingest_stop,
+                    counters: &counters[xsk_queues + k],
+                    seq_base: crate::wire::event::seq_base(0x100 + k as u16),
+                    idle_poll,
+                    paused,
+                };
+                side_frames = arena.owner().expect("one owner");
+                side_acq = pools[xsk_queues + k]
+                    .acquirer()
+                    .expect("one acquirer per pool");
+                // Room for a batch of datagrams of up to 16 events before the stash grows.
+                let handoff = TryEnqueue::new(&mut side_acq, &tx, u.batch.max(1) * 16);
+                side_udp = SideUdp::new(&side_job, &mut side_frames, handoff)
+                    .context("the kernel UDP socket beside AF_XDP")?;
+                Some(house::Side {
+                    udp: &mut side_udp,
+                    done: &side_done,
+                })
+            }
+            None => None,
+        };
         // Every thread is running and privileges are dropped: say so, for scripts and tests
         // that must not send before the appliance takes traffic.
         println!("ready");
@@ -1334,8 +1368,10 @@ fn run_with(setup: Setup<'_, '_>, report_out: &mut Option<serde_json::Value>) ->
                         phase = Phase::Ingest;
                     }
                     Phase::Ingest => {
-                        // TCP connections end within one read tick of the stop.
+                        // TCP connections end within one read tick of the stop; the beside-XDP
+                        // socket once its stash is on the queue.
                         if tcp_live.load(Ordering::Acquire) != 0
+                            || !side_done.load(Ordering::Acquire)
                             || !join_finished(&mut ingest, "ingest", &mut result)
                         {
                             return house::Flow::Continue;
@@ -1359,7 +1395,7 @@ fn run_with(setup: Setup<'_, '_>, report_out: &mut Option<serde_json::Value>) ->
                 }
             }
         };
-        house::run(period, admin, acceptor.as_mut(), tick);
+        house::run(period, admin, acceptor.as_mut(), side, tick);
         result
     });
 

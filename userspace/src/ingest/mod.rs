@@ -31,7 +31,7 @@ use crate::wire::event::{Event, Stamp};
 use crate::wire::protocol::{Limits, RejectReason};
 
 pub use tcp::{AcceptPass, Acceptor, Slot, TcpIngest};
-pub use udp::{UdpIngest, bind_udp};
+pub use udp::{SideTurn, SideUdp, UdpIngest, bind_udp};
 pub use xsk::XskIngest;
 
 /// Totals an ingest thread publishes (flushed once per batch).
@@ -146,8 +146,14 @@ pub trait Handoff<'a> {
     #[inline]
     fn depth(&mut self, _used: usize, _capacity: usize) {}
     /// Whether everything handed over has reached its sink (nothing held in batch windows, the
-    /// side queue empty).
+    /// side queue empty) or, for a hand-off that never waits, its queue (nothing stashed).
     fn is_drained(&self) -> bool {
+        true
+    }
+    /// Whether the hand-off takes a new batch now: one that never waits says no while it still
+    /// holds events it could not pass on, so the loop reads nothing more until they are gone.
+    #[inline]
+    fn ready(&self) -> bool {
         true
     }
     /// Scheduled work of the hand-off (the inline control plane's tick), every
@@ -189,6 +195,85 @@ impl<'a> Handoff<'a> for Enqueue<'_, 'a, '_> {
 impl fmt::Debug for Enqueue<'_, '_, '_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Enqueue").finish_non_exhaustive()
+    }
+}
+
+/// Pipelined hand-off that never waits, for a loop on the housekeeping thread (the kernel
+/// socket beside AF_XDP): into a pool slot and onto the queue when both have room, otherwise
+/// into a stash, in arrival order, that [`Handoff::side`] empties first at the next pass. While
+/// the stash holds events the hand-off is not [`ready`](Handoff::ready), so the loop receives
+/// nothing more and the stash holds at most one receive batch's events (its preallocated room
+/// covers a batch of small datagrams; only a batch of datagrams packed with many events grows
+/// it, once, on this thread and never on the data plane). The socket's buffer holds what
+/// arrives meanwhile, and the kernel counts what it drops.
+pub struct TryEnqueue<'d, 'a, 'p> {
+    pool: &'d mut Acquirer<'p, Event<'a>>,
+    queue: &'d mpsc::Producer<Pooled<'p, Event<'a>>>,
+    stash: std::collections::VecDeque<Event<'a>>,
+}
+
+impl<'d, 'a, 'p> TryEnqueue<'d, 'a, 'p> {
+    /// Over `pool` and `queue`, with room for `stash` events set aside.
+    pub fn new(
+        pool: &'d mut Acquirer<'p, Event<'a>>,
+        queue: &'d mpsc::Producer<Pooled<'p, Event<'a>>>,
+        stash: usize,
+    ) -> Self {
+        Self {
+            pool,
+            queue,
+            stash: std::collections::VecDeque::with_capacity(stash),
+        }
+    }
+
+    /// Events set aside now.
+    pub fn stashed(&self) -> usize {
+        self.stash.len()
+    }
+
+    /// Onto the queue if a pool slot and a queue slot are free; the event back if not.
+    fn try_push(&mut self, ev: Event<'a>) -> Result<(), Event<'a>> {
+        let pooled = self.pool.acquire(ev)?;
+        self.queue.push(pooled).map_err(Pooled::into_inner)
+    }
+}
+
+impl<'a> Handoff<'a> for TryEnqueue<'_, 'a, '_> {
+    #[inline]
+    fn event(&mut self, ev: Event<'a>) -> io::Result<Option<Event<'a>>> {
+        if !self.stash.is_empty() {
+            self.stash.push_back(ev);
+        } else if let Err(ev) = self.try_push(ev) {
+            self.stash.push_back(ev);
+        }
+        Ok(None)
+    }
+    /// Moves stashed events onto the queue, oldest first, while it has room.
+    fn side(&mut self) -> io::Result<usize> {
+        let mut n = 0;
+        while let Some(ev) = self.stash.pop_front() {
+            if let Err(ev) = self.try_push(ev) {
+                self.stash.push_front(ev);
+                break;
+            }
+            n += 1;
+        }
+        Ok(n)
+    }
+    fn is_drained(&self) -> bool {
+        self.stash.is_empty()
+    }
+    #[inline]
+    fn ready(&self) -> bool {
+        self.stash.is_empty()
+    }
+}
+
+impl fmt::Debug for TryEnqueue<'_, '_, '_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TryEnqueue")
+            .field("stashed", &self.stash.len())
+            .finish_non_exhaustive()
     }
 }
 

@@ -205,7 +205,7 @@ pub struct UdpIngest<'s> {
     pub paused: &'s AtomicBool,
 }
 
-impl UdpIngest<'_> {
+impl<'s> UdpIngest<'s> {
     /// Receives until `stop` is set, as a [`stage::Stage`] driven by [`stage::drive`]. Allocates
     /// its batch arrays once, before the first pass.
     ///
@@ -219,7 +219,18 @@ impl UdpIngest<'_> {
         self.socket
             .set_read_timeout(Some(self.idle_poll.max(Duration::from_micros(100))))?;
         let batch = self.batch.max(1);
-        let mut stage = UdpStage {
+        let mut stage = self.stage(frames, handoff);
+        stage::drive(&mut stage, batch)
+    }
+
+    /// The receive loop's state, its batch arrays allocated once.
+    fn stage<'j, 'f, 'a, H: Handoff<'a>>(
+        &'j self,
+        frames: &'f mut FrameOwner<'a>,
+        handoff: H,
+    ) -> UdpStage<'j, 's, 'f, 'a, H> {
+        let batch = self.batch.max(1);
+        UdpStage {
             job: self,
             frames,
             held: Vec::with_capacity(batch),
@@ -239,8 +250,100 @@ impl UdpIngest<'_> {
                 handoff,
             },
             wait: UdpWait::Received,
-        };
-        stage::drive(&mut stage, batch)
+        }
+    }
+}
+
+/// What one [`SideUdp::serve`] turn ended on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SideTurn {
+    /// The socket has nothing more now: wait until it is readable.
+    Drained,
+    /// It could not go on now (events wait for room in the queue, every frame is in use, the
+    /// pipeline is paused, or a receive error backs off): try again at the next tick.
+    Blocked,
+    /// Its budget of passes is spent with datagrams still coming: serve it again soon.
+    Busy,
+    /// Ingest stopped and everything it received is on the queue: it is finished.
+    Done,
+}
+
+/// The kernel UDP socket beside AF_XDP, served by the housekeeping thread instead of a thread
+/// of its own: the socket is non-blocking, a turn runs the same receive pass as the threaded
+/// loop ([`UdpIngest::run`]) while the socket has datagrams, and its events go to the
+/// first data-plane thread's side queue through a hand-off that never waits
+/// ([`super::TryEnqueue`]), so the admin server and the tick beside it are never held up by a
+/// full queue.
+pub struct SideUdp<'j, 's, 'f, 'a, H> {
+    stage: UdpStage<'j, 's, 'f, 'a, H>,
+    done: bool,
+}
+
+impl<'j, 's, 'f, 'a, H: Handoff<'a>> SideUdp<'j, 's, 'f, 'a, H> {
+    /// Makes `job`'s socket non-blocking and allocates the batch arrays.
+    ///
+    /// # Errors
+    /// When the socket cannot be made non-blocking.
+    pub fn new(
+        job: &'j UdpIngest<'s>,
+        frames: &'f mut FrameOwner<'a>,
+        handoff: H,
+    ) -> io::Result<Self> {
+        job.socket.set_nonblocking(true)?;
+        Ok(Self {
+            stage: job.stage(frames, handoff),
+            done: false,
+        })
+    }
+
+    /// The socket's descriptor, for the housekeeping thread's readiness wait.
+    pub fn fd(&self) -> std::os::fd::BorrowedFd<'s> {
+        std::os::fd::AsFd::as_fd(self.stage.job.socket)
+    }
+
+    /// Whether it has finished (after [`SideTurn::Done`]).
+    pub const fn is_done(&self) -> bool {
+        self.done
+    }
+
+    /// Receive passes until the socket is empty, the hand-off or the pipeline holds it back, or
+    /// `max_passes` are done; the counters are published at the end of the turn.
+    ///
+    /// # Errors
+    /// The hand-off's (none for [`super::TryEnqueue`]).
+    pub fn serve(&mut self, max_passes: usize) -> io::Result<SideTurn> {
+        if self.done {
+            return Ok(SideTurn::Done);
+        }
+        let batch = self.stage.ctrl.len();
+        let mut turn = SideTurn::Busy;
+        for _ in 0..max_passes.max(1) {
+            match stage::Stage::poll(&mut self.stage, batch)? {
+                Pass::Worked(_) => {}
+                Pass::Idle => {
+                    turn = match self.stage.wait {
+                        UdpWait::Received => SideTurn::Drained,
+                        _ => SideTurn::Blocked,
+                    };
+                    break;
+                }
+                Pass::Done => {
+                    self.done = true;
+                    turn = SideTurn::Done;
+                    break;
+                }
+            }
+        }
+        stage::Stage::flush(&mut self.stage);
+        Ok(turn)
+    }
+}
+
+impl<H> core::fmt::Debug for SideUdp<'_, '_, '_, '_, H> {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_struct("SideUdp")
+            .field("done", &self.done)
+            .finish_non_exhaustive()
     }
 }
 
@@ -253,6 +356,8 @@ enum UdpWait {
     Paused,
     /// Every frame holds live events: back off until the pipeline releases some.
     Frames,
+    /// The hand-off still holds events it could not pass on (it is not `ready`).
+    Blocked,
     /// `recvmmsg` failed: this long before the retry.
     Error(Duration),
 }
@@ -288,6 +393,11 @@ impl<'a, H: Handoff<'a>> stage::Stage for UdpStage<'_, '_, '_, 'a, H> {
             if served > 0 {
                 return Ok(Pass::Worked(served));
             }
+            if !self.deliver.handoff.is_drained() {
+                // Events still wait for room in the queue: the data plane is still draining it.
+                self.wait = UdpWait::Blocked;
+                return Ok(Pass::Idle);
+            }
             // Drops after the last datagram received carry no control message: read the total.
             if let Some(d) = meminfo_drops(fd)
                 && d.wrapping_sub(self.drops) < u32::MAX / 2
@@ -313,6 +423,10 @@ impl<'a, H: Handoff<'a>> stage::Stage for UdpStage<'_, '_, '_, 'a, H> {
         let served = self.deliver.handoff.side()?;
         if served > 0 {
             return Ok(Pass::Worked(served));
+        }
+        if !self.deliver.handoff.ready() {
+            self.wait = UdpWait::Blocked;
+            return Ok(Pass::Idle);
         }
         let batch = budget.min(self.ctrl.len());
         while self.held.len() < batch {
@@ -441,7 +555,7 @@ impl<'a, H: Handoff<'a>> stage::Stage for UdpStage<'_, '_, '_, 'a, H> {
         match self.wait {
             UdpWait::Received => {}
             UdpWait::Paused => std::thread::sleep(Duration::from_millis(1)),
-            UdpWait::Frames => backoff(&mut self.spins),
+            UdpWait::Frames | UdpWait::Blocked => backoff(&mut self.spins),
             UdpWait::Error(d) => std::thread::sleep(d),
         }
     }
@@ -464,5 +578,82 @@ fn peer_of(name: &libc::sockaddr_storage) -> Peer {
             Peer::v6(a.sin6_addr.s6_addr, u16::from_be(a.sin6_port))
         }
         _ => Peer::UNKNOWN,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ingest::TryEnqueue;
+    use crate::mem::RegionOptions;
+    use crate::mem::frames::FrameArena;
+    use crate::mem::pool::EventPool;
+    use crate::ring::mpsc;
+    use crate::wire::protocol::encode;
+
+    /// The beside-XDP socket as the housekeeping thread serves it: with room for 4 events in
+    /// the queue, 20 datagrams are read in turns that never wait; what the queue cannot take is
+    /// stashed and the socket is not read again until it is gone; every event arrives once, in
+    /// order, and the stop is `Done` only once the stash is empty.
+    #[test]
+    fn the_side_socket_never_waits_and_loses_nothing() {
+        let socket = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let to = socket.local_addr().unwrap();
+        let tx_sock = UdpSocket::bind("127.0.0.1:0").unwrap();
+        for i in 0..20u64 {
+            let mut d = Vec::new();
+            encode(1, "side.t", &i.to_be_bytes(), &mut d).unwrap();
+            tx_sock.send_to(&d, to).unwrap();
+        }
+        let (stop, paused) = (AtomicBool::new(false), AtomicBool::new(false));
+        let counters = IngestCounters::default();
+        let job = UdpIngest {
+            socket: &socket,
+            batch: 8,
+            limits: Limits::default(),
+            stop: &stop,
+            counters: &counters,
+            seq_base: 0,
+            idle_poll: Duration::from_millis(1),
+            paused: &paused,
+        };
+        let arena = FrameArena::new(2048, 32, RegionOptions::default()).unwrap();
+        let mut frames = arena.owner().unwrap();
+        let pool = EventPool::new(64);
+        let mut acq = pool.acquirer().unwrap();
+        let (queue, mut rx) = mpsc::channel(4);
+        let mut side =
+            SideUdp::new(&job, &mut frames, TryEnqueue::new(&mut acq, &queue, 2)).unwrap();
+        let mut got = Vec::new();
+        let start = std::time::Instant::now();
+        while got.len() < 20 {
+            assert!(start.elapsed() < Duration::from_secs(5), "got {got:?}");
+            let turn = side.serve(4).unwrap();
+            assert_ne!(turn, SideTurn::Done);
+            // The consumer takes two per round, so the stash fills and empties.
+            for _ in 0..2 {
+                if let Some(ev) = rx.pop() {
+                    got.push(u64::from_be_bytes(ev.payload()[..8].try_into().unwrap()));
+                }
+            }
+        }
+        assert_eq!(got, (0..20).collect::<Vec<_>>());
+        assert_eq!(side.serve(4).unwrap(), SideTurn::Drained);
+        // A stop with events still stashed is not the end (six datagrams: one pass reads them
+        // all, the queue takes four, two wait).
+        for i in 20..26u64 {
+            let mut d = Vec::new();
+            encode(1, "side.t", &i.to_be_bytes(), &mut d).unwrap();
+            tx_sock.send_to(&d, to).unwrap();
+        }
+        while side.serve(16).unwrap() != SideTurn::Blocked {}
+        stop.store(true, Ordering::Relaxed);
+        assert_eq!(side.serve(16).unwrap(), SideTurn::Blocked);
+        while side.serve(16).unwrap() != SideTurn::Done {
+            while rx.pop().is_some() {}
+        }
+        assert!(side.is_done());
+        assert_eq!(counters.datagrams.load(Ordering::Relaxed), 26);
+        assert_eq!(counters.events.load(Ordering::Relaxed), 26);
     }
 }
