@@ -8,9 +8,10 @@
 //! [`Handoff`] (the engine inline, or a pool slot and the dispatcher's queue), and count each
 //! rejected frame by reason. Counting is in plain locals ([`Tally`]) flushed to the shared
 //! [`IngestCounters`] once per batch, never a shared atomic per event. Backpressure (no free
-//! frame, a slow sink, no pool or queue slot) makes the thread wait; the kernel's ring or
-//! socket buffer absorbs the burst, and what it drops is counted there (`XDP_STATISTICS`,
-//! `RcvbufErrors`).
+//! frame, a slow sink, no pool or queue slot) makes a receive thread wait, and makes the loop
+//! the housekeeping thread serves (the socket beside AF_XDP, [`TryEnqueue`]) stop reading until
+//! its stash is on the queue; the kernel's ring or socket buffer absorbs the burst, and what it
+//! drops is counted there (`XDP_STATISTICS`, `RcvbufErrors`).
 
 pub mod tcp;
 pub mod udp;
@@ -112,6 +113,8 @@ impl Tally {
 ///
 /// - [`Enqueue`]: into a pool slot and onto the dispatcher's MPSC queue (pipelined mode, and
 ///   the kernel TCP connections in every mode);
+/// - [`TryEnqueue`]: the same without ever waiting (the socket beside AF_XDP, served by the
+///   housekeeping thread);
 /// - [`RunInline`]: straight through the engine in this thread (inline mode), which also
 ///   serves the side queue that TCP connections feed;
 /// - [`Discard`]: parse and release, nothing else (the bench's `xsk_parse`).
