@@ -250,6 +250,7 @@ impl<'s> UdpIngest<'s> {
                 handoff,
             },
             wait: UdpWait::Received,
+            drain_left: STOP_DRAIN_BATCHES,
         }
     }
 }
@@ -381,53 +382,20 @@ struct UdpStage<'j, 's, 'f, 'a, H> {
     spins: u32,
     deliver: Deliver<H>,
     wait: UdpWait,
+    /// Batches still to read, without waiting, once stopped.
+    drain_left: u32,
 }
 
-impl<'a, H: Handoff<'a>> stage::Stage for UdpStage<'_, '_, '_, 'a, H> {
-    fn poll(&mut self, budget: usize) -> io::Result<Pass> {
+/// Most `recvmmsg` batches read from a socket after the stop: with 64-datagram batches, 65 536
+/// datagrams, more than a default socket buffer holds.
+const STOP_DRAIN_BATCHES: u32 = 1024;
+
+impl<'a, H: Handoff<'a>> UdpStage<'_, '_, '_, 'a, H> {
+    /// One `recvmmsg` batch (`flags`: `MSG_WAITFORONE` to wait up to the receive timeout,
+    /// `MSG_DONTWAIT` not to wait) into free frames, each datagram parsed and handed on.
+    fn receive(&mut self, budget: usize, flags: libc::c_int) -> io::Result<Pass> {
         let job = self.job;
         let fd = job.socket.as_raw_fd();
-        if job.stop.load(Ordering::Relaxed) {
-            // Stopped: what other threads queued for this one is served, then windows close.
-            let served = self.deliver.handoff.side()?;
-            if served > 0 {
-                return Ok(Pass::Worked(served));
-            }
-            if !self.deliver.handoff.is_drained() {
-                // Events still wait for room in the queue: the data plane is still draining it.
-                self.wait = UdpWait::Blocked;
-                return Ok(Pass::Idle);
-            }
-            // Drops after the last datagram received carry no control message: read the total.
-            if let Some(d) = meminfo_drops(fd)
-                && d.wrapping_sub(self.drops) < u32::MAX / 2
-            {
-                job.counters
-                    .kernel_drops
-                    .fetch_add(u64::from(d.wrapping_sub(self.drops)), Ordering::Relaxed);
-                self.drops = d;
-            }
-            self.deliver.handoff.end(true)?;
-            return Ok(Pass::Done);
-        }
-        if job.paused.load(Ordering::Relaxed) {
-            // Queued work continues: the side queue is still served.
-            let served = self.deliver.handoff.side()?;
-            if served == 0 {
-                self.deliver.handoff.end(false)?;
-                self.wait = UdpWait::Paused;
-                return Ok(Pass::Idle);
-            }
-            return Ok(Pass::Worked(served));
-        }
-        let served = self.deliver.handoff.side()?;
-        if served > 0 {
-            return Ok(Pass::Worked(served));
-        }
-        if !self.deliver.handoff.ready() {
-            self.wait = UdpWait::Blocked;
-            return Ok(Pass::Idle);
-        }
         let batch = budget.min(self.ctrl.len());
         while self.held.len() < batch {
             match self.frames.take() {
@@ -474,7 +442,7 @@ impl<'a, H: Handoff<'a>> stage::Stage for UdpStage<'_, '_, '_, 'a, H> {
                 fd,
                 self.msgs.as_mut_ptr(),
                 self.msgs.len() as libc::c_uint,
-                libc::MSG_WAITFORONE,
+                flags,
                 core::ptr::null_mut(),
             )
         };
@@ -536,6 +504,75 @@ impl<'a, H: Handoff<'a>> stage::Stage for UdpStage<'_, '_, '_, 'a, H> {
         }
         Ok(Pass::Worked(n))
     }
+}
+
+impl<'a, H: Handoff<'a>> stage::Stage for UdpStage<'_, '_, '_, 'a, H> {
+    fn poll(&mut self, budget: usize) -> io::Result<Pass> {
+        let job = self.job;
+        let fd = job.socket.as_raw_fd();
+        if job.stop.load(Ordering::Relaxed) {
+            // Stopped: what other threads queued for this one is served, then windows close.
+            let served = self.deliver.handoff.side()?;
+            if served > 0 {
+                return Ok(Pass::Worked(served));
+            }
+            if !self.deliver.handoff.is_drained() {
+                // Events still wait for room in the queue: the data plane is still draining it.
+                self.wait = UdpWait::Blocked;
+                return Ok(Pass::Idle);
+            }
+            // What the socket already holds arrived before the stop: it is read (without
+            // waiting, at most `STOP_DRAIN_BATCHES` batches, so a sender that keeps going cannot
+            // hold the stop), so it is received rather than gone uncounted with the socket.
+            if self.drain_left > 0 {
+                if !self.deliver.handoff.ready() {
+                    self.wait = UdpWait::Blocked;
+                    return Ok(Pass::Idle);
+                }
+                self.drain_left -= 1;
+                match self.receive(budget, libc::MSG_DONTWAIT)? {
+                    Pass::Worked(n) => return Ok(Pass::Worked(n)),
+                    // Every frame in use: the pipeline is still releasing them; again.
+                    Pass::Idle if matches!(self.wait, UdpWait::Frames) => {
+                        self.drain_left += 1;
+                        return Ok(Pass::Idle);
+                    }
+                    // Empty (or failing): nothing more to read.
+                    _ => self.drain_left = 0,
+                }
+            }
+            // Drops after the last datagram received carry no control message: read the total.
+            if let Some(d) = meminfo_drops(fd)
+                && d.wrapping_sub(self.drops) < u32::MAX / 2
+            {
+                job.counters
+                    .kernel_drops
+                    .fetch_add(u64::from(d.wrapping_sub(self.drops)), Ordering::Relaxed);
+                self.drops = d;
+            }
+            self.deliver.handoff.end(true)?;
+            return Ok(Pass::Done);
+        }
+        if job.paused.load(Ordering::Relaxed) {
+            // Queued work continues: the side queue is still served.
+            let served = self.deliver.handoff.side()?;
+            if served == 0 {
+                self.deliver.handoff.end(false)?;
+                self.wait = UdpWait::Paused;
+                return Ok(Pass::Idle);
+            }
+            return Ok(Pass::Worked(served));
+        }
+        let served = self.deliver.handoff.side()?;
+        if served > 0 {
+            return Ok(Pass::Worked(served));
+        }
+        if !self.deliver.handoff.ready() {
+            self.wait = UdpWait::Blocked;
+            return Ok(Pass::Idle);
+        }
+        self.receive(budget, libc::MSG_WAITFORONE)
+    }
 
     #[inline]
     fn flush(&mut self) {
@@ -594,7 +631,7 @@ mod tests {
     /// The beside-XDP socket as the housekeeping thread serves it: with room for 4 events in
     /// the queue, 20 datagrams are read in turns that never wait; what the queue cannot take is
     /// stashed and the socket is not read again until it is gone; every event arrives once, in
-    /// order, and the stop is `Done` only once the stash is empty.
+    /// order, and the stop is `Done` only once the stash is empty and the socket read dry.
     #[test]
     fn the_side_socket_never_waits_and_loses_nothing() {
         let socket = UdpSocket::bind("127.0.0.1:0").unwrap();
@@ -649,11 +686,24 @@ mod tests {
         while side.serve(16).unwrap() != SideTurn::Blocked {}
         stop.store(true, Ordering::Relaxed);
         assert_eq!(side.serve(16).unwrap(), SideTurn::Blocked);
-        while side.serve(16).unwrap() != SideTurn::Done {
-            while rx.pop().is_some() {}
+        // Datagrams already in the socket at the stop are read before it is done.
+        for i in 26..29u64 {
+            let mut d = Vec::new();
+            encode(1, "side.t", &i.to_be_bytes(), &mut d).unwrap();
+            tx_sock.send_to(&d, to).unwrap();
         }
+        let mut last = Vec::new();
+        while side.serve(16).unwrap() != SideTurn::Done {
+            while let Some(ev) = rx.pop() {
+                last.push(u64::from_be_bytes(ev.payload()[..8].try_into().unwrap()));
+            }
+        }
+        while let Some(ev) = rx.pop() {
+            last.push(u64::from_be_bytes(ev.payload()[..8].try_into().unwrap()));
+        }
+        assert_eq!(last, (20..29).collect::<Vec<_>>());
         assert!(side.is_done());
-        assert_eq!(counters.datagrams.load(Ordering::Relaxed), 26);
-        assert_eq!(counters.events.load(Ordering::Relaxed), 26);
+        assert_eq!(counters.datagrams.load(Ordering::Relaxed), 29);
+        assert_eq!(counters.events.load(Ordering::Relaxed), 29);
     }
 }
