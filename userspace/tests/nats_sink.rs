@@ -14,12 +14,21 @@ mod common;
 use common::daemon::{blast, http, read_until, start, stop};
 
 /// A three-node JetStream cluster of the test's own on 127.0.0.1 (stopped and removed on
-/// drop); `slot` keeps the tests' clusters, run at once, on ports of their own.
+/// drop); `slot` keeps each test's cluster on ports of its own.
 fn cluster(tag: &str, slot: u16) -> NatsCluster {
     let pid = std::process::id();
     let dir = std::env::temp_dir().join(format!("es-nats-{tag}-{pid}"));
     let base = 21_000 + (pid % 200) as u16 * 48 + slot * 8;
     NatsCluster::start(&dir, base, 3).unwrap()
+}
+
+/// Holds the tests of this file to one at a time: each runs a three-node JetStream cluster
+/// (Raft elections, acks with deadlines), and six of them at once on a 2-core machine timed
+/// out JetStream requests in a CI run (the tests then measured the overload, not the sink).
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    static ONE: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    ONE.lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 /// Whether `nats-server` is here; if not, the test skips saying so (fails under CI).
@@ -116,6 +125,7 @@ fn killing_the_stream_leader_mid_blast_loses_nothing_and_duplicates_nothing() {
     if !have_nats() {
         return;
     }
+    let _one_at_a_time = serial();
     let mut cluster = cluster("leader", 0);
     let urls = cluster.urls();
     create_stream(&urls, "ESTEST", "es");
@@ -199,6 +209,7 @@ fn a_stream_with_other_settings_is_a_clear_error_at_start() {
     if !have_nats() {
         return;
     }
+    let _one_at_a_time = serial();
     let cluster = cluster("mismatch", 1);
     let urls = cluster.urls();
     create_stream(&urls, "ESMIS", "mis");
@@ -230,6 +241,7 @@ fn two_appliances_sending_the_same_sender_ids_land_each_event_once() {
     if !have_nats() {
         return;
     }
+    let _one_at_a_time = serial();
     let cluster = cluster("scaleout", 2);
     let urls = cluster.urls();
     create_stream(&urls, "ESOUT", "so");
@@ -288,6 +300,7 @@ fn an_outage_longer_than_memory_spills_to_disk_and_is_replayed_in_order_once() {
     if !have_nats() {
         return;
     }
+    let _one_at_a_time = serial();
     let cluster = cluster("spill", 3);
     let urls = cluster.urls();
     create_stream(&urls, "ESSPILL", "sp");
@@ -369,6 +382,7 @@ fn a_disk_buffer_left_at_shutdown_is_delivered_by_the_next_run() {
     if !have_nats() {
         return;
     }
+    let _one_at_a_time = serial();
     let cluster = cluster("left", 4);
     let urls = cluster.urls();
     create_stream(&urls, "ESLEFT", "lf");
@@ -479,6 +493,7 @@ fn a_sixty_second_outage_under_fifty_thousand_events_per_second_loses_nothing() 
     if !have_nats() {
         return;
     }
+    let _one_at_a_time = serial();
     let cluster = cluster("outage60", 5);
     let urls = cluster.urls();
     create_stream(&urls, "ES60", "s60");
@@ -550,6 +565,7 @@ fn healthz_names_the_sink_within_a_second_of_losing_nats_and_recovers() {
     if !have_nats() {
         return;
     }
+    let _one_at_a_time = serial();
     // One server: when it dies the client has nowhere to go.
     let pid = std::process::id();
     let mut server = NatsCluster::start(
