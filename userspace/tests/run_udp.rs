@@ -1064,3 +1064,88 @@ fn sighup_and_post_reload_change_routes_and_a_bad_file_changes_nothing() {
     );
     let _ = std::fs::remove_dir_all(dir);
 }
+
+/// Threads of process `pid` now.
+fn threads(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .map(|d| d.count())
+        .unwrap_or(0)
+}
+
+#[test]
+fn many_tcp_connections_share_the_housekeeping_thread_and_a_full_queue_loses_nothing() {
+    use std::io::Write;
+    const CONNS: usize = 48;
+    const FRAMES: u32 = 400;
+    // A queue far smaller than what the connections send at once, and two arena frames per
+    // connection: connections must wait for room (without blocking the thread they share), and
+    // the control plane sheds to the DLQ; every event is accounted either way.
+    let config = format!(
+        "ingest:\n  udp:\n    bind: \"127.0.0.1:0\"\n  tcp:\n    bind: \"127.0.0.1:0\"\n    max_connections: {CONNS}\n    max_connections_per_source: {CONNS}\n    frames_per_connection: 2\nqueue:\n  capacity: 64\nadmin:\n  bind: \"127.0.0.1:0\"\n"
+    );
+    let (child, mut out, _udp, dir) = start(&config, "tcp-many");
+    let tcp = read_until(&mut out, "listening tcp ");
+    let admin = read_until(&mut out, "listening admin ");
+    read_until(&mut out, "ready");
+    let pid = child.id();
+    let before = threads(pid);
+
+    let mut conns: Vec<std::net::TcpStream> = (0..CONNS)
+        .map(|_| std::net::TcpStream::connect(&tcp).unwrap())
+        .collect();
+    // Round-robin over the connections, 20 frames at a time: every connection is busy at once.
+    let mut sent = 0u64;
+    for chunk in 0..FRAMES / 20 {
+        for (k, c) in conns.iter_mut().enumerate() {
+            let mut bytes = Vec::new();
+            for i in 0..20 {
+                let n = chunk * 20 + i;
+                encode(
+                    (n % 8) as u8,
+                    &format!("tcp.c{k}"),
+                    &n.to_le_bytes(),
+                    &mut bytes,
+                )
+                .unwrap();
+            }
+            c.write_all(&bytes).unwrap();
+            sent += 20;
+        }
+    }
+    // While every connection is open: the admin server answers, and no thread was added.
+    let (status, _) = http(&admin, "GET", "/metrics", "");
+    assert_eq!(status, 200);
+    let during = threads(pid);
+    assert_eq!(
+        during, before,
+        "{CONNS} open connections added threads: {before} before, {during} during"
+    );
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let got = series(
+            &http(&admin, "GET", "/metrics", "").1,
+            "eventstream_received_events_total{source=\"tcp\"}",
+        );
+        if got == sent {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "only {got} of {sent} TCP events received after 20 s"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    drop(conns);
+    let r = stop(child, out);
+    let n = |v: &serde_json::Value| v.as_u64().unwrap();
+    assert_eq!(n(&r["received_events"]["tcp"]), sent, "{r}");
+    let dlq: u64 = r["dlq"].as_object().unwrap().values().map(n).sum();
+    let failed: u64 = r["failed"].as_object().unwrap().values().map(n).sum();
+    assert_eq!(
+        n(&r["accepted_events"]),
+        n(&r["delivered_events"]) + dlq + n(&r["duplicates"]) + failed,
+        "accepted = delivered + DLQ + duplicates + failed: {r}"
+    );
+    assert_eq!(r["tcp_refused_connections"], 0, "{r}");
+    let _ = std::fs::remove_dir_all(dir);
+}

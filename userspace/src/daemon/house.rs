@@ -6,7 +6,8 @@
 //! - the admin HTTP server ([`crate::ops::admin::serve`]: `/metrics`, `/healthz`, `/state`,
 //!   `/reload`), one task per connection;
 //! - the TCP listener's accepting side ([`Acceptor`]), woken by the kernel when the listener is
-//!   readable (epoll), never by polling;
+//!   readable (epoll), never by polling, and every TCP connection it accepts ([`Connections`]):
+//!   futures woken when their socket is readable, at their deadlines, or by the stop;
 //! - the kernel UDP socket beside AF_XDP ([`SideUdp`]), for the traffic the XDP program passes
 //!   to the kernel: woken when the socket is readable, served in bounded turns through a
 //!   hand-off that never waits (its events go to the first data-plane thread's side queue), and
@@ -18,19 +19,21 @@
 //!   ([`crate::engine::inline::InlineControl`]); pipelined, the dispatcher.
 //!
 //! Where no runtime can be had, the tick still runs, from a plain sleep loop (no admin server;
-//! TCP accepts once per tick), so the daemon can always be stopped.
+//! TCP connections are accepted once per tick and refused, counted), so the daemon can always
+//! be stopped.
 
 use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd, RawFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
+use futures_util::StreamExt as _;
 use tokio::io::Interest;
 use tokio::io::unix::AsyncFd;
 use tracing::{error, warn};
 
 use crate::engine::control::Command;
-use crate::ingest::{AcceptPass, Acceptor, Handoff, SideTurn, SideUdp};
+use crate::ingest::{AcceptPass, Acceptor, Connections, Handoff, SideTurn, SideUdp};
 use crate::ops::admin::{AdminCounters, MetricsView, Policy};
 use crate::ring::mpsc;
 
@@ -121,11 +124,12 @@ impl<H> core::fmt::Debug for Side<'_, '_, '_, '_, '_, H> {
 }
 
 /// Runs the housekeeping thread until `tick` says [`Flow::Done`]: the admin server (if any),
-/// TCP accepts (if a listener), the beside-XDP socket (if any), and `tick` every `period`.
+/// TCP accepts and connections (if a listener), the beside-XDP socket (if any), and `tick`
+/// every `period`.
 pub fn run<'a, H: Handoff<'a>>(
     period: Duration,
     admin: Option<Admin<'_>>,
-    mut accept: Option<&mut Acceptor<'_, '_, '_, '_>>,
+    mut accept: Option<&mut Acceptor<'_, '_, '_>>,
     mut side: Option<Side<'_, '_, '_, '_, 'a, H>>,
     mut tick: impl FnMut() -> Flow,
 ) {
@@ -184,9 +188,13 @@ pub fn run<'a, H: Handoff<'a>>(
             // The last turn could not finish (queue full, paused, out of frames): the tick
             // retries it rather than the readiness of a socket still holding datagrams.
             let mut side_blocked = false;
+            let mut conns = Connections::new();
             let mut interval = tokio::time::interval(period);
             interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
+                if let Some(a) = accept.as_deref() {
+                    a.pass_on_stop();
+                }
                 let may_accept = fd.is_some() && accept.as_deref().is_some_and(Acceptor::may_accept);
                 let side_read = side_fd.is_some()
                     && !side_blocked
@@ -194,7 +202,7 @@ pub fn run<'a, H: Handoff<'a>>(
                 tokio::select! {
                     _ = interval.tick() => {
                         if fd.is_none() && let Some(a) = accept.as_deref_mut() && a.may_accept() {
-                            a.accept_ready();
+                            a.accept_ready(Some(&mut conns));
                         }
                         // Every tick: a blocked turn is retried, and a stop is seen even when
                         // no datagram arrives.
@@ -223,13 +231,15 @@ pub fn run<'a, H: Handoff<'a>>(
                     ready = readable(fd.as_ref()), if may_accept => match ready {
                         Ok(mut guard) => {
                             if let Some(a) = accept.as_deref_mut()
-                                && a.accept_ready() == AcceptPass::Drained
+                                && a.accept_ready(Some(&mut conns)) == AcceptPass::Drained
                             {
                                 guard.clear_ready();
                             }
                         }
                         Err(e) => warn!(reason = %e, "waiting on the TCP listener failed"),
                     },
+                    // A connection ended (the others were served on the way).
+                    Some(()) = conns.next(), if !conns.is_empty() => {}
                 }
             }
         };
@@ -243,7 +253,7 @@ pub fn run<'a, H: Handoff<'a>>(
 /// The tick from a sleep loop, for when no runtime can be built.
 fn run_plain<'a, H: Handoff<'a>>(
     period: Duration,
-    mut accept: Option<&mut Acceptor<'_, '_, '_, '_>>,
+    mut accept: Option<&mut Acceptor<'_, '_, '_>>,
     mut side: Option<Side<'_, '_, '_, '_, 'a, H>>,
     mut tick: impl FnMut() -> Flow,
 ) {
@@ -252,7 +262,7 @@ fn run_plain<'a, H: Handoff<'a>>(
         if let Some(a) = accept.as_deref_mut()
             && a.may_accept()
         {
-            a.accept_ready();
+            a.accept_ready(None);
         }
         if let Some(sd) = side.as_mut() {
             while sd.turn() == SideTurn::Busy {}

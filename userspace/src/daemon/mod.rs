@@ -713,8 +713,8 @@ pub struct Report {
 enum Phase {
     /// Taking traffic.
     Running,
-    /// Ingest threads that feed others (TCP connections, the beside-XDP socket, pipelined
-    /// receive threads) are stopping.
+    /// Ingest that feeds others (TCP connections and the beside-XDP socket, both served by the
+    /// housekeeping thread, and pipelined receive threads) is stopping.
     Ingest,
     /// Data-plane threads (inline) serve what those queued, close windows, and stop.
     DataPlane,
@@ -959,8 +959,8 @@ fn run_with(setup: Setup<'_, '_>, report_out: &mut Option<serde_json::Value>) ->
     }
     let healths = healths;
 
-    // Ingest threads that feed others (TCP connections, the beside-XDP socket, pipelined
-    // receive threads) stop first; data-plane threads (inline) stop after them, having served
+    // Ingest that feeds others (TCP connections, the beside-XDP socket, pipelined receive
+    // threads) stops first; data-plane threads (inline) stop after them, having served
     // what those queued.
     let ingest_stop = AtomicBool::new(false);
     let dataplane_stop = AtomicBool::new(false);
@@ -1258,7 +1258,7 @@ fn run_with(setup: Setup<'_, '_>, report_out: &mut Option<serde_json::Value>) ->
         let view = metrics_view();
         let mut acceptor = match &tcp_listener {
             Some(l) => Some(
-                Acceptor::new(&tcp, s, l, &tcp_slots, &tx)
+                Acceptor::new(&tcp, l, &tcp_slots, &tx)
                     .context("the TCP listener (ingest.tcp.bind)")?,
             ),
             None => None,
@@ -1273,8 +1273,8 @@ fn run_with(setup: Setup<'_, '_>, report_out: &mut Option<serde_json::Value>) ->
                 counters: &admin_counters,
             });
 
-        // The housekeeping thread keeps off the receive queues' cores (its 1 ms tick would
-        // otherwise preempt them); threads started from here on (TCP connections) inherit it.
+        // The housekeeping thread keeps off the receive queues' cores (its 10 ms tick would
+        // otherwise preempt them).
         if !plan.housekeeping.is_empty() {
             match numa::pin_current_thread_to(&plan.housekeeping) {
                 Ok(()) => {
@@ -1368,8 +1368,8 @@ fn run_with(setup: Setup<'_, '_>, report_out: &mut Option<serde_json::Value>) ->
                         phase = Phase::Ingest;
                     }
                     Phase::Ingest => {
-                        // TCP connections end within one read tick of the stop; the beside-XDP
-                        // socket once its stash is on the queue.
+                        // TCP connections end at the stop once what they read is on the queue;
+                        // the beside-XDP socket once its stash is.
                         if tcp_live.load(Ordering::Acquire) != 0
                             || !side_done.load(Ordering::Acquire)
                             || !join_finished(&mut ingest, "ingest", &mut result)

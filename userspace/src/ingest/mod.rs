@@ -31,7 +31,7 @@ use crate::ring::mpsc;
 use crate::wire::event::{Event, Stamp};
 use crate::wire::protocol::{Limits, RejectReason};
 
-pub use tcp::{AcceptPass, Acceptor, Slot, TcpIngest};
+pub use tcp::{AcceptPass, Acceptor, Connection, Connections, Slot, TcpIngest};
 pub use udp::{SideTurn, SideUdp, UdpIngest, bind_udp};
 pub use xsk::XskIngest;
 

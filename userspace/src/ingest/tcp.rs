@@ -1,13 +1,19 @@
 //! Kernel TCP ingest, for clients that cannot use UDP (default port 8081).
 //!
 //! A fixed set of connection slots is made at start, each with its own receive arena, event
-//! pool and counters; the [`Acceptor`] (run by the housekeeping thread when the listener is
-//! readable) hands a free slot to a new connection thread, and refuses (closes, counts)
-//! connections beyond `max_connections`. A connection reassembles
-//! frames with [`StreamDecoder`] and applies the stream rules of PROTOCOL.md: `malformed` and
-//! `too_large` close the connection with a logged error, a bad topic rejects that frame only,
-//! a stream that ends mid-frame is `truncated`, and an idle connection is closed after
-//! `read_timeout`.
+//! pool and counters. The [`Acceptor`] (run by the housekeeping thread when the listener is
+//! readable) hands a free slot to each new connection and refuses (closes, counts) connections
+//! beyond `max_connections` or the per-source cap. A connection is a [`Connection`] future the
+//! same thread serves: woken when its socket is readable, at its deadlines, or by the stop, it
+//! reads without blocking, reassembles frames with [`StreamDecoder`] and applies the stream
+//! rules of PROTOCOL.md: `malformed` and `too_large` close the connection with a logged error, a
+//! bad topic rejects that frame only, a stream that ends mid-frame (EOF, reset, or a frame not
+//! whole within `frame_timeout`) is `truncated`, and an idle connection is closed after
+//! `read_timeout`. TCP clients add no thread, however many connect.
+//!
+//! Events go to the data plane's side queue through [`TryEnqueue`], which never waits: when
+//! the queue or the slot's pool is full, the connection stops reading (TCP's own flow control
+//! then holds the sender) and waits on a timer, never blocking the thread it shares.
 //!
 //! TCP events are not zero-copy: the decoder's buffer is reused across reads, so each complete
 //! frame's wire bytes are copied once into an arena frame (several frames per arena frame), and
@@ -15,23 +21,22 @@
 //! the AF_XDP path's promise; the kernel has already copied TCP data once anyway.
 
 use core::fmt;
-use std::io::{self, Read};
+use core::pin::Pin;
+use std::io;
 use std::net::{TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use futures_util::stream::FuturesUnordered;
+use tokio::sync::watch;
 use tracing::{debug, info, warn};
 
-use super::{Deliver, Enqueue, IngestCounters, Tally};
-use crate::engine::idle::backoff;
+use super::{Deliver, Handoff as _, IngestCounters, Tally, TryEnqueue};
 use crate::mem::frames::{FrameArena, FrameOwner, OwnedFrame};
 use crate::mem::pool::{EventPool, Pooled};
 use crate::ring::mpsc;
 use crate::wire::event::{Event, Peer, Source, Stamp, monotonic_ns};
 use crate::wire::protocol::{Limits, StreamDecoder, encode_into};
-
-/// How often a blocked read wakes to check for shutdown and idleness.
-const READ_TICK: Duration = Duration::from_millis(200);
 
 /// One connection slot's resources, borrowed for the life of the daemon.
 #[derive(Debug)]
@@ -113,21 +118,6 @@ pub struct TcpIngest<'s> {
 /// `0x100 + k`, TCP slot `i` is `0x200 + i`.
 pub const TCP_STREAMS: u16 = 0x200;
 
-/// The next free receive frame, waiting for one to come back if all are in flight.
-///
-/// It waits through a shutdown too: a frame is only taken for bytes already decoded, and the
-/// pipeline keeps draining (and releasing frames) until every ingest thread has finished, so
-/// giving up here would drop decoded frames without a count.
-fn take_frame<'a>(owner: &mut FrameOwner<'a>) -> OwnedFrame<'a> {
-    let mut spins = 0;
-    loop {
-        if let Some(f) = owner.take() {
-            return f;
-        }
-        backoff(&mut spins);
-    }
-}
-
 /// What one [`Acceptor::accept_ready`] pass ended on.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum AcceptPass {
@@ -140,37 +130,46 @@ pub enum AcceptPass {
     Stopped,
 }
 
+/// A connection being served: a future the housekeeping thread polls, borrowing its slot and
+/// the queue for no longer than they live.
+pub type Connection<'c> = Pin<Box<dyn Future<Output = ()> + 'c>>;
+
+/// The connections the housekeeping thread serves, polled as each is woken (readable, a
+/// deadline, the stop, room on the queue).
+pub type Connections<'c> = FuturesUnordered<Connection<'c>>;
+
 /// The TCP listener's accepting side, run by the housekeeping thread whenever the listener is
-/// readable: each accepted connection gets a free slot and a scoped thread of its own.
+/// readable: each accepted connection gets a free slot and becomes a [`Connection`] the same
+/// thread serves, so TCP clients add no thread, however many there are.
 ///
 /// Accept errors never end it: out of descriptors or memory, or a connection aborted before it
 /// was taken, each is counted, logged once per burst, and retried after a backoff (10 ms, up to
 /// 1 s). Connections beyond `max_connections`, or beyond the per-source cap, are closed at
-/// once and counted (`refused`).
-pub struct Acceptor<'scope, 'env, 'a, 'p> {
-    tcp: &'scope TcpIngest<'scope>,
-    scope: &'scope std::thread::Scope<'scope, 'env>,
-    listener: &'scope TcpListener,
-    slots: &'scope [Slot<'scope, 'a, 'p>],
-    queue: &'scope mpsc::Producer<Pooled<'p, Event<'a>>>,
+/// once and counted (`refused`), as is every connection when there is no runtime to serve it.
+pub struct Acceptor<'s, 'a, 'p> {
+    tcp: &'s TcpIngest<'s>,
+    listener: &'s TcpListener,
+    slots: &'s [Slot<'s, 'a, 'p>],
+    queue: &'s mpsc::Producer<Pooled<'p, Event<'a>>>,
     free_tx: mpsc::Producer<usize>,
     free_rx: mpsc::Consumer<usize>,
     backoff: Duration,
     retry_at: Option<Instant>,
+    /// Tells every connection that ingest is stopping (sent once, by [`Acceptor::pass_on_stop`]).
+    stopping: watch::Sender<bool>,
 }
 
-impl<'scope, 'env, 'a: 'scope, 'p: 'scope> Acceptor<'scope, 'env, 'a, 'p> {
+impl<'s, 'a: 's, 'p: 's> Acceptor<'s, 'a, 'p> {
     /// An acceptor over `listener` (made non-blocking), lending `slots` to connections that
     /// push their events into `queue`.
     ///
     /// # Errors
     /// When the listener cannot be made non-blocking.
     pub fn new(
-        tcp: &'scope TcpIngest<'scope>,
-        scope: &'scope std::thread::Scope<'scope, 'env>,
-        listener: &'scope TcpListener,
-        slots: &'scope [Slot<'scope, 'a, 'p>],
-        queue: &'scope mpsc::Producer<Pooled<'p, Event<'a>>>,
+        tcp: &'s TcpIngest<'s>,
+        listener: &'s TcpListener,
+        slots: &'s [Slot<'s, 'a, 'p>],
+        queue: &'s mpsc::Producer<Pooled<'p, Event<'a>>>,
     ) -> io::Result<Self> {
         listener.set_nonblocking(true)?;
         let (free_tx, free_rx) = mpsc::channel::<usize>(slots.len().max(1));
@@ -179,7 +178,6 @@ impl<'scope, 'env, 'a: 'scope, 'p: 'scope> Acceptor<'scope, 'env, 'a, 'p> {
         }
         Ok(Self {
             tcp,
-            scope,
             listener,
             slots,
             queue,
@@ -187,11 +185,12 @@ impl<'scope, 'env, 'a: 'scope, 'p: 'scope> Acceptor<'scope, 'env, 'a, 'p> {
             free_rx,
             backoff: Duration::from_millis(10),
             retry_at: None,
+            stopping: watch::Sender::new(false),
         })
     }
 
     /// The listener's descriptor, for the housekeeping thread's readiness wait.
-    pub fn fd(&self) -> std::os::fd::BorrowedFd<'scope> {
+    pub fn fd(&self) -> std::os::fd::BorrowedFd<'s> {
         std::os::fd::AsFd::as_fd(self.listener)
     }
 
@@ -200,8 +199,17 @@ impl<'scope, 'env, 'a: 'scope, 'p: 'scope> Acceptor<'scope, 'env, 'a, 'p> {
         !self.tcp.stop.load(Ordering::Relaxed) && self.retry_at.is_none_or(|t| Instant::now() >= t)
     }
 
-    /// Accepts every connection waiting on the listener.
-    pub fn accept_ready(&mut self) -> AcceptPass {
+    /// Once ingest is stopping, wakes every connection so it ends now rather than at its next
+    /// deadline. Called by the housekeeping thread after each of its turns.
+    pub fn pass_on_stop(&self) {
+        if self.tcp.stop.load(Ordering::Relaxed) && !*self.stopping.borrow() {
+            self.stopping.send_replace(true);
+        }
+    }
+
+    /// Accepts every connection waiting on the listener; each one given a slot is pushed onto
+    /// `conns` (with no runtime to serve them, `None`: each is closed and counted refused).
+    pub fn accept_ready(&mut self, mut conns: Option<&mut Connections<'s>>) -> AcceptPass {
         loop {
             if self.tcp.stop.load(Ordering::Relaxed) {
                 return AcceptPass::Stopped;
@@ -210,7 +218,14 @@ impl<'scope, 'env, 'a: 'scope, 'p: 'scope> Acceptor<'scope, 'env, 'a, 'p> {
                 Ok((stream, peer)) => {
                     self.backoff = Duration::from_millis(10);
                     self.retry_at = None;
-                    self.start(stream, peer);
+                    match conns.as_deref_mut() {
+                        Some(conns) => {
+                            if let Some(c) = self.start(stream, peer) {
+                                conns.push(c);
+                            }
+                        }
+                        None => self.refuse(peer, "no runtime to serve TCP connections"),
+                    }
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return AcceptPass::Drained,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
@@ -227,66 +242,50 @@ impl<'scope, 'env, 'a: 'scope, 'p: 'scope> Acceptor<'scope, 'env, 'a, 'p> {
         }
     }
 
-    /// Gives `stream` a free slot and a thread, or closes it and counts it refused.
-    fn start(&mut self, stream: TcpStream, peer: std::net::SocketAddr) {
+    /// Counts a connection refused (it is closed when its stream is dropped).
+    fn refuse(&self, peer: std::net::SocketAddr, why: &str) {
+        let n = self.tcp.refused.fetch_add(1, Ordering::Relaxed) + 1;
+        if n.is_power_of_two() {
+            warn!(%peer, refused = n, "TCP connection refused: {why}");
+        }
+    }
+
+    /// Gives `stream` a free slot and makes it a connection to serve, or closes it and counts
+    /// it refused.
+    fn start(&mut self, stream: TcpStream, peer: std::net::SocketAddr) -> Option<Connection<'s>> {
         let tcp = self.tcp;
         let ip = peer.ip();
         {
             let mut m = tcp.sources.lock().unwrap_or_else(|p| p.into_inner());
             let n = m.entry(ip).or_insert(0);
-            let limit = tcp.tcp_limits.per_source();
-            if *n >= limit {
+            if *n >= tcp.tcp_limits.per_source() {
                 drop(m);
-                let n = tcp.refused.fetch_add(1, Ordering::Relaxed) + 1;
-                if n.is_power_of_two() {
-                    warn!(%peer, refused = n, limit, "TCP connection refused: too many from this address");
-                }
-                return;
+                self.refuse(peer, "too many from this address");
+                return None;
             }
             *n += 1;
         }
-        let sources = &tcp.sources;
-        let release_source = move || {
-            let mut m = sources.lock().unwrap_or_else(|p| p.into_inner());
-            if let Some(n) = m.get_mut(&ip) {
-                *n -= 1;
-                if *n == 0 {
-                    m.remove(&ip);
-                }
-            }
-        };
         let Some(i) = self.free_rx.pop() else {
-            release_source();
-            let n = tcp.refused.fetch_add(1, Ordering::Relaxed) + 1;
-            if n.is_power_of_two() {
-                warn!(%peer, refused = n, "TCP connection refused: every connection slot is in use");
-            }
-            return;
+            tcp.release_source(ip);
+            self.refuse(peer, "every connection slot is in use");
+            return None;
         };
-        let live = tcp.live;
-        live.fetch_add(1, Ordering::AcqRel);
+        tcp.live.fetch_add(1, Ordering::AcqRel);
         let (slot, slot_back, queue) = (&self.slots[i], self.free_tx.clone(), self.queue);
-        let spawned = std::thread::Builder::new()
-            .name(format!("tcp-{i}"))
-            .spawn_scoped(self.scope, move || {
-                debug!(%peer, slot = i, "TCP connection");
-                if let Err(e) = tcp.serve(stream, i, slot, queue) {
-                    debug!(%peer, reason = %e, "TCP connection ended with an error");
-                }
-                let _ = slot_back.push(i);
-                release_source();
-                live.fetch_sub(1, Ordering::AcqRel);
-            });
-        if let Err(e) = spawned {
-            release_source();
-            live.fetch_sub(1, Ordering::AcqRel);
-            let _ = self.free_tx.push(i);
-            warn!(reason = %e, "could not start a TCP connection thread");
-        }
+        let stopping = self.stopping.subscribe();
+        Some(Box::pin(async move {
+            debug!(%peer, slot = i, "TCP connection");
+            if let Err(e) = tcp.serve(stream, peer, i, slot, queue, stopping).await {
+                debug!(%peer, reason = %e, "TCP connection ended with an error");
+            }
+            let _ = slot_back.push(i);
+            tcp.release_source(ip);
+            tcp.live.fetch_sub(1, Ordering::AcqRel);
+        }))
     }
 }
 
-impl fmt::Debug for Acceptor<'_, '_, '_, '_> {
+impl fmt::Debug for Acceptor<'_, '_, '_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Acceptor")
             .field("slots", &self.slots.len())
@@ -295,27 +294,80 @@ impl fmt::Debug for Acceptor<'_, '_, '_, '_> {
     }
 }
 
+/// Longest a connection sleeps without looking at its limits again (a reload may change them).
+const LIMITS_TICK: Duration = Duration::from_secs(1);
+
+/// How often a paused connection, or one waiting for room on the queue or for a free frame,
+/// looks again.
+const RETRY_TICK: Duration = Duration::from_millis(1);
+
+/// Events a connection sets aside before its stash grows (it holds at most one arena frame's
+/// events: see [`settle`]).
+const STASH: usize = 256;
+
+/// Waits until everything `handoff` holds is on the queue. It waits through a stop too: the
+/// data plane keeps draining (and releasing frames) until every connection has ended, so giving
+/// up here would lose accepted events.
+async fn settle<'a>(handoff: &mut TryEnqueue<'_, 'a, '_>) {
+    while !handoff.ready() {
+        // `TryEnqueue` never fails.
+        let _ = handoff.side();
+        if !handoff.ready() {
+            tokio::time::sleep(RETRY_TICK).await;
+        }
+    }
+}
+
+/// The next free receive frame, moving stashed events on (they hold frames) and waiting for a
+/// frame to come back if all are in flight.
+async fn take_frame<'a>(
+    owner: &mut FrameOwner<'a>,
+    handoff: &mut TryEnqueue<'_, 'a, '_>,
+) -> OwnedFrame<'a> {
+    loop {
+        if let Some(f) = owner.take() {
+            return f;
+        }
+        settle(handoff).await;
+        if let Some(f) = owner.take() {
+            return f;
+        }
+        tokio::time::sleep(RETRY_TICK).await;
+    }
+}
+
 impl TcpIngest<'_> {
-    /// Serves one connection until EOF, a fatal frame error, idleness, or shutdown.
-    fn serve<'a, 'p>(
+    /// One connection from `ip` has closed.
+    fn release_source(&self, ip: std::net::IpAddr) {
+        let mut m = self.sources.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = m.get_mut(&ip) {
+            *n -= 1;
+            if *n == 0 {
+                m.remove(&ip);
+            }
+        }
+    }
+
+    /// Serves one connection until EOF, a fatal frame error, idleness, a frame that takes too
+    /// long, or the stop. It reads only while what it handed over is on the queue, so a full
+    /// pipeline holds the sender through TCP's own flow control.
+    async fn serve<'a, 'p>(
         &self,
-        mut stream: TcpStream,
+        stream: TcpStream,
+        peer: std::net::SocketAddr,
         slot_index: usize,
         slot: &Slot<'_, 'a, 'p>,
         queue: &mpsc::Producer<Pooled<'p, Event<'a>>>,
+        mut stopping: watch::Receiver<bool>,
     ) -> io::Result<()> {
-        stream.set_nonblocking(false)?;
-        stream.set_read_timeout(Some(READ_TICK))?;
-        let peer = stream.peer_addr()?;
+        stream.set_nonblocking(true)?;
+        let stream = tokio::net::TcpStream::from_std(stream)?;
         let sender = Peer::from(peer);
         let mut owner = slot.arena.owner().expect("one connection per slot");
         let mut acq = slot.pool.acquirer().expect("one connection per slot");
         let mut deliver = Deliver {
             limits: self.limits,
-            handoff: Enqueue {
-                pool: &mut acq,
-                queue,
-            },
+            handoff: TryEnqueue::new(&mut acq, queue, STASH),
         };
         let mut decoder = StreamDecoder::new(self.limits);
         let mut tally = Tally::default();
@@ -333,42 +385,61 @@ impl TcpIngest<'_> {
                 warn!(%peer, reason = %e, how, "TCP stream ended mid-frame");
             }
         };
-        loop {
+        let result = loop {
             if self.stop.load(Ordering::Relaxed) {
-                break;
+                break Ok(());
             }
             if self.paused.load(Ordering::Relaxed) {
                 // Not read while PAUSED: the socket buffer fills and TCP holds the sender.
-                std::thread::sleep(READ_TICK);
+                tokio::select! {
+                    _ = stopping.wait_for(|s| *s) => {}
+                    () = tokio::time::sleep(RETRY_TICK * 10) => {}
+                }
                 last_data = Instant::now();
                 frame_began = frame_began.map(|_| Instant::now());
                 continue;
             }
+            let now = Instant::now();
             let frame_timeout = self.tcp_limits.frame_timeout();
-            if frame_began.is_some_and(|t| t.elapsed() >= frame_timeout) {
+            let frame_deadline = frame_began.map(|t| t + frame_timeout);
+            if frame_deadline.is_some_and(|d| now >= d) {
                 end_mid_frame(&decoder, &mut tally, "frame timeout");
                 info!(%peer, timeout = ?frame_timeout, "TCP frame not complete in time; closing");
-                break;
+                break Ok(());
             }
-            let n = match stream.read(decoder.spare()) {
+            let idle_deadline = last_data + self.tcp_limits.read_timeout();
+            if now >= idle_deadline {
+                info!(%peer, "TCP connection idle past the read timeout; closing");
+                break Ok(());
+            }
+            let wake = frame_deadline
+                .map_or(idle_deadline, |d| d.min(idle_deadline))
+                .min(now + LIMITS_TICK);
+            tokio::select! {
+                biased;
+                // The stop (or the acceptor gone, which only happens at the end): checked above.
+                _ = stopping.wait_for(|s| *s) => continue,
+                () = tokio::time::sleep_until(wake.into()) => continue,
+                ready = stream.readable() => {
+                    if let Err(e) = ready {
+                        break Err(e);
+                    }
+                }
+            }
+            let n = match stream.try_read(decoder.spare()) {
                 Ok(0) => {
                     end_mid_frame(&decoder, &mut tally, "EOF");
-                    break;
+                    break Ok(());
                 }
                 Ok(n) => n,
                 Err(e)
                     if matches!(
                         e.kind(),
-                        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                        io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
                     ) =>
                 {
-                    if last_data.elapsed() >= self.tcp_limits.read_timeout() {
-                        info!(%peer, "TCP connection idle past the read timeout; closing");
-                        break;
-                    }
                     continue;
                 }
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e)
                     if matches!(
                         e.kind(),
@@ -379,12 +450,9 @@ impl TcpIngest<'_> {
                 {
                     // A reset ends the stream as EOF does: a partial frame is `truncated`.
                     end_mid_frame(&decoder, &mut tally, "reset");
-                    break;
+                    break Ok(());
                 }
-                Err(e) => {
-                    tally.flush(slot.counters);
-                    return Err(e);
-                }
+                Err(e) => break Err(e),
             };
             last_data = Instant::now();
             decoder.commit(n);
@@ -394,7 +462,8 @@ impl TcpIngest<'_> {
                 ingest_ns: monotonic_ns(),
             };
             // Complete frames are copied, back to back, into arena frames; each filled frame is
-            // shared and its events minted.
+            // shared and its events minted. Before the next is filled, what the last one handed
+            // over is on the queue: a stash never holds more than one arena frame's events.
             let mut current: Option<(OwnedFrame<'a>, usize)> = None;
             let mut fatal = None;
             // Whether a frame ended in this read (what is left then began with it).
@@ -421,9 +490,10 @@ impl TcpIngest<'_> {
                 {
                     let (frame, used) = current.take().expect("checked");
                     deliver.frame(&mut frame.share(0..used), stamp, &mut seq, &mut tally)?;
+                    settle(&mut deliver.handoff).await;
                 }
                 if current.is_none() {
-                    let mut frame = take_frame(&mut owner);
+                    let mut frame = take_frame(&mut owner, &mut deliver.handoff).await;
                     frame.set_peer(sender);
                     current = Some((frame, 0));
                 }
@@ -440,6 +510,7 @@ impl TcpIngest<'_> {
             }
             if let Some((frame, used)) = current.take() {
                 deliver.frame(&mut frame.share(0..used), stamp, &mut seq, &mut tally)?;
+                settle(&mut deliver.handoff).await;
             }
             frame_began = match (decoder.buffered(), frame_began) {
                 (0, _) => None,
@@ -450,10 +521,12 @@ impl TcpIngest<'_> {
             if let Some(e) = fatal {
                 slot.counters.rejected[e.reason() as usize].fetch_add(1, Ordering::Relaxed);
                 warn!(%peer, reason = %e, "closing the TCP connection");
-                break;
+                break Ok(());
             }
-        }
+            // A connection that is always readable lets the rest of the thread have its turn.
+            tokio::task::yield_now().await;
+        };
         tally.flush(slot.counters);
-        Ok(())
+        result
     }
 }
