@@ -391,6 +391,17 @@ struct UdpStage<'j, 's, 'f, 'a, H> {
 const STOP_DRAIN_BATCHES: u32 = 1024;
 
 impl<'a, H: Handoff<'a>> UdpStage<'_, '_, '_, 'a, H> {
+    /// The hand-off cannot take more yet (events wait for room on its queue): the loop waits
+    /// for the data plane, having done `served` events of other work.
+    fn blocked(&mut self, served: usize) -> Pass {
+        self.wait = UdpWait::Blocked;
+        if served > 0 {
+            Pass::Worked(served)
+        } else {
+            Pass::Idle
+        }
+    }
+
     /// One `recvmmsg` batch (`flags`: `MSG_WAITFORONE` to wait up to the receive timeout,
     /// `MSG_DONTWAIT` not to wait) into free frames, each datagram parsed and handed on.
     fn receive(&mut self, budget: usize, flags: libc::c_int) -> io::Result<Pass> {
@@ -518,16 +529,14 @@ impl<'a, H: Handoff<'a>> stage::Stage for UdpStage<'_, '_, '_, 'a, H> {
             }
             if !self.deliver.handoff.is_drained() {
                 // Events still wait for room in the queue: the data plane is still draining it.
-                self.wait = UdpWait::Blocked;
-                return Ok(Pass::Idle);
+                return Ok(self.blocked(0));
             }
             // What the socket already holds arrived before the stop: it is read (without
             // waiting, at most `STOP_DRAIN_BATCHES` batches, so a sender that keeps going cannot
             // hold the stop), so it is received rather than gone uncounted with the socket.
             if self.drain_left > 0 {
                 if !self.deliver.handoff.ready() {
-                    self.wait = UdpWait::Blocked;
-                    return Ok(Pass::Idle);
+                    return Ok(self.blocked(0));
                 }
                 self.drain_left -= 1;
                 match self.receive(budget, libc::MSG_DONTWAIT)? {
@@ -564,12 +573,16 @@ impl<'a, H: Handoff<'a>> stage::Stage for UdpStage<'_, '_, '_, 'a, H> {
             return Ok(Pass::Worked(served));
         }
         let served = self.deliver.handoff.side()?;
-        if served > 0 {
-            return Ok(Pass::Worked(served));
-        }
         if !self.deliver.handoff.ready() {
-            self.wait = UdpWait::Blocked;
-            return Ok(Pass::Idle);
+            return Ok(self.blocked(served));
+        }
+        if served > 0 {
+            // The side queue had work: the socket is read too, without waiting, so neither
+            // input starves the other.
+            return Ok(match self.receive(budget, libc::MSG_DONTWAIT)? {
+                Pass::Worked(n) => Pass::Worked(n + served),
+                _ => Pass::Worked(served),
+            });
         }
         self.receive(budget, libc::MSG_WAITFORONE)
     }
