@@ -40,7 +40,7 @@ pub fn key(from: KeyFrom, topic: &str, payload: &[u8]) -> u64 {
 /// Sets what a routed event is known by: the dedup key for the transactional class, and for
 /// `key: payload_id` routes (any class) the sender's id, which then is the event's id in every
 /// sink (two appliances receiving the same event name it alike).
-#[inline]
+#[inline(always)]
 pub fn identify(ev: &mut crate::wire::event::Event<'_>, target: crate::engine::Target) {
     let by_sender = target.key == KeyFrom::PayloadId;
     if by_sender || target.class == crate::engine::WorkerClass::Transactional {

@@ -281,7 +281,10 @@ impl<'a> FrameEvents<'_, 'a> {
 impl<'a> Iterator for FrameEvents<'_, 'a> {
     type Item = Result<Event<'a>, FrameError>;
 
-    #[inline]
+    // Always inlined into the caller's loop, so the span stays in registers (called, its
+    // `Option<Result<FrameSpan>>` went through the stack and a wider load of two narrower
+    // stores stalled store-forwarding: 40 % of this function's samples at saturation).
+    #[inline(always)]
     fn next(&mut self) -> Option<Self::Item> {
         Some(match self.spans.next()? {
             Ok(span) => {

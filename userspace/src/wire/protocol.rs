@@ -371,7 +371,7 @@ impl<'a> DatagramSpans<'a> {
 impl Iterator for DatagramSpans<'_> {
     type Item = Result<FrameSpan, FrameError>;
 
-    #[inline]
+    #[inline(always)]
     fn next(&mut self) -> Option<Self::Item> {
         if self.done {
             return None;
