@@ -12,8 +12,9 @@
 //!   counts everything not delivered to a worker sink: dropped by the kernel or the AF_XDP
 //!   rings, shed to the DLQ, or still unread.
 //! - **Latency** sender → worker, p50/p99/p99.9, at fixed offered loads from the `sendmmsg`
-//!   blaster in the sending namespace (stamped payloads, `engine.latency_from: payload`), on
-//!   the `xsk` and `recvmmsg` paths, each run with a fresh appliance.
+//!   blaster in the sending namespace (stamped payloads, `engine.latency_from: payload`; one
+//!   datagram per call, each stamped as it is sent), on the `xsk` and `recvmmsg` paths, each
+//!   run with a fresh appliance.
 //!
 //! Every figure is the median of `--runs` (at least 3) with min and max. Writes
 //! `target/bench/bench.json` (or `--json FILE`) and `target/bench/bench.md`; `--update-readme`
@@ -588,6 +589,12 @@ pub fn main(root: &Path, args: &Args) -> Result<()> {
                         &plan.lat_secs.to_string(),
                         "--payload-bytes",
                         "64",
+                        // One datagram per `sendmmsg`, stamped as it is handed to the kernel:
+                        // a batch carries one stamp taken before the call, and through the veth
+                        // the kernel delivers its datagrams one after another on the sender's
+                        // CPU, so the last of 64 carries the sending of the 63 before it.
+                        "--batch",
+                        "1",
                     ]),
                 )?;
                 let (delivered, _) = app.settle(Duration::from_secs(5))?;

@@ -687,6 +687,10 @@ pub fn run(args: &BlastArgs, stop: Arc<AtomicBool>) -> Result<(Tally, &'static s
             args.payload_bytes
         );
     }
+    // Paced sends wake when the next event is due, not up to 50 us later (the default timer
+    // slack), so a paced rate leaves in the small bursts it asks for.
+    // SAFETY: PR_SET_TIMERSLACK takes a plain integer and changes only this thread's timers.
+    unsafe { libc::prctl(libc::PR_SET_TIMERSLACK, 1 as libc::c_ulong) };
     let mut display = Display::new(args.quiet);
     let (t, mode) = if args.live_frames {
         let live = LiveFrames::new(args)?;
