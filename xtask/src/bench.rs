@@ -410,6 +410,9 @@ pub fn main(root: &Path, args: &Args) -> Result<()> {
     // rate is set by how long the data-plane thread can be descheduled without a ring
     // overflowing: 16 384 slots hold 8 ms at 2 M datagrams/s, where 8 192 held 4 ms (the
     // socket buffer holds some 80 000 datagrams).
+    // Shedding is off (no priority is below 0): the bench finds what the data path sustains,
+    // and past that a full receive ring would otherwise turn the control plane to EMERGENCY and
+    // every event to the DLQ, which relieves a CPU-bound queue of nothing.
     // The daemon runs the very object pinned below (not only the same program built into it),
     // so the cases never depend on it recognising the pin.
     std::fs::write(
@@ -418,7 +421,8 @@ pub fn main(root: &Path, args: &Args) -> Result<()> {
             "# Written by cargo xtask bench.\n\
          xdp: {{ ring_size: 16384, frames: 65536, object: {:?} }}\n\
          ingest:\n  udp: {{ bind: \"0.0.0.0:8082\", frames: 32768, socket_buffer: 67108864, cpu: 0 }}\n  tcp: {{ bind: null }}\n\
-         admin: {{ bind: \"127.0.0.1:0\" }}\nengine:\n  latency_from: payload\n  worker_cpus: [0]\n  dispatcher_cpu: 0\n",
+         admin: {{ bind: \"127.0.0.1:0\" }}\nengine:\n  latency_from: payload\n  worker_cpus: [0]\n  dispatcher_cpu: 0\n\
+         control: {{ dropping_min_priority: 0, emergency_min_priority: 0 }}\n",
             object.display().to_string()
         ),
     )?;

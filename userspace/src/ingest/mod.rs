@@ -295,6 +295,25 @@ pub struct RunInline<'i, 's, 'p, 'a> {
     pub control: Option<InlineControl<'s>>,
 }
 
+impl RunInline<'_, '_, '_, '_> {
+    /// Publishes the deeper of this thread's two inputs, its receive ring and the side queue,
+    /// for the control plane; returns the side queue's length.
+    #[inline]
+    fn publish_deeper(&self) -> usize {
+        let (r_used, r_cap) = self.ring_depth;
+        let (used, cap) = self
+            .side
+            .as_ref()
+            .map_or((0, 1), |s| (s.len(), s.capacity()));
+        if used * r_cap.max(1) >= r_used * cap.max(1) {
+            self.engine.publish_depth(used, cap);
+        } else {
+            self.engine.publish_depth(r_used, r_cap);
+        }
+        used
+    }
+}
+
 impl<'a> Handoff<'a> for RunInline<'_, '_, '_, 'a> {
     #[inline]
     fn begin(&mut self) {
@@ -309,17 +328,10 @@ impl<'a> Handoff<'a> for RunInline<'_, '_, '_, 'a> {
         self.engine.end(closing)
     }
     fn side(&mut self) -> io::Result<usize> {
+        let used = self.publish_deeper();
         let Some(side) = &mut self.side else {
             return Ok(0);
         };
-        let (used, cap) = (side.len(), side.capacity());
-        // The deeper of the two inputs is what the control plane sees.
-        let (r_used, r_cap) = self.ring_depth;
-        if used * r_cap.max(1) >= r_used * cap.max(1) {
-            self.engine.publish_depth(used, cap);
-        } else {
-            self.engine.publish_depth(r_used, r_cap);
-        }
         if used == 0 {
             return Ok(0);
         }
@@ -336,9 +348,7 @@ impl<'a> Handoff<'a> for RunInline<'_, '_, '_, 'a> {
     #[inline]
     fn depth(&mut self, used: usize, capacity: usize) {
         self.ring_depth = (used, capacity);
-        if self.side.is_none() {
-            self.engine.publish_depth(used, capacity);
-        }
+        self.publish_deeper();
     }
     fn is_drained(&self) -> bool {
         self.side.as_ref().is_none_or(|s| s.is_empty())

@@ -89,6 +89,7 @@ impl XskIngest<'_> {
             errs: (0, Duration::from_millis(1)),
             paused: false,
             next_stats: 0,
+            since_side: 0,
         };
         stage::drive(&mut stage, self.batch.max(1) as usize)
     }
@@ -157,7 +158,14 @@ struct XskStage<'j, 's, 'r, 'a, R, H> {
     paused: bool,
     /// When `XDP_STATISTICS` are next read ([`monotonic_ns`]).
     next_stats: u64,
+    /// Busy batches since the side queue was last served.
+    since_side: u32,
 }
+
+/// While RX keeps the loop busy, the side queue (TCP, the beside-XDP socket) is served, and
+/// its depth published to the control plane, after this many batches: neither input starves
+/// the other, and a full side queue is seen as what it is.
+const SIDE_EVERY: u32 = 8;
 
 impl<R: XskRings, H> XskStage<'_, '_, '_, '_, R, H> {
     fn retry(&mut self, e: io::Error) {
@@ -291,6 +299,12 @@ impl<'a, R: XskRings, H: Handoff<'a>> stage::Stage for XskStage<'_, '_, '_, 'a, 
         }
         self.sock.rings().1.release(ready);
         self.deliver.handoff.end(false)?;
+        self.since_side += 1;
+        if self.since_side >= SIDE_EVERY {
+            self.since_side = 0;
+            let served = self.deliver.handoff.side()?;
+            return Ok(Pass::Worked(ready as usize + served));
+        }
         Ok(Pass::Worked(ready as usize))
     }
 
