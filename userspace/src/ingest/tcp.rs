@@ -392,7 +392,8 @@ impl TcpIngest<'_> {
             if self.paused.load(Ordering::Relaxed) {
                 // Not read while PAUSED: the socket buffer fills and TCP holds the sender.
                 tokio::select! {
-                    _ = stopping.wait_for(|s| *s) => {}
+                    // The stop (or the acceptor gone, which only happens after it).
+                    _ = stopping.wait_for(|s| *s) => break Ok(()),
                     () = tokio::time::sleep(RETRY_TICK * 10) => {}
                 }
                 last_data = Instant::now();
@@ -417,8 +418,8 @@ impl TcpIngest<'_> {
                 .min(now + LIMITS_TICK);
             tokio::select! {
                 biased;
-                // The stop (or the acceptor gone, which only happens at the end): checked above.
-                _ = stopping.wait_for(|s| *s) => continue,
+                // The stop (or the acceptor gone, which only happens after it).
+                _ = stopping.wait_for(|s| *s) => break Ok(()),
                 () = tokio::time::sleep_until(wake.into()) => continue,
                 ready = stream.readable() => {
                     if let Err(e) = ready {
