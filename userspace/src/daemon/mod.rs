@@ -883,6 +883,18 @@ fn run_with(setup: Setup<'_, '_>, report_out: &mut Option<serde_json::Value>) ->
     // Sinks are opened (and file logs recovered) before any thread starts, so a bad directory
     // is a clean error at start, not a failure mid-run.
     let mut healths = Vec::new();
+    // Sinks start their I/O threads as they open (file writers and syncers, network clients,
+    // librdkafka's): started from here, on the housekeeping cores, they keep off the receive
+    // queues' cores, where a writer woken by a batch would preempt the thread that made it.
+    let placed = if plan.housekeeping.is_empty() {
+        None
+    } else {
+        numa::Placed::on(&plan.housekeeping)
+            .inspect_err(
+                |e| warn!(reason = %e, "sink threads not placed on the housekeeping cores"),
+            )
+            .ok()
+    };
     // Event ids carry the run (its start, in ms since the epoch): no two runs share one.
     let run_id = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -958,6 +970,7 @@ fn run_with(setup: Setup<'_, '_>, report_out: &mut Option<serde_json::Value>) ->
         )?));
     }
     let healths = healths;
+    drop(placed);
 
     // Ingest that feeds others (TCP connections, the beside-XDP socket, pipelined receive
     // threads) stops first; data-plane threads (inline) stop after them, having served

@@ -129,6 +129,61 @@ pub fn pin_current_thread_to(cpus: &[u32]) -> io::Result<()> {
     }
 }
 
+/// The CPUs the calling thread may run on now.
+///
+/// # Errors
+/// `sched_getaffinity`'s.
+pub fn current_thread_cpus() -> io::Result<Vec<u32>> {
+    #[cfg(all(target_os = "linux", not(miri)))]
+    {
+        // SAFETY: cpu_set_t is plain data; all-zero is the empty set.
+        let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+        // SAFETY: pid 0 is the calling thread; `set` is a writable cpu_set_t of the size given.
+        let rc = unsafe { libc::sched_getaffinity(0, size_of::<libc::cpu_set_t>(), &mut set) };
+        if rc != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok((0..libc::CPU_SETSIZE as usize)
+            // SAFETY: CPU_ISSET reads one bit of `set`, in range by the loop's bound.
+            .filter(|&c| unsafe { libc::CPU_ISSET(c, &set) })
+            .map(|c| c as u32)
+            .collect())
+    }
+    #[cfg(not(all(target_os = "linux", not(miri))))]
+    {
+        Err(io::ErrorKind::Unsupported.into())
+    }
+}
+
+/// While it lives, the calling thread runs on other CPUs than its own, and so does every
+/// thread it starts meanwhile (they keep that placement); dropped, it puts the calling thread's
+/// own CPUs back.
+#[derive(Debug)]
+#[must_use = "the placement ends when this is dropped"]
+pub struct Placed {
+    previous: Vec<u32>,
+}
+
+impl Placed {
+    /// Moves the calling thread onto `cpus` until the returned value is dropped.
+    ///
+    /// # Errors
+    /// When the thread's CPUs cannot be read or set.
+    pub fn on(cpus: &[u32]) -> io::Result<Self> {
+        let previous = current_thread_cpus()?;
+        pin_current_thread_to(cpus)?;
+        Ok(Self { previous })
+    }
+}
+
+impl Drop for Placed {
+    fn drop(&mut self) {
+        if let Err(e) = pin_current_thread_to(&self.previous) {
+            tracing::warn!(reason = %e, "could not put the thread's CPUs back");
+        }
+    }
+}
+
 /// Parses a kernel list such as `0-3,8,10-11`.
 pub fn parse_cpu_list(s: &str) -> Option<Vec<u32>> {
     let mut out = Vec::new();

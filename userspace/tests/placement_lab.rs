@@ -1,0 +1,110 @@
+//! Where the appliance's threads run on AF_XDP (in a netns + veth lab): each receive queue's
+//! thread on its own core, and every other thread (the housekeeping thread, the sinks' I/O
+//! threads: file writers and their syncers) off the receive queues' cores, so a writer woken
+//! by a batch never preempts the thread that made it.
+//!
+//! Needs root, iproute2 and two CPUs; skips with a message where they are missing, except
+//! under CI, where it fails instead (for the CPUs: it passes with a note, as a one-core machine
+//! has no placement to check).
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use eventstream::tools::lab::RX_IF;
+
+/// (thread name, CPUs it may run on) for every thread of `pid`.
+fn threads(pid: u32) -> Vec<(String, Vec<u32>)> {
+    let mut out = Vec::new();
+    for t in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
+        let t = t.unwrap().path();
+        let name = std::fs::read_to_string(t.join("comm")).unwrap_or_default();
+        let status = std::fs::read_to_string(t.join("status")).unwrap_or_default();
+        let cpus = status
+            .lines()
+            .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
+            .and_then(|l| eventstream::mem::numa::parse_cpu_list(l.trim()))
+            .unwrap_or_default();
+        out.push((name.trim().to_owned(), cpus));
+    }
+    out
+}
+
+#[test]
+fn sink_threads_keep_off_the_receive_queues_cores() {
+    if eventstream::mem::numa::online_cpus().len() < 2 {
+        eprintln!("note: one CPU, so no placement to check");
+        return;
+    }
+    let Some(lab) = common::lab_or_skip("espl", 1, "the placement lab test") else {
+        return;
+    };
+    let dir = std::env::temp_dir().join(format!("es-place-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let config = dir.join("eventstream.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "xdp:\n  ring_size: 2048\n  frames: 4096\ningest:\n  udp:\n    bind: \"0.0.0.0:8082\"\n  tcp:\n    bind: null\nadmin:\n  bind: \"127.0.0.1:0\"\nsinks:\n  kind: file\n  dir: \"{0}/sink\"\n  dlq_dir: \"{0}/dlq\"\n",
+            dir.display()
+        ),
+    )
+    .unwrap();
+    let mut child = common::daemon::command()
+        .args(["run", "--netns", &lab.rx_ns, "--iface", RX_IF, "--config"])
+        .arg(&config)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut out = BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    while line.trim() != "ready" {
+        line.clear();
+        assert!(
+            out.read_line(&mut line).unwrap() > 0,
+            "the appliance exited early"
+        );
+    }
+    let seen = threads(child.id());
+    // SAFETY: kill(2) has no memory-safety preconditions; the pid is our own child's.
+    unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "the appliance did not stop");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(status.success(), "{status}");
+    let _ = std::fs::remove_dir_all(&dir);
+    drop(lab);
+
+    let receive: Vec<u32> = seen
+        .iter()
+        .filter(|(name, _)| name.starts_with("ingest-q"))
+        .flat_map(|(_, cpus)| cpus.iter().copied())
+        .collect();
+    assert_eq!(receive.len(), 1, "one queue, pinned to one core: {seen:?}");
+    let writers: Vec<_> = seen
+        .iter()
+        .filter(|(name, _)| name == "log-writer")
+        .collect();
+    assert!(
+        writers.len() >= 4,
+        "a writer per worker class and one for the DLQ: {seen:?}"
+    );
+    for (name, cpus) in &seen {
+        if name.starts_with("ingest-q") {
+            continue;
+        }
+        assert!(
+            !cpus.is_empty() && !cpus.contains(&receive[0]),
+            "{name} may run on the receive queue's core {}: {seen:?}",
+            receive[0]
+        );
+    }
+}
