@@ -94,7 +94,11 @@ pub fn main(root: &Path, args: &Args) -> Result<()> {
         duration: Some(args.seconds),
         count: None,
         seq_start: 0,
-        batch: 64,
+        // One datagram per `sendmmsg`, each stamped as it is handed to the kernel (as the
+        // bench's latency runs): a batch carries one stamp, and through the veth its last
+        // datagram would carry the sending of the ones before it, and any preemption of the
+        // sender between them.
+        batch: 1,
         netns: None,
         live_frames: false,
         iface: None,
