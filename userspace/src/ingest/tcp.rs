@@ -50,7 +50,7 @@ pub struct Slot<'s, 'a, 'p> {
 }
 
 /// The TCP limits an operator may change while the listener runs (a reload): read at accept
-/// and per read tick, never per event.
+/// and each time a connection wakes (at least every second), never per event.
 #[derive(Debug, Default)]
 pub struct TcpLimits {
     read_timeout_ms: AtomicU64,
