@@ -45,26 +45,15 @@ fn the_fuller_input_is_published_on_every_batch() {
         router,
         control: ControlConfig::default(),
     });
-    let steps = [
+    // Every class on a realtime step: only the depth matters here.
+    let steps = std::array::from_fn(|_| {
         ClassStep::new(
             WorkerKind::Realtime {
                 from: LatencyFrom::Ingest,
             },
             sink(),
-        ),
-        ClassStep::new(
-            WorkerKind::Realtime {
-                from: LatencyFrom::Ingest,
-            },
-            sink(),
-        ),
-        ClassStep::new(
-            WorkerKind::Realtime {
-                from: LatencyFrom::Ingest,
-            },
-            sink(),
-        ),
-    ];
+        )
+    });
     let mut engine = Inline::new(&rules, steps, DlqStep::new(sink()), &counters, &depth);
     // A side queue of 64 with 48 events waiting in it.
     let arena = FrameArena::new(2048, 4, RegionOptions::default()).unwrap();

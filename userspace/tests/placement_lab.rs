@@ -9,10 +9,6 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
-use std::process::Stdio;
-use std::time::{Duration, Instant};
-
 use eventstream::tools::lab::RX_IF;
 
 /// (thread name, CPUs it may run on) for every thread of `pid`.
@@ -41,46 +37,18 @@ fn sink_threads_keep_off_the_receive_queues_cores() {
     let Some(lab) = common::lab_or_skip("espl", 1, "the placement lab test") else {
         return;
     };
-    let dir = std::env::temp_dir().join(format!("es-place-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let config = dir.join("eventstream.yaml");
-    std::fs::write(
-        &config,
-        format!(
-            "xdp:\n  ring_size: 2048\n  frames: 4096\ningest:\n  udp:\n    bind: \"0.0.0.0:8082\"\n  tcp:\n    bind: null\nadmin:\n  bind: \"127.0.0.1:0\"\nsinks:\n  kind: file\n  dir: \"{0}/sink\"\n  dlq_dir: \"{0}/dlq\"\n",
-            dir.display()
-        ),
-    )
-    .unwrap();
-    let mut child = common::daemon::command()
-        .args(["run", "--netns", &lab.rx_ns, "--iface", RX_IF, "--config"])
-        .arg(&config)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut out = BufReader::new(child.stdout.take().unwrap());
-    let mut line = String::new();
-    while line.trim() != "ready" {
-        line.clear();
-        assert!(
-            out.read_line(&mut line).unwrap() > 0,
-            "the appliance exited early"
-        );
-    }
+    let sinks = std::env::temp_dir().join(format!("es-place-sinks-{}", std::process::id()));
+    let config = format!(
+        "xdp:\n  ring_size: 2048\n  frames: 4096\ningest:\n  udp:\n    bind: \"0.0.0.0:8082\"\n  tcp:\n    bind: null\nadmin:\n  bind: \"127.0.0.1:0\"\nsinks:\n  kind: file\n  dir: \"{0}/sink\"\n  dlq_dir: \"{0}/dlq\"\n",
+        sinks.display()
+    );
+    let (child, mut out, _admin, dir) =
+        common::daemon::start_in_lab(&config, "place", &lab.rx_ns, RX_IF);
+    common::daemon::read_until(&mut out, "ready");
     let seen = threads(child.id());
-    // SAFETY: kill(2) has no memory-safety preconditions; the pid is our own child's.
-    unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let status = loop {
-        if let Some(s) = child.try_wait().unwrap() {
-            break s;
-        }
-        assert!(Instant::now() < deadline, "the appliance did not stop");
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    assert!(status.success(), "{status}");
+    common::daemon::stop(child, out);
     let _ = std::fs::remove_dir_all(&dir);
+    let _ = std::fs::remove_dir_all(&sinks);
     drop(lab);
 
     let receive: Vec<u32> = seen
