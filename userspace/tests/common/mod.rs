@@ -61,3 +61,21 @@ pub fn udp_v4() -> eventstream::wire::packet::UdpSpec {
         dst_port: eventstream_common::DEFAULT_UDP_PORT,
     }
 }
+
+/// Asserts the exit report's books balance: accepted = delivered + DLQ (by every reason) +
+/// duplicates + failed (by every reason). In inline mode a burst that fills a receive ring past
+/// the control plane's watermarks sheds low-priority events to the DLQ by design, so a test that
+/// blasts cannot expect every accepted event delivered, only every one accounted.
+#[track_caller]
+pub fn assert_reconciled(report: &serde_json::Value) {
+    let n = |v: &serde_json::Value| v.as_u64().unwrap_or_else(|| panic!("a count: {report}"));
+    let sum = |v: &serde_json::Value| v.as_object().map_or(0, |m| m.values().map(n).sum::<u64>());
+    assert_eq!(
+        n(&report["accepted_events"]),
+        n(&report["delivered_events"])
+            + sum(&report["dlq"])
+            + n(&report["duplicates"])
+            + sum(&report["failed"]),
+        "accepted = delivered + DLQ + duplicates + failed: {report}"
+    );
+}
