@@ -318,17 +318,11 @@ async fn settle<'a>(handoff: &mut TryEnqueue<'_, 'a, '_>) {
     }
 }
 
-/// The next free receive frame, moving stashed events on (they hold frames) and waiting for a
-/// frame to come back if all are in flight.
-async fn take_frame<'a>(
-    owner: &mut FrameOwner<'a>,
-    handoff: &mut TryEnqueue<'_, 'a, '_>,
-) -> OwnedFrame<'a> {
+/// The next free receive frame, waiting for one to come back if all are in flight (the events
+/// on the queue hold them; the connection's own stash is empty here, see [`settle`]). It waits
+/// through a stop too, as [`settle`] does.
+async fn take_frame<'a>(owner: &mut FrameOwner<'a>) -> OwnedFrame<'a> {
     loop {
-        if let Some(f) = owner.take() {
-            return f;
-        }
-        settle(handoff).await;
         if let Some(f) = owner.take() {
             return f;
         }
@@ -494,7 +488,7 @@ impl TcpIngest<'_> {
                     settle(&mut deliver.handoff).await;
                 }
                 if current.is_none() {
-                    let mut frame = take_frame(&mut owner, &mut deliver.handoff).await;
+                    let mut frame = take_frame(&mut owner).await;
                     frame.set_peer(sender);
                     current = Some((frame, 0));
                 }
