@@ -11,23 +11,6 @@ mod common;
 
 use eventstream::tools::lab::RX_IF;
 
-/// (thread name, CPUs it may run on) for every thread of `pid`.
-fn threads(pid: u32) -> Vec<(String, Vec<u32>)> {
-    let mut out = Vec::new();
-    for t in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
-        let t = t.unwrap().path();
-        let name = std::fs::read_to_string(t.join("comm")).unwrap_or_default();
-        let status = std::fs::read_to_string(t.join("status")).unwrap_or_default();
-        let cpus = status
-            .lines()
-            .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
-            .and_then(|l| eventstream::mem::numa::parse_cpu_list(l.trim()))
-            .unwrap_or_default();
-        out.push((name.trim().to_owned(), cpus));
-    }
-    out
-}
-
 #[test]
 fn sink_threads_keep_off_the_receive_queues_cores() {
     if eventstream::mem::numa::online_cpus().len() < 2 {
@@ -45,7 +28,7 @@ fn sink_threads_keep_off_the_receive_queues_cores() {
     let (child, mut out, _admin, dir) =
         common::daemon::start_in_lab(&config, "place", &lab.rx_ns, RX_IF);
     common::daemon::read_until(&mut out, "ready");
-    let seen = threads(child.id());
+    let seen = common::threads(child.id());
     common::daemon::stop(child, out);
     let _ = std::fs::remove_dir_all(&dir);
     let _ = std::fs::remove_dir_all(&sinks);

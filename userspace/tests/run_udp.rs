@@ -1065,13 +1065,6 @@ fn sighup_and_post_reload_change_routes_and_a_bad_file_changes_nothing() {
     let _ = std::fs::remove_dir_all(dir);
 }
 
-/// Threads of process `pid` now.
-fn threads(pid: u32) -> usize {
-    std::fs::read_dir(format!("/proc/{pid}/task"))
-        .map(|d| d.count())
-        .unwrap_or(0)
-}
-
 #[test]
 fn many_tcp_connections_share_the_housekeeping_thread_and_a_full_queue_loses_nothing() {
     use std::io::Write;
@@ -1088,7 +1081,7 @@ fn many_tcp_connections_share_the_housekeeping_thread_and_a_full_queue_loses_not
     let admin = read_until(&mut out, "listening admin ");
     read_until(&mut out, "ready");
     let pid = child.id();
-    let before = threads(pid);
+    let before = common::threads(pid).len();
 
     let mut conns: Vec<std::net::TcpStream> = (0..CONNS)
         .map(|_| std::net::TcpStream::connect(&tcp).unwrap())
@@ -1115,7 +1108,7 @@ fn many_tcp_connections_share_the_housekeeping_thread_and_a_full_queue_loses_not
     // While every connection is open: the admin server answers, and no thread was added.
     let (status, _) = http(&admin, "GET", "/metrics", "");
     assert_eq!(status, 200);
-    let during = threads(pid);
+    let during = common::threads(pid).len();
     assert_eq!(
         during, before,
         "{CONNS} open connections added threads: {before} before, {during} during"

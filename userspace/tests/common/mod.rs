@@ -79,3 +79,20 @@ pub fn assert_reconciled(report: &serde_json::Value) {
         "accepted = delivered + DLQ + duplicates + failed: {report}"
     );
 }
+
+/// (name, CPUs it may run on) for every thread of process `pid`.
+pub fn threads(pid: u32) -> Vec<(String, Vec<u32>)> {
+    let mut out = Vec::new();
+    for t in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
+        let t = t.unwrap().path();
+        let name = std::fs::read_to_string(t.join("comm")).unwrap_or_default();
+        let status = std::fs::read_to_string(t.join("status")).unwrap_or_default();
+        let cpus = status
+            .lines()
+            .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
+            .and_then(|l| eventstream::mem::numa::parse_cpu_list(l.trim()))
+            .unwrap_or_default();
+        out.push((name.trim().to_owned(), cpus));
+    }
+    out
+}
