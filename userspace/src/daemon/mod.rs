@@ -21,7 +21,7 @@ pub mod reload;
 
 use std::net::UdpSocket;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow};
@@ -347,12 +347,46 @@ fn bind_tcp(
 }
 
 /// Pins the calling thread to `cpu` if one is configured, logging the outcome.
-fn pin(cpu: Option<u32>, thread: &str) {
-    if let Some(cpu) = cpu {
-        match numa::pin_current_thread(cpu) {
-            Ok(()) => info!(thread, cpu, "thread pinned"),
-            Err(e) => warn!(thread, cpu, reason = %e, "could not pin the thread"),
+/// The data-plane and engine threads' placement, tallied so that `ready` is said only once each
+/// thread runs where the plan puts it (a thread pins itself as it starts; before that the
+/// kernel may run it on any CPU).
+#[derive(Default)]
+struct ThreadsPlaced {
+    /// Threads spawned (the main thread's count).
+    spawned: AtomicUsize,
+    /// Threads that have placed themselves (or had no place to go).
+    placed: AtomicUsize,
+}
+
+impl ThreadsPlaced {
+    /// Counts a thread about to be spawned.
+    fn spawning(&self) -> &Self {
+        self.spawned.fetch_add(1, Ordering::Relaxed);
+        self
+    }
+
+    /// Called first thing on a spawned thread: pins it to `cpu` (if the plan has one) and
+    /// counts it placed either way.
+    fn pin(&self, cpu: Option<u32>, thread: &str) {
+        if let Some(cpu) = cpu {
+            match numa::pin_current_thread(cpu) {
+                Ok(()) => info!(thread, cpu, "thread pinned"),
+                Err(e) => warn!(thread, cpu, reason = %e, "could not pin the thread"),
+            }
         }
+        self.placed.fetch_add(1, Ordering::Release);
+    }
+
+    /// Waits (up to `limit`) until every spawned thread has placed itself; false if one has not.
+    fn wait(&self, limit: Duration) -> bool {
+        let deadline = Instant::now() + limit;
+        while self.placed.load(Ordering::Acquire) < self.spawned.load(Ordering::Relaxed) {
+            if Instant::now() >= deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_micros(100));
+        }
+        true
     }
 }
 
@@ -1072,6 +1106,7 @@ fn run_with(setup: Setup<'_, '_>, report_out: &mut Option<serde_json::Value>) ->
     } else {
         Duration::from_millis(100)
     };
+    let placement = ThreadsPlaced::default();
     let outcome = std::thread::scope(|s| -> Result<()> {
         let mut ingest = Vec::new();
         let mut dataplane = Vec::new();
@@ -1080,11 +1115,12 @@ fn run_with(setup: Setup<'_, '_>, report_out: &mut Option<serde_json::Value>) ->
                 let cpu = plan.ingest.get(q).copied();
                 let (counters, ingest_running, stop) =
                     (&counters[q], &ingest_running, &ingest_stop);
+                let placed = placement.spawning();
                 ingest.push(
                     std::thread::Builder::new()
                         .name(format!("ingest-q{q}"))
                         .spawn_scoped(s, move || {
-                            pin(cpu, &format!("ingest-q{q}"));
+                            placed.pin(cpu, &format!("ingest-q{q}"));
                             let r = sock.run(x.batch, busy_spin, stop, counters);
                             ingest_running.fetch_sub(1, Ordering::AcqRel);
                             r
@@ -1096,6 +1132,7 @@ fn run_with(setup: Setup<'_, '_>, report_out: &mut Option<serde_json::Value>) ->
             {
                 let cpu = plan.ingest.get(q).copied();
                 let (counters, ingest_running, tx) = (&counters[q], &ingest_running, &tx);
+                let placed = placement.spawning();
                 let job = XskIngest {
                     batch: x.batch,
                     limits: cfg.protocol.limits(),
@@ -1120,7 +1157,7 @@ fn run_with(setup: Setup<'_, '_>, report_out: &mut Option<serde_json::Value>) ->
                 let h = std::thread::Builder::new()
                     .name(format!("ingest-q{q}"))
                     .spawn_scoped(s, move || {
-                        pin(cpu, &format!("ingest-q{q}"));
+                        placed.pin(cpu, &format!("ingest-q{q}"));
                         let r = match &mut engine {
                             _ if probe == Some(Probe::Parse) => {
                                 job.run(&mut sock, &mut owner, Discard)
@@ -1174,10 +1211,11 @@ fn run_with(setup: Setup<'_, '_>, report_out: &mut Option<serde_json::Value>) ->
             let control = engine.as_ref().and_then(|_| inline_control.take());
             let is_dataplane = engine.is_some();
             let (ingest_stop, dataplane_stop) = (&ingest_stop, &dataplane_stop);
+            let placed = placement.spawning();
             let h = std::thread::Builder::new()
                 .name(format!("ingest-udp{k}"))
                 .spawn_scoped(s, move || {
-                    pin(cpu, &format!("ingest-udp{k}"));
+                    placed.pin(cpu, &format!("ingest-udp{k}"));
                     let mut frames = arena.owner().expect("one owner");
                     let job = UdpIngest {
                         socket,
@@ -1240,11 +1278,12 @@ fn run_with(setup: Setup<'_, '_>, report_out: &mut Option<serde_json::Value>) ->
                 stage_latency: cfg.engine.stage_latency,
             };
             let dispatcher_cpu = plan.dispatcher;
+            let placed = placement.spawning();
             engine_threads.push(
                 std::thread::Builder::new()
                     .name("dispatcher".into())
                     .spawn_scoped(s, move || {
-                        pin(dispatcher_cpu, "dispatcher");
+                        placed.pin(dispatcher_cpu, "dispatcher");
                         dispatcher.run();
                         Ok(())
                     })?,
@@ -1252,11 +1291,12 @@ fn run_with(setup: Setup<'_, '_>, report_out: &mut Option<serde_json::Value>) ->
             for (k, ((class, rx), step)) in worker_rxs.into_iter().zip(worker_steps).enumerate() {
                 let cpu = plan.workers.get(k).copied().flatten();
                 let counters = &engine_counters;
+                let placed = placement.spawning();
                 engine_threads.push(
                     std::thread::Builder::new()
                         .name(format!("worker-{}", class.as_str()))
                         .spawn_scoped(s, move || {
-                            pin(cpu, &format!("worker-{}-{k}", class.as_str()));
+                            placed.pin(cpu, &format!("worker-{}-{k}", class.as_str()));
                             run_worker(step, rx, counters)
                         })?,
                 );
@@ -1328,8 +1368,11 @@ fn run_with(setup: Setup<'_, '_>, report_out: &mut Option<serde_json::Value>) ->
             }
             None => None,
         };
-        // Every thread is running and privileges are dropped: say so, for scripts and tests
-        // that must not send before the appliance takes traffic.
+        // Every thread is running where the plan puts it and privileges are dropped: say so, for
+        // scripts and tests that must not send before the appliance takes traffic.
+        if !placement.wait(Duration::from_secs(5)) {
+            warn!("a data-plane thread has not placed itself within 5 s; saying ready anyway");
+        }
         println!("ready");
         let start = Instant::now();
         let mut last = (start, 0u64);
