@@ -84,6 +84,7 @@ fn engine(c: &mut Criterion) {
             side: None,
             ring_depth: (0, 1),
             control: None,
+            bell: None,
         },
     };
     let topics = ["rt.a", "tx.b", "batch.c", "rt.d"];

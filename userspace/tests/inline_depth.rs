@@ -82,6 +82,7 @@ fn the_fuller_input_is_published_on_every_batch() {
         side: Some(rx),
         ring_depth: (0, 1),
         control: None,
+        bell: None,
     };
     let published = || depth.load(Ordering::Relaxed);
     // The ring at 15 of 16 is fuller than the side queue (48 of 64): the ring's fill, at once.

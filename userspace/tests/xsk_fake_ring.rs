@@ -54,7 +54,11 @@ impl XskRings for FakeXsk {
     fn wakeup_rx(&self) -> io::Result<()> {
         Ok(())
     }
-    fn poll_rx(&self, _timeout_ms: i32) -> io::Result<bool> {
+    fn poll_rx(
+        &self,
+        _timeout_ms: i32,
+        _bell: Option<&eventstream::ring::doorbell::Doorbell>,
+    ) -> io::Result<bool> {
         std::thread::yield_now();
         Ok(false)
     }

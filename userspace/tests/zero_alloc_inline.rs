@@ -88,6 +88,7 @@ fn run(sink: &mut dyn FnMut(&str) -> Box<dyn Sink>) -> (u64, EngineCounters) {
             side: None,
             ring_depth: (0, 1),
             control: None,
+            bell: None,
         },
     };
     let topics = ["rt.a", "tx.b", "batch.c", "batch.d", "nowhere"];

@@ -51,6 +51,7 @@ use crate::mem::topology::{self, PlanInput, Topology};
 use crate::ops::admin::MetricsView;
 use crate::ops::config::{AttachPolicy, Config, EngineMode, SinkKind, XdpConfig as XdpSection};
 use crate::ops::privs;
+use crate::ring::doorbell::Doorbell;
 use crate::ring::{mpsc, spsc};
 use crate::sink::file::{FileSink, SegmentLog};
 use crate::sink::{MemorySink, Sink, SinkErrorKind};
@@ -885,6 +886,19 @@ fn run_with(setup: Setup<'_, '_>, report_out: &mut Option<serde_json::Value>) ->
         data_plane_threads = data_plane,
         "engine"
     );
+    // Inline: the first data-plane thread serves the side queue (TCP connections, the socket
+    // beside AF_XDP) between its batches, and sleeps in `poll` when its socket is quiet; the
+    // side queue's producers ring this bell to wake it (without it they wait for the sleep's
+    // timeout, `idle_poll`).
+    let side_bell = if inline {
+        Doorbell::new()
+            .inspect_err(|e| {
+                warn!(reason = %e, "no doorbell for the side queue (eventfd); TCP events may wait up to 1 ms")
+            })
+            .ok()
+    } else {
+        None
+    };
     // Forced pipelined on too few cores: waits sleep instead of yielding.
     crate::engine::idle::set_oversubscribed(!inline && pipelined_threads > cores);
     let window_ns = e.dedup_window_secs * 1_000_000_000;
@@ -1047,6 +1061,7 @@ fn run_with(setup: Setup<'_, '_>, report_out: &mut Option<serde_json::Value>) ->
         accept_errors: &tcp_accept_errors,
         paused: &engine_counters.paused,
         sources: std::sync::Mutex::default(),
+        bell: side_bell.as_ref(),
     };
     // One total over every ingest thread's counters: the per-second log and the exit report.
     let sum = |f: fn(&IngestCounters) -> &AtomicU64| {
@@ -1096,6 +1111,7 @@ fn run_with(setup: Setup<'_, '_>, report_out: &mut Option<serde_json::Value>) ->
     } else {
         None
     };
+    let side_bell_ref = side_bell.as_ref();
     let mut side_rx = Some(rx);
     let mut engines = engines.into_iter();
     let busy_spin = Duration::from_micros(u64::from(x.busy_spin_us));
@@ -1170,6 +1186,7 @@ fn run_with(setup: Setup<'_, '_>, report_out: &mut Option<serde_json::Value>) ->
                                     side,
                                     ring_depth: (0, 1),
                                     control,
+                                    bell: side_bell_ref,
                                 },
                             ),
                             None => {
@@ -1239,6 +1256,7 @@ fn run_with(setup: Setup<'_, '_>, report_out: &mut Option<serde_json::Value>) ->
                                 side,
                                 ring_depth: (0, 1),
                                 control,
+                                bell: side_bell_ref,
                             },
                         ),
                         None => {
@@ -1358,7 +1376,8 @@ fn run_with(setup: Setup<'_, '_>, report_out: &mut Option<serde_json::Value>) ->
                     .acquirer()
                     .expect("one acquirer per pool");
                 // Room for a batch of datagrams of up to 16 events before the stash grows.
-                let handoff = TryEnqueue::new(&mut side_acq, &tx, u.batch.max(1) * 16);
+                let handoff =
+                    TryEnqueue::new(&mut side_acq, &tx, u.batch.max(1) * 16).ringing(side_bell_ref);
                 side_udp = SideUdp::new(&side_job, &mut side_frames, handoff)
                     .context("the kernel UDP socket beside AF_XDP")?;
                 Some(house::Side {

@@ -27,6 +27,7 @@ use crate::engine::inline::InlineControl;
 use crate::engine::idle::backoff;
 use crate::mem::frames::SharedFrame;
 use crate::mem::pool::{Acquirer, Pooled};
+use crate::ring::doorbell::Doorbell;
 use crate::ring::mpsc;
 use crate::wire::event::{Event, Stamp};
 use crate::wire::protocol::{Limits, RejectReason};
@@ -163,6 +164,42 @@ pub trait Handoff<'a> {
     /// [`crate::engine::inline::CONTROL_EVERY`] of the receive loop's housekeeping.
     #[inline]
     fn housekeeping(&mut self) {}
+    /// The doorbell other threads ring when they queue work for this one ([`Handoff::side`]):
+    /// the receive loop arms it and sleeps on it beside its socket.
+    #[inline]
+    fn bell(&self) -> Option<&Doorbell> {
+        None
+    }
+    /// Whether other threads have queued work for this one (looked at once the bell is armed,
+    /// before sleeping).
+    #[inline]
+    fn side_pending(&self) -> bool {
+        false
+    }
+}
+
+/// A receive loop's sleep, in `poll` (given the bell to wait on beside its socket): until the
+/// socket is readable, the hand-off's bell rings (work on its side queue), or the poll's
+/// timeout. With a bell, the side queue is looked at once more after arming it, and there is
+/// no sleep if it has work. Returns `poll`'s answer (`false` when there was no sleep).
+///
+/// # Errors
+/// `poll`'s.
+pub fn sleep<'a, H: Handoff<'a>>(
+    handoff: &H,
+    poll: impl FnOnce(Option<&Doorbell>) -> io::Result<bool>,
+) -> io::Result<bool> {
+    let Some(bell) = handoff.bell() else {
+        return poll(None);
+    };
+    bell.arm();
+    let r = if handoff.side_pending() {
+        Ok(false)
+    } else {
+        poll(Some(bell))
+    };
+    bell.disarm();
+    r
 }
 
 /// Pipelined hand-off: a pool slot, then the dispatcher's queue (waiting while either is
@@ -213,6 +250,9 @@ pub struct TryEnqueue<'d, 'a, 'p> {
     pool: &'d mut Acquirer<'p, Event<'a>>,
     queue: &'d mpsc::Producer<Pooled<'p, Event<'a>>>,
     stash: std::collections::VecDeque<Event<'a>>,
+    /// The queue's consumer's doorbell, rung at the end of a batch that queued anything.
+    bell: Option<&'d Doorbell>,
+    queued: bool,
 }
 
 impl<'d, 'a, 'p> TryEnqueue<'d, 'a, 'p> {
@@ -226,7 +266,16 @@ impl<'d, 'a, 'p> TryEnqueue<'d, 'a, 'p> {
             pool,
             queue,
             stash: std::collections::VecDeque::with_capacity(stash),
+            bell: None,
+            queued: false,
         }
+    }
+
+    /// Rings `bell` (the queue's consumer's) after each batch that queued events.
+    #[must_use]
+    pub fn ringing(mut self, bell: Option<&'d Doorbell>) -> Self {
+        self.bell = bell;
+        self
     }
 
     /// Events set aside now.
@@ -237,7 +286,18 @@ impl<'d, 'a, 'p> TryEnqueue<'d, 'a, 'p> {
     /// Onto the queue if a pool slot and a queue slot are free; the event back if not.
     fn try_push(&mut self, ev: Event<'a>) -> Result<(), Event<'a>> {
         let pooled = self.pool.acquire(ev)?;
-        self.queue.push(pooled).map_err(Pooled::into_inner)
+        self.queue.push(pooled).map_err(Pooled::into_inner)?;
+        self.queued = true;
+        Ok(())
+    }
+
+    /// Rings the consumer's bell if anything was queued since the last ring.
+    fn ring(&mut self) {
+        if std::mem::take(&mut self.queued)
+            && let Some(b) = self.bell
+        {
+            b.ring();
+        }
     }
 }
 
@@ -261,7 +321,14 @@ impl<'a> Handoff<'a> for TryEnqueue<'_, 'a, '_> {
             }
             n += 1;
         }
+        self.ring();
         Ok(n)
+    }
+    /// The end of a batch: the consumer is woken if it sleeps and anything was queued.
+    #[inline]
+    fn end(&mut self, _closing: bool) -> io::Result<()> {
+        self.ring();
+        Ok(())
     }
     fn is_drained(&self) -> bool {
         self.stash.is_empty()
@@ -293,6 +360,8 @@ pub struct RunInline<'i, 's, 'p, 'a> {
     pub ring_depth: (usize, usize),
     /// The control plane, on the first data-plane thread only.
     pub control: Option<InlineControl<'s>>,
+    /// Rung by the side queue's producers (the housekeeping thread) when this thread sleeps.
+    pub bell: Option<&'s Doorbell>,
 }
 
 impl RunInline<'_, '_, '_, '_> {
@@ -361,6 +430,14 @@ impl<'a> Handoff<'a> for RunInline<'_, '_, '_, 'a> {
                 .map_or((0, 1), |s| (s.len(), s.capacity()));
             c.tick(side);
         }
+    }
+    #[inline]
+    fn bell(&self) -> Option<&Doorbell> {
+        self.side.as_ref().and(self.bell)
+    }
+    #[inline]
+    fn side_pending(&self) -> bool {
+        self.side.as_ref().is_some_and(|s| !s.is_empty())
     }
 }
 

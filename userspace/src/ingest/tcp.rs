@@ -34,6 +34,7 @@ use tracing::{debug, info, warn};
 use super::{Deliver, Handoff as _, IngestCounters, Tally, TryEnqueue};
 use crate::mem::frames::{FrameArena, FrameOwner, OwnedFrame};
 use crate::mem::pool::{EventPool, Pooled};
+use crate::ring::doorbell::Doorbell;
 use crate::ring::mpsc;
 use crate::wire::event::{Event, Peer, Source, Stamp, monotonic_ns};
 use crate::wire::protocol::{Limits, StreamDecoder, encode_into};
@@ -111,6 +112,9 @@ pub struct TcpIngest<'s> {
     pub paused: &'s AtomicBool,
     /// Connections open per source address: touched at accept and at close, never per event.
     pub sources: std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>,
+    /// The queue's consumer's doorbell (inline: the first data-plane thread's), rung after each
+    /// read's events are queued, so a sleeping data plane takes them at once.
+    pub bell: Option<&'s Doorbell>,
 }
 
 /// Ingest stream numbers of TCP connection slots start here (see
@@ -361,7 +365,7 @@ impl TcpIngest<'_> {
         let mut acq = slot.pool.acquirer().expect("one connection per slot");
         let mut deliver = Deliver {
             limits: self.limits,
-            handoff: TryEnqueue::new(&mut acq, queue, STASH),
+            handoff: TryEnqueue::new(&mut acq, queue, STASH).ringing(self.bell),
         };
         let mut decoder = StreamDecoder::new(self.limits);
         let mut tally = Tally::default();
@@ -485,6 +489,7 @@ impl TcpIngest<'_> {
                 {
                     let (frame, used) = current.take().expect("checked");
                     deliver.frame(&mut frame.share(0..used), stamp, &mut seq, &mut tally)?;
+                    deliver.handoff.end(false)?;
                     settle(&mut deliver.handoff).await;
                 }
                 if current.is_none() {
@@ -505,6 +510,7 @@ impl TcpIngest<'_> {
             }
             if let Some((frame, used)) = current.take() {
                 deliver.frame(&mut frame.share(0..used), stamp, &mut seq, &mut tally)?;
+                deliver.handoff.end(false)?;
                 settle(&mut deliver.handoff).await;
             }
             frame_began = match (decoder.buffered(), frame_began) {

@@ -10,7 +10,7 @@
 use core::mem::MaybeUninit;
 use std::io;
 use std::net::UdpSocket;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsFd, AsRawFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
@@ -196,8 +196,9 @@ pub struct UdpIngest<'s> {
     pub counters: &'s IngestCounters,
     /// The first sequence number ([`crate::wire::event::seq_base`] of this socket's stream).
     pub seq_base: u64,
-    /// Longest wait in `recvmmsg` when nothing arrives (the socket's receive timeout): short
-    /// in inline mode, where the side queue and batch windows are served between calls.
+    /// Longest wait when nothing arrives (the socket's receive timeout; with a side queue's
+    /// bell, a `poll` on the socket and the bell): short in inline mode, where the side queue
+    /// and batch windows are served between calls.
     pub idle_poll: Duration,
     /// While set (the pipeline is `PAUSED`), stop receiving: the kernel holds what arrives,
     /// and counts what it must drop. Checked once per batch, so a pause takes effect within
@@ -323,7 +324,7 @@ impl<'j, 's, 'f, 'a, H: Handoff<'a>> SideUdp<'j, 's, 'f, 'a, H> {
                 Pass::Worked(_) => {}
                 Pass::Idle => {
                     turn = match self.stage.wait {
-                        UdpWait::Received => SideTurn::Drained,
+                        UdpWait::Received | UdpWait::Sleep => SideTurn::Drained,
                         _ => SideTurn::Blocked,
                     };
                     break;
@@ -353,6 +354,8 @@ impl<H> core::fmt::Debug for SideUdp<'_, '_, '_, '_, H> {
 enum UdpWait {
     /// The pass's `recvmmsg` already waited (its receive timeout): go again.
     Received,
+    /// The socket is empty: sleep in `poll` on it and the hand-off's bell, up to `idle_poll`.
+    Sleep,
     /// Paused: 1 ms.
     Paused,
     /// Every frame holds live events: back off until the pipeline releases some.
@@ -584,7 +587,17 @@ impl<'a, H: Handoff<'a>> stage::Stage for UdpStage<'_, '_, '_, 'a, H> {
                 _ => Pass::Worked(served),
             });
         }
-        self.receive(budget, libc::MSG_WAITFORONE)
+        if self.deliver.handoff.bell().is_none() {
+            return self.receive(budget, libc::MSG_WAITFORONE);
+        }
+        // With a bell (other threads queue work for this one), the wait is in `poll` on the
+        // socket and the bell (see `wait`), not in `recvmmsg`: woken by that work too, and on
+        // time (the receive timeout counts in jiffies: 1 ms asked waited 8 ms here).
+        let pass = self.receive(budget, libc::MSG_DONTWAIT)?;
+        if matches!(pass, Pass::Idle) && matches!(self.wait, UdpWait::Received) {
+            self.wait = UdpWait::Sleep;
+        }
+        Ok(pass)
     }
 
     #[inline]
@@ -604,6 +617,25 @@ impl<'a, H: Handoff<'a>> stage::Stage for UdpStage<'_, '_, '_, 'a, H> {
     fn wait(&mut self, _idle: &mut Idle) {
         match self.wait {
             UdpWait::Received => {}
+            UdpWait::Sleep => {
+                let fd = self.job.socket.as_fd();
+                let ms = i32::try_from(self.job.idle_poll.as_millis())
+                    .unwrap_or(i32::MAX)
+                    .max(1);
+                if let Err(e) = super::sleep(&self.deliver.handoff, |bell| {
+                    crate::ring::doorbell::poll(fd, bell, ms)
+                }) {
+                    self.errors += 1;
+                    self.job
+                        .counters
+                        .receive_errors
+                        .fetch_add(1, Ordering::Relaxed);
+                    if self.errors.is_power_of_two() {
+                        tracing::warn!(reason = %e, errors = self.errors, "poll failed; retrying");
+                    }
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+            }
             UdpWait::Paused => std::thread::sleep(Duration::from_millis(1)),
             UdpWait::Frames | UdpWait::Blocked => backoff(&mut self.spins),
             UdpWait::Error(d) => std::thread::sleep(d),

@@ -337,7 +337,7 @@ impl<'a, R: XskRings, H: Handoff<'a>> stage::Stage for XskStage<'_, '_, '_, 'a, 
     }
 
     /// Paused: 1 ms. RX empty: spin for `busy_spin` (no syscall), then sleep in `poll` until
-    /// the kernel has something or `idle_poll` passes.
+    /// the kernel has something, the side queue's bell rings, or `idle_poll` passes.
     fn wait(&mut self, _idle: &mut Idle) {
         if self.paused {
             std::thread::sleep(Duration::from_millis(1));
@@ -349,7 +349,8 @@ impl<'a, R: XskRings, H: Handoff<'a>> stage::Stage for XskStage<'_, '_, '_, 'a, 
             core::hint::spin_loop();
             return;
         }
-        match self.sock.poll_rx(self.idle_ms) {
+        let (sock, idle_ms) = (&*self.sock, self.idle_ms);
+        match super::sleep(&self.deliver.handoff, |bell| sock.poll_rx(idle_ms, bell)) {
             Ok(_) => self.errs.1 = Duration::from_millis(1),
             Err(e) => self.retry(e),
         }

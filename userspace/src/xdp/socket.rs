@@ -15,6 +15,7 @@ use tracing::{info, warn};
 use super::ring::{ConsRing, Layout, ProdRing, RingMem};
 use super::sys;
 use crate::mem::frames::{FrameArena, FrameOwner};
+use crate::ring::doorbell::Doorbell;
 
 /// How the socket ended up bound.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -410,11 +411,12 @@ pub trait XskRings {
     /// # Errors
     /// The kernel's.
     fn wakeup_rx(&self) -> io::Result<()>;
-    /// Waits up to `timeout_ms` for RX descriptors.
+    /// Waits up to `timeout_ms` for RX descriptors, or for `bell` to ring (see
+    /// [`crate::ring::doorbell`]).
     ///
     /// # Errors
     /// The kernel's.
-    fn poll_rx(&self, timeout_ms: i32) -> io::Result<bool>;
+    fn poll_rx(&self, timeout_ms: i32, bell: Option<&Doorbell>) -> io::Result<bool>;
     /// The kernel's drop counters.
     ///
     /// # Errors
@@ -439,8 +441,8 @@ impl XskRings for XskSocket<'_> {
         sys::xsk_wakeup_rx(self.fd.as_fd())
     }
 
-    fn poll_rx(&self, timeout_ms: i32) -> io::Result<bool> {
-        sys::poll_in(self.fd.as_fd(), timeout_ms)
+    fn poll_rx(&self, timeout_ms: i32, bell: Option<&Doorbell>) -> io::Result<bool> {
+        crate::ring::doorbell::poll(self.fd.as_fd(), bell, timeout_ms)
     }
 
     fn stats(&self) -> io::Result<XskStats> {

@@ -444,26 +444,3 @@ pub fn xsk_wakeup_rx(fd: BorrowedFd<'_>) -> io::Result<()> {
     }
     Ok(())
 }
-
-/// Waits up to `timeout_ms` for the socket to become readable; returns whether it did.
-///
-/// # Errors
-/// Anything but `EINTR`.
-pub fn poll_in(fd: BorrowedFd<'_>, timeout_ms: i32) -> io::Result<bool> {
-    let mut p = libc::pollfd {
-        fd: fd.as_raw_fd(),
-        events: libc::POLLIN,
-        revents: 0,
-    };
-    // SAFETY: one valid pollfd.
-    let rc = unsafe { libc::poll(&raw mut p, 1, timeout_ms) };
-    if rc < 0 {
-        let e = io::Error::last_os_error();
-        return if e.raw_os_error() == Some(libc::EINTR) {
-            Ok(false)
-        } else {
-            Err(e)
-        };
-    }
-    Ok(rc > 0)
-}
