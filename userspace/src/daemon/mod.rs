@@ -347,7 +347,6 @@ fn bind_tcp(
     Ok(s.into())
 }
 
-/// Pins the calling thread to `cpu` if one is configured, logging the outcome.
 /// The data-plane and engine threads' placement, tallied so that `ready` is said only once each
 /// thread runs where the plan puts it (a thread pins itself as it starts; before that the
 /// kernel may run it on any CPU).
