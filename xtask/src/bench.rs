@@ -16,7 +16,9 @@
 //!   datagram per call, each stamped as it is sent), on the `xsk` and `recvmmsg` paths, each
 //!   run with a fresh appliance.
 //!
-//! Every figure is the median of `--runs` (at least 3) with min and max. Writes
+//! Every figure is the median of `--runs` (at least 3) with min and max. The throughput paths
+//! take turns run by run (run 1 of each path, then run 2 of each...), so each run's ratios
+//! compare paths measured minutes apart at most; the JSON keeps them (`ratios_per_run`). Writes
 //! `target/bench/bench.json` (or `--json FILE`) and `target/bench/bench.md`; `--update-readme`
 //! puts the Markdown between the README's bench markers.
 
@@ -467,74 +469,86 @@ pub fn main(root: &Path, args: &Args) -> Result<()> {
             ));
         }
     }
-    // (b) AF_XDP and (c) recvmmsg: one appliance per path for all sizes.
-    let mut xsk_label = String::from("?");
-    for (path, extra) in [
-        ("xsk_bare", &["--iface", RX_IF, "--probe", "bare"][..]),
+    // (b) AF_XDP and (c) recvmmsg. The paths take turns, run by run (PERF.md: ours and its
+    // peer back to back, the whole group repeated): run 1 of every path, then run 2 of every
+    // path, and so on, so a stretch of a busy machine lands on every path alike rather than on
+    // whichever ran then. One appliance per path and run, for all sizes.
+    let paths: [(&str, &[&str]); 6] = [
+        ("xsk_bare", &["--iface", RX_IF, "--probe", "bare"]),
         (
             "xsk_bare_crate",
-            &["--iface", RX_IF, "--probe", "bare-crate"][..],
+            &["--iface", RX_IF, "--probe", "bare-crate"],
         ),
-        ("xsk_parse", &["--iface", RX_IF, "--probe", "parse"][..]),
-        ("xsk", &["--iface", RX_IF][..]),
+        ("xsk_parse", &["--iface", RX_IF, "--probe", "parse"]),
+        ("xsk", &["--iface", RX_IF]),
         // Two queues, a socket and a data-plane thread each, a generator per queue: on two
         // cores they share the CPUs with the generators (reported, no target).
-        ("xsk_2q", &["--iface", RX_IF, "--queues", "2"][..]),
-        ("recvmmsg", &["--no-xdp"][..]),
-    ] {
-        let queues = if path == "xsk_2q" { 2 } else { 1 };
-        let app = Appliance::start(&bin, &config, &rx, extra, Some(&log))?;
-        let mut results = Vec::new();
-        for &payload in &PAYLOADS {
-            for &per in &PER_DATAGRAM {
-                if let Some(why) = unfit(payload, per) {
-                    results.push((payload, per, Err(why)));
+        ("xsk_2q", &["--iface", RX_IF, "--queues", "2"]),
+        ("recvmmsg", &["--no-xdp"]),
+    ];
+    let sizes: Vec<(usize, u16)> = PAYLOADS
+        .iter()
+        .flat_map(|&payload| PER_DATAGRAM.iter().map(move |&per| (payload, per)))
+        .collect();
+    // Per path and size: the runs, and the XDP_STATISTICS deltas summed over them.
+    let mut runs_of: Vec<Vec<Vec<Value>>> = vec![vec![Vec::new(); sizes.len()]; paths.len()];
+    let mut drops_of: Vec<Vec<serde_json::Map<String, Value>>> =
+        vec![vec![serde_json::Map::new(); sizes.len()]; paths.len()];
+    let mut reports: Vec<Vec<Value>> = vec![Vec::new(); paths.len()];
+    for run in 0..plan.runs {
+        for (pi, &(path, extra)) in paths.iter().enumerate() {
+            let queues = if path == "xsk_2q" { 2 } else { 1 };
+            let app = Appliance::start(&bin, &config, &rx, extra, Some(&log))?;
+            for (si, &(payload, per)) in sizes.iter().enumerate() {
+                if unfit(payload, per).is_some() || (queues > 1 && payload != 64) {
                     continue;
                 }
-                if queues > 1 && payload != 64 {
-                    continue;
-                }
-                let mut runs = Vec::new();
                 app.measure(match path {
                     "xsk_bare" | "xsk_bare_crate" => Measure::Datagrams(per),
                     "xsk_parse" => Measure::Received,
                     _ => Measure::Delivered,
                 });
                 let before = xsk_drops(&app)?;
-                for _ in 0..plan.runs {
-                    let generator = if queues > 1 {
-                        Generator::XdpTx { tx: &tx, queues }
-                    } else {
-                        Generator::Live { rx: &rx }
-                    };
-                    runs.push(search(&app, generator, &object, (payload, per), plan.secs)?);
-                }
-                let after = xsk_drops(&app)?;
-                let drops: serde_json::Map<String, Value> = after
-                    .iter()
-                    .map(|(k, v)| (k.clone(), json!(v - before.get(k).copied().unwrap_or(0.0))))
-                    .collect();
-                if let Some(r) = runs.first_mut() {
-                    r["xdp_statistics_delta"] = Value::Object(drops);
-                }
+                let generator = if queues > 1 {
+                    Generator::XdpTx { tx: &tx, queues }
+                } else {
+                    Generator::Live { rx: &rx }
+                };
+                let r = search(&app, generator, &object, (payload, per), plan.secs)?;
                 eprintln!(
-                    "bench: {path} {payload} B x{per}: sustainable {:.0} events/s, at max offered {:.0} delivered ({:.1} % lost)",
-                    stats(&runs, "sustainable_events_per_sec").0,
-                    stats(&runs, "delivered_at_max_events_per_sec").0,
-                    100.0 * stats(&runs, "loss_at_max").0
+                    "bench: run {} {path} {payload} B x{per}: sustainable {:.0} events/s",
+                    run + 1,
+                    r["sustainable_events_per_sec"].as_f64().unwrap_or(0.0)
                 );
-                results.push((payload, per, Ok(runs)));
+                runs_of[pi][si].push(r);
+                let after = xsk_drops(&app)?;
+                let total = &mut drops_of[pi][si];
+                for (k, v) in &after {
+                    let d = v - before.get(k).copied().unwrap_or(0.0);
+                    let sum = total.get(k).and_then(Value::as_f64).unwrap_or(0.0) + d;
+                    total.insert(k.clone(), json!(sum));
+                }
             }
+            reports[pi].push(app.stop()?);
         }
-        let report = app.stop()?;
+    }
+    let mut xsk_label = String::from("?");
+    for (pi, &(path, _)) in paths.iter().enumerate() {
+        let queues = if path == "xsk_2q" { 2 } else { 1 };
+        let report = reports[pi].last().cloned().unwrap_or(Value::Null);
         let mode = if path == "xsk_2q" {
             // Per queue, over every step of every run: the split the generators made.
-            let per_queue: Vec<String> = report["xsk"]["queues"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .map(|q| q["events"].to_string())
-                .collect();
+            let mut per_queue: Vec<u64> = Vec::new();
+            for r in &reports[pi] {
+                let queues = r["xsk"]["queues"].as_array().cloned().unwrap_or_default();
+                for (q, v) in queues.iter().enumerate() {
+                    if per_queue.len() <= q {
+                        per_queue.push(0);
+                    }
+                    per_queue[q] += v["events"].as_u64().unwrap_or(0);
+                }
+            }
+            let per_queue: Vec<String> = per_queue.iter().map(u64::to_string).collect();
             format!(
                 "{}, {}, 2 queues (events per queue {}), AF_XDP TX generators (live frames reach queue 0 only); shares the CPUs with them",
                 xsk_mode(&report),
@@ -550,18 +564,32 @@ pub fn main(root: &Path, args: &Args) -> Result<()> {
         } else {
             format!("kernel stack ({} XDP_PASS)", lab.mode.label())
         };
-        for (payload, per, runs) in results {
-            cases.push(match runs {
-                Ok(runs) => throughput_case(
-                    path,
-                    payload,
-                    per,
-                    &mode,
-                    runs,
-                    "sustainable_events_per_sec",
-                ),
-                Err(why) => skipped(path, payload, per, why),
-            });
+        for (si, &(payload, per)) in sizes.iter().enumerate() {
+            if let Some(why) = unfit(payload, per) {
+                cases.push(skipped(path, payload, per, why));
+                continue;
+            }
+            if queues > 1 && payload != 64 {
+                continue;
+            }
+            let mut runs = std::mem::take(&mut runs_of[pi][si]);
+            if let Some(r) = runs.first_mut() {
+                r["xdp_statistics_delta"] = Value::Object(std::mem::take(&mut drops_of[pi][si]));
+            }
+            eprintln!(
+                "bench: {path} {payload} B x{per}: sustainable {:.0} events/s, at max offered {:.0} delivered ({:.1} % lost)",
+                stats(&runs, "sustainable_events_per_sec").0,
+                stats(&runs, "delivered_at_max_events_per_sec").0,
+                100.0 * stats(&runs, "loss_at_max").0
+            );
+            cases.push(throughput_case(
+                path,
+                payload,
+                per,
+                &mode,
+                runs,
+                "sustainable_events_per_sec",
+            ));
         }
     }
     // Latency at fixed offered loads, from the sending namespace through the veth. The lab has
@@ -671,17 +699,38 @@ pub fn main(root: &Path, args: &Args) -> Result<()> {
     );
     drop(lab);
 
+    let case64 = |path: (&str, u16)| {
+        cases.iter().find(|c| {
+            c["kind"] == "throughput"
+                && c["path"] == path.0
+                && c["payload_bytes"] == 64
+                && c["events_per_datagram"] == path.1
+        })
+    };
     let eps = |path: (&str, u16)| {
-        cases
-            .iter()
-            .find(|c| {
-                c["kind"] == "throughput"
-                    && c["path"] == path.0
-                    && c["payload_bytes"] == 64
-                    && c["events_per_datagram"] == path.1
-            })
+        case64(path)
             .and_then(|c| c["events_per_sec"].as_f64())
             .filter(|v| *v > 0.0)
+    };
+    // Each run's own ratio (the paths took turns within a run), beside the ratio of medians.
+    let per_run = |a: (&str, u16), b: (&str, u16)| -> Value {
+        let runs = |p| {
+            case64(p)
+                .and_then(|c| c["runs"].as_array())
+                .map(|r| {
+                    r.iter()
+                        .map(|r| r["sustainable_events_per_sec"].as_f64())
+                        .collect::<Vec<_>>()
+                })
+                .unwrap_or_default()
+        };
+        json!(
+            runs(a)
+                .into_iter()
+                .zip(runs(b))
+                .map(|(x, y)| x.zip(y.filter(|y| *y > 0.0)).map(|(x, y)| x / y))
+                .collect::<Vec<_>>()
+        )
     };
     let ratio = |a: &str, b: &str| eps((a, 1)).zip(eps((b, 1))).map(|(a, b)| a / b);
     let ratio16 = |a: &str, b: &str| eps((a, 16)).zip(eps((b, 16))).map(|(a, b)| a / b);
@@ -703,6 +752,13 @@ pub fn main(root: &Path, args: &Args) -> Result<()> {
             "xsk_over_recvmmsg": ratio("xsk", "recvmmsg"),
             "xsk_over_recvmmsg_16": ratio16("xsk", "recvmmsg"),
             "xsk_over_xdp_drop": ratio("xsk", "xdp_drop"),
+        },
+        "ratios_per_run": {
+            "xsk_over_xsk_bare": per_run(("xsk", 1), ("xsk_bare", 1)),
+            "xsk_bare_over_xsk_bare_crate": per_run(("xsk_bare", 1), ("xsk_bare_crate", 1)),
+            "xsk_bare_over_xsk_bare_crate_16": per_run(("xsk_bare", 16), ("xsk_bare_crate", 16)),
+            "xsk_over_recvmmsg": per_run(("xsk", 1), ("recvmmsg", 1)),
+            "xsk_over_recvmmsg_16": per_run(("xsk", 16), ("recvmmsg", 16)),
         },
     });
     let json_path = args
@@ -872,6 +928,24 @@ fn markdown(doc: &Value) -> String {
         ratio(&r["xsk_over_recvmmsg_16"]),
         ratio(&r["xsk_over_xdp_drop"]),
     );
+    let rr = &doc["ratios_per_run"];
+    let list = |v: &Value| {
+        v.as_array().map_or("n/a".to_owned(), |a| {
+            a.iter().map(ratio).collect::<Vec<_>>().join(", ")
+        })
+    };
+    if rr.is_object() {
+        let _ = writeln!(
+            s,
+            "Each run's ratio (the paths take turns, run by run): xsk_bare / xsk_bare_crate {} (16 per datagram: {}); \
+             xsk / xsk_bare {}; xsk / recvmmsg {} (16 per datagram: {}).\n",
+            list(&rr["xsk_bare_over_xsk_bare_crate"]),
+            list(&rr["xsk_bare_over_xsk_bare_crate_16"]),
+            list(&rr["xsk_over_xsk_bare"]),
+            list(&rr["xsk_over_recvmmsg"]),
+            list(&rr["xsk_over_recvmmsg_16"]),
+        );
+    }
     let _ = writeln!(
         s,
         "| path | offered events/s | sender → worker p50 | p99 | p99.9 | loss |"
