@@ -3,17 +3,12 @@
 //! batch (a thread with a side queue once published its ring only when the ring was empty, so
 //! a queue kept full by traffic looked empty to the watermarks).
 
+mod common;
+
 use std::sync::atomic::{AtomicU32, Ordering};
 
-use eventstream::engine::control::ControlConfig;
-use eventstream::engine::dedup::KeyFrom;
 use eventstream::engine::inline::DEPTH_ONE;
-use eventstream::engine::latency::LatencyFrom;
-use eventstream::engine::route::Router;
-use eventstream::engine::rules::{LiveRules, Rules};
-use eventstream::engine::{
-    ClassStep, DlqStep, EngineCounters, Inline, Target, WorkerClass, WorkerKind,
-};
+use eventstream::engine::{DlqStep, EngineCounters, Inline};
 use eventstream::ingest::{Handoff, RunInline};
 use eventstream::mem::RegionOptions;
 use eventstream::mem::frames::FrameArena;
@@ -31,29 +26,9 @@ fn sink() -> Box<dyn eventstream::sink::Sink> {
 fn the_fuller_input_is_published_on_every_batch() {
     let counters = EngineCounters::default();
     let depth = AtomicU32::new(0);
-    let mut router = Router::new();
-    router
-        .add(
-            "a.*",
-            Target {
-                class: WorkerClass::Realtime,
-                key: KeyFrom::TopicAndPayload,
-            },
-        )
-        .unwrap();
-    let rules = LiveRules::new(Rules {
-        router,
-        control: ControlConfig::default(),
-    });
+    let rules = common::realtime_rules("a.*");
     // Every class on a realtime step: only the depth matters here.
-    let steps = std::array::from_fn(|_| {
-        ClassStep::new(
-            WorkerKind::Realtime {
-                from: LatencyFrom::Ingest,
-            },
-            sink(),
-        )
-    });
+    let steps = common::realtime_steps();
     let mut engine = Inline::new(&rules, steps, DlqStep::new(sink()), &counters, &depth);
     // A side queue of 64 with 48 events waiting in it.
     let arena = FrameArena::new(2048, 4, RegionOptions::default()).unwrap();

@@ -6,18 +6,13 @@
 //! arrives by the bell or not at all (before the bell, inline TCP events waited for the
 //! timeout: 1 ms asked, and with the socket's jiffy-counted receive timeout, 8 ms).
 
+mod common;
+
 use std::net::UdpSocket;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
-use eventstream::engine::control::ControlConfig;
-use eventstream::engine::dedup::KeyFrom;
-use eventstream::engine::latency::LatencyFrom;
-use eventstream::engine::route::Router;
-use eventstream::engine::rules::{LiveRules, Rules};
-use eventstream::engine::{
-    ClassStep, DlqStep, EngineCounters, Inline, Target, WorkerClass, WorkerKind,
-};
+use eventstream::engine::{DlqStep, EngineCounters, Inline};
 use eventstream::ingest::{Handoff, IngestCounters, RunInline, TryEnqueue, UdpIngest};
 use eventstream::mem::RegionOptions;
 use eventstream::mem::frames::FrameArena;
@@ -61,28 +56,8 @@ fn side_work_wakes_a_sleeping_receive_loop() {
     let pool = EventPool::<Event<'_>>::new(64);
     let counters = EngineCounters::default();
     let depth = AtomicU32::new(0);
-    let mut router = Router::new();
-    router
-        .add(
-            "side.*",
-            Target {
-                class: WorkerClass::Realtime,
-                key: KeyFrom::TopicAndPayload,
-            },
-        )
-        .unwrap();
-    let rules = LiveRules::new(Rules {
-        router,
-        control: ControlConfig::default(),
-    });
-    let steps = std::array::from_fn(|_| {
-        ClassStep::new(
-            WorkerKind::Realtime {
-                from: LatencyFrom::Ingest,
-            },
-            Box::new(MemorySink::new(1024, 1 << 16)),
-        )
-    });
+    let rules = common::realtime_rules("side.*");
+    let steps = common::realtime_steps();
     let mut engine = Inline::new(
         &rules,
         steps,

@@ -96,3 +96,35 @@ pub fn threads(pid: u32) -> Vec<(String, Vec<u32>)> {
     }
     out
 }
+
+/// Rules sending topics that match `pattern` to the realtime class (default control
+/// thresholds), for tests of an inline engine where only the hand-off matters.
+pub fn realtime_rules(pattern: &str) -> eventstream::engine::rules::LiveRules {
+    use eventstream::engine::{Target, WorkerClass, dedup::KeyFrom};
+    let mut router = eventstream::engine::route::Router::new();
+    router
+        .add(
+            pattern,
+            Target {
+                class: WorkerClass::Realtime,
+                key: KeyFrom::TopicAndPayload,
+            },
+        )
+        .unwrap();
+    eventstream::engine::rules::LiveRules::new(eventstream::engine::rules::Rules {
+        router,
+        control: eventstream::engine::control::ControlConfig::default(),
+    })
+}
+
+/// Every worker class on a realtime step into a memory sink.
+pub fn realtime_steps<'s>() -> [eventstream::engine::ClassStep<'s>; 3] {
+    std::array::from_fn(|_| {
+        eventstream::engine::ClassStep::new(
+            eventstream::engine::WorkerKind::Realtime {
+                from: eventstream::engine::latency::LatencyFrom::Ingest,
+            },
+            Box::new(eventstream::sink::MemorySink::new(1024, 1 << 16)),
+        )
+    })
+}
