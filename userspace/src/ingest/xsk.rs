@@ -90,6 +90,9 @@ impl XskIngest<'_> {
             paused: false,
             next_stats: 0,
             since_side: 0,
+            // The first pass fills FILL.
+            unfilled: u32::MAX,
+            idle_passes: 0,
         };
         stage::drive(&mut stage, self.batch.max(1) as usize)
     }
@@ -160,7 +163,15 @@ struct XskStage<'j, 's, 'r, 'a, R, H> {
     next_stats: u64,
     /// Busy batches since the side queue was last served.
     since_side: u32,
+    /// RX descriptors taken since FILL was last topped up from the free list.
+    unfilled: u32,
+    /// Passes that found RX empty (wrapping).
+    idle_passes: u32,
 }
+
+/// An idle loop tops FILL up from the free list every this many empty passes (a few
+/// microseconds of spinning).
+const IDLE_REFILL: u32 = 64;
 
 /// While RX keeps the loop busy, the side queue (TCP, the beside-XDP socket) is served, and
 /// its depth published to the control plane, after this many batches: neither input starves
@@ -168,6 +179,26 @@ struct XskStage<'j, 's, 'r, 'a, R, H> {
 const SIDE_EVERY: u32 = 8;
 
 impl<R: XskRings, H> XskStage<'_, '_, '_, '_, R, H> {
+    /// Lends free frames to FILL, as many as it has room for (read from the kernel's consumer
+    /// index when the cached view shows fewer than `want` free).
+    fn refill(&mut self, want: u32) {
+        self.unfilled = 0;
+        let fs = self.fs;
+        let (fill, _) = self.sock.rings();
+        let room = fill.free(want);
+        let mut n = 0;
+        while n < room {
+            let Some(frame) = self.frames.take() else {
+                break;
+            };
+            fill.write(n, u64::from(self.frames.lend(frame)) * fs);
+            n += 1;
+        }
+        if n > 0 {
+            fill.submit(n);
+        }
+    }
+
     fn retry(&mut self, e: io::Error) {
         self.errs.0 += 1;
         self.job
@@ -209,22 +240,20 @@ impl<'a, R: XskRings, H: Handoff<'a>> stage::Stage for XskStage<'_, '_, '_, 'a, 
         }
         let budget = u32::try_from(budget).unwrap_or(u32::MAX);
         let (fs, umem_len) = (self.fs, self.umem_len);
-        // Refill: released frames first, then as many as FILL has room for. The bare probe
-        // does the same with the frames it could not put straight back, so both run on the
-        // same frame depth (the crate's probe too).
+        // Refill: free frames (released ones first) to FILL, as many as it has room for. The
+        // bare probe does the same with the frames it could not put straight back, so both run
+        // on the same frame depth (the crate's probe too). FILL is topped up once a batch's
+        // worth (or a quarter of the ring, if less) has been received since the last time, not
+        // on every pass: the kernel reads FILL's producer index and writes its consumer index
+        // for every frame, so a loop that looked at them on each empty pass would pull those
+        // cache lines from the core doing the receive over and over, a frame at a time. An
+        // idle loop also tops FILL up every `IDLE_REFILL` empty passes and before it sleeps:
+        // frames the pipeline released while FILL ran dry must reach it though nothing arrives.
+        let refill_at = (self.sock.rings().0.size() / 4).clamp(1, budget);
+        if self.unfilled >= refill_at {
+            self.refill(budget);
+        }
         let (fill, _) = self.sock.rings();
-        let room = fill.free(budget);
-        let mut n = 0;
-        while n < room {
-            let Some(frame) = self.frames.take() else {
-                break;
-            };
-            fill.write(n, u64::from(self.frames.lend(frame)) * fs);
-            n += 1;
-        }
-        if n > 0 {
-            fill.submit(n);
-        }
         if fill.needs_wakeup()
             && let Err(e) = self.sock.wakeup_rx()
         {
@@ -234,6 +263,10 @@ impl<'a, R: XskRings, H: Handoff<'a>> stage::Stage for XskStage<'_, '_, '_, 'a, 
         let rx = self.sock.rings().1;
         let ready = rx.available(budget);
         if ready == 0 {
+            self.idle_passes = self.idle_passes.wrapping_add(1);
+            if self.idle_passes % IDLE_REFILL == 0 {
+                self.refill(budget);
+            }
             let served = self.deliver.handoff.side()?;
             self.deliver.handoff.end(false)?;
             return Ok(if served > 0 {
@@ -243,6 +276,7 @@ impl<'a, R: XskRings, H: Handoff<'a>> stage::Stage for XskStage<'_, '_, '_, 'a, 
             });
         }
         self.empty_since = None;
+        self.unfilled = self.unfilled.saturating_add(ready);
         if job.bare {
             // The socket's own limit: every descriptor straight back to FILL, unread.
             job.bare_batch(self.sock, self.frames, ready, fs, umem_len, &mut self.tally);
@@ -349,6 +383,8 @@ impl<'a, R: XskRings, H: Handoff<'a>> stage::Stage for XskStage<'_, '_, '_, 'a, 
             core::hint::spin_loop();
             return;
         }
+        // FILL full before the sleep: what arrives meanwhile has frames to land in.
+        self.refill(self.ring as u32);
         let (sock, idle_ms) = (&*self.sock, self.idle_ms);
         match super::sleep(&self.deliver.handoff, |bell| sock.poll_rx(idle_ms, bell)) {
             Ok(_) => self.errs.1 = Duration::from_millis(1),
