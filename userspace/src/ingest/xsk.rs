@@ -93,6 +93,7 @@ impl XskIngest<'_> {
             // The first pass fills FILL.
             unfilled: u32::MAX,
             idle_passes: 0,
+            slept: false,
         };
         stage::drive(&mut stage, self.batch.max(1) as usize)
     }
@@ -167,11 +168,17 @@ struct XskStage<'j, 's, 'r, 'a, R, H> {
     unfilled: u32,
     /// Passes that found RX empty (wrapping).
     idle_passes: u32,
+    /// The last wait slept in `poll` (the next idle pass ends a batch: time has passed).
+    slept: bool,
 }
 
 /// An idle loop tops FILL up from the free list every this many empty passes (a few
 /// microseconds of spinning).
 const IDLE_REFILL: u32 = 64;
+
+/// An idle loop ends a batch (flushes, windows, acks) every this many empty passes, and after
+/// each sleep.
+const IDLE_END: u32 = 16;
 
 /// While RX keeps the loop busy, the side queue (TCP, the beside-XDP socket) is served, and
 /// its depth published to the control plane, after this many batches: neither input starves
@@ -264,11 +271,19 @@ impl<'a, R: XskRings, H: Handoff<'a>> stage::Stage for XskStage<'_, '_, '_, 'a, 
         let ready = rx.available(budget);
         if ready == 0 {
             self.idle_passes = self.idle_passes.wrapping_add(1);
-            if self.idle_passes % IDLE_REFILL == 0 {
+            if self.idle_passes.is_multiple_of(IDLE_REFILL) {
                 self.refill(budget);
             }
             let served = self.deliver.handoff.side()?;
-            self.deliver.handoff.end(false)?;
+            // The batch's end (sinks flushed, windows closed, acks and counts published) ran
+            // after the last busy pass; an idle pass repeats it only every `IDLE_END` passes,
+            // after a sleep, or when the side queue gave it events: each end reads the clock
+            // and asks every sink for its acks, a third of an idle pass's time, which would
+            // otherwise stretch the gap between looks at RX.
+            if served > 0 || self.slept || self.idle_passes.is_multiple_of(IDLE_END) {
+                self.slept = false;
+                self.deliver.handoff.end(false)?;
+            }
             return Ok(if served > 0 {
                 Pass::Worked(served)
             } else {
@@ -386,6 +401,7 @@ impl<'a, R: XskRings, H: Handoff<'a>> stage::Stage for XskStage<'_, '_, '_, 'a, 
         // FILL full before the sleep: what arrives meanwhile has frames to land in.
         self.refill(self.ring as u32);
         let (sock, idle_ms) = (&*self.sock, self.idle_ms);
+        self.slept = true;
         match super::sleep(&self.deliver.handoff, |bell| sock.poll_rx(idle_ms, bell)) {
             Ok(_) => self.errs.1 = Duration::from_millis(1),
             Err(e) => self.retry(e),
