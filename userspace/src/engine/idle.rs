@@ -60,6 +60,9 @@ pub const LONG_SLEEP: Duration = Duration::from_micros(500);
 #[derive(Debug, Default)]
 pub struct Idle {
     empty: u32,
+    /// [`monotonic_ns`](crate::wire::event::monotonic_ns) as the driver last read it (zero if
+    /// its stage has no schedule and so no clock read).
+    now: u64,
 }
 
 impl Idle {
@@ -78,6 +81,18 @@ impl Idle {
     #[inline]
     pub fn busy(&mut self) {
         self.empty = 0;
+    }
+
+    /// The clock as [`drive`](crate::engine::stage::drive) read it for this pass's
+    /// housekeeping check, so a stage's own wait need not read it again (zero: not read).
+    #[inline]
+    pub fn now(&self) -> u64 {
+        self.now
+    }
+
+    #[inline]
+    pub(crate) fn set_now(&mut self, now: u64) {
+        self.now = now;
     }
 
     /// The last poll found nothing: wait a little, longer the longer it has been quiet.

@@ -11,7 +11,8 @@
 //! them); ring consumers use [`Idle`].
 //!
 //! The driver is generic over the stage, so a pass is a direct, inlinable call: the contract
-//! costs one clock read a pass.
+//! costs one clock read a pass, which it hands to the wait ([`Idle::now`]) so a spinning
+//! stage times its spin without a second.
 
 use std::io;
 use std::time::Duration;
@@ -91,6 +92,7 @@ pub fn drive<S: Stage + ?Sized>(stage: &mut S, budget: usize) -> io::Result<()> 
                 stage.housekeeping(now);
                 next = now.saturating_add(every);
             }
+            idle.set_now(now);
         }
         if pass == Pass::Idle {
             stage.wait(&mut idle);
@@ -112,6 +114,9 @@ mod tests {
         passes: usize,
         idle_passes: usize,
         chores: usize,
+        /// The clock each wait was handed, and the last housekeeping's.
+        waits_now: Vec<u64>,
+        chore_now: u64,
     }
 
     impl Stage for Counter {
@@ -134,11 +139,15 @@ mod tests {
         fn housekeeping_every(&self) -> Duration {
             Duration::from_nanos(1)
         }
-        fn housekeeping(&mut self, _now: u64) {
+        fn housekeeping(&mut self, now: u64) {
             self.chores += 1;
+            self.chore_now = now;
         }
-        fn wait(&mut self, _idle: &mut Idle) {
+        fn wait(&mut self, idle: &mut Idle) {
             self.idle_passes += 1;
+            self.waits_now.push(idle.now());
+            // Due after every pass, so this pass's housekeeping saw the same clock read.
+            assert_eq!(idle.now(), self.chore_now);
         }
     }
 
@@ -151,7 +160,10 @@ mod tests {
             passes: 0,
             idle_passes: 0,
             chores: 0,
+            waits_now: Vec::new(),
+            chore_now: 0,
         };
+        let start = monotonic_ns();
         drive(&mut c, 64).unwrap();
         assert_eq!(c.done, 1000);
         assert_eq!(c.flushed, 1000, "flushed before the driver returned");
@@ -161,6 +173,11 @@ mod tests {
         // Due after every pass but the last, and once at the end (two passes within one clock
         // tick share one).
         assert!(c.chores >= 2 && c.chores <= c.passes, "{} chores", c.chores);
+        // Each wait is handed the pass's clock read (a spinning stage times its spin by it),
+        // never zero for a stage with a schedule, and never going back.
+        assert_eq!(c.waits_now.len(), c.idle_passes);
+        assert!(c.waits_now[0] >= start);
+        assert!(c.waits_now.windows(2).all(|w| w[0] <= w[1]));
     }
 
     struct Failing;

@@ -387,12 +387,16 @@ impl<'a, R: XskRings, H: Handoff<'a>> stage::Stage for XskStage<'_, '_, '_, 'a, 
 
     /// Paused: 1 ms. RX empty: spin for `busy_spin` (no syscall), then sleep in `poll` until
     /// the kernel has something, the side queue's bell rings, or `idle_poll` passes.
-    fn wait(&mut self, _idle: &mut Idle) {
+    fn wait(&mut self, idle: &mut Idle) {
         if self.paused {
             std::thread::sleep(Duration::from_millis(1));
             return;
         }
-        let now = monotonic_ns();
+        // The driver's clock read of this pass (it has a schedule, so it read one).
+        let now = match idle.now() {
+            0 => monotonic_ns(),
+            now => now,
+        };
         let since = *self.empty_since.get_or_insert(now);
         if now - since < self.spin_ns {
             core::hint::spin_loop();
