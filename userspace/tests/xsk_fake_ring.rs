@@ -8,10 +8,10 @@
 
 mod common;
 
-use std::io;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
+use common::fake_xsk::FakeXsk;
 use eventstream::ingest::{Enqueue, IngestCounters, XskIngest};
 use eventstream::mem::RegionOptions;
 use eventstream::mem::frames::FrameArena;
@@ -19,8 +19,7 @@ use eventstream::mem::pool::{EventPool, Pooled};
 use eventstream::ring::mpsc;
 use eventstream::wire::event::Event;
 use eventstream::wire::protocol::{Limits, encode};
-use eventstream::xdp::ring::{ConsRing, ProdRing, fake_pair};
-use eventstream::xdp::socket::{XskRings, XskStats};
+use eventstream::xdp::ring::fake_pair;
 
 #[global_allocator]
 static GLOBAL: common::counting::Counting = common::counting::Counting;
@@ -33,39 +32,6 @@ const DATAGRAMS: u64 = if cfg!(miri) { 64 } else { 1 << 16 };
 const WARMUP: u64 = DATAGRAMS / 16;
 /// Every this many datagrams the fake kernel also posts a descriptor outside the UMEM.
 const BOGUS_EVERY: u64 = 1000;
-
-/// The ingest side of the fake socket.
-struct FakeXsk {
-    fill: ProdRing<u64>,
-    rx: ConsRing<libc::xdp_desc>,
-    umem_len: u64,
-}
-
-impl XskRings for FakeXsk {
-    fn rings(&mut self) -> (&mut ProdRing<u64>, &mut ConsRing<libc::xdp_desc>) {
-        (&mut self.fill, &mut self.rx)
-    }
-    fn frame_size(&self) -> u32 {
-        FRAME
-    }
-    fn umem_len(&self) -> u64 {
-        self.umem_len
-    }
-    fn wakeup_rx(&self) -> io::Result<()> {
-        Ok(())
-    }
-    fn poll_rx(
-        &self,
-        _timeout_ms: i32,
-        _bell: Option<&eventstream::ring::doorbell::Doorbell>,
-    ) -> io::Result<bool> {
-        std::thread::yield_now();
-        Ok(false)
-    }
-    fn stats(&self) -> io::Result<XskStats> {
-        Ok(XskStats::default())
-    }
-}
 
 fn wait(spins: &mut u32) {
     *spins += 1;
@@ -95,7 +61,9 @@ fn xsk_ingest_allocates_nothing_and_refuses_bad_descriptors() {
     let mut sock = FakeXsk {
         fill: fill_user,
         rx: rx_user,
+        frame_size: FRAME,
         umem_len,
+        on_poll: std::thread::yield_now,
     };
 
     let pool: EventPool<Event<'_>> = EventPool::new(4096);

@@ -8,53 +8,23 @@
 
 mod common;
 
-use std::io;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
+use common::fake_xsk::FakeXsk;
 use eventstream::ingest::{Enqueue, IngestCounters, XskIngest};
 use eventstream::mem::RegionOptions;
 use eventstream::mem::frames::FrameArena;
 use eventstream::mem::pool::{EventPool, Pooled};
-use eventstream::ring::doorbell::Doorbell;
 use eventstream::ring::mpsc;
 use eventstream::wire::event::Event;
 use eventstream::wire::protocol::encode;
-use eventstream::xdp::ring::{ConsRing, ProdRing, fake_pair};
-use eventstream::xdp::socket::{XskRings, XskStats};
+use eventstream::xdp::ring::fake_pair;
 
 const FRAME: u32 = 2048;
 /// As many frames as FILL holds: once they are all in the pipeline, FILL is empty.
 const FRAMES: u32 = 64;
 const RING: u32 = 64;
-
-struct FakeXsk {
-    fill: ProdRing<u64>,
-    rx: ConsRing<libc::xdp_desc>,
-    umem_len: u64,
-}
-
-impl XskRings for FakeXsk {
-    fn rings(&mut self) -> (&mut ProdRing<u64>, &mut ConsRing<libc::xdp_desc>) {
-        (&mut self.fill, &mut self.rx)
-    }
-    fn frame_size(&self) -> u32 {
-        FRAME
-    }
-    fn umem_len(&self) -> u64 {
-        self.umem_len
-    }
-    fn wakeup_rx(&self) -> io::Result<()> {
-        Ok(())
-    }
-    fn poll_rx(&self, _timeout_ms: i32, _bell: Option<&Doorbell>) -> io::Result<bool> {
-        std::thread::sleep(Duration::from_micros(200));
-        Ok(false)
-    }
-    fn stats(&self) -> io::Result<XskStats> {
-        Ok(XskStats::default())
-    }
-}
 
 fn within(what: &str, limit: Duration, mut done: impl FnMut() -> bool) {
     let t = Instant::now();
@@ -79,7 +49,9 @@ fn frames_released_while_fill_is_dry_are_lent_again() {
     let mut sock = FakeXsk {
         fill: fill_user,
         rx: rx_user,
+        frame_size: FRAME,
         umem_len,
+        on_poll: || std::thread::sleep(Duration::from_micros(200)),
     };
     let pool: EventPool<Event<'_>> = EventPool::new(256);
     let (tx, mut held) = mpsc::channel::<Pooled<'_, Event<'_>>>(256);

@@ -3,6 +3,7 @@
 
 pub mod counting;
 pub mod daemon;
+pub mod fake_xsk;
 
 use std::path::PathBuf;
 
