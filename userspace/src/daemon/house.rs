@@ -123,26 +123,36 @@ impl<H> core::fmt::Debug for Side<'_, '_, '_, '_, '_, H> {
     }
 }
 
-/// Runs the housekeeping thread until `tick` says [`Flow::Done`]: the admin server (if any),
-/// TCP accepts and connections (if a listener), the beside-XDP socket (if any), and `tick`
-/// every `period`.
+/// The housekeeping thread's runtime. The daemon builds it before it says it is ready, so a
+/// descriptor limit reached after that (`EMFILE`) cannot leave the TCP listener without one;
+/// `None`, logged, where none can be had: [`run`] then runs the plain loop.
+pub fn runtime() -> Option<tokio::runtime::Runtime> {
+    match tokio::runtime::Builder::new_current_thread()
+        .enable_io()
+        .enable_time()
+        .build()
+    {
+        Ok(rt) => Some(rt),
+        Err(e) => {
+            error!(reason = %e, "no runtime for the housekeeping thread: admin server off, TCP accepted and the beside-XDP socket read once per tick");
+            None
+        }
+    }
+}
+
+/// Runs the housekeeping thread on `rt` (from [`runtime`]) until `tick` says [`Flow::Done`]:
+/// the admin server (if any), TCP accepts and connections (if a listener), the beside-XDP
+/// socket (if any), and `tick` every `period`.
 pub fn run<'a, H: Handoff<'a>>(
+    rt: Option<tokio::runtime::Runtime>,
     period: Duration,
     admin: Option<Admin<'_>>,
     mut accept: Option<&mut Acceptor<'_, '_, '_>>,
     mut side: Option<Side<'_, '_, '_, '_, 'a, H>>,
     mut tick: impl FnMut() -> Flow,
 ) {
-    let rt = match tokio::runtime::Builder::new_current_thread()
-        .enable_io()
-        .enable_time()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
-            error!(reason = %e, "no runtime for the housekeeping thread: admin server off, TCP accepted and the beside-XDP socket read once per tick");
-            return run_plain(period, accept, side, tick);
-        }
+    let Some(rt) = rt else {
+        return run_plain(period, accept, side, tick);
     };
     rt.block_on(async {
         let admin = async {
@@ -313,6 +323,7 @@ mod tests {
         let start = Instant::now();
         let mut ticks = 0u32;
         run(
+            runtime(),
             Duration::from_millis(1),
             Some(Admin {
                 listener,

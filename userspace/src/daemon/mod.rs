@@ -1386,6 +1386,9 @@ fn run_with(setup: Setup<'_, '_>, report_out: &mut Option<serde_json::Value>) ->
             }
             None => None,
         };
+        // The housekeeping runtime (its epoll and event descriptors) before the word: from then
+        // on the TCP listener is served whatever the descriptor limit does.
+        let rt = house::runtime();
         // Every thread is running where the plan puts it and privileges are dropped: say so, for
         // scripts and tests that must not send before the appliance takes traffic.
         if !placement.wait(Duration::from_secs(5)) {
@@ -1469,7 +1472,7 @@ fn run_with(setup: Setup<'_, '_>, report_out: &mut Option<serde_json::Value>) ->
                 }
             }
         };
-        house::run(period, admin, acceptor.as_mut(), side, tick);
+        house::run(rt, period, admin, acceptor.as_mut(), side, tick);
         result
     });
 
