@@ -410,7 +410,9 @@ pub struct Entry<'e> {
 /// Records are encoded by the appending thread into a batch buffer (an event's bytes are copied
 /// once); [`SegmentLog::flush`] hands the buffer to the log's writer thread over an SPSC ring
 /// and takes an empty one back from another, so `write`, segment rolls and `fsync` never stall
-/// the appender (in inline mode, the receive thread). The writer acknowledges records once they
+/// the appender (in inline mode, the receive thread). Under `always` and `never` the hand-over
+/// wakes the writer; under `interval` the writer takes what is queued on its own tick
+/// ([`WRITER_TICK`]), so the appender makes no syscall and sends no cross-CPU wake-up a batch. The writer acknowledges records once they
 /// are durable by the policy ([`SegmentLog::acked`]): after the sync that covers them for
 /// `always` and `interval`, after the write for `never`. A fixed set of buffers is in flight at
 /// most; with all of them queued the appender waits (backpressure: the receive rings fill), up
@@ -437,6 +439,9 @@ pub struct SegmentLog {
     lost: u64,
     /// Bytes a buffer may grow to while the writer is behind.
     max_chunk: usize,
+    /// Hand-overs wake the writer (`always`, `never`: acknowledgements wait on its write); an
+    /// `interval` writer takes them on its tick ([`WRITER_TICK`]).
+    wake_writer: bool,
     /// The directory's lock, held while the log is open.
     _lock: File,
 }
@@ -499,6 +504,15 @@ const BATCH_BYTES: usize = 256 * 1024;
 const MAX_CHUNK: usize = 8 << 20;
 /// Longest a healthy but slow writer may hold up the appender before events are refused.
 const BLOCK_LIMIT: Duration = Duration::from_secs(1);
+/// How long an `interval` log's idle writer sleeps before it looks for queued buffers again.
+///
+/// Under `interval` an append is acknowledged after the interval's sync, not after its write,
+/// so nothing waits on the hand-over: the appender queues its buffer without waking the writer
+/// (no futex wake, no cross-CPU interrupt from the receive core per batch), and the writer takes
+/// what is queued on this tick: one larger `write` a tick instead of one small one a batch.
+/// Measured on the demo (three logs, 31 k datagrams/s): the writers took about a third of the
+/// sending core with a wake per batch (~15 k wakes/s).
+const WRITER_TICK: Duration = Duration::from_millis(1);
 /// Retry backoff after a failed write: from the first to the last, doubling.
 const BACKOFF: (Duration, Duration) = (Duration::from_millis(1), Duration::from_secs(1));
 
@@ -642,7 +656,13 @@ fn writer(
                 }
                 shared.parked.store(true, Ordering::SeqCst);
                 if from.is_empty() && !shared.stop.load(Ordering::Acquire) {
-                    std::thread::park_timeout(Duration::from_millis(5));
+                    // `interval`: woken by the tick (the appender does not wake it); else by
+                    // the appender, the timeout a backstop.
+                    std::thread::park_timeout(if fsync == Fsync::Interval {
+                        WRITER_TICK
+                    } else {
+                        Duration::from_millis(5)
+                    });
                 }
                 shared.parked.store(false, Ordering::SeqCst);
                 continue;
@@ -802,6 +822,7 @@ impl SegmentLog {
             acked: 0,
             lost: 0,
             max_chunk: MAX_CHUNK,
+            wake_writer: fsync != Fsync::Interval,
             _lock: lock,
         };
         Ok((log, rec))
@@ -889,6 +910,12 @@ impl SegmentLog {
             {
                 return None;
             }
+            if since.is_none()
+                && let Some(w) = &self.writer
+            {
+                // Every buffer is queued: an `interval` writer asleep until its tick is woken.
+                w.thread().unpark();
+            }
             let t0 = *since.get_or_insert_with(Instant::now);
             if t0.elapsed() >= BLOCK_LIMIT {
                 return None;
@@ -897,7 +924,10 @@ impl SegmentLog {
         }
     }
 
-    /// Queues the batch being built for the writer (`next` takes its place) and wakes it.
+    /// Queues the batch being built for the writer (`next` takes its place) and wakes it,
+    /// unless it is an `interval` writer with one tick's work queued at most: that one takes
+    /// the buffer on its tick. A `sync` hand-over, or a queue of two buffers or more (the
+    /// writer is behind), wakes it either way.
     fn send(&mut self, next: Chunk, sync: bool) {
         let mut full = core::mem::replace(&mut self.batch, next);
         full.sync = sync;
@@ -906,7 +936,10 @@ impl SegmentLog {
         // Cannot fail: a free buffer came back, so the ring to the writer has a slot for it.
         let pushed = self.to_writer.push(full).is_ok();
         debug_assert!(pushed, "BUFFERS chunks fit in the ring");
-        if self.shared.parked.load(Ordering::SeqCst)
+        let wake =
+            self.wake_writer || sync || self.to_writer.capacity() - self.to_writer.slots() > 1;
+        if wake
+            && self.shared.parked.load(Ordering::SeqCst)
             && let Some(w) = &self.writer
         {
             w.thread().unpark();
@@ -1249,6 +1282,50 @@ mod tests {
             (s.record.topic.as_str(), &s.record.payload[..]),
             ("t", &b"old"[..])
         );
+    }
+
+    #[test]
+    fn an_interval_writer_takes_unwoken_hand_overs_on_its_tick() {
+        // Under `interval` a hand-over does not wake the writer: its tick must still take
+        // every buffer, in order, with nothing more from the appender than `acked` reads.
+        let d = tmp("tick");
+        let (mut log, _) =
+            SegmentLog::open(&d, 1 << 20, Fsync::Interval, Duration::from_millis(5)).unwrap();
+        assert!(
+            !log.wake_writer,
+            "interval hand-overs leave the writer to its tick"
+        );
+        for i in 0..2000 {
+            append(&mut log, i);
+            if i % 7 == 6 {
+                log.flush(); // many small batches, most while one is already queued
+            }
+        }
+        log.flush();
+        let mut acked = 0;
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while acked < 2000 && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(2));
+            acked += log.acked();
+            if log.in_flight() > 0 && log.batch.records > 0 {
+                log.flush(); // the last batch goes over once the queued one is taken
+            }
+        }
+        assert_eq!(
+            acked, 2000,
+            "every record durable by the tick and the interval sync"
+        );
+        assert_eq!(log.in_flight(), 0);
+        drop(log);
+        let all = read_log(&d).unwrap();
+        assert!(
+            all.iter()
+                .enumerate()
+                .all(|(i, s)| s.record.seq == i as u64),
+            "coalesced buffers keep the append order"
+        );
+        assert_eq!(all.len(), 2000);
+        let _ = fs::remove_dir_all(&d);
     }
 
     #[test]
