@@ -412,7 +412,7 @@ pub struct Entry<'e> {
 /// and takes an empty one back from another, so `write`, segment rolls and `fsync` never stall
 /// the appender (in inline mode, the receive thread). Under `always` and `never` the hand-over
 /// wakes the writer; under `interval` the writer takes what is queued on its own tick
-/// ([`WRITER_TICK`]), so the appender makes no syscall and sends no cross-CPU wake-up a batch. The writer acknowledges records once they
+/// (1 ms), so the appender makes no syscall and sends no cross-CPU wake-up a batch. The writer acknowledges records once they
 /// are durable by the policy ([`SegmentLog::acked`]): after the sync that covers them for
 /// `always` and `interval`, after the write for `never`. A fixed set of buffers is in flight at
 /// most; with all of them queued the appender waits (backpressure: the receive rings fill), up
