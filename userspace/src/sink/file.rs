@@ -411,14 +411,14 @@ pub struct Entry<'e> {
 /// once); [`SegmentLog::flush`] hands the buffer to the log's writer thread over an SPSC ring
 /// and takes an empty one back from another, so `write`, segment rolls and `fsync` never stall
 /// the appender (in inline mode, the receive thread). Under `always` and `never` the hand-over
-/// wakes the writer; under `interval` the writer takes what is queued on its own tick
-/// (1 ms), so the appender makes no syscall and sends no cross-CPU wake-up a batch. The writer acknowledges records once they
-/// are durable by the policy ([`SegmentLog::acked`]): after the sync that covers them for
-/// `always` and `interval`, after the write for `never`. A fixed set of buffers is in flight at
-/// most; with all of them queued the appender waits (backpressure: the receive rings fill), up
-/// to `BLOCK_LIMIT` (1 s) while the writer is healthy, not at all while it is failing: then appends
-/// are refused (the caller sends the event to the DLQ or counts it failed) while the writer
-/// retries, and taken again once it recovers.
+/// wakes the writer; under `interval` the writer takes what is queued on its own tick (1 ms),
+/// so the appender makes no syscall and sends no cross-CPU wake-up a batch. The writer
+/// acknowledges records once they are durable by the policy ([`SegmentLog::acked`]): after the
+/// sync that covers them for `always` and `interval`, after the write for `never`. A fixed set
+/// of buffers is in flight at most; with all of them queued the appender waits (backpressure:
+/// the receive rings fill), up to `BLOCK_LIMIT` (1 s) while the writer is healthy, not at all
+/// while it is failing: then appends are refused (the caller sends the event to the DLQ or
+/// counts it failed) while the writer retries, and taken again once it recovers.
 #[derive(Debug)]
 pub struct SegmentLog {
     /// Bytes of the segment, counting what is still buffered.
