@@ -58,6 +58,14 @@ pub enum Fsync {
     Never,
 }
 
+impl Fsync {
+    /// The log's writer takes queued buffers on its [`WRITER_TICK`] rather than being woken for
+    /// each: under `interval` an acknowledgement waits for the interval's sync, not the write.
+    const fn writer_ticks(self) -> bool {
+        matches!(self, Self::Interval)
+    }
+}
+
 /// What recovery found when opening a log.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Recovery {
@@ -658,7 +666,7 @@ fn writer(
                 if from.is_empty() && !shared.stop.load(Ordering::Acquire) {
                     // `interval`: woken by the tick (the appender does not wake it); else by
                     // the appender, the timeout a backstop.
-                    std::thread::park_timeout(if fsync == Fsync::Interval {
+                    std::thread::park_timeout(if fsync.writer_ticks() {
                         WRITER_TICK
                     } else {
                         Duration::from_millis(5)
@@ -822,7 +830,7 @@ impl SegmentLog {
             acked: 0,
             lost: 0,
             max_chunk: MAX_CHUNK,
-            wake_writer: fsync != Fsync::Interval,
+            wake_writer: !fsync.writer_ticks(),
             _lock: lock,
         };
         Ok((log, rec))
@@ -867,7 +875,7 @@ impl SegmentLog {
         if len == 0 && self.batch.roll_to.is_none() && !must {
             return true;
         }
-        if !must && len < BATCH_BYTES && self.to_writer.slots() < self.to_writer.capacity() {
+        if !must && len < BATCH_BYTES && self.queued() > 0 {
             return true; // the writer has work queued: keep filling this one
         }
         let wait = must || len >= self.max_chunk;
@@ -924,6 +932,11 @@ impl SegmentLog {
         }
     }
 
+    /// Buffers queued for the writer and not yet taken.
+    fn queued(&mut self) -> usize {
+        self.to_writer.capacity() - self.to_writer.slots()
+    }
+
     /// Queues the batch being built for the writer (`next` takes its place) and wakes it,
     /// unless it is an `interval` writer with one tick's work queued at most: that one takes
     /// the buffer on its tick. A `sync` hand-over, or a queue of two buffers or more (the
@@ -936,8 +949,7 @@ impl SegmentLog {
         // Cannot fail: a free buffer came back, so the ring to the writer has a slot for it.
         let pushed = self.to_writer.push(full).is_ok();
         debug_assert!(pushed, "BUFFERS chunks fit in the ring");
-        let wake =
-            self.wake_writer || sync || self.to_writer.capacity() - self.to_writer.slots() > 1;
+        let wake = self.wake_writer || sync || self.queued() > 1;
         if wake
             && self.shared.parked.load(Ordering::SeqCst)
             && let Some(w) = &self.writer
@@ -1287,7 +1299,8 @@ mod tests {
     #[test]
     fn an_interval_writer_takes_unwoken_hand_overs_on_its_tick() {
         // Under `interval` a hand-over does not wake the writer: its tick must still take
-        // every buffer, in order, with nothing more from the appender than `acked` reads.
+        // every buffer, in order; the appender only reads `acked` and hands over the batch
+        // left building once the queued one is taken.
         let d = tmp("tick");
         let (mut log, _) =
             SegmentLog::open(&d, 1 << 20, Fsync::Interval, Duration::from_millis(5)).unwrap();
